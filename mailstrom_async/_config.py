@@ -1,0 +1,399 @@
+"""Configuration: immutable attrs records, validated on construction.
+
+Durations are float seconds. Defaults follow RFC 5321 §4.5.3.2 (timeouts) and
+Postfix (retries, within RFC 5321 §4.5.4.1). ``Config.from_mapping`` and
+``Config.from_toml`` read the same structure from plain data, and every wrong key,
+type or value raises :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Self
+
+import attrs
+
+from mailstrom_async._exceptions import ConfigError
+
+__all__ = [
+    "DEFAULT_RETRY_POLICY",
+    "DEFAULT_TIMEOUTS",
+    "Config",
+    "Limits",
+    "MXConfig",
+    "MXTLSPolicy",
+    "RelayConfig",
+    "RelayTLS",
+    "RetryPolicy",
+    "Timeouts",
+]
+
+
+class RelayTLS(enum.StrEnum):
+    """How to secure the connection to a relay."""
+
+    IMPLICIT = "implicit"
+    """TLS from the first byte (SMTPS, usually port 465)."""
+    STARTTLS = "starttls"
+    """Plain connect, then STARTTLS, which is required (usually port 587)."""
+    NONE = "none"
+    """No TLS at all: only for a relay on loopback or a trusted local network."""
+
+
+class MXTLSPolicy(enum.StrEnum):
+    """How to use STARTTLS when delivering straight to MX hosts."""
+
+    OPPORTUNISTIC = "opportunistic"
+    """Encrypt whenever offered, even with an unverifiable certificate; else plain."""
+    REQUIRED = "required"
+    """Never send in plain text: defer when TLS cannot be had."""
+
+
+_DEFAULT_RELAY_PORTS = {RelayTLS.IMPLICIT: 465, RelayTLS.STARTTLS: 587, RelayTLS.NONE: 25}
+
+
+def _check(condition: bool, key: str, expected: str, value: object) -> None:
+    if not condition:
+        msg = f"{key} must be {expected}, not {value!r}"
+        raise ConfigError(msg, key)
+
+
+_E = typing.TypeVar("_E", bound=enum.Enum)
+
+
+def _to_enum(cls: type[_E], key: str, value: object) -> _E:
+    try:
+        return cls(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in cls)
+        msg = f"{key} must be one of {allowed}, not {value!r}"
+        raise ConfigError(msg, key) from None
+
+
+def _positive(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    _check(
+        value is not None and math.isfinite(value) and value > 0,
+        attribute.name,
+        "a positive number of seconds",
+        value,
+    )
+
+
+def _non_negative(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    _check(
+        value is not None and math.isfinite(value) and value >= 0,
+        attribute.name,
+        "a number >= 0",
+        value,
+    )
+
+
+def _port(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    _check(
+        isinstance(value, int) and 0 < value < 65536,
+        attribute.name,
+        "a port number from 1 to 65535",
+        value,
+    )
+
+
+def _positive_int(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    _check(
+        isinstance(value, int) and value >= 1, attribute.name, "an integer >= 1", value
+    )
+
+
+@attrs.frozen(kw_only=True)
+class Timeouts:
+    """Per-operation deadlines in seconds (RFC 5321 §4.5.3.2 defaults)."""
+
+    connect: float = attrs.field(default=30.0, validator=_positive)
+    """TCP connect, TLS handshake and greeting."""
+    command: float = attrs.field(default=300.0, validator=_positive)
+    """Each command's reply (EHLO, MAIL, RCPT, ...)."""
+    data_start: float = attrs.field(default=120.0, validator=_positive)
+    """The reply to DATA (the 354)."""
+    data_end: float = attrs.field(default=600.0, validator=_positive)
+    """The reply after the final dot."""
+    dns: float = attrs.field(default=10.0, validator=_positive)
+    """One DNS lookup."""
+
+
+DEFAULT_TIMEOUTS = Timeouts()
+
+
+@attrs.frozen(kw_only=True)
+class RetryPolicy:
+    """When to retry a deferred recipient, and when to give up.
+
+    The n-th retry waits ``min(max_delay, initial_delay * factor ** (n - 1))``,
+    spread by ± ``jitter`` (a fraction). A recipient is given up (FAILED 5.4.7) once
+    ``lifetime`` seconds have passed since it was queued or after ``max_attempts``
+    attempts, whichever comes first. Defaults are Postfix's: 5 min doubling up to
+    1 h, for 5 days.
+    """
+
+    initial_delay: float = attrs.field(default=300.0, validator=_non_negative)
+    factor: float = attrs.field(default=2.0)
+    jitter: float = attrs.field(default=0.2)
+    max_delay: float = attrs.field(default=3600.0, validator=_non_negative)
+    lifetime: float = attrs.field(default=5 * 86400.0, validator=_non_negative)
+    max_attempts: int | None = attrs.field(default=None)
+
+    @factor.validator
+    def _check_factor(self, attribute: attrs.Attribute[float], value: float) -> None:
+        _check(math.isfinite(value) and value >= 1, "factor", "a number >= 1", value)
+
+    @jitter.validator
+    def _check_jitter(self, attribute: attrs.Attribute[float], value: float) -> None:
+        _check(0 <= value <= 1, "jitter", "a fraction from 0 to 1", value)
+
+    @max_attempts.validator
+    def _check_attempts(self, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None:
+            _positive_int(self, attribute, value)
+
+    @classmethod
+    def mailstrom_compatible(cls) -> Self:
+        """The Rust Mailstrom's behaviour: three passes, a few minutes apart."""
+        return cls(initial_delay=60.0, factor=2.0, jitter=0.0, max_attempts=3)
+
+
+DEFAULT_RETRY_POLICY = RetryPolicy()
+
+
+@attrs.frozen(kw_only=True)
+class RelayConfig:
+    """Send everything through one SMTP relay (smarthost).
+
+    ``port`` defaults by ``tls``: 465 for implicit, 587 for STARTTLS, 25 for none.
+    Credentials are sent only over TLS unless the relay is on loopback. The password
+    never appears in reprs or logs.
+    """
+
+    host: str
+    tls: RelayTLS = attrs.field(
+        default=RelayTLS.STARTTLS, converter=lambda v: _to_enum(RelayTLS, "relay.tls", v)
+    )
+    port: int = attrs.field(validator=_port)
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    verify: bool = True
+    """Verify the relay's certificate (against the system CAs or ``ca_file``)."""
+    ca_file: str | None = None
+    """A PEM file of CA certificates to trust instead of the system's."""
+
+    @port.default
+    def _default_port(self) -> int:
+        return _DEFAULT_RELAY_PORTS[self.tls]
+
+    def __attrs_post_init__(self) -> None:
+        _check(
+            isinstance(self.host, str) and bool(self.host.strip()),
+            "relay.host",
+            "a host name or address",
+            self.host,
+        )
+        if (self.username is None) != (self.password is None):
+            msg = "relay.username and relay.password must be set together"
+            raise ConfigError(msg, "relay.password")
+        if (
+            self.username is not None
+            and self.tls is RelayTLS.NONE
+            and not _is_loopback(self.host)
+        ):
+            msg = (
+                f"relay.tls is 'none' but credentials are set for {self.host!r}, which "
+                "is not a loopback address: they would travel in clear text; use "
+                "tls='starttls' or 'implicit'"
+            )
+            raise ConfigError(msg, "relay.tls")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in {"localhost", "localhost.localdomain"}:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@attrs.frozen(kw_only=True)
+class MXConfig:
+    """Deliver straight to each recipient domain's MX hosts."""
+
+    nameservers: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    """``"host"`` or ``"host:port"`` of the DNS servers to ask; empty: the system's."""
+    port: int = attrs.field(default=25, validator=_port)
+    """SMTP port on MX hosts (25 in real life; tests use others)."""
+    allow_local: bool = False
+    """Allow MX hosts that resolve to loopback, private or link-local addresses."""
+    tls: MXTLSPolicy = attrs.field(
+        default=MXTLSPolicy.OPPORTUNISTIC,
+        converter=lambda v: _to_enum(MXTLSPolicy, "mx.tls", v),
+    )
+    max_addresses: int = attrs.field(default=5, validator=_positive_int)
+    """How many addresses to try per attempt (RFC 5321 §5.1)."""
+
+
+@attrs.frozen(kw_only=True)
+class Limits:
+    """How much work runs at once, and how long idle things are kept."""
+
+    connections_per_destination: int = attrs.field(default=10, validator=_positive_int)
+    """Open SMTP connections per destination (the relay, or one MX domain)."""
+    max_connections: int = attrs.field(default=100, validator=_positive_int)
+    """Open SMTP connections in all."""
+    idle_timeout: float = attrs.field(default=30.0, validator=_positive)
+    """Close a connection that has been idle this long."""
+    max_recipients_per_transaction: int = attrs.field(
+        default=100, validator=_positive_int
+    )
+    """RCPT commands per SMTP transaction (RFC 5321 §4.5.3.1.8 says at least 100)."""
+    max_message_size: int = attrs.field(default=50 * 1024 * 1024, validator=_positive_int)
+    """Largest rendered message ``submit`` accepts, in bytes."""
+
+
+def _helo_name(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        _check(
+            isinstance(value, str)
+            and bool(value)
+            and all(c.isascii() and (c.isalnum() or c in ".-[]:") for c in value),
+            "helo_name",
+            "a host name (letters, digits, '.', '-') or an address literal",
+            value,
+        )
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """Everything a Deliverer needs to know.
+
+    With ``relay`` set, all mail goes through it; with ``relay=None`` mail goes
+    straight to each recipient domain's MX hosts, as ``mx`` says.
+    """
+
+    helo_name: str | None = attrs.field(default=None, validator=_helo_name)
+    """The name to give in EHLO/HELO; ``None``: this host's FQDN, looked up once."""
+    message_id_domain: str | None = None
+    """Domain of generated Message-IDs; ``None``: the sender's domain."""
+    relay: RelayConfig | None = None
+    mx: MXConfig = attrs.field(factory=MXConfig)
+    retry: RetryPolicy = attrs.field(factory=RetryPolicy)
+    timeouts: Timeouts = attrs.field(factory=Timeouts)
+    limits: Limits = attrs.field(factory=Limits)
+    shutdown_grace: float = attrs.field(default=10.0, validator=_non_negative)
+    """On close, how long in-flight transactions may run before they are cancelled."""
+    lease_duration: float = attrs.field(default=900.0, validator=_positive)
+    """How long a worker's claim on a recipient lasts; a dead worker's claim expires."""
+    poll_interval: float = attrs.field(default=1.0, validator=_positive)
+    """How often the store is polled for due work written by other processes."""
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Self:
+        """Build a Config from plain data, such as parsed TOML or JSON.
+
+        Nested sections are mappings (``{"relay": {"host": ..., "port": ...}}``).
+
+        Raises:
+            ConfigError: an unknown key, a value of the wrong type, or a bad value;
+                ``.key`` is the dotted path of the offending setting.
+        """
+        return _structure(cls, data, "")
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Self:
+        """Read a Config from a TOML file (a ``[mailstrom]`` table, or the top level).
+
+        Raises:
+            ConfigError: the file is unreadable, is not TOML, or holds a bad setting.
+        """
+        try:
+            with Path(path).open("rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            msg = f"cannot read config file {str(path)!r}: {exc.strerror or exc}"
+            raise ConfigError(msg) from exc
+        except tomllib.TOMLDecodeError as exc:
+            msg = f"config file {str(path)!r} is not valid TOML: {exc}"
+            raise ConfigError(msg) from exc
+        if set(data) == {"mailstrom"} and isinstance(data["mailstrom"], dict):
+            data = data["mailstrom"]
+        return cls.from_mapping(data)
+
+
+_TYPE_NAMES: dict[Any, str] = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+}
+
+
+def _structure(cls: type[Any], data: Any, prefix: str) -> Any:
+    """Build the attrs class *cls* from *data*, naming the dotted key on any error."""
+    where = prefix.rstrip(".") or "the configuration"
+    if not isinstance(data, Mapping):
+        msg = f"{where} must be a table (mapping), not {data!r}"
+        raise ConfigError(msg, prefix.rstrip(".") or None)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in attrs.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            msg = f"unknown configuration key {prefix + str(key)!r} (known: {known})"
+            raise ConfigError(msg, prefix + str(key))
+        kwargs[key] = _convert(hints[key], value, prefix + key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        if exc.key and prefix and not exc.key.startswith(prefix):
+            msg = f"{prefix}{str(exc)}"
+            raise ConfigError(msg, prefix + exc.key) from None
+        raise
+    except TypeError as exc:  # a required key is missing
+        msg = f"{where} is incomplete: {exc}"
+        raise ConfigError(msg, prefix.rstrip(".") or None) from None
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _convert(inner, value, key)
+    if attrs.has(hint):
+        return _structure(hint, value, key + ".")
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        allowed = [m.value for m in hint]
+        if value not in allowed:
+            msg = f"{key} must be one of {', '.join(map(repr, allowed))}, not {value!r}"
+            raise ConfigError(msg, key)
+        return hint(value)
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, str) for v in value
+        ):
+            msg = f"{key} must be a list of strings, not {value!r}"
+            raise ConfigError(msg, key)
+        return tuple(value)
+    ok = (
+        isinstance(value, hint)
+        and not (hint in (int, float) and isinstance(value, bool))
+    ) or (hint is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        msg = f"{key} must be {_TYPE_NAMES.get(hint, hint)}, not {value!r}"
+        raise ConfigError(msg, key)
+    return float(value) if hint is float else value

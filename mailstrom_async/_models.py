@@ -1,0 +1,172 @@
+"""Immutable value types shared by every layer: replies, states and statuses.
+
+This module is a leaf: it imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from datetime import datetime
+
+import attrs
+
+__all__ = [
+    "DeliveryEvent",
+    "MessageStatus",
+    "RecipientState",
+    "RecipientStatus",
+    "SMTPReply",
+]
+
+
+class RecipientState(enum.Enum):
+    """Where one recipient of a message stands.
+
+    A recipient starts ``QUEUED``, may pass through ``DEFERRED`` any number of times,
+    and always ends ``DELIVERED`` or ``FAILED``.
+    """
+
+    QUEUED = "queued"
+    """Accepted and stored, not tried yet."""
+    DEFERRED = "deferred"
+    """Tried, failed temporarily; retried at ``next_attempt_at``."""
+    DELIVERED = "delivered"
+    """A server accepted it (2xx after DATA)."""
+    FAILED = "failed"
+    """Failed permanently, or given up after the retry policy ran out."""
+
+    @property
+    def is_final(self) -> bool:
+        """True for ``DELIVERED`` and ``FAILED``: the recipient will not change again."""
+        return self in (RecipientState.DELIVERED, RecipientState.FAILED)
+
+
+@attrs.frozen
+class SMTPReply:
+    """One SMTP reply: code, RFC 3463 enhanced status code (if any) and text."""
+
+    code: int
+    text: str = ""
+    enhanced_code: str | None = None
+
+    @property
+    def is_positive(self) -> bool:
+        """True for 2xx and 3xx replies."""
+        return 200 <= self.code < 400
+
+    @property
+    def is_transient(self) -> bool:
+        """True for 4xx replies."""
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        """True for 5xx replies."""
+        return 500 <= self.code < 600
+
+    def __str__(self) -> str:
+        parts = [str(self.code)]
+        if self.enhanced_code:
+            parts.append(self.enhanced_code)
+        if self.text:
+            parts.append(self.text)
+        return " ".join(parts)
+
+
+@attrs.frozen(kw_only=True)
+class RecipientStatus:
+    """The state of one recipient of one message, with what its last attempt said.
+
+    ``code``, ``enhanced_code`` and ``message`` hold the last reply (or the reason of
+    a failure that had no reply, such as a refused connection); ``host`` and ``ip``
+    say where the last attempt went and ``tls``/``tls_verified`` how.
+    """
+
+    address: str
+    state: RecipientState = RecipientState.QUEUED
+    attempts: int = 0
+    code: int | None = None
+    enhanced_code: str | None = None
+    message: str | None = None
+    host: str | None = None
+    ip: str | None = None
+    tls: bool | None = None
+    tls_verified: bool | None = None
+    first_attempt_at: datetime | None = None
+    last_attempt_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+    possible_duplicate: bool = False
+
+    @property
+    def is_final(self) -> bool:
+        """True once the recipient is ``DELIVERED`` or ``FAILED``."""
+        return self.state.is_final
+
+    @property
+    def domain(self) -> str:
+        """The domain part of the address (lower-cased)."""
+        return self.address.rpartition("@")[2].lower()
+
+
+@attrs.frozen(kw_only=True)
+class MessageStatus:
+    """The status of a whole message: its recipients' statuses, in envelope order."""
+
+    message_id: str
+    recipients: tuple[RecipientStatus, ...]
+    submitted_at: datetime
+    mail_from: str = ""
+
+    @property
+    def is_done(self) -> bool:
+        """True when every recipient is ``DELIVERED`` or ``FAILED``."""
+        return all(r.is_final for r in self.recipients)
+
+    @property
+    def is_delivered(self) -> bool:
+        """True when every recipient is ``DELIVERED``."""
+        return all(r.state is RecipientState.DELIVERED for r in self.recipients)
+
+    def __iter__(self) -> Iterator[RecipientStatus]:
+        return iter(self.recipients)
+
+    def recipient(self, address: str) -> RecipientStatus:
+        """Return the status of *address* (compared case-insensitively).
+
+        Raises:
+            KeyError: *address* is not a recipient of this message.
+        """
+        wanted = address.casefold()
+        for r in self.recipients:
+            if r.address.casefold() == wanted:
+                return r
+        raise KeyError(address)
+
+    def by_state(self, state: RecipientState) -> tuple[RecipientStatus, ...]:
+        """Return the recipients currently in *state*."""
+        return tuple(r for r in self.recipients if r.state is state)
+
+
+@attrs.frozen(kw_only=True)
+class DeliveryEvent:
+    """A recipient changed state (or was queued): what ``Deliverer.events()`` yields.
+
+    ``recipient`` is the recipient's full status right after the change;
+    ``previous_state`` is ``None`` for the first event of a recipient (its queueing).
+    """
+
+    message_id: str
+    recipient: RecipientStatus
+    previous_state: RecipientState | None
+    at: datetime
+
+    @property
+    def state(self) -> RecipientState:
+        """The recipient's new state."""
+        return self.recipient.state
+
+    @property
+    def address(self) -> str:
+        """The recipient's address."""
+        return self.recipient.address

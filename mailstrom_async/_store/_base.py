@@ -1,0 +1,134 @@
+"""The store contract: what every persistence backend must do.
+
+A store holds messages and their recipients' statuses. Every method that changes
+state is one transaction. Times are timezone-aware UTC datetimes.
+
+Work is handed out by *claims*: :meth:`Store.claim_due` marks due recipients as
+leased by one worker until a deadline, so two workers (even in two processes) never
+deliver the same recipient at once; a worker that dies simply lets its lease expire.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+import attrs
+
+from mailstrom_async._models import MessageStatus, RecipientState, RecipientStatus
+
+__all__ = ["Job", "NewMessage", "QueueSummary", "Store"]
+
+
+@attrs.frozen(kw_only=True)
+class NewMessage:
+    """A prepared message as handed to :meth:`Store.add`."""
+
+    message_id: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    data: bytes = attrs.field(repr=False)
+    smtputf8: bool = False
+    submitted_at: datetime
+    idempotency_key: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Job:
+    """Claimed work: one message and those of its recipients this worker now leases."""
+
+    message_id: str
+    mail_from: str
+    recipients: tuple[RecipientStatus, ...]
+    data: bytes = attrs.field(repr=False)
+    smtputf8: bool
+    submitted_at: datetime
+
+
+@attrs.frozen(kw_only=True)
+class QueueSummary:
+    """Recipient counts by state, and by (state, domain)."""
+
+    by_state: dict[RecipientState, int]
+    by_domain: dict[tuple[RecipientState, str], int]
+
+
+@runtime_checkable
+class Store(Protocol):
+    """An async persistence backend for messages and recipient statuses."""
+
+    async def open(self) -> None:
+        """Create or migrate the schema and get ready; idempotent."""
+
+    async def aclose(self) -> None:
+        """Release resources; idempotent."""
+
+    async def add(
+        self,
+        message: NewMessage,
+        *,
+        claim_for: str | None = None,
+        lease_until: datetime | None = None,
+    ) -> tuple[str, bool]:
+        """Store *message* with every recipient QUEUED and due at ``submitted_at``.
+
+        Committed durably before it returns. With an ``idempotency_key`` that the
+        store already holds, nothing is written and the first message's id is
+        returned with ``False``; otherwise ``(message.message_id, True)``.
+        With ``claim_for``, the new recipients are leased by that worker until
+        ``lease_until`` in the same transaction (the submitting process delivers
+        them itself, without a round trip through :meth:`claim_due`).
+
+        Raises:
+            StoreError: the backend failed; nothing was stored.
+        """
+        ...
+
+    async def status(self, message_id: str) -> MessageStatus:
+        """Return the message's current status.
+
+        Raises:
+            UnknownMessageError: no such message.
+        """
+        ...
+
+    async def claim_due(
+        self, *, now: datetime, worker: str, lease_until: datetime, limit: int
+    ) -> list[Job]:
+        """Lease and return up to *limit* messages' due recipients.
+
+        A recipient is due when it is QUEUED or DEFERRED, ``next_attempt_at <= now``,
+        and it is not leased (or its lease ended before *now*). Oldest due first.
+        """
+        ...
+
+    async def record(
+        self, message_id: str, statuses: Sequence[RecipientStatus], *, worker: str
+    ) -> None:
+        """Write the new statuses of some recipients of one message, ending their lease.
+
+        Each status replaces the stored one for the same address (compared
+        case-insensitively). Unknown addresses are ignored.
+        """
+        ...
+
+    async def release(self, message_id: str, addresses: Sequence[str], *, worker: str) -> None:
+        """End *worker*'s lease on these recipients without recording an attempt."""
+        ...
+
+    async def next_due_at(self) -> datetime | None:
+        """The earliest ``next_attempt_at`` of any unfinished recipient, or None.
+
+        Leased recipients count at their lease end, so an expired lease is found.
+        """
+        ...
+
+    async def summary(self) -> QueueSummary:
+        """Count recipients by state and by (state, domain)."""
+        ...
+
+    async def purge(self, *, finished_before: datetime) -> int:
+        """Delete messages whose recipients are all final and whose last attempt is
+        before *finished_before*; return how many messages were deleted."""
+        ...
