@@ -154,12 +154,16 @@ class DeliveryEvent:
 
     ``recipient`` is the recipient's full status right after the change;
     ``previous_state`` is ``None`` for the first event of a recipient (its queueing).
+    ``missed`` is how many events this subscriber lost just before this one because
+    it fell behind (its buffer was full); when it is not 0, re-read what you need
+    with ``Deliverer.status()``.
     """
 
     message_id: str
     recipient: RecipientStatus
     previous_state: RecipientState | None
     at: datetime
+    missed: int = 0
 
     @property
     def state(self) -> RecipientState:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import Iterator
 
@@ -12,7 +13,7 @@ from hypothesis import settings
 
 settings.register_profile("dev", max_examples=100)
 settings.register_profile("ci", max_examples=200, deadline=None)
-settings.load_profile("dev")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 @pytest.fixture(scope="session")
