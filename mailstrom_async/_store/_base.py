@@ -1,7 +1,9 @@
 """The store contract: what every persistence backend must do.
 
 A store holds messages and their recipients' statuses. Every method that changes
-state is one transaction. Times are timezone-aware UTC datetimes.
+state is one transaction. Times are timezone-aware datetimes (a naive one raises
+ValueError); the store returns them in UTC. A store that is not open raises
+StoreError.
 
 Work is handed out by *claims*: :meth:`Store.claim_due` marks due recipients as
 leased by one worker until a deadline, so two workers (even in two processes) never
@@ -12,11 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import attrs
 
-from mailstrom_async._models import MessageStatus, RecipientState, RecipientStatus
+if TYPE_CHECKING:
+    from mailstrom_async._models import MessageStatus, RecipientState, RecipientStatus
 
 __all__ = ["Job", "NewMessage", "QueueSummary", "Store"]
 
@@ -81,7 +84,8 @@ class Store(Protocol):
         them itself, without a round trip through :meth:`claim_due`).
 
         Raises:
-            StoreError: the backend failed; nothing was stored.
+            StoreError: the backend failed, or ``message_id`` is already stored;
+                nothing was stored.
         """
         ...
 
@@ -99,7 +103,12 @@ class Store(Protocol):
         """Lease and return up to *limit* messages' due recipients.
 
         A recipient is due when it is QUEUED or DEFERRED, ``next_attempt_at <= now``,
-        and it is not leased (or its lease ended before *now*). Oldest due first.
+        and it is not leased (or its lease ended at or before *now*). Oldest due
+        first: by ``next_attempt_at``, ties in the order messages were added. Each
+        job holds all of its message's due recipients, in envelope order.
+
+        Raises:
+            ValueError: *limit* is less than 1.
         """
         ...
 
@@ -109,12 +118,24 @@ class Store(Protocol):
         """Write the new statuses of some recipients of one message, ending their lease.
 
         Each status replaces the stored one for the same address (compared
-        case-insensitively). Unknown addresses are ignored.
+        case-insensitively), whoever holds the lease, except that a final state
+        (DELIVERED/FAILED) is never replaced by an unfinished one. Only *worker*'s
+        own leases end: a lease another worker took after this one's expired is
+        kept. Unknown addresses are ignored.
+
+        Raises:
+            UnknownMessageError: no such message.
+            ValueError: an unfinished status has no ``next_attempt_at``.
         """
         ...
 
-    async def release(self, message_id: str, addresses: Sequence[str], *, worker: str) -> None:
-        """End *worker*'s lease on these recipients without recording an attempt."""
+    async def release(
+        self, message_id: str, addresses: Sequence[str], *, worker: str
+    ) -> None:
+        """End *worker*'s lease on these recipients without recording an attempt.
+
+        Unknown messages and addresses, and other workers' leases, are ignored.
+        """
         ...
 
     async def next_due_at(self) -> datetime | None:
@@ -125,10 +146,14 @@ class Store(Protocol):
         ...
 
     async def summary(self) -> QueueSummary:
-        """Count recipients by state and by (state, domain)."""
+        """Count recipients by state (every state, 0 included) and by (state,
+        lower-cased domain) for the pairs that occur."""
         ...
 
     async def purge(self, *, finished_before: datetime) -> int:
         """Delete messages whose recipients are all final and whose last attempt is
-        before *finished_before*; return how many messages were deleted."""
+        before *finished_before*; return how many messages were deleted.
+
+        Recipients never attempted count at the message's ``submitted_at``.
+        """
         ...

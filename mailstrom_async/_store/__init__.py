@@ -1,0 +1,9 @@
+"""Persistence backends: the Store contract and its in-memory and SQLite stores."""
+
+from __future__ import annotations
+
+from mailstrom_async._store._base import Job, NewMessage, QueueSummary, Store
+from mailstrom_async._store._memory import MemoryStore
+from mailstrom_async._store._sqlite import SQLiteStore
+
+__all__ = ["Job", "MemoryStore", "NewMessage", "QueueSummary", "SQLiteStore", "Store"]

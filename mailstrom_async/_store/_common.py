@@ -1,0 +1,115 @@
+"""Rules shared by every store, so that all of them behave exactly alike.
+
+Input checks (aware datetimes, claim arguments, statuses that could never come due),
+normalisation to UTC, case-insensitive address matching, and the one rule of
+:meth:`~mailstrom_async._store._base.Store.record` that is not a plain overwrite: a
+recipient that is final (``DELIVERED``/``FAILED``) is never moved back to an
+unfinished state, so a worker that reports late cannot undo another's outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import attrs
+
+from mailstrom_async._models import RecipientState, RecipientStatus
+
+if TYPE_CHECKING:
+    from mailstrom_async._store._base import NewMessage
+
+__all__ = [
+    "UNFINISHED",
+    "check_claim",
+    "check_limit",
+    "check_new_message",
+    "check_statuses",
+    "logger",
+    "matching",
+    "should_replace",
+    "utc",
+    "utc_or_none",
+]
+
+logger = logging.getLogger("mailstrom_async.store")
+
+#: States in which a recipient still waits for delivery.
+UNFINISHED = frozenset({RecipientState.QUEUED, RecipientState.DEFERRED})
+
+
+def utc(value: datetime, what: str) -> datetime:
+    """Return *value* in UTC; a naive datetime is a bug and raises ValueError."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        msg = f"{what} must be a timezone-aware datetime, got {value!r}"
+        raise ValueError(msg)
+    return value.astimezone(UTC)
+
+
+def utc_or_none(value: datetime | None, what: str) -> datetime | None:
+    """Like :func:`utc`, passing ``None`` through."""
+    return None if value is None else utc(value, what)
+
+
+def check_claim(
+    claim_for: str | None, lease_until: datetime | None
+) -> tuple[str, datetime] | None:
+    """Validate ``add()``'s claim arguments: both or neither."""
+    if claim_for is None and lease_until is None:
+        return None
+    if claim_for is None or lease_until is None:
+        msg = "claim_for and lease_until must be given together"
+        raise ValueError(msg)
+    return claim_for, utc(lease_until, "lease_until")
+
+
+def check_new_message(message: NewMessage) -> NewMessage:
+    """Return *message* with ``submitted_at`` in UTC."""
+    return attrs.evolve(message, submitted_at=utc(message.submitted_at, "submitted_at"))
+
+
+def check_limit(limit: int) -> None:
+    """``claim_due()`` needs room for at least one job."""
+    if limit < 1:
+        msg = f"limit must be at least 1, got {limit}"
+        raise ValueError(msg)
+
+
+def check_statuses(statuses: Iterable[RecipientStatus]) -> list[RecipientStatus]:
+    """Return *statuses* with every datetime in UTC.
+
+    An unfinished status without ``next_attempt_at`` would never come due again, so it
+    is refused (ValueError) before anything is written.
+    """
+    result = []
+    for status in statuses:
+        if status.state in UNFINISHED and status.next_attempt_at is None:
+            msg = (
+                f"{status.state.value} status of {status.address!r} "
+                "needs next_attempt_at"
+            )
+            raise ValueError(msg)
+        result.append(
+            attrs.evolve(
+                status,
+                first_attempt_at=utc_or_none(
+                    status.first_attempt_at, "first_attempt_at"
+                ),
+                last_attempt_at=utc_or_none(status.last_attempt_at, "last_attempt_at"),
+                next_attempt_at=utc_or_none(status.next_attempt_at, "next_attempt_at"),
+            )
+        )
+    return result
+
+
+def matching(addresses: Sequence[str], address: str) -> list[int]:
+    """Indexes of *addresses* equal to *address*, compared case-insensitively."""
+    wanted = address.casefold()
+    return [i for i, a in enumerate(addresses) if a.casefold() == wanted]
+
+
+def should_replace(stored: RecipientState, new: RecipientState) -> bool:
+    """Whether a recorded status may replace a stored one: finality is sticky."""
+    return not (stored.is_final and not new.is_final)

@@ -1,0 +1,294 @@
+"""MemoryStore: the store contract in plain dicts, for tests and throwaway queues.
+
+Nothing survives the process. Every method checkpoints once and then runs without
+awaiting, so each call is atomic with respect to other tasks, just as each call of a
+database store is one transaction. Values are immutable attrs instances, so they are
+shared, never copied.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import anyio.lowlevel
+import attrs
+
+from mailstrom_async._exceptions import StoreError, UnknownMessageError
+from mailstrom_async._models import MessageStatus, RecipientState, RecipientStatus
+from mailstrom_async._store._base import Job, NewMessage, QueueSummary
+from mailstrom_async._store._common import (
+    UNFINISHED,
+    check_claim,
+    check_limit,
+    check_new_message,
+    check_statuses,
+    logger,
+    matching,
+    should_replace,
+    utc,
+)
+
+if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import Self
+
+__all__ = ["MemoryStore"]
+
+_NEVER = datetime.max.replace(tzinfo=UTC)
+
+
+@attrs.define
+class _Recipient:
+    status: RecipientStatus
+    seq: int
+    lease_owner: str | None = None
+    lease_until: datetime | None = None
+
+    def due_at(self) -> datetime | None:
+        """When this recipient can next be claimed; None once it is final."""
+        nxt = self.status.next_attempt_at
+        if self.status.state not in UNFINISHED or nxt is None:
+            return None
+        if self.lease_until is not None:
+            return max(nxt, self.lease_until)
+        return nxt
+
+    def order(self) -> tuple[datetime, int]:
+        """Claim order: due time, then submission."""
+        return self.status.next_attempt_at or _NEVER, self.seq
+
+    def release(self, worker: str) -> None:
+        if self.lease_owner == worker:
+            self.lease_owner = self.lease_until = None
+
+
+@attrs.define
+class _Message:
+    message: NewMessage
+    recipients: list[_Recipient]
+
+    def addresses(self) -> list[str]:
+        return [r.status.address for r in self.recipients]
+
+    def is_done(self) -> bool:
+        return all(r.status.is_final for r in self.recipients)
+
+    def finished_at(self) -> datetime:
+        submitted = self.message.submitted_at
+        return max(
+            (r.status.last_attempt_at or submitted for r in self.recipients),
+            default=submitted,
+        )
+
+
+class MemoryStore:
+    """A :class:`~mailstrom_async._store._base.Store` kept in memory."""
+
+    def __init__(self) -> None:
+        self._open = False
+        self._messages: dict[str, _Message] = {}
+        self._keys: dict[str, str] = {}
+        # Ids of messages with unfinished recipients, in submission order.
+        self._unfinished: dict[str, None] = {}
+        self._seq = itertools.count()
+
+    def __repr__(self) -> str:
+        state = "open" if self._open else "closed"
+        return f"<MemoryStore {state} messages={len(self._messages)}>"
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Get ready; idempotent. The contents survive ``aclose()`` and ``open()``."""
+        await anyio.lowlevel.checkpoint()
+        self._open = True
+
+    async def aclose(self) -> None:
+        """Refuse further use until opened again; idempotent."""
+        await anyio.lowlevel.checkpoint()
+        self._open = False
+
+    async def _enter(self) -> None:
+        await anyio.lowlevel.checkpoint()
+        if not self._open:
+            msg = "the store is not open: call open() or use 'async with'"
+            raise StoreError(msg)
+
+    def _get(self, message_id: str) -> _Message:
+        try:
+            return self._messages[message_id]
+        except KeyError:
+            raise UnknownMessageError(message_id) from None
+
+    async def add(
+        self,
+        message: NewMessage,
+        *,
+        claim_for: str | None = None,
+        lease_until: datetime | None = None,
+    ) -> tuple[str, bool]:
+        """Store *message*; see :meth:`Store.add`."""
+        message = check_new_message(message)
+        claim = check_claim(claim_for, lease_until)
+        await self._enter()
+        key = message.idempotency_key
+        if key is not None and key in self._keys:
+            return self._keys[key], False
+        if message.message_id in self._messages:
+            msg = f"a message with id {message.message_id!r} is already stored"
+            raise StoreError(msg)
+        owner, until = claim if claim is not None else (None, None)
+        recipients = [
+            _Recipient(
+                RecipientStatus(address=address, next_attempt_at=message.submitted_at),
+                next(self._seq),
+                owner,
+                until,
+            )
+            for address in message.recipients
+        ]
+        self._messages[message.message_id] = _Message(message, recipients)
+        if key is not None:
+            self._keys[key] = message.message_id
+        if recipients:
+            self._unfinished[message.message_id] = None
+        return message.message_id, True
+
+    async def status(self, message_id: str) -> MessageStatus:
+        """Return the message's status; see :meth:`Store.status`."""
+        await self._enter()
+        stored = self._get(message_id)
+        return MessageStatus(
+            message_id=message_id,
+            recipients=tuple(r.status for r in stored.recipients),
+            submitted_at=stored.message.submitted_at,
+            mail_from=stored.message.mail_from,
+        )
+
+    async def claim_due(
+        self, *, now: datetime, worker: str, lease_until: datetime, limit: int
+    ) -> list[Job]:
+        """Lease due recipients of up to *limit* messages; see :meth:`Store.claim_due`."""
+        now = utc(now, "now")
+        lease_until = utc(lease_until, "lease_until")
+        check_limit(limit)
+        await self._enter()
+        candidates = []
+        for message_id in self._unfinished:
+            due = [r for r in self._messages[message_id].recipients if _is_due(r, now)]
+            if due:
+                candidates.append((min(r.order() for r in due), message_id, due))
+        jobs = []
+        chosen = heapq.nsmallest(limit, candidates, key=lambda c: c[0])
+        for _, message_id, due in chosen:
+            for r in due:
+                r.lease_owner, r.lease_until = worker, lease_until
+            message = self._messages[message_id].message
+            jobs.append(
+                Job(
+                    message_id=message_id,
+                    mail_from=message.mail_from,
+                    recipients=tuple(r.status for r in due),
+                    data=message.data,
+                    smtputf8=message.smtputf8,
+                    submitted_at=message.submitted_at,
+                )
+            )
+        if jobs:
+            logger.debug(
+                "claimed",
+                extra={"worker": worker, "messages": len(jobs), "store": "memory"},
+            )
+        return jobs
+
+    async def record(
+        self, message_id: str, statuses: Sequence[RecipientStatus], *, worker: str
+    ) -> None:
+        """Write new statuses and end *worker*'s leases; see :meth:`Store.record`."""
+        statuses = check_statuses(statuses)
+        await self._enter()
+        stored = self._get(message_id)
+        addresses = stored.addresses()
+        for status in statuses:
+            for i in matching(addresses, status.address):
+                r = stored.recipients[i]
+                if should_replace(r.status.state, status.state):
+                    r.status = attrs.evolve(status, address=r.status.address)
+                r.release(worker)
+        if stored.is_done():
+            self._unfinished.pop(message_id, None)
+
+    async def release(
+        self, message_id: str, addresses: Sequence[str], *, worker: str
+    ) -> None:
+        """End *worker*'s lease on these recipients; unknown ids and addresses are ignored."""
+        await self._enter()
+        stored = self._messages.get(message_id)
+        if stored is None:
+            return
+        stored_addresses = stored.addresses()
+        for address in addresses:
+            for i in matching(stored_addresses, address):
+                stored.recipients[i].release(worker)
+
+    async def next_due_at(self) -> datetime | None:
+        """When the next unfinished recipient comes due; see :meth:`Store.next_due_at`."""
+        await self._enter()
+        return min(
+            (
+                due
+                for message_id in self._unfinished
+                for r in self._messages[message_id].recipients
+                if (due := r.due_at()) is not None
+            ),
+            default=None,
+        )
+
+    async def summary(self) -> QueueSummary:
+        """Count recipients by state and by (state, domain)."""
+        await self._enter()
+        by_state = dict.fromkeys(RecipientState, 0)
+        by_domain: dict[tuple[RecipientState, str], int] = {}
+        for stored in self._messages.values():
+            for r in stored.recipients:
+                state = r.status.state
+                by_state[state] += 1
+                key = (state, r.status.domain)
+                by_domain[key] = by_domain.get(key, 0) + 1
+        return QueueSummary(by_state=by_state, by_domain=by_domain)
+
+    async def purge(self, *, finished_before: datetime) -> int:
+        """Delete finished messages older than *finished_before*; return how many."""
+        finished_before = utc(finished_before, "finished_before")
+        await self._enter()
+        doomed = [
+            message_id
+            for message_id, stored in self._messages.items()
+            if message_id not in self._unfinished
+            and stored.is_done()
+            and stored.finished_at() < finished_before
+        ]
+        for message_id in doomed:
+            key = self._messages.pop(message_id).message.idempotency_key
+            if key is not None:
+                del self._keys[key]
+        return len(doomed)
+
+
+def _is_due(r: _Recipient, now: datetime) -> bool:
+    due = r.due_at()
+    return due is not None and due <= now

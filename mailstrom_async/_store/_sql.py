@@ -1,0 +1,179 @@
+"""The SQLite store's schema, migrations and statements, and row conversions.
+
+Plain strings, kept apart from the connection handling in :mod:`._sqlite`.
+Statements that read or write a recipient's status list its columns in one order:
+``address, state, attempts, code, enhanced_code, message, host, ip, tls,
+tls_verified, first_attempt_at, last_attempt_at, next_attempt_at,
+possible_duplicate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from mailstrom_async._models import RecipientState, RecipientStatus
+
+__all__ = [
+    "CLAIM",
+    "JOB_MESSAGES",
+    "MIGRATIONS",
+    "NEXT_DUE",
+    "PURGE",
+    "RECORD",
+    "SCAN_DUE",
+    "SCHEMA_VERSION",
+    "STATUS_QUERY",
+    "UNLEASE",
+    "domain",
+    "from_ts",
+    "status_from_row",
+    "status_params",
+    "to_ts",
+]
+
+#: Schema migrations; step *n* takes ``user_version`` from *n* to *n + 1*.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE messages (
+            id TEXT PRIMARY KEY,
+            mail_from TEXT NOT NULL,
+            data BLOB NOT NULL,
+            smtputf8 INTEGER NOT NULL,
+            submitted_at REAL NOT NULL,
+            idempotency_key TEXT UNIQUE
+        )""",
+        """CREATE TABLE recipients (
+            message_id TEXT NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            address TEXT NOT NULL,
+            domain TEXT NOT NULL,
+            state TEXT NOT NULL
+                CHECK (state IN ('queued', 'deferred', 'delivered', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            code INTEGER,
+            enhanced_code TEXT,
+            message TEXT,
+            host TEXT,
+            ip TEXT,
+            tls INTEGER,
+            tls_verified INTEGER,
+            first_attempt_at REAL,
+            last_attempt_at REAL,
+            next_attempt_at REAL,
+            possible_duplicate INTEGER NOT NULL DEFAULT 0,
+            lease_owner TEXT,
+            lease_until REAL,
+            PRIMARY KEY (message_id, position)
+        )""",
+        # Claims walk this in (next_attempt_at, rowid) order: due first, then by
+        # submission.
+        """CREATE INDEX recipients_due ON recipients (next_attempt_at)
+            WHERE state IN ('queued', 'deferred')""",
+        # Only leased rows: small, and finds the earliest lease end quickly.
+        """CREATE INDEX recipients_leased ON recipients (lease_until)
+            WHERE lease_until IS NOT NULL""",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+SCAN_DUE = """SELECT message_id FROM recipients
+    WHERE state IN ('queued', 'deferred') AND next_attempt_at <= :now
+      AND (lease_until IS NULL OR lease_until <= :now)
+    ORDER BY next_attempt_at, rowid"""
+CLAIM = """UPDATE recipients SET lease_owner = :worker, lease_until = :until
+    WHERE message_id IN (SELECT value FROM json_each(:ids))
+      AND state IN ('queued', 'deferred') AND next_attempt_at <= :now
+      AND (lease_until IS NULL OR lease_until <= :now)
+    RETURNING message_id, position, address, state, attempts, code, enhanced_code,
+      message, host, ip, tls, tls_verified, first_attempt_at, last_attempt_at,
+      next_attempt_at, possible_duplicate"""
+JOB_MESSAGES = """SELECT id, mail_from, data, smtputf8, submitted_at FROM messages
+    WHERE id IN (SELECT value FROM json_each(?))"""
+STATUS_QUERY = """SELECT m.mail_from, m.submitted_at, r.address, r.state, r.attempts,
+      r.code, r.enhanced_code, r.message, r.host, r.ip, r.tls, r.tls_verified,
+      r.first_attempt_at, r.last_attempt_at, r.next_attempt_at, r.possible_duplicate
+    FROM messages m LEFT JOIN recipients r ON r.message_id = m.id
+    WHERE m.id = ? ORDER BY r.position"""
+RECORD = """UPDATE recipients SET state = ?, attempts = ?, code = ?, enhanced_code = ?,
+      message = ?, host = ?, ip = ?, tls = ?, tls_verified = ?, first_attempt_at = ?,
+      last_attempt_at = ?, next_attempt_at = ?, possible_duplicate = ?
+    WHERE message_id = ? AND position = ?"""
+UNLEASE = (
+    "UPDATE recipients SET lease_owner = NULL, lease_until = NULL"
+    " WHERE message_id = ? AND position = ?"
+)
+NEXT_DUE = """SELECT
+    (SELECT next_attempt_at FROM recipients
+      WHERE state IN ('queued', 'deferred') AND lease_until IS NULL
+      ORDER BY next_attempt_at LIMIT 1),
+    (SELECT MIN(MAX(next_attempt_at, lease_until)) FROM recipients
+      WHERE lease_until IS NOT NULL AND state IN ('queued', 'deferred'))"""
+PURGE = """DELETE FROM messages WHERE id IN (
+    SELECT m.id FROM messages m LEFT JOIN recipients r ON r.message_id = m.id
+    GROUP BY m.id
+    HAVING TOTAL(r.state IN ('queued', 'deferred')) = 0
+       AND MAX(COALESCE(r.last_attempt_at, m.submitted_at)) < ?)"""
+
+
+def to_ts(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+def from_ts(value: float) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _from_ts_or_none(value: float | None) -> datetime | None:
+    return None if value is None else from_ts(value)
+
+
+def _bool_or_none(value: int | None) -> bool | None:
+    return None if value is None else bool(value)
+
+
+def domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def status_from_row(row: Sequence[Any]) -> RecipientStatus:
+    """A status from ``address, state, attempts, ..., possible_duplicate``."""
+    (address, state, attempts, code, enhanced_code, message, host, ip, tls,
+     tls_verified, first, last, nxt, duplicate) = row  # fmt: skip
+    return RecipientStatus(
+        address=address,
+        state=RecipientState(state),
+        attempts=attempts,
+        code=code,
+        enhanced_code=enhanced_code,
+        message=message,
+        host=host,
+        ip=ip,
+        tls=_bool_or_none(tls),
+        tls_verified=_bool_or_none(tls_verified),
+        first_attempt_at=_from_ts_or_none(first),
+        last_attempt_at=_from_ts_or_none(last),
+        next_attempt_at=_from_ts_or_none(nxt),
+        possible_duplicate=bool(duplicate),
+    )
+
+
+def status_params(s: RecipientStatus) -> tuple[Any, ...]:
+    """The values for ``state, attempts, ..., possible_duplicate`` from *s*."""
+    return (
+        s.state.value,
+        s.attempts,
+        s.code,
+        s.enhanced_code,
+        s.message,
+        s.host,
+        s.ip,
+        s.tls,
+        s.tls_verified,
+        to_ts(s.first_attempt_at),
+        to_ts(s.last_attempt_at),
+        to_ts(s.next_attempt_at),
+        s.possible_duplicate,
+    )

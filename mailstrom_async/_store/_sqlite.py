@@ -1,0 +1,411 @@
+"""SQLiteStore: the embedded default store, on one SQLite file through aiosqlite.
+
+This is the only module that imports aiosqlite. It turns every ``sqlite3.Error``
+into :class:`~mailstrom_async.StoreError` (the original is ``__cause__``).
+
+Durability and sharing: WAL journal, ``synchronous=FULL`` by default (a commit is
+fsync'd before the call returns), ``busy_timeout`` so that several processes can
+share the file, foreign keys on. Every call that changes state is one
+``BEGIN IMMEDIATE`` transaction, so two processes' claims serialise and a failed
+call leaves nothing half-written. One connection per store; an anyio lock keeps
+one call at a time on it.
+
+Times are stored as float seconds since the epoch (UTC); microseconds round-trip
+exactly for any date in the next centuries.
+
+The schema version lives in ``PRAGMA user_version``; the migrations in :mod:`._sql` are applied
+in order, in one transaction, by :meth:`SQLiteStore.open`, which refuses a database
+written by a newer mailstrom_async.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3  # noqa: TID251 - only for sqlite3.Error
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import aiosqlite
+import anyio
+
+from mailstrom_async._exceptions import StoreError, UnknownMessageError
+from mailstrom_async._models import MessageStatus, RecipientState, RecipientStatus
+from mailstrom_async._store import _sql as sql
+from mailstrom_async._store._base import Job, NewMessage, QueueSummary
+from mailstrom_async._store._common import (
+    check_claim,
+    check_limit,
+    check_new_message,
+    check_statuses,
+    logger,
+    matching,
+    should_replace,
+    utc,
+)
+
+if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import Self
+
+__all__ = ["SQLiteStore"]
+
+_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+_BUSY_TIMEOUT = 30.0  # seconds a writer waits for another process's transaction
+
+
+class SQLiteStore:
+    """A :class:`~mailstrom_async._store._base.Store` in one SQLite database file.
+
+    Args:
+        path: the database file; created (with its schema) when missing.
+        synchronous: SQLite's ``PRAGMA synchronous``: ``"FULL"`` (the default)
+            makes every commit durable against power loss; ``"NORMAL"`` is faster
+            and may lose the last commits (never corrupt the file) on power loss.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, synchronous: str = "FULL"
+    ) -> None:
+        mode = synchronous.upper()
+        if mode not in _SYNCHRONOUS:
+            msg = f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, got {synchronous!r}"
+            raise ValueError(msg)
+        self._path = os.fspath(path)
+        self._synchronous = mode
+        self._db: aiosqlite.Connection | None = None
+        self._lock = anyio.Lock()
+
+    def __repr__(self) -> str:
+        state = "open" if self._db is not None else "closed"
+        return f"<SQLiteStore {self._path!r} {state}>"
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Connect, then create or migrate the schema; idempotent.
+
+        Raises:
+            StoreError: the file cannot be opened, or its schema is newer than this
+                version of mailstrom_async knows.
+        """
+        async with self._lock:
+            if self._db is not None:
+                return
+            with self._translate():
+                db = await aiosqlite.connect(
+                    self._path, timeout=_BUSY_TIMEOUT, isolation_level=None
+                )
+            try:
+                with self._translate():
+                    await self._setup(db)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await db.close()
+                raise
+            self._db = db
+
+    async def _setup(self, db: aiosqlite.Connection) -> None:
+        (mode,), *_ = await db.execute_fetchall("PRAGMA journal_mode = WAL")
+        if mode != "wal":
+            logger.warning(
+                "SQLite refused WAL journal mode; concurrent readers will wait",
+                extra={"path": self._path, "journal_mode": mode},
+            )
+        await db.execute(f"PRAGMA synchronous = {self._synchronous}")
+        await db.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT * 1000)}")
+        await db.execute("PRAGMA foreign_keys = ON")
+        async with _transaction(db):
+            (version,), *_ = await db.execute_fetchall("PRAGMA user_version")
+            if version > sql.SCHEMA_VERSION:
+                msg = (
+                    f"SQLite store {self._path!r} has schema version {version}, newer "
+                    f"than this mailstrom_async knows ({sql.SCHEMA_VERSION}); upgrade it"
+                )
+                raise StoreError(msg)
+            for step in sql.MIGRATIONS[version:]:
+                for statement in step:
+                    await db.execute(statement)
+            if version < sql.SCHEMA_VERSION:
+                await db.execute(f"PRAGMA user_version = {sql.SCHEMA_VERSION}")
+                logger.info(
+                    "migrated SQLite store schema",
+                    extra={
+                        "path": self._path,
+                        "from_version": version,
+                        "to_version": sql.SCHEMA_VERSION,
+                    },
+                )
+
+    async def aclose(self) -> None:
+        """Close the connection; idempotent."""
+        async with self._lock:
+            db, self._db = self._db, None
+            if db is not None:
+                with anyio.CancelScope(shield=True), self._translate():
+                    await db.close()
+
+    @contextmanager
+    def _translate(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            msg = f"SQLite store {self._path!r} failed: {exc}"
+            raise StoreError(msg) from exc
+
+    @asynccontextmanager
+    async def _use(self, *, write: bool) -> AsyncIterator[aiosqlite.Connection]:
+        """Hold the connection for one call: one IMMEDIATE transaction if *write*."""
+        async with self._lock:
+            if self._db is None:
+                msg = "the store is not open: call open() or use 'async with'"
+                raise StoreError(msg)
+            with self._translate():
+                if write:
+                    async with _transaction(self._db) as db:
+                        yield db
+                else:
+                    yield self._db
+
+    async def add(
+        self,
+        message: NewMessage,
+        *,
+        claim_for: str | None = None,
+        lease_until: datetime | None = None,
+    ) -> tuple[str, bool]:
+        """Store *message* in one transaction; see :meth:`Store.add`."""
+        message = check_new_message(message)
+        claim = check_claim(claim_for, lease_until)
+        owner, until = (
+            (claim[0], sql.to_ts(claim[1])) if claim is not None else (None, None)
+        )
+        submitted = sql.to_ts(message.submitted_at)
+        mid = message.message_id
+        rows = [
+            (mid, position, address, sql.domain(address), submitted, owner, until)
+            for position, address in enumerate(message.recipients)
+        ]
+        async with self._use(write=True) as db:
+            if message.idempotency_key is not None:
+                found = list(
+                    await db.execute_fetchall(
+                        "SELECT id FROM messages WHERE idempotency_key = ?",
+                        (message.idempotency_key,),
+                    )
+                )
+                if found:
+                    return str(found[0][0]), False
+            await db.execute(
+                "INSERT INTO messages (id, mail_from, data, smtputf8, submitted_at,"
+                " idempotency_key) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    mid,
+                    message.mail_from,
+                    message.data,
+                    message.smtputf8,
+                    submitted,
+                    message.idempotency_key,
+                ),
+            )
+            await db.executemany(
+                "INSERT INTO recipients (message_id, position, address, domain, state,"
+                " next_attempt_at, lease_owner, lease_until)"
+                " VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
+                rows,
+            )
+        return mid, True
+
+    async def status(self, message_id: str) -> MessageStatus:
+        """Return the message's status; see :meth:`Store.status`."""
+        async with self._use(write=False) as db:
+            rows = list(await db.execute_fetchall(sql.STATUS_QUERY, (message_id,)))
+        if not rows:
+            raise UnknownMessageError(message_id)
+        mail_from, submitted_at = rows[0][0], rows[0][1]
+        return MessageStatus(
+            message_id=message_id,
+            recipients=tuple(
+                sql.status_from_row(row[2:]) for row in rows if row[2] is not None
+            ),
+            submitted_at=sql.from_ts(submitted_at),
+            mail_from=mail_from,
+        )
+
+    async def claim_due(
+        self, *, now: datetime, worker: str, lease_until: datetime, limit: int
+    ) -> list[Job]:
+        """Lease due recipients of up to *limit* messages; see :meth:`Store.claim_due`."""
+        params: dict[str, Any] = {
+            "now": sql.to_ts(utc(now, "now")),
+            "worker": worker,
+            "until": sql.to_ts(utc(lease_until, "lease_until")),
+        }
+        check_limit(limit)
+        async with self._use(write=True) as db:
+            # Walk due rows in claim order until *limit* distinct messages are seen.
+            chosen: dict[str, None] = {}
+            cursor = await db.execute(sql.SCAN_DUE, params)
+            try:
+                while len(chosen) < limit:
+                    rows = await cursor.fetchmany(min(max(4 * limit, 64), 1024))
+                    if not rows:
+                        break
+                    for (mid,) in rows:
+                        chosen[mid] = None
+                        if len(chosen) == limit:
+                            break
+            finally:
+                await cursor.close()
+            if not chosen:
+                return []
+            ids = json.dumps(list(chosen))
+            claimed = list(await db.execute_fetchall(sql.CLAIM, {**params, "ids": ids}))
+            messages = {
+                row[0]: row
+                for row in await db.execute_fetchall(sql.JOB_MESSAGES, (ids,))
+            }
+        order = {mid: i for i, mid in enumerate(chosen)}
+        claimed.sort(key=lambda row: (order[row[0]], row[1]))
+        by_message: dict[str, list[RecipientStatus]] = {mid: [] for mid in chosen}
+        for row in claimed:
+            by_message[row[0]].append(sql.status_from_row(row[2:]))
+        logger.debug(
+            "claimed",
+            extra={"worker": worker, "messages": len(chosen), "path": self._path},
+        )
+        return [
+            Job(
+                message_id=mid,
+                mail_from=messages[mid][1],
+                recipients=tuple(recipients),
+                data=messages[mid][2],
+                smtputf8=bool(messages[mid][3]),
+                submitted_at=sql.from_ts(messages[mid][4]),
+            )
+            for mid, recipients in by_message.items()
+        ]
+
+    async def record(
+        self, message_id: str, statuses: Sequence[RecipientStatus], *, worker: str
+    ) -> None:
+        """Write new statuses and end *worker*'s leases; see :meth:`Store.record`."""
+        statuses = check_statuses(statuses)
+        async with self._use(write=True) as db:
+            stored = list(
+                await db.execute_fetchall(
+                    "SELECT position, address, state, lease_owner FROM recipients"
+                    " WHERE message_id = ? ORDER BY position",
+                    (message_id,),
+                )
+            )
+            if not stored and not list(
+                await db.execute_fetchall(
+                    "SELECT 1 FROM messages WHERE id = ?", (message_id,)
+                )
+            ):
+                raise UnknownMessageError(message_id)
+            addresses = [row[1] for row in stored]
+            states = [RecipientState(row[2]) for row in stored]
+            updates, unlease = [], set()
+            for status in statuses:
+                for i in matching(addresses, status.address):
+                    position = stored[i][0]
+                    if should_replace(states[i], status.state):
+                        states[i] = status.state
+                        updates.append(
+                            (*sql.status_params(status), message_id, position)
+                        )
+                    if stored[i][3] == worker:
+                        unlease.add(position)
+            if updates:
+                await db.executemany(sql.RECORD, updates)
+            if unlease:
+                await db.executemany(
+                    sql.UNLEASE, [(message_id, p) for p in sorted(unlease)]
+                )
+
+    async def release(
+        self, message_id: str, addresses: Sequence[str], *, worker: str
+    ) -> None:
+        """End *worker*'s lease on these recipients; unknown ids and addresses are ignored."""
+        async with self._use(write=True) as db:
+            leased = list(
+                await db.execute_fetchall(
+                    "SELECT position, address FROM recipients"
+                    " WHERE message_id = ? AND lease_owner = ?",
+                    (message_id, worker),
+                )
+            )
+            leased_addresses = [row[1] for row in leased]
+            positions = {
+                leased[i][0]
+                for address in addresses
+                for i in matching(leased_addresses, address)
+            }
+            if positions:
+                await db.executemany(
+                    sql.UNLEASE, [(message_id, p) for p in sorted(positions)]
+                )
+
+    async def next_due_at(self) -> datetime | None:
+        """When the next unfinished recipient comes due; see :meth:`Store.next_due_at`."""
+        async with self._use(write=False) as db:
+            ((unleased, leased),) = await db.execute_fetchall(sql.NEXT_DUE)
+        times = [t for t in (unleased, leased) if t is not None]
+        return sql.from_ts(min(times)) if times else None
+
+    async def summary(self) -> QueueSummary:
+        """Count recipients by state and by (state, domain)."""
+        async with self._use(write=False) as db:
+            rows = await db.execute_fetchall(
+                "SELECT state, domain, COUNT(*) FROM recipients GROUP BY state, domain"
+            )
+        by_state = dict.fromkeys(RecipientState, 0)
+        by_domain: dict[tuple[RecipientState, str], int] = {}
+        for state_value, domain, count in rows:
+            state = RecipientState(state_value)
+            by_state[state] += count
+            by_domain[state, domain] = count
+        return QueueSummary(by_state=by_state, by_domain=by_domain)
+
+    async def purge(self, *, finished_before: datetime) -> int:
+        """Delete finished messages older than *finished_before*; return how many."""
+        before = sql.to_ts(utc(finished_before, "finished_before"))
+        async with self._use(write=True) as db:
+            cursor = await db.execute(sql.PURGE, (before,))
+            count = cursor.rowcount
+        if count:
+            logger.info("purged", extra={"path": self._path, "messages": count})
+        return count
+
+
+@asynccontextmanager
+async def _transaction(db: aiosqlite.Connection) -> AsyncIterator[aiosqlite.Connection]:
+    """One ``BEGIN IMMEDIATE`` transaction: committed on success, else rolled back.
+
+    Commit and rollback are shielded: once a commit is sent its outcome is awaited,
+    and a cancelled call never leaves the connection inside a transaction.
+    """
+    try:
+        await db.execute("BEGIN IMMEDIATE")
+        yield db
+        with anyio.CancelScope(shield=True):
+            await db.execute("COMMIT")
+    except BaseException:
+        # Suppressed: BEGIN failed, or a failed COMMIT already ended the transaction.
+        with anyio.CancelScope(shield=True), suppress(sqlite3.Error):
+            await db.execute("ROLLBACK")
+        raise

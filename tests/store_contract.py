@@ -1,0 +1,573 @@
+"""The store contract as a reusable test suite: what every Store must do.
+
+To check a store, subclass :class:`StoreContract` in a test module and give it a
+``store`` fixture that yields an open, empty store::
+
+    class TestMyStore(StoreContract):
+        @pytest.fixture
+        async def store(self) -> AsyncIterator[Store]:
+            async with MyStore(...) as store:
+                yield store
+
+Every test passes explicit times; none sleeps or reads the clock.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import anyio
+import pytest
+
+from mailstrom_async._exceptions import StoreError, UnknownMessageError
+from mailstrom_async._models import RecipientState, RecipientStatus
+from mailstrom_async._store import Job, NewMessage, Store
+
+__all__ = ["T0", "StoreContract", "at", "attempted", "claimed_addresses", "new_message"]
+
+T0 = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+
+QUEUED = RecipientState.QUEUED
+DEFERRED = RecipientState.DEFERRED
+DELIVERED = RecipientState.DELIVERED
+FAILED = RecipientState.FAILED
+
+
+def at(seconds: float) -> datetime:
+    """T0 plus *seconds*."""
+    return T0 + timedelta(seconds=seconds)
+
+
+def new_message(
+    message_id: str,
+    *recipients: str,
+    submitted_at: datetime = T0,
+    key: str | None = None,
+    data: bytes = b"Subject: hi\r\n\r\nhello\r\n",
+    smtputf8: bool = False,
+) -> NewMessage:
+    """A message from sender@example.org to *recipients* (one default recipient)."""
+    return NewMessage(
+        message_id=message_id,
+        mail_from="sender@example.org",
+        recipients=recipients or ("rcpt@example.com",),
+        data=data,
+        smtputf8=smtputf8,
+        submitted_at=submitted_at,
+        idempotency_key=key,
+    )
+
+
+def attempted(
+    address: str,
+    state: RecipientState,
+    *,
+    when: datetime = T0,
+    next_at: datetime | None = None,
+) -> RecipientStatus:
+    """The status after one attempt at *when* that ended in *state*."""
+    return RecipientStatus(
+        address=address,
+        state=state,
+        attempts=1,
+        code=250 if state is DELIVERED else 451,
+        first_attempt_at=when,
+        last_attempt_at=when,
+        next_attempt_at=next_at,
+    )
+
+
+def claimed_addresses(jobs: list[Job]) -> list[tuple[str, str]]:
+    """(message id, address) of every recipient in *jobs*, in order."""
+    return [(job.message_id, r.address) for job in jobs for r in job.recipients]
+
+
+class StoreContract:
+    """The contract suite; subclasses provide a ``store`` fixture (open, empty)."""
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def test_implements_protocol(self, store: Store) -> None:
+        """A store satisfies the runtime-checkable Store protocol."""
+        assert isinstance(store, Store)
+
+    async def test_reopen_keeps_data(self, store: Store) -> None:
+        """aclose() and open() are idempotent, and reopening keeps what was stored."""
+        await store.add(new_message("m1"))
+        await store.aclose()
+        await store.aclose()
+        await store.open()
+        await store.open()
+        assert (await store.status("m1")).message_id == "m1"
+
+    async def test_closed_store_refuses_use(self, store: Store) -> None:
+        """A closed store raises StoreError instead of reading or writing."""
+        await store.aclose()
+        with pytest.raises(StoreError, match="not open"):
+            await store.status("m1")
+        with pytest.raises(StoreError, match="not open"):
+            await store.add(new_message("m1"))
+        await store.open()
+        with pytest.raises(UnknownMessageError):
+            await store.status("m1")
+
+    # -- add and status ----------------------------------------------------------
+
+    async def test_add_then_status(self, store: Store) -> None:
+        """A new message's recipients are QUEUED, due at submission, in envelope order."""
+        message = new_message("m1", "b@Example.COM", "a@example.net", "c@example.com")
+        assert await store.add(message) == ("m1", True)
+        status = await store.status("m1")
+        assert status.message_id == "m1"
+        assert status.mail_from == "sender@example.org"
+        assert status.submitted_at == T0
+        assert status.submitted_at.utcoffset() == timedelta(0)
+        assert [r.address for r in status] == list(message.recipients)
+        for r in status:
+            assert r == RecipientStatus(address=r.address, next_attempt_at=T0)
+        assert not status.is_done
+
+    async def test_times_come_back_in_utc(self, store: Store) -> None:
+        """A submission time in another zone is the same instant, returned in UTC."""
+        local = T0.astimezone(timezone(timedelta(hours=5, minutes=30)))
+        await store.add(new_message("m1", submitted_at=local))
+        status = await store.status("m1")
+        assert status.submitted_at == T0
+        assert status.submitted_at.tzinfo == UTC
+        assert status.recipients[0].next_attempt_at == T0
+
+    async def test_naive_datetimes_are_refused(self, store: Store) -> None:
+        """A naive datetime is a bug and raises ValueError before anything is stored."""
+        naive = T0.replace(tzinfo=None)
+        with pytest.raises(ValueError, match="timezone-aware"):
+            await store.add(new_message("m1", submitted_at=naive))
+        with pytest.raises(ValueError, match="timezone-aware"):
+            await store.claim_due(now=naive, worker="w", lease_until=at(60), limit=1)
+        with pytest.raises(ValueError, match="timezone-aware"):
+            await store.purge(finished_before=naive)
+        with pytest.raises(UnknownMessageError):
+            await store.status("m1")
+
+    async def test_status_of_unknown_message(self, store: Store) -> None:
+        """status() of an unknown id raises UnknownMessageError naming the id."""
+        with pytest.raises(UnknownMessageError) as info:
+            await store.status("nope")
+        assert info.value.message_id == "nope"
+
+    async def test_idempotency_key_returns_first_message(self, store: Store) -> None:
+        """Adding with a known idempotency key writes nothing and returns the first id."""
+        assert await store.add(new_message("m1", key="k")) == ("m1", True)
+        second = new_message("m2", "other@example.com", key="k")
+        assert await store.add(second, claim_for="w", lease_until=at(60)) == (
+            "m1",
+            False,
+        )
+        with pytest.raises(UnknownMessageError):
+            await store.status("m2")
+        jobs = await store.claim_due(now=T0, worker="w2", lease_until=at(60), limit=10)
+        assert claimed_addresses(jobs) == [("m1", "rcpt@example.com")]
+
+    async def test_distinct_or_missing_keys_do_not_collide(self, store: Store) -> None:
+        """Messages without a key, or with different keys, are all stored."""
+        assert await store.add(new_message("m1")) == ("m1", True)
+        assert await store.add(new_message("m2")) == ("m2", True)
+        assert await store.add(new_message("m3", key="a")) == ("m3", True)
+        assert await store.add(new_message("m4", key="b")) == ("m4", True)
+
+    async def test_duplicate_message_id(self, store: Store) -> None:
+        """Adding a second message with a stored id raises StoreError and changes nothing."""
+        await store.add(new_message("m1", "a@example.com"))
+        with pytest.raises(StoreError):
+            await store.add(
+                new_message("m1", "b@example.com", "c@example.com", key="k")
+            )
+        status = await store.status("m1")
+        assert [r.address for r in status] == ["a@example.com"]
+        assert await store.add(new_message("m2", key="k")) == ("m2", True)
+
+    async def test_data_round_trip(self, store: Store) -> None:
+        """The message bytes and SMTPUTF8 flag come back unchanged in a job."""
+        data = bytes(range(256)) * 3
+        await store.add(new_message("m1", "ü@exämple.com", data=data, smtputf8=True))
+        [job] = await store.claim_due(now=T0, worker="w", lease_until=at(60), limit=1)
+        assert job.data == data
+        assert job.smtputf8 is True
+        assert job.mail_from == "sender@example.org"
+        assert job.submitted_at == T0
+        assert [r.address for r in job.recipients] == ["ü@exämple.com"]
+
+    async def test_cancelled_add_is_all_or_nothing(self, store: Store) -> None:
+        """An add() cancelled at any point stores all recipients or nothing, and the
+        store stays usable."""
+        recipients = [f"r{i}@example.com" for i in range(200)]
+        for delay in range(12):
+            mid = f"m{delay}"
+            async with anyio.create_task_group() as tg:
+
+                async def add(mid: str = mid) -> None:
+                    await store.add(new_message(mid, *recipients))
+
+                tg.start_soon(add)
+                for _ in range(delay):
+                    await anyio.lowlevel.checkpoint()
+                tg.cancel_scope.cancel()
+            try:
+                status = await store.status(mid)
+            except UnknownMessageError:
+                continue
+            assert len(status.recipients) == len(recipients)
+        await store.add(new_message("after"))
+        assert (await store.status("after")).message_id == "after"
+
+    # -- claims ------------------------------------------------------------------
+
+    async def test_claim_only_due(self, store: Store) -> None:
+        """Only recipients whose next attempt is at or before *now* are claimed."""
+        await store.add(new_message("early"))
+        await store.add(new_message("late", submitted_at=at(10)))
+        jobs = await store.claim_due(
+            now=at(5), worker="w", lease_until=at(60), limit=10
+        )
+        assert [j.message_id for j in jobs] == ["early"]
+        jobs = await store.claim_due(
+            now=at(10), worker="w", lease_until=at(60), limit=10
+        )
+        assert [j.message_id for j in jobs] == ["late"]
+
+    async def test_claim_skips_leased(self, store: Store) -> None:
+        """A leased recipient is not claimed again while its lease lasts."""
+        await store.add(new_message("m1"))
+        first = await store.claim_due(now=T0, worker="a", lease_until=at(60), limit=10)
+        assert claimed_addresses(first) == [("m1", "rcpt@example.com")]
+        again = await store.claim_due(
+            now=at(1), worker="b", lease_until=at(60), limit=10
+        )
+        assert again == []
+
+    async def test_claim_limit_and_order(self, store: Store) -> None:
+        """Claims return at most *limit* messages, oldest due first."""
+        for i in (3, 1, 4, 0, 2):
+            await store.add(new_message(f"m{i}", submitted_at=at(i)))
+        jobs = await store.claim_due(now=at(9), worker="w", lease_until=at(60), limit=2)
+        assert [j.message_id for j in jobs] == ["m0", "m1"]
+        jobs = await store.claim_due(now=at(9), worker="w", lease_until=at(60), limit=2)
+        assert [j.message_id for j in jobs] == ["m2", "m3"]
+        jobs = await store.claim_due(now=at(9), worker="w", lease_until=at(60), limit=2)
+        assert [j.message_id for j in jobs] == ["m4"]
+
+    async def test_claim_ties_in_submission_order(self, store: Store) -> None:
+        """Messages due at the same instant are claimed in the order they were added."""
+        for mid in ("c", "a", "b"):
+            await store.add(new_message(mid))
+        jobs = await store.claim_due(now=T0, worker="w", lease_until=at(60), limit=3)
+        assert [j.message_id for j in jobs] == ["c", "a", "b"]
+
+    async def test_claim_groups_recipients(self, store: Store) -> None:
+        """One job carries all of a message's due recipients, in envelope order."""
+        rcpts = [f"r{i}@d{i % 2}.example" for i in range(7)]
+        await store.add(new_message("m1", *rcpts))
+        await store.add(new_message("m2"))
+        jobs = await store.claim_due(now=T0, worker="w", lease_until=at(60), limit=1)
+        assert [j.message_id for j in jobs] == ["m1"]
+        assert [r.address for r in jobs[0].recipients] == rcpts
+        assert all(r.state is QUEUED for r in jobs[0].recipients)
+
+    async def test_claim_only_due_recipients_of_a_message(self, store: Store) -> None:
+        """A job holds only the due recipients; done and later ones stay behind."""
+        await store.add(new_message("m1", "a@x.example", "b@x.example", "c@x.example"))
+        await store.claim_due(now=T0, worker="w", lease_until=at(60), limit=1)
+        await store.record(
+            "m1",
+            [
+                attempted("a@x.example", DELIVERED),
+                attempted("b@x.example", DEFERRED, next_at=at(100)),
+                attempted("c@x.example", DEFERRED, next_at=at(10)),
+            ],
+            worker="w",
+        )
+        [job] = await store.claim_due(
+            now=at(50), worker="w", lease_until=at(60), limit=5
+        )
+        [recipient] = job.recipients
+        assert recipient == attempted("c@x.example", DEFERRED, next_at=at(10))
+
+    async def test_lease_expiry(self, store: Store) -> None:
+        """A lease ending at or before *now* no longer protects a recipient."""
+        await store.add(new_message("m1"))
+        await store.claim_due(now=T0, worker="a", lease_until=at(60), limit=1)
+        assert (
+            await store.claim_due(
+                now=at(59.999), worker="b", lease_until=at(120), limit=1
+            )
+            == []
+        )
+        jobs = await store.claim_due(
+            now=at(60), worker="b", lease_until=at(120), limit=1
+        )
+        assert claimed_addresses(jobs) == [("m1", "rcpt@example.com")]
+
+    async def test_claim_limit_must_be_positive(self, store: Store) -> None:
+        """A claim for fewer than one message is a bug and raises ValueError."""
+        with pytest.raises(ValueError, match="limit"):
+            await store.claim_due(now=T0, worker="w", lease_until=at(60), limit=0)
+
+    async def test_claim_for_on_add(self, store: Store) -> None:
+        """add(claim_for=...) leases the new recipients to that worker at once."""
+        await store.add(
+            new_message("m1", "a@x.example", "b@x.example"),
+            claim_for="submitter",
+            lease_until=at(30),
+        )
+        assert (
+            await store.claim_due(now=T0, worker="w", lease_until=at(60), limit=5) == []
+        )
+        assert await store.next_due_at() == at(30)
+        await store.record(
+            "m1", [attempted("a@x.example", DELIVERED)], worker="submitter"
+        )
+        await store.release("m1", ["B@X.example"], worker="submitter")
+        jobs = await store.claim_due(now=T0, worker="w", lease_until=at(60), limit=5)
+        assert claimed_addresses(jobs) == [("m1", "b@x.example")]
+
+    async def test_claim_for_needs_lease_until(self, store: Store) -> None:
+        """claim_for and lease_until come together, or add() raises ValueError."""
+        with pytest.raises(ValueError, match="together"):
+            await store.add(new_message("m1"), claim_for="w")
+        with pytest.raises(ValueError, match="together"):
+            await store.add(new_message("m1"), lease_until=at(5))
+        with pytest.raises(UnknownMessageError):
+            await store.status("m1")
+
+    # -- record and release ------------------------------------------------------
+
+    async def test_record_round_trip_and_clears_lease(self, store: Store) -> None:
+        """Every recorded field comes back exactly, and the worker's lease ends."""
+        await store.add(new_message("m1", "a@x.example", "b@x.example"))
+        await store.claim_due(now=T0, worker="w", lease_until=at(60), limit=1)
+        deferred = RecipientStatus(
+            address="a@x.example",
+            state=DEFERRED,
+            attempts=3,
+            code=451,
+            enhanced_code="4.7.1",
+            message="greylisted, try again later ✓",
+            host="mx1.x.example",
+            ip="2001:db8::1",
+            tls=True,
+            tls_verified=False,
+            first_attempt_at=at(-600.000001),
+            last_attempt_at=at(1.5),
+            next_attempt_at=at(300),
+            possible_duplicate=True,
+        )
+        delivered = RecipientStatus(
+            address="b@x.example",
+            state=DELIVERED,
+            attempts=1,
+            code=250,
+            tls=False,
+            tls_verified=None,
+            first_attempt_at=at(1),
+            last_attempt_at=at(1),
+        )
+        await store.record("m1", [deferred, delivered], worker="w")
+        status = await store.status("m1")
+        assert status.recipients == (deferred, delivered)
+        assert status.recipients[0].first_attempt_at == at(-600.000001)
+        assert await store.next_due_at() == at(300)
+        assert (
+            await store.claim_due(now=at(299), worker="w", lease_until=at(999), limit=1)
+            == []
+        )
+        [job] = await store.claim_due(
+            now=at(300), worker="w2", lease_until=at(999), limit=1
+        )
+        assert job.recipients == (deferred,)
+
+    async def test_record_matches_case_insensitively(self, store: Store) -> None:
+        """A status matches its recipient ignoring case; the stored address is kept."""
+        await store.add(new_message("m1", "Alice@Example.COM"))
+        await store.record("m1", [attempted("alice@example.com", FAILED)], worker="w")
+        [r] = (await store.status("m1")).recipients
+        assert r.address == "Alice@Example.COM"
+        assert r.state is FAILED
+        assert (await store.status("m1")).is_done
+
+    async def test_record_ignores_unknown_addresses(self, store: Store) -> None:
+        """Statuses for addresses the message does not have are ignored."""
+        await store.add(new_message("m1"))
+        await store.record("m1", [attempted("x@else.example", DELIVERED)], worker="w")
+        [r] = (await store.status("m1")).recipients
+        assert r.state is QUEUED
+        assert await store.add(new_message("m2")) == ("m2", True)
+
+    async def test_record_unknown_message(self, store: Store) -> None:
+        """record() for an unknown message raises UnknownMessageError."""
+        with pytest.raises(UnknownMessageError):
+            await store.record("nope", [attempted("a@x.example", FAILED)], worker="w")
+
+    async def test_record_needs_next_attempt_for_unfinished(self, store: Store) -> None:
+        """An unfinished status without next_attempt_at raises ValueError, writing nothing."""
+        await store.add(new_message("m1", "a@x.example", "b@x.example"))
+        with pytest.raises(ValueError, match="next_attempt_at"):
+            await store.record(
+                "m1",
+                [
+                    attempted("a@x.example", DELIVERED),
+                    attempted("b@x.example", DEFERRED),
+                ],
+                worker="w",
+            )
+        assert all(r.state is QUEUED for r in await store.status("m1"))
+
+    async def test_late_record_keeps_the_new_lease(self, store: Store) -> None:
+        """A worker whose lease expired still writes its result, but not another's lease."""
+        await store.add(new_message("m1"))
+        await store.claim_due(now=T0, worker="a", lease_until=at(10), limit=1)
+        await store.claim_due(now=at(10), worker="b", lease_until=at(70), limit=1)
+        late = attempted("rcpt@example.com", DEFERRED, when=at(11), next_at=at(11))
+        await store.record("m1", [late], worker="a")
+        assert (await store.status("m1")).recipients == (late,)
+        assert await store.next_due_at() == at(70)
+        assert (
+            await store.claim_due(now=at(69), worker="c", lease_until=at(99), limit=1)
+            == []
+        )
+
+    async def test_final_state_is_never_undone(self, store: Store) -> None:
+        """A final status is kept when a later record says unfinished; final replaces final."""
+        await store.add(new_message("m1"))
+        delivered = attempted("rcpt@example.com", DELIVERED, when=at(1))
+        await store.record("m1", [delivered], worker="b")
+        late = attempted("rcpt@example.com", DEFERRED, when=at(2), next_at=at(3))
+        await store.record("m1", [late], worker="a")
+        assert (await store.status("m1")).recipients == (delivered,)
+        failed = attempted("rcpt@example.com", FAILED, when=at(4))
+        await store.record("m1", [failed], worker="a")
+        assert (await store.status("m1")).recipients == (failed,)
+        assert await store.next_due_at() is None
+
+    async def test_release(self, store: Store) -> None:
+        """release() ends only the named worker's lease on the named recipients."""
+        await store.add(new_message("m1", "a@x.example", "b@x.example"))
+        await store.claim_due(now=T0, worker="a", lease_until=at(60), limit=1)
+        await store.release("m1", ["a@x.example", "b@x.example"], worker="other")
+        await store.release("m1", ["nobody@x.example"], worker="a")
+        assert (
+            await store.claim_due(now=T0, worker="b", lease_until=at(60), limit=1) == []
+        )
+        await store.release("m1", ["A@X.EXAMPLE"], worker="a")
+        jobs = await store.claim_due(now=T0, worker="b", lease_until=at(60), limit=1)
+        assert claimed_addresses(jobs) == [("m1", "a@x.example")]
+        status = await store.status("m1")
+        assert all(r.state is QUEUED and r.attempts == 0 for r in status)
+
+    async def test_release_unknown_message(self, store: Store) -> None:
+        """release() of an unknown message does nothing."""
+        await store.release("nope", ["a@x.example"], worker="w")
+
+    # -- queue views -------------------------------------------------------------
+
+    async def test_next_due_at(self, store: Store) -> None:
+        """next_due_at() is the earliest due time, counting a lease at its end."""
+        assert await store.next_due_at() is None
+        await store.add(new_message("m1", submitted_at=at(20)))
+        await store.add(new_message("m2", submitted_at=at(10)))
+        assert await store.next_due_at() == at(10)
+        await store.claim_due(now=at(10), worker="w", lease_until=at(15), limit=1)
+        assert await store.next_due_at() == at(15)
+        await store.claim_due(now=at(20), worker="w", lease_until=at(25), limit=5)
+        assert await store.next_due_at() == at(25)
+        await store.record("m1", [attempted("rcpt@example.com", DELIVERED)], worker="w")
+        assert await store.next_due_at() == at(25)
+        await store.record("m2", [attempted("rcpt@example.com", FAILED)], worker="w")
+        assert await store.next_due_at() is None
+
+    async def test_next_due_at_lease_before_next_attempt(self, store: Store) -> None:
+        """A lease ending before the next attempt does not make a recipient due early."""
+        await store.add(new_message("m1", submitted_at=at(100)))
+        await store.add(new_message("m2"), claim_for="w", lease_until=at(50))
+        await store.record(
+            "m2",
+            [attempted("rcpt@example.com", DEFERRED, next_at=at(200))],
+            worker="other",
+        )
+        assert await store.next_due_at() == at(100)
+
+    async def test_summary(self, store: Store) -> None:
+        """summary() counts every recipient by state and by (state, lower-cased domain)."""
+        empty = await store.summary()
+        assert empty.by_state == dict.fromkeys(RecipientState, 0)
+        assert empty.by_domain == {}
+        await store.add(new_message("m1", "a@X.example", "b@x.example", "c@y.example"))
+        await store.add(new_message("m2", "d@y.example"))
+        await store.record(
+            "m1",
+            [
+                attempted("a@x.example", DELIVERED),
+                attempted("c@y.example", DEFERRED, next_at=at(5)),
+            ],
+            worker="w",
+        )
+        await store.record("m2", [attempted("d@y.example", FAILED)], worker="w")
+        summary = await store.summary()
+        assert summary.by_state == {QUEUED: 1, DEFERRED: 1, DELIVERED: 1, FAILED: 1}
+        assert summary.by_domain == {
+            (DELIVERED, "x.example"): 1,
+            (QUEUED, "x.example"): 1,
+            (DEFERRED, "y.example"): 1,
+            (FAILED, "y.example"): 1,
+        }
+
+    async def test_purge(self, store: Store) -> None:
+        """purge() deletes finished messages whose last attempt is before the cut-off."""
+        await store.add(new_message("old", "a@x.example", "b@x.example", key="k1"))
+        await store.record(
+            "old",
+            [
+                attempted("a@x.example", DELIVERED, when=at(5)),
+                attempted("b@x.example", FAILED, when=at(9)),
+            ],
+            worker="w",
+        )
+        await store.add(new_message("recent"))
+        await store.record(
+            "recent",
+            [attempted("rcpt@example.com", DELIVERED, when=at(20))],
+            worker="w",
+        )
+        await store.add(new_message("open", "a@x.example", "b@x.example"))
+        await store.record("open", [attempted("a@x.example", DELIVERED)], worker="w")
+        never_tried = RecipientStatus(address="rcpt@example.com", state=FAILED)
+        await store.add(new_message("rejected", submitted_at=at(1)))
+        await store.record("rejected", [never_tried], worker="w")
+
+        assert await store.purge(finished_before=at(9)) == 1  # only "rejected"
+        assert await store.purge(finished_before=at(10)) == 1  # "old"
+        assert await store.purge(finished_before=at(10)) == 0
+        for gone in ("old", "rejected"):
+            with pytest.raises(UnknownMessageError):
+                await store.status(gone)
+        assert (await store.status("recent")).is_done
+        assert not (await store.status("open")).is_done
+        assert await store.add(new_message("again", key="k1")) == ("again", True)
+        summary = await store.summary()
+        assert sum(summary.by_state.values()) == 4
+
+    async def test_message_without_recipients(self, store: Store) -> None:
+        """A message without recipients is done at once and purged by its submission time."""
+        empty = NewMessage(
+            message_id="m1", mail_from="", recipients=(), data=b"x", submitted_at=at(5)
+        )
+        await store.add(empty)
+        status = await store.status("m1")
+        assert status.recipients == ()
+        assert status.is_done
+        assert (
+            await store.claim_due(now=at(9), worker="w", lease_until=at(60), limit=1)
+            == []
+        )
+        assert await store.next_due_at() is None
+        await store.record("m1", [attempted("a@x.example", FAILED)], worker="w")
+        assert await store.purge(finished_before=at(5)) == 0
+        assert await store.purge(finished_before=at(6)) == 1

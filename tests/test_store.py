@@ -1,0 +1,306 @@
+"""The store contract against MemoryStore and SQLiteStore, and SQLite's own promises."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import anyio
+import attrs
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mailstrom_async._exceptions import StoreError, UnknownMessageError
+from mailstrom_async._models import RecipientState, RecipientStatus
+from mailstrom_async._store import MemoryStore, SQLiteStore, Store
+from mailstrom_async._store._sql import SCHEMA_VERSION
+from tests.store_contract import (
+    T0,
+    StoreContract,
+    at,
+    attempted,
+    claimed_addresses,
+    new_message,
+)
+
+
+class TestStoreContract(StoreContract):
+    @pytest.fixture(params=["memory", "sqlite"])
+    async def store(
+        self, request: pytest.FixtureRequest, tmp_path: Path
+    ) -> AsyncIterator[Store]:
+        backend: MemoryStore | SQLiteStore = (
+            MemoryStore()
+            if request.param == "memory"
+            else SQLiteStore(tmp_path / "q.db")
+        )
+        async with backend:
+            yield backend
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_async_context_manager(kind: str, tmp_path: Path) -> None:
+    """``async with`` opens a store, returns it, and closes it on the way out."""
+    store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "q.db")
+    assert "closed" in repr(store)
+    async with store as entered:
+        assert entered is store
+        assert "open" in repr(store)
+        await store.add(new_message("m1"))
+    assert "closed" in repr(store)
+    with pytest.raises(StoreError, match="not open"):
+        await store.status("m1")
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "queue.db"
+
+
+async def pragma(store: SQLiteStore, name: str) -> object:
+    assert store._db is not None
+    [(value,)] = await store._db.execute_fetchall(f"PRAGMA {name}")
+    return value
+
+
+async def test_persists_across_reopen(db_path: Path) -> None:
+    """Messages, statuses and leases survive closing and reopening the file."""
+    async with SQLiteStore(db_path) as store:
+        await store.add(new_message("m1", "a@x.example", "b@x.example", key="k"))
+        await store.claim_due(now=T0, worker="w", lease_until=at(60), limit=1)
+        await store.record(
+            "m1", [attempted("a@x.example", RecipientState.DELIVERED)], worker="w"
+        )
+        before = await store.status("m1")
+    async with SQLiteStore(str(db_path)) as store:
+        assert await store.status("m1") == before
+        assert await store.next_due_at() == at(60)
+        assert await store.add(new_message("m2", key="k")) == ("m1", False)
+
+
+async def test_durability_pragmas(db_path: Path) -> None:
+    """The store runs in WAL mode with synchronous=FULL, foreign keys and a busy timeout."""
+    async with SQLiteStore(db_path) as store:
+        assert await pragma(store, "journal_mode") == "wal"
+        assert await pragma(store, "synchronous") == 2  # FULL
+        assert await pragma(store, "foreign_keys") == 1
+        busy = await pragma(store, "busy_timeout")
+        assert isinstance(busy, int)
+        assert busy >= 1000
+        assert await pragma(store, "user_version") == SCHEMA_VERSION
+    async with SQLiteStore(db_path, synchronous="normal") as store:
+        assert await pragma(store, "synchronous") == 1
+
+
+async def test_works_without_wal(caplog: pytest.LogCaptureFixture) -> None:
+    """Where SQLite refuses WAL (an in-memory database) the store warns and works."""
+    async with SQLiteStore(":memory:") as store:
+        await store.add(new_message("m1"))
+        assert (await store.status("m1")).message_id == "m1"
+    [record] = [r for r in caplog.records if r.name == "mailstrom_async.store"]
+    assert record.levelname == "WARNING"
+    assert record.__dict__["journal_mode"] == "memory"
+
+
+def test_synchronous_is_checked() -> None:
+    """An unknown synchronous mode raises ValueError (it is spliced into a PRAGMA)."""
+    with pytest.raises(ValueError, match="synchronous"):
+        SQLiteStore("x.db", synchronous="FULL; DROP TABLE messages")
+
+
+async def test_migrates_from_version_zero(db_path: Path) -> None:
+    """An existing database at schema version 0 gets the current schema on open."""
+    async with aiosqlite.connect(db_path) as raw:
+        await raw.execute("CREATE TABLE unrelated (x)")
+        await raw.commit()
+    async with SQLiteStore(db_path) as store:
+        assert await pragma(store, "user_version") == SCHEMA_VERSION
+        await store.add(new_message("m1"))
+        assert (await store.status("m1")).message_id == "m1"
+
+
+async def test_refuses_newer_schema(db_path: Path) -> None:
+    """A database written by a newer schema raises StoreError and stays untouched."""
+    async with aiosqlite.connect(db_path) as raw:
+        await raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    store = SQLiteStore(db_path)
+    with pytest.raises(StoreError, match="newer"):
+        await store.open()
+    with pytest.raises(StoreError, match="not open"):
+        await store.status("m1")
+    async with aiosqlite.connect(db_path) as raw:
+        [(version,)] = await raw.execute_fetchall("PRAGMA user_version")
+        assert version == SCHEMA_VERSION + 1
+        assert list(await raw.execute_fetchall("SELECT name FROM sqlite_master")) == []
+
+
+async def test_backend_errors_become_store_errors(tmp_path: Path) -> None:
+    """A backend failure raises StoreError with the sqlite3 error as its cause."""
+    store = SQLiteStore(tmp_path / "missing" / "queue.db")
+    with pytest.raises(StoreError) as info:
+        await store.open()
+    assert isinstance(info.value.__cause__, aiosqlite.Error)
+    await store.aclose()
+
+
+async def test_failed_add_leaves_nothing(db_path: Path) -> None:
+    """An add() that fails half-way (disk full while writing recipients) stores nothing."""
+    async with SQLiteStore(db_path) as store:
+        await store.add(new_message("m0"))
+        assert store._db is not None
+        pages = await pragma(store, "page_count")
+        await store._db.execute(f"PRAGMA max_page_count = {pages}")
+        many = [f"recipient-{i}@x.example" for i in range(2000)]
+        with pytest.raises(StoreError) as info:
+            await store.add(new_message("m1", *many))
+        assert isinstance(info.value.__cause__, aiosqlite.Error)
+        with pytest.raises(UnknownMessageError):
+            await store.status("m1")
+        await store._db.execute("PRAGMA max_page_count = 1073741823")
+        assert await store.add(new_message("m1", *many)) == ("m1", True)
+        assert len((await store.status("m1")).recipients) == len(many)
+
+
+async def test_two_connections_never_share_a_recipient(db_path: Path) -> None:
+    """Workers on two connections to one file claim every recipient exactly once."""
+    async with SQLiteStore(db_path) as one, SQLiteStore(db_path) as two:
+        for i in range(60):
+            await one.add(new_message(f"m{i}", "a@x.example", "b@y.example"))
+        claimed: list[tuple[str, str]] = []
+
+        async def worker(store: SQLiteStore, name: str) -> None:
+            while jobs := await store.claim_due(
+                now=at(1), worker=name, lease_until=at(600), limit=3
+            ):
+                claimed.extend(claimed_addresses(jobs))
+                await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as tg:
+            for n in range(4):
+                tg.start_soon(worker, one, f"one-{n}")
+                tg.start_soon(worker, two, f"two-{n}")
+    assert len(claimed) == len(set(claimed)) == 120
+
+
+async def test_expired_lease_claimed_by_other_connection(db_path: Path) -> None:
+    """A lease held through one connection expires and is claimed through another."""
+    async with SQLiteStore(db_path) as one, SQLiteStore(db_path) as two:
+        await one.add(new_message("m1"))
+        assert await one.claim_due(now=T0, worker="dead", lease_until=at(30), limit=1)
+        assert (
+            await two.claim_due(now=at(29), worker="b", lease_until=at(90), limit=1)
+            == []
+        )
+        assert await two.next_due_at() == at(30)
+        jobs = await two.claim_due(now=at(30), worker="b", lease_until=at(90), limit=1)
+        assert claimed_addresses(jobs) == [("m1", "rcpt@example.com")]
+
+
+# -- MemoryStore and SQLiteStore agree on random operation sequences ----------------
+
+_ADDRESSES = ["a@x.example", "B@x.example", "c@y.example"]
+_WORKERS = ["w1", "w2"]
+_times = st.integers(0, 12).map(at)
+_FINAL = [RecipientState.DELIVERED, RecipientState.FAILED]
+_UNFINISHED = [RecipientState.QUEUED, RecipientState.DEFERRED]
+
+
+@st.composite
+def _statuses(draw: st.DrawFn) -> list[RecipientStatus]:
+    result = []
+    for address in draw(st.lists(st.sampled_from(_ADDRESSES), max_size=3)):
+        when = draw(_times)
+        final = draw(st.booleans())
+        result.append(
+            RecipientStatus(
+                address=address.upper() if draw(st.booleans()) else address,
+                state=draw(st.sampled_from(_FINAL if final else _UNFINISHED)),
+                attempts=draw(st.integers(0, 3)),
+                code=draw(st.sampled_from([None, 250, 451, 550])),
+                tls=draw(st.sampled_from([None, False, True])),
+                last_attempt_at=when,
+                next_attempt_at=None if final else draw(_times),
+            )
+        )
+    return result
+
+
+_mids = st.sampled_from(["m0", "m1", "m2"])
+_operations = st.one_of(
+    st.tuples(
+        st.just("add"),
+        _mids,
+        st.lists(st.sampled_from(_ADDRESSES), max_size=3, unique=True),
+        _times,
+        st.sampled_from([None, "k1", "k2"]),
+        st.one_of(st.none(), st.tuples(st.sampled_from(_WORKERS), _times)),
+    ),
+    st.tuples(
+        st.just("claim"),
+        _times,
+        st.sampled_from(_WORKERS),
+        st.integers(0, 12),
+        st.integers(1, 3),
+    ),
+    st.tuples(st.just("record"), _mids, _statuses(), st.sampled_from(_WORKERS)),
+    st.tuples(
+        st.just("release"),
+        _mids,
+        st.lists(st.sampled_from(_ADDRESSES), max_size=3),
+        st.sampled_from(_WORKERS),
+    ),
+    st.tuples(st.just("purge"), _times),
+    st.tuples(st.just("status"), _mids),
+    st.just(("views",)),
+)
+
+
+async def _apply(store: Store, op: tuple[Any, ...]) -> object:
+    """Run *op* on *store*; return its result, or the type of the exception raised."""
+    try:
+        match op:
+            case ("add", mid, rcpts, t, key, claim):
+                message = new_message(mid, submitted_at=t, key=key)
+                message = attrs.evolve(message, recipients=tuple(rcpts))
+                if claim is None:
+                    return await store.add(message)
+                worker, lease = claim
+                return await store.add(message, claim_for=worker, lease_until=lease)
+            case ("claim", now, worker, lease_seconds, limit):
+                return await store.claim_due(
+                    now=now,
+                    worker=worker,
+                    lease_until=now + timedelta(seconds=lease_seconds),
+                    limit=limit,
+                )
+            case ("record", mid, statuses, worker):
+                await store.record(mid, statuses, worker=worker)
+                return None
+            case ("release", mid, addresses, worker):
+                await store.release(mid, addresses, worker=worker)
+                return None
+            case ("purge", t):
+                return await store.purge(finished_before=t)
+            case ("status", mid):
+                return await store.status(mid)
+            case _:
+                return (await store.next_due_at(), await store.summary())
+    except (StoreError, UnknownMessageError) as exc:
+        return type(exc)
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(_operations, max_size=30))
+def test_memory_and_sqlite_agree(ops: list[tuple[Any, ...]]) -> None:
+    """Any sequence of operations gives the same results from both stores."""
+
+    async def main() -> None:
+        async with MemoryStore() as memory, SQLiteStore(":memory:") as lite:
+            for op in [*ops, ("views",)]:
+                assert await _apply(memory, op) == await _apply(lite, op), op
+
+    anyio.run(main)
