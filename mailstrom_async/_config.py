@@ -14,7 +14,7 @@ import math
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Self
 
@@ -56,7 +56,11 @@ class MXTLSPolicy(enum.StrEnum):
     """Never send in plain text: defer when TLS cannot be had."""
 
 
-_DEFAULT_RELAY_PORTS = {RelayTLS.IMPLICIT: 465, RelayTLS.STARTTLS: 587, RelayTLS.NONE: 25}
+_DEFAULT_RELAY_PORTS = {
+    RelayTLS.IMPLICIT: 465,
+    RelayTLS.STARTTLS: 587,
+    RelayTLS.NONE: 25,
+}
 
 
 def _check(condition: bool, key: str, expected: str, value: object) -> None:
@@ -180,7 +184,8 @@ class RelayConfig:
 
     host: str
     tls: RelayTLS = attrs.field(
-        default=RelayTLS.STARTTLS, converter=lambda v: _to_enum(RelayTLS, "relay.tls", v)
+        default=RelayTLS.STARTTLS,
+        converter=lambda v: _to_enum(RelayTLS, "relay.tls", v),
     )
     port: int = attrs.field(validator=_port)
     username: str | None = None
@@ -226,11 +231,19 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _nameservers(value: Iterable[str]) -> tuple[str, ...]:
+    # A bare string is iterable too: refuse it rather than split it into characters.
+    if isinstance(value, str):
+        msg = f"mx.nameservers must be a list of strings, not {value!r}"
+        raise ConfigError(msg, "mx.nameservers")
+    return tuple(value)
+
+
 @attrs.frozen(kw_only=True)
 class MXConfig:
     """Deliver straight to each recipient domain's MX hosts."""
 
-    nameservers: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    nameservers: tuple[str, ...] = attrs.field(default=(), converter=_nameservers)
     """``"host"`` or ``"host:port"`` of the DNS servers to ask; empty: the system's."""
     port: int = attrs.field(default=25, validator=_port)
     """SMTP port on MX hosts (25 in real life; tests use others)."""
@@ -258,7 +271,12 @@ class Limits:
         default=100, validator=_positive_int
     )
     """RCPT commands per SMTP transaction (RFC 5321 §4.5.3.1.8 says at least 100)."""
-    max_message_size: int = attrs.field(default=50 * 1024 * 1024, validator=_positive_int)
+    max_jobs_in_memory: int = attrs.field(default=256, validator=_positive_int)
+    """Claimed messages held in memory, waiting for a connection; the rest wait in
+    the store, so memory does not grow with the depth of the queue."""
+    max_message_size: int = attrs.field(
+        default=50 * 1024 * 1024, validator=_positive_int
+    )
     """Largest rendered message ``submit`` accepts, in bytes."""
 
 
@@ -354,16 +372,17 @@ def _structure(cls: type[Any], data: Any, prefix: str) -> Any:
             msg = f"unknown configuration key {prefix + str(key)!r} (known: {known})"
             raise ConfigError(msg, prefix + str(key))
         kwargs[key] = _convert(hints[key], value, prefix + key)
+    for name, field in fields.items():
+        if field.default is attrs.NOTHING and name not in kwargs:
+            msg = f"{where} is incomplete: {prefix + name} is required"
+            raise ConfigError(msg, prefix + name)
     try:
         return cls(**kwargs)
     except ConfigError as exc:
         if exc.key and prefix and not exc.key.startswith(prefix):
-            msg = f"{prefix}{str(exc)}"
+            msg = f"{prefix}{exc!s}"
             raise ConfigError(msg, prefix + exc.key) from None
         raise
-    except TypeError as exc:  # a required key is missing
-        msg = f"{where} is incomplete: {exc}"
-        raise ConfigError(msg, prefix.rstrip(".") or None) from None
 
 
 def _convert(hint: Any, value: Any, key: str) -> Any:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import weakref
 from collections import deque
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import anyio
 import attrs
 
-from mailstrom_async._models import DeliveryEvent
+if TYPE_CHECKING:
+    from mailstrom_async._models import DeliveryEvent
 
 __all__ = ["EventBroker", "EventStream"]
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import random
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 import attrs
 
-from mailstrom_async._config import RetryPolicy
+if TYPE_CHECKING:
+    from mailstrom_async._config import RetryPolicy
 
 __all__ = ["RetryDecision", "backoff_delay", "decide_retry"]
 
@@ -25,8 +27,8 @@ def backoff_delay(policy: RetryPolicy, attempts: int, rng: random.Random) -> flo
     n = max(attempts, 1)
     try:
         base = policy.initial_delay * policy.factor ** (n - 1)
-    except OverflowError:
-        base = policy.max_delay
+    except OverflowError:  # factor ** (n - 1) is too big for a float
+        base = policy.max_delay if policy.initial_delay else 0.0
     base = min(policy.max_delay, base)
     if policy.jitter:
         base *= 1 + rng.uniform(-policy.jitter, policy.jitter)

@@ -1,0 +1,137 @@
+"""Type-checked, never executed: pins the public types for mypy (stamina's idea).
+
+Every function here is only ever read by mypy. ``assert_type`` fails the type check
+when an inferred type drifts; a ``# type: ignore[code]`` line fails it (as an unused
+ignore, under ``strict``) when something that must be rejected starts being accepted.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import assert_type
+
+import mailstrom_async as m
+
+
+def config_types() -> None:
+    config = m.Config.from_mapping({"relay": {"host": "smtp.example.com"}})
+    assert_type(config, m.Config)
+    assert_type(m.Config.from_toml("mailstrom.toml"), m.Config)
+    assert_type(config.helo_name, str | None)
+    assert_type(config.message_id_domain, str | None)
+    assert_type(config.relay, m.RelayConfig | None)
+    assert_type(config.mx, m.MXConfig)
+    assert_type(config.retry, m.RetryPolicy)
+    assert_type(config.timeouts, m.Timeouts)
+    assert_type(config.limits, m.Limits)
+    assert_type(config.shutdown_grace, float)
+    assert_type(config.lease_duration, float)
+    assert_type(config.poll_interval, float)
+
+    config.helo_name = "x"  # type: ignore[misc]  # frozen
+
+
+def relay_types() -> None:
+    relay = m.RelayConfig(host="smtp.example.com", username="u", password="p")
+    assert_type(relay.host, str)
+    assert_type(relay.tls, m.RelayTLS)
+    assert_type(relay.port, int)
+    assert_type(relay.username, str | None)
+    assert_type(relay.password, str | None)
+    assert_type(relay.verify, bool)
+    assert_type(relay.ca_file, str | None)
+    m.Config(relay=relay)
+
+    m.RelayConfig()  # type: ignore[call-arg]  # host is required
+    m.RelayConfig("smtp.example.com")  # type: ignore[call-arg]  # keyword-only
+
+
+def mx_types() -> None:
+    mx = m.MXConfig(nameservers=["127.0.0.1:5353"], port=2525, tls="required")
+    assert_type(mx.nameservers, tuple[str, ...])
+    assert_type(mx.port, int)
+    assert_type(mx.allow_local, bool)
+    assert_type(mx.tls, m.MXTLSPolicy)
+    assert_type(mx.max_addresses, int)
+
+
+def retry_types() -> None:
+    policy = m.RetryPolicy(initial_delay=1, max_attempts=3)
+    assert_type(policy, m.RetryPolicy)
+    assert_type(m.RetryPolicy.mailstrom_compatible(), m.RetryPolicy)
+    assert_type(m.DEFAULT_RETRY_POLICY, m.RetryPolicy)
+    assert_type(policy.initial_delay, float)
+    assert_type(policy.factor, float)
+    assert_type(policy.jitter, float)
+    assert_type(policy.max_delay, float)
+    assert_type(policy.lifetime, float)
+    assert_type(policy.max_attempts, int | None)
+
+
+def timeouts_types() -> None:
+    timeouts = m.Timeouts(connect=5)
+    assert_type(m.DEFAULT_TIMEOUTS, m.Timeouts)
+    assert_type(timeouts.connect, float)
+    assert_type(timeouts.command, float)
+    assert_type(timeouts.data_start, float)
+    assert_type(timeouts.data_end, float)
+    assert_type(timeouts.dns, float)
+
+
+def status_types(status: m.MessageStatus, at: datetime) -> None:
+    assert_type(status.message_id, str)
+    assert_type(status.recipients, tuple[m.RecipientStatus, ...])
+    assert_type(status.submitted_at, datetime)
+    assert_type(status.is_done, bool)
+    assert_type(status.is_delivered, bool)
+    assert_type(status.recipient("a@example.com"), m.RecipientStatus)
+    assert_type(status.by_state(m.RecipientState.FAILED), tuple[m.RecipientStatus, ...])
+    for recipient in status:
+        assert_type(recipient, m.RecipientStatus)
+        assert_type(recipient.state, m.RecipientState)
+        assert_type(recipient.is_final, bool)
+        assert_type(recipient.domain, str)
+        assert_type(recipient.attempts, int)
+        assert_type(recipient.code, int | None)
+        assert_type(recipient.next_attempt_at, datetime | None)
+
+    status.recipient(5)  # type: ignore[arg-type]
+
+
+def event_types(event: m.DeliveryEvent) -> None:
+    assert_type(event.message_id, str)
+    assert_type(event.recipient, m.RecipientStatus)
+    assert_type(event.previous_state, m.RecipientState | None)
+    assert_type(event.at, datetime)
+    assert_type(event.missed, int)
+    assert_type(event.state, m.RecipientState)
+    assert_type(event.address, str)
+    assert_type(m.RecipientState.DEFERRED.is_final, bool)
+
+
+def reply_types(reply: m.SMTPReply) -> None:
+    assert_type(reply.code, int)
+    assert_type(reply.text, str)
+    assert_type(reply.enhanced_code, str | None)
+    assert_type(reply.is_positive, bool)
+    assert_type(reply.is_transient, bool)
+    assert_type(reply.is_permanent, bool)
+
+
+def exception_types() -> None:
+    try:
+        m.Config.from_mapping({})
+    except m.ConfigError as exc:
+        assert_type(exc.key, str | None)
+    except m.InvalidAddressError as exc:
+        assert_type(exc.address, str)
+    except m.UnknownMessageError as exc:
+        assert_type(exc.message_id, str)
+    except m.DeliveryError as exc:
+        assert_type(exc.reply, m.SMTPReply | None)
+        assert_type(exc.host, str | None)
+        assert_type(exc.default_enhanced_code, str)
+
+
+def version_type() -> None:
+    assert_type(m.__version__, str)
