@@ -81,10 +81,33 @@ def _to_enum(cls: type[_E], key: str, value: object) -> _E:
         raise ConfigError(msg, key) from None
 
 
+# The dotted prefix of each section, so a ConfigError names "timeouts.connect"
+# whether the section was built directly or read by Config.from_mapping.
+_SECTIONS = {
+    "Timeouts": "timeouts.",
+    "RetryPolicy": "retry.",
+    "RelayConfig": "relay.",
+    "MXConfig": "mx.",
+    "Limits": "limits.",
+}
+
+
+def _key(inst: object, attribute: attrs.Attribute[Any]) -> str:
+    return _SECTIONS.get(type(inst).__name__, "") + attribute.name
+
+
+def _relay_tls(value: RelayTLS | str) -> RelayTLS:
+    return _to_enum(RelayTLS, "relay.tls", value)
+
+
+def _mx_tls(value: MXTLSPolicy | str) -> MXTLSPolicy:
+    return _to_enum(MXTLSPolicy, "mx.tls", value)
+
+
 def _positive(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     _check(
         value is not None and math.isfinite(value) and value > 0,
-        attribute.name,
+        _key(inst, attribute),
         "a positive number of seconds",
         value,
     )
@@ -93,8 +116,22 @@ def _positive(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None
 def _non_negative(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     _check(
         value is not None and math.isfinite(value) and value >= 0,
-        attribute.name,
+        _key(inst, attribute),
         "a number >= 0",
+        value,
+    )
+
+
+# Far beyond any sane policy, and small enough that datetime arithmetic never
+# overflows (datetime stops at year 9999).
+_MAX_RETRY_SECONDS = 100 * 365 * 86400.0
+
+
+def _retry_duration(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    _check(
+        value is not None and 0 <= value <= _MAX_RETRY_SECONDS,
+        _key(inst, attribute),
+        "a number of seconds from 0 to 100 years",
         value,
     )
 
@@ -102,7 +139,7 @@ def _non_negative(inst: object, attribute: attrs.Attribute[Any], value: Any) -> 
 def _port(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     _check(
         isinstance(value, int) and 0 < value < 65536,
-        attribute.name,
+        _key(inst, attribute),
         "a port number from 1 to 65535",
         value,
     )
@@ -110,7 +147,10 @@ def _port(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
 
 def _positive_int(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     _check(
-        isinstance(value, int) and value >= 1, attribute.name, "an integer >= 1", value
+        isinstance(value, int) and value >= 1,
+        _key(inst, attribute),
+        "an integer >= 1",
+        value,
     )
 
 
@@ -144,20 +184,22 @@ class RetryPolicy:
     1 h, for 5 days.
     """
 
-    initial_delay: float = attrs.field(default=300.0, validator=_non_negative)
+    initial_delay: float = attrs.field(default=300.0, validator=_retry_duration)
     factor: float = attrs.field(default=2.0)
     jitter: float = attrs.field(default=0.2)
-    max_delay: float = attrs.field(default=3600.0, validator=_non_negative)
-    lifetime: float = attrs.field(default=5 * 86400.0, validator=_non_negative)
+    max_delay: float = attrs.field(default=3600.0, validator=_retry_duration)
+    lifetime: float = attrs.field(default=5 * 86400.0, validator=_retry_duration)
     max_attempts: int | None = attrs.field(default=None)
 
     @factor.validator
     def _check_factor(self, attribute: attrs.Attribute[float], value: float) -> None:
-        _check(math.isfinite(value) and value >= 1, "factor", "a number >= 1", value)
+        _check(
+            math.isfinite(value) and value >= 1, "retry.factor", "a number >= 1", value
+        )
 
     @jitter.validator
     def _check_jitter(self, attribute: attrs.Attribute[float], value: float) -> None:
-        _check(0 <= value <= 1, "jitter", "a fraction from 0 to 1", value)
+        _check(0 <= value <= 1, "retry.jitter", "a fraction from 0 to 1", value)
 
     @max_attempts.validator
     def _check_attempts(self, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -185,7 +227,7 @@ class RelayConfig:
     host: str
     tls: RelayTLS = attrs.field(
         default=RelayTLS.STARTTLS,
-        converter=lambda v: _to_enum(RelayTLS, "relay.tls", v),
+        converter=_relay_tls,
     )
     port: int = attrs.field(validator=_port)
     username: str | None = None
@@ -201,7 +243,7 @@ class RelayConfig:
 
     def __attrs_post_init__(self) -> None:
         _check(
-            isinstance(self.host, str) and bool(self.host.strip()),
+            bool(str(self.host).strip()),
             "relay.host",
             "a host name or address",
             self.host,
@@ -251,7 +293,7 @@ class MXConfig:
     """Allow MX hosts that resolve to loopback, private or link-local addresses."""
     tls: MXTLSPolicy = attrs.field(
         default=MXTLSPolicy.OPPORTUNISTIC,
-        converter=lambda v: _to_enum(MXTLSPolicy, "mx.tls", v),
+        converter=_mx_tls,
     )
     max_addresses: int = attrs.field(default=5, validator=_positive_int)
     """How many addresses to try per attempt (RFC 5321 §5.1)."""
@@ -326,7 +368,8 @@ class Config:
             ConfigError: an unknown key, a value of the wrong type, or a bad value;
                 ``.key`` is the dotted path of the offending setting.
         """
-        return _structure(cls, data, "")
+        config: Self = _structure(cls, data, "")
+        return config
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Self:

@@ -196,7 +196,7 @@ def test_relay_port_range(port: Any) -> None:
     """A relay port outside 1..65535 (or not an int) is a ConfigError."""
     with pytest.raises(ConfigError) as info:
         RelayConfig(host="h", port=port)
-    assert info.value.key == "port"
+    assert info.value.key == "relay.port"
 
 
 # MXConfig
@@ -234,7 +234,7 @@ def test_mx_max_addresses_positive() -> None:
     """max_addresses below 1 is a ConfigError."""
     with pytest.raises(ConfigError) as info:
         MXConfig(max_addresses=0)
-    assert info.value.key == "max_addresses"
+    assert info.value.key == "mx.max_addresses"
 
 
 # Value validation on direct construction
@@ -245,7 +245,7 @@ def test_timeouts_must_be_positive_and_finite(value: Any) -> None:
     """A timeout that is not a positive finite number is a ConfigError."""
     with pytest.raises(ConfigError) as info:
         Timeouts(connect=value)
-    assert info.value.key == "connect"
+    assert info.value.key == "timeouts.connect"
 
 
 @pytest.mark.parametrize(
@@ -266,7 +266,7 @@ def test_retry_policy_rejects_bad_values(field: str, value: Any) -> None:
     """Out-of-range retry settings are ConfigErrors naming the field."""
     with pytest.raises(ConfigError) as info:
         RetryPolicy(**{field: value})
-    assert info.value.key == field
+    assert info.value.key == f"retry.{field}"
 
 
 def test_retry_policy_accepts_zero_wait() -> None:
@@ -299,7 +299,7 @@ def test_limits_reject_zero() -> None:
     """A zero limit is a ConfigError."""
     with pytest.raises(ConfigError) as info:
         Limits(max_connections=0)
-    assert info.value.key == "max_connections"
+    assert info.value.key == "limits.max_connections"
 
 
 def test_config_shutdown_grace_may_be_zero() -> None:
@@ -602,3 +602,11 @@ def test_from_toml_invalid_toml(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
     assert "TOML" in str(info.value)
     assert info.value.key is None
+
+
+@pytest.mark.parametrize("field", ["initial_delay", "max_delay", "lifetime"])
+def test_retry_durations_have_an_upper_bound(field: str) -> None:
+    """Retry durations beyond 100 years are refused, so datetime maths cannot overflow."""
+    with pytest.raises(ConfigError) as info:
+        RetryPolicy(**{field: 1e13})  # type: ignore[arg-type]
+    assert info.value.key == f"retry.{field}"
