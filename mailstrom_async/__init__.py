@@ -16,6 +16,13 @@ from mailstrom_async._config import (
     RetryPolicy,
     Timeouts,
 )
+from mailstrom_async._deliverer import (
+    DEFAULT_STORE_PATH,
+    Deliverer,
+    DelivererMode,
+    SubmitHandle,
+)
+from mailstrom_async._events import EventStream
 from mailstrom_async._exceptions import (
     ConfigError,
     ConnectError,
@@ -37,6 +44,7 @@ from mailstrom_async._exceptions import (
     TransientDeliveryError,
     UnknownMessageError,
 )
+from mailstrom_async._message import Attachment, Email, PreparedMessage, prepare
 from mailstrom_async._models import (
     DeliveryEvent,
     MessageStatus,
@@ -44,45 +52,68 @@ from mailstrom_async._models import (
     RecipientStatus,
     SMTPReply,
 )
+from mailstrom_async._store import (
+    Job,
+    MemoryStore,
+    NewMessage,
+    QueueSummary,
+    SQLiteStore,
+    Store,
+)
 
 __version__ = _version("mailstrom-async")
 
 __all__ = [
     "DEFAULT_RETRY_POLICY",
+    "DEFAULT_STORE_PATH",
     "DEFAULT_TIMEOUTS",
+    "Attachment",
     "Config",
     "ConfigError",
     "ConnectError",
     "DNSTemporaryError",
+    "Deliverer",
     "DelivererClosedError",
+    "DelivererMode",
     "DeliveryError",
     "DeliveryEvent",
     "DeliveryExpiredError",
     "DeliveryTimeoutError",
+    "Email",
+    "EventStream",
     "InvalidAddressError",
     "InvalidMessageError",
+    "Job",
     "Limits",
     "MXConfig",
     "MXTLSPolicy",
     "MailstromError",
+    "MemoryStore",
     "MessageStatus",
+    "NewMessage",
     "NoMailServerError",
     "PermanentDeliveryError",
     "PermanentRejectionError",
+    "PreparedMessage",
     "ProtocolError",
+    "QueueSummary",
     "RecipientState",
     "RecipientStatus",
     "RelayConfig",
     "RelayTLS",
     "RetryPolicy",
     "SMTPReply",
+    "SQLiteStore",
+    "Store",
     "StoreError",
+    "SubmitHandle",
     "TLSRequiredError",
     "TemporaryRejectionError",
     "Timeouts",
     "TransientDeliveryError",
     "UnknownMessageError",
     "__version__",
+    "prepare",
 ]
 
 
@@ -90,11 +121,9 @@ def _fixup_module_metadata() -> None:
     # Reprs and docs say mailstrom_async.Config, not mailstrom_async._config.Config.
     for name in __all__:
         obj = globals()[name]
-        if getattr(obj, "__module__", "").startswith("mailstrom_async._"):
-            try:
-                obj.__module__ = __name__
-            except (AttributeError, TypeError):  # pragma: no cover - builtins
-                pass
+        is_ours = getattr(obj, "__module__", "").startswith("mailstrom_async._")
+        if is_ours and (isinstance(obj, type) or callable(obj)):
+            obj.__module__ = __name__
 
 
 _fixup_module_metadata()

@@ -11,6 +11,10 @@ import trustme
 from blockbuster import BlockBuster, blockbuster_ctx
 from hypothesis import settings
 
+# Loopback SMTP servers (aiosmtpd, byte-level scripts, Postfix smtp-sink) as fixtures
+# for every test module: smtpd, script_server, smtp_sink.
+pytest_plugins = ["tests.smtpd"]
+
 settings.register_profile("dev", max_examples=100)
 settings.register_profile("ci", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))

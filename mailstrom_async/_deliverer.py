@@ -1,0 +1,460 @@
+"""The Deliverer: accepts messages durably and delivers them in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import secrets
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable, Generator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import anyio
+from anyio.abc import TaskGroup
+
+from mailstrom_async._config import Config
+from mailstrom_async._events import EventBroker, EventStream
+from mailstrom_async._exceptions import (
+    ConfigError,
+    DelivererClosedError,
+    InvalidMessageError,
+    StoreError,
+    UnknownMessageError,
+)
+from mailstrom_async._message import Email, prepare
+from mailstrom_async._models import (
+    DeliveryEvent,
+    MessageStatus,
+    RecipientStatus,
+)
+from mailstrom_async._scheduler import Scheduler
+from mailstrom_async._smtp import ConnectionSettings, make_ssl_context, relay_settings
+from mailstrom_async._store import Job, NewMessage, SQLiteStore, Store
+from mailstrom_async._worker import Lanes
+
+__all__ = ["DEFAULT_STORE_PATH", "Deliverer", "DelivererMode", "SubmitHandle"]
+
+logger = logging.getLogger("mailstrom_async.deliverer")
+
+#: Where ``Deliverer(config)`` keeps its queue when no store is given.
+DEFAULT_STORE_PATH = "mailstrom-queue.sqlite3"
+
+DelivererMode = Literal["both", "submit", "deliver"]
+_MODES = ("both", "submit", "deliver")
+_RELAY = "relay"
+
+
+def _local_fqdn() -> str:
+    # May query DNS: run in a worker thread, once per Deliverer.
+    return socket.getfqdn()
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class SubmitHandle:
+    """What ``submit`` returns: the message's id, and an awaitable for its outcome.
+
+    ``await handle`` waits until every recipient is DELIVERED or FAILED and returns
+    the final :class:`MessageStatus`. ``created`` is False when an idempotency key
+    matched an earlier submission and this handle refers to that message.
+    """
+
+    def __init__(self, deliverer: Deliverer, message_id: str, *, created: bool) -> None:
+        self._deliverer = deliverer
+        self.message_id = message_id
+        self.created = created
+
+    def __repr__(self) -> str:
+        return f"<SubmitHandle {self.message_id!r}>"
+
+    def __await__(self) -> Generator[Any, None, MessageStatus]:
+        return self.wait_done().__await__()
+
+    async def status(self) -> MessageStatus:
+        """The message's current status."""
+        return await self._deliverer.status(self.message_id)
+
+    async def wait_done(self) -> MessageStatus:
+        """Wait until every recipient is DELIVERED or FAILED; return the status.
+
+        Raises:
+            DelivererClosedError: the Deliverer closed before the message was done.
+        """
+        return await self._deliverer._wait_done(self.message_id)
+
+
+class Deliverer:
+    """Accepts messages durably and delivers them in the background.
+
+    Use it as an async context manager::
+
+        async with Deliverer(config, store=SQLiteStore("queue.db")) as deliverer:
+            handle = await deliverer.submit(email)
+            status = await handle
+
+    The Deliverer opens and closes the store. ``mode`` picks its job: ``"both"``
+    (default) accepts and delivers; ``"submit"`` only accepts (a web process);
+    ``"deliver"`` only delivers what is in the store (a worker process). Leaving
+    the context stops intake, lets transactions in flight finish for up to
+    ``config.shutdown_grace`` seconds, then cancels them; nothing accepted is lost.
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        store: Store | None = None,
+        mode: DelivererMode = "both",
+        clock: Callable[[], datetime] = _utcnow,
+        rng: random.Random | None = None,
+    ) -> None:
+        if mode not in _MODES:
+            msg = f"mode must be one of {', '.join(map(repr, _MODES))}, not {mode!r}"
+            raise ConfigError(msg, "mode")
+        self._config = config = config if config is not None else Config()
+        if config.relay is None and mode != "submit":
+            msg = (
+                "Config.relay is None, which asks for direct MX delivery; this "
+                "version delivers through a relay only: set Config.relay"
+            )
+            raise ConfigError(msg, "relay")
+        self._store: Store = (
+            store if store is not None else SQLiteStore(DEFAULT_STORE_PATH)
+        )
+        self._mode = mode
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._broker = EventBroker()
+        self._state: Literal["new", "opening", "open", "closing", "closed"] = "new"
+        self._feeders = anyio.CancelScope()
+        self._cm: AbstractAsyncContextManager[Self] | None = None
+        self._ready: asyncio.Queue[Job] = asyncio.Queue()
+        self._jobs_in_memory = 0
+        self._watchers: dict[str, tuple[anyio.Event, int]] = {}
+        self._relay_settings: ConnectionSettings | None = None
+        self._scheduler = Scheduler(
+            store=self._store,
+            worker_id=self._worker_id,
+            clock=clock,
+            lease_duration=config.lease_duration,
+            poll_interval=config.poll_interval,
+            room=self._room,
+            feed=self._feed,
+        )
+        self._lanes = Lanes(
+            config=config,
+            store=self._store,
+            broker=self._broker,
+            worker_id=self._worker_id,
+            clock=clock,
+            rng=self._rng,
+            settings_for=self._settings_for,
+            on_recorded=self._changed,
+            on_job_done=self._job_done,
+        )
+
+    # -- lifecycle -----------------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        """The configuration this Deliverer runs with."""
+        return self._config
+
+    @property
+    def store(self) -> Store:
+        """The store this Deliverer keeps its queue in."""
+        return self._store
+
+    @property
+    def is_closed(self) -> bool:
+        """True once the Deliverer has been closed (it cannot be reopened)."""
+        return self._state == "closed"
+
+    async def __aenter__(self) -> Self:
+        if self._state != "new":
+            msg = "a Deliverer can be entered only once; create a new one"
+            raise DelivererClosedError(msg)
+        self._cm = self._run()
+        return await self._cm.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        if self._cm is None:
+            msg = "this Deliverer was never entered"
+            raise DelivererClosedError(msg)
+        return await self._cm.__aexit__(exc_type, exc, tb)
+
+    @asynccontextmanager
+    async def _run(self) -> AsyncIterator[Self]:
+        self._state = "opening"
+        try:
+            await self._store.open()
+            if self._mode != "submit":
+                await self._prepare_route()
+            async with anyio.create_task_group() as tg:
+                if self._mode != "submit":
+                    tg.start_soon(self._run_feeders, tg, name="mailstrom feeders")
+                self._state = "open"
+                logger.info(
+                    "deliverer started",
+                    extra={"worker": self._worker_id, "mode": self._mode},
+                )
+                try:
+                    yield self
+                finally:
+                    self._state = "closing"
+                    with anyio.CancelScope(shield=True):
+                        await self._drain()
+                    tg.cancel_scope.cancel()
+        finally:
+            self._state = "closed"
+            self._broker.close()
+            for event, _ in self._watchers.values():
+                event.set()
+            with anyio.CancelScope(shield=True):
+                await self._store.aclose()
+            logger.info("deliverer stopped", extra={"worker": self._worker_id})
+
+    async def aclose(self) -> None:
+        """Close the Deliverer, as leaving its ``async with`` block does."""
+        if self._cm is not None and self._state in ("open", "closing"):
+            await self.__aexit__(None, None, None)
+
+    async def _prepare_route(self) -> None:
+        relay = self._config.relay
+        if relay is None:  # pragma: no cover - refused in __init__
+            msg = "unreachable"
+            raise AssertionError(msg)
+        helo = self._config.helo_name
+        if helo is None:
+            helo = await anyio.to_thread.run_sync(_local_fqdn)
+        context: ssl.SSLContext | None = None
+        if relay.tls != "none":
+            # Loading CA files is disk I/O: once, at start, off the event loop.
+            context = await anyio.to_thread.run_sync(
+                make_ssl_context, relay.verify, relay.ca_file
+            )
+        self._relay_settings = relay_settings(self._config, helo, context)
+
+    async def _run_feeders(self, workers: TaskGroup) -> None:
+        with self._feeders:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._scheduler.run, name="mailstrom scheduler")
+                tg.start_soon(self._dispatch, workers, name="mailstrom dispatcher")
+
+    async def _drain(self) -> None:
+        """Stop intake; give back queued jobs; let in-flight ones finish in time."""
+        # The scheduler and dispatcher stop first, so nothing new is claimed; a
+        # job a cancelled dispatcher was about to take stays in the ready queue.
+        self._feeders.cancel()
+        waiting = self._lanes.stop()
+        while not self._ready.empty():
+            waiting.append(self._ready.get_nowait())
+        for job in waiting:
+            with anyio.move_on_after(5):
+                await self._store.release(
+                    job.message_id,
+                    [r.address for r in job.recipients],
+                    worker=self._worker_id,
+                )
+            self._job_done()
+        with anyio.move_on_after(self._config.shutdown_grace):
+            await self._lanes.wait_idle()
+
+    # -- intake --------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            msg = (
+                "Deliverer is closed; submit() and status() work only inside its "
+                "'async with' block"
+            )
+            raise DelivererClosedError(msg)
+
+    async def submit(
+        self,
+        message: Email | EmailMessage | bytes,
+        *,
+        mail_from: str | None = None,
+        rcpt_to: list[str] | tuple[str, ...] | None = None,
+        idempotency_key: str | None = None,
+    ) -> SubmitHandle:
+        """Validate *message*, store it durably, and return a handle at once.
+
+        The message is committed to the store before this returns; delivery happens
+        in the background (never here). *message* is an :class:`Email`, a ready
+        :class:`email.message.EmailMessage`, or RFC 5322 bytes with an explicit
+        envelope (*mail_from* and *rcpt_to*). With an *idempotency_key* seen
+        before, nothing is stored and the handle refers to the first message.
+
+        Raises:
+            InvalidMessageError: the message or an address is invalid (nothing
+                was stored).
+            DelivererClosedError: the Deliverer is not open.
+            StoreError: the store could not commit the message.
+        """
+        self._check_open()
+        prepared = prepare(
+            message,
+            mail_from=mail_from,
+            rcpt_to=rcpt_to,
+            config=self._config,
+        )
+        message_id = prepared.message_id.strip("<>")
+        now = self._clock()
+        claim = self._mode == "both" and self._room() > 0
+        new = NewMessage(
+            message_id=message_id,
+            mail_from=prepared.mail_from,
+            recipients=prepared.rcpt_to,
+            data=prepared.data,
+            smtputf8=prepared.smtputf8,
+            submitted_at=now,
+            idempotency_key=idempotency_key,
+        )
+        lease_until = now + timedelta(seconds=self._config.lease_duration)
+        try:
+            stored_id, created = await self._store.add(
+                new,
+                claim_for=self._worker_id if claim else None,
+                lease_until=lease_until if claim else None,
+            )
+        except StoreError as exc:
+            if await self._exists(message_id):
+                msg = (
+                    f"a message with Message-ID <{message_id}> is already in the "
+                    "store; give each message its own Message-ID, or pass an "
+                    "idempotency_key to make repeated submits safe"
+                )
+                raise InvalidMessageError(msg) from exc
+            raise
+        if created:
+            recipients = tuple(
+                RecipientStatus(address=a, next_attempt_at=now)
+                for a in prepared.rcpt_to
+            )
+            for status in recipients:
+                self._broker.publish(
+                    DeliveryEvent(
+                        message_id=message_id,
+                        recipient=status,
+                        previous_state=None,
+                        at=now,
+                    )
+                )
+            if claim:
+                self._feed(
+                    Job(
+                        message_id=message_id,
+                        mail_from=prepared.mail_from,
+                        recipients=recipients,
+                        data=prepared.data,
+                        smtputf8=prepared.smtputf8,
+                        submitted_at=now,
+                    )
+                )
+            elif self._mode == "deliver":
+                self._scheduler.wake()
+            logger.debug(
+                "message accepted",
+                extra={"message_id": message_id, "recipients": len(recipients)},
+            )
+        return SubmitHandle(self, stored_id, created=created)
+
+    async def _exists(self, message_id: str) -> bool:
+        try:
+            await self._store.status(message_id)
+        except UnknownMessageError:
+            return False
+        return True
+
+    # -- status and events ---------------------------------------------------
+
+    async def status(self, message_id: str) -> MessageStatus:
+        """The current status of a message (of this run or an earlier one).
+
+        Raises:
+            UnknownMessageError: the store has no message with this id.
+            DelivererClosedError: the Deliverer is not open.
+        """
+        self._check_open()
+        return await self._store.status(message_id)
+
+    def events(self) -> EventStream:
+        """Follow every recipient state change from now on: ``async for e in ...``.
+
+        Each subscriber gets every event; one that falls behind by more than its
+        buffer loses the oldest and is told through ``DeliveryEvent.missed``.
+        The stream ends when the Deliverer closes.
+        """
+        return self._broker.subscribe()
+
+    async def _wait_done(self, message_id: str) -> MessageStatus:
+        while True:
+            event = self._watch(message_id)
+            try:
+                status = await self.status(message_id)
+                if status.is_done:
+                    return status
+                # Another process may deliver it (submit-only mode): poll too.
+                with anyio.move_on_after(self._config.poll_interval):
+                    await event.wait()
+            finally:
+                self._unwatch(message_id)
+
+    def _watch(self, message_id: str) -> anyio.Event:
+        event, count = self._watchers.get(message_id, (anyio.Event(), 0))
+        self._watchers[message_id] = (event, count + 1)
+        return event
+
+    def _unwatch(self, message_id: str) -> None:
+        entry = self._watchers.get(message_id)
+        if entry is not None:
+            event, count = entry
+            if count <= 1:
+                del self._watchers[message_id]
+            else:
+                self._watchers[message_id] = (event, count - 1)
+
+    def _changed(self, message_id: str) -> None:
+        entry = self._watchers.pop(message_id, None)
+        if entry is not None:
+            entry[0].set()
+
+    # -- delivery plumbing ---------------------------------------------------
+
+    def _room(self) -> int:
+        return max(0, self._config.limits.max_jobs_in_memory - self._jobs_in_memory)
+
+    def _feed(self, job: Job) -> None:
+        self._jobs_in_memory += 1
+        self._ready.put_nowait(job)
+
+    def _job_done(self) -> None:
+        self._jobs_in_memory -= 1
+        self._scheduler.wake()
+
+    async def _dispatch(self, tg: TaskGroup) -> None:
+        while True:
+            job = await self._ready.get()
+            self._lanes.dispatch(job, _RELAY, tg)
+
+    def _settings_for(self, key: str) -> ConnectionSettings:
+        if self._relay_settings is None:  # pragma: no cover - set before any job
+            msg = "unreachable"
+            raise AssertionError(msg)
+        return self._relay_settings

@@ -1,0 +1,360 @@
+"""Per-destination delivery lanes: connections, transactions, and their outcomes.
+
+A *lane* is one destination (the relay, or later one recipient domain). It has a
+queue of claimed jobs and up to ``Limits.connections_per_destination`` worker
+coroutines, each owning one SMTP connection that it reuses across messages until
+the connection goes idle, fails or is poisoned by a timeout or a cancellation.
+
+Every attempt ends in one ``Store.record`` call that is shielded from cancellation,
+so an attempt's outcome is either fully recorded or not at all (then the lease
+expires and the recipients are tried again: at-least-once, never lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+import anyio
+import attrs
+from anyio.abc import TaskGroup
+
+from mailstrom_async._classify import RecipientOutcome, outcome_from_error
+from mailstrom_async._exceptions import (
+    DeliveryError,
+    DeliveryExpiredError,
+    StoreError,
+)
+from mailstrom_async._models import (
+    DeliveryEvent,
+    RecipientState,
+    RecipientStatus,
+)
+from mailstrom_async._retry import backoff_delay, decide_retry
+from mailstrom_async._smtp import ConnectionSettings, SMTPConnection
+
+if TYPE_CHECKING:
+    from mailstrom_async._config import Config
+    from mailstrom_async._events import EventBroker
+    from mailstrom_async._store import Job, Store
+
+__all__ = ["Lanes"]
+
+logger = logging.getLogger("mailstrom_async.deliverer")
+
+# Cleanup and status writes that must survive cancellation get this long.
+_SHIELDED_DEADLINE = 10.0
+# RFC 5321 §4.5.3.1.10: recipients refused with "too many recipients" are sent
+# again at once in a new transaction; bound the rounds so a broken server that
+# refuses every second RCPT cannot keep us in a loop.
+_MAX_ROUNDS = 20
+
+
+@attrs.define
+class _Lane:
+    key: str
+    settings: ConnectionSettings
+    queue: asyncio.Queue[Job] = attrs.field(factory=asyncio.Queue)
+    workers: int = 0
+    idle: int = 0
+    failures: int = 0
+    backoff_until: datetime | None = None
+
+
+@attrs.frozen
+class _Where:
+    """Where an attempt went and how."""
+
+    host: str | None
+    ip: str | None = None
+    tls: bool | None = None
+    tls_verified: bool | None = None
+
+
+class Lanes:
+    """All destination lanes of one Deliverer, and the delivery of one job."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: Store,
+        broker: EventBroker,
+        worker_id: str,
+        clock: Callable[[], datetime],
+        rng: random.Random,
+        settings_for: Callable[[str], ConnectionSettings],
+        on_recorded: Callable[[str], None],
+        on_job_done: Callable[[], None],
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._broker = broker
+        self._worker_id = worker_id
+        self._clock = clock
+        self._rng = rng
+        self._settings_for = settings_for
+        self._on_recorded = on_recorded
+        self._on_job_done = on_job_done
+        self._lanes: dict[str, _Lane] = {}
+        self._limiter = anyio.CapacityLimiter(config.limits.max_connections)
+        self._in_flight = 0
+        self._stopping = False
+        self._idle_event = anyio.Event()
+        self._idle_event.set()
+
+    def _stop_requested(self) -> bool:
+        return self._stopping
+
+    @property
+    def is_stopping(self) -> bool:
+        """True once stop() was called."""
+        return self._stopping
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs being delivered right now."""
+        return self._in_flight
+
+    def dispatch(self, job: Job, key: str, tg: TaskGroup) -> None:
+        """Queue *job* on the lane for *key*, starting a worker if all are busy."""
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane(key, self._settings_for(key))
+        lane.queue.put_nowait(job)
+        limit = self._config.limits.connections_per_destination
+        if lane.idle < lane.queue.qsize() and lane.workers < limit:
+            lane.workers += 1
+            tg.start_soon(self._run_worker, lane, name=f"mailstrom lane {key}")
+
+    def stop(self) -> list[Job]:
+        """Stop taking jobs; return those still waiting so they can be released."""
+        self._stopping = True
+        waiting: list[Job] = []
+        for lane in self._lanes.values():
+            while not lane.queue.empty():
+                waiting.append(lane.queue.get_nowait())
+        return waiting
+
+    async def wait_idle(self) -> None:
+        """Wait until no job is being delivered."""
+        while self._in_flight:
+            await self._idle_event.wait()
+
+    async def _run_worker(self, lane: _Lane) -> None:
+        conn: SMTPConnection | None = None
+        try:
+            async with self._limiter:
+                while not self.is_stopping:
+                    lane.idle += 1
+                    job: Job | None = None
+                    with anyio.move_on_after(self._config.limits.idle_timeout):
+                        job = await lane.queue.get()
+                    lane.idle -= 1
+                    if job is None:
+                        break  # idle for too long: close the connection, end
+                    if self._stop_requested():  # stop() came while we waited
+                        await self._release(job)
+                        break
+                    self._in_flight += 1
+                    self._idle_event = anyio.Event()
+                    try:
+                        conn = await self._deliver(lane, job, conn)
+                    finally:
+                        self._in_flight -= 1
+                        if not self._in_flight:
+                            self._idle_event.set()
+                        self._on_job_done()
+        finally:
+            lane.workers -= 1
+            backing_off = lane.backoff_until and lane.backoff_until > self._clock()
+            if lane.workers == 0 and lane.queue.empty() and not backing_off:
+                self._lanes.pop(lane.key, None)  # reap: memory follows active lanes
+            if conn is not None:
+                with anyio.CancelScope(shield=True):
+                    await conn.aclose()
+
+    async def _release(self, job: Job) -> None:
+        addresses = [r.address for r in job.recipients]
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(_SHIELDED_DEADLINE),
+            contextlib.suppress(StoreError),  # then the lease simply expires
+        ):
+            await self._store.release(job.message_id, addresses, worker=self._worker_id)
+
+    async def _deliver(
+        self, lane: _Lane, job: Job, conn: SMTPConnection | None
+    ) -> SMTPConnection | None:
+        now = self._clock()
+        if lane.backoff_until is not None and now < lane.backoff_until:
+            await self._postpone(job, lane.backoff_until)
+            return conn
+        try:
+            conn, outcomes = await self._attempt(lane, job, conn)
+        except BaseException:
+            # Cancelled (shutdown past its grace) or crashed mid-attempt: give the
+            # recipients back so the next run retries them at once.
+            if conn is not None:
+                conn.close_now()
+            await self._release(job)
+            raise
+        try:
+            await self._record(lane, job, outcomes)
+        except StoreError as exc:
+            # The lease expires and the recipients are tried again: at-least-once.
+            logger.error(
+                "could not record a delivery attempt; it will be retried",
+                extra={"message_id": job.message_id, "error": str(exc)},
+            )
+        return conn
+
+    async def _attempt(
+        self, lane: _Lane, job: Job, conn: SMTPConnection | None
+    ) -> tuple[SMTPConnection | None, dict[str, tuple[RecipientOutcome, _Where]]]:
+        results: dict[str, tuple[RecipientOutcome, _Where]] = {}
+        pending = [r.address for r in job.recipients]
+        per_transaction = self._config.limits.max_recipients_per_transaction
+        rounds = 0
+        while pending and rounds < _MAX_ROUNDS:
+            rounds += 1
+            batch, pending = pending[:per_transaction], pending[per_transaction:]
+            conn, outcomes, where = await self._transaction(lane, job, batch, conn)
+            for outcome in outcomes:
+                results[outcome.address] = (outcome, where)
+                if outcome.retry_now:
+                    pending.append(outcome.address)
+        return conn, results
+
+    async def _transaction(
+        self,
+        lane: _Lane,
+        job: Job,
+        batch: Sequence[str],
+        conn: SMTPConnection | None,
+    ) -> tuple[SMTPConnection | None, list[RecipientOutcome], _Where]:
+        where = _Where(host=lane.settings.host)
+        for fresh_try in (False, True):
+            reused = conn is not None and conn.is_usable
+            if conn is not None and not conn.is_usable:
+                await conn.aclose()
+                conn = None
+            try:
+                if conn is None:
+                    conn = await SMTPConnection.open(lane.settings)
+                where = _Where(conn.host, conn.ip, conn.tls, conn.tls_verified)
+                outcomes = await conn.send(
+                    job.mail_from, batch, job.data, smtputf8=job.smtputf8
+                )
+            except DeliveryError as exc:
+                if conn is not None:
+                    await conn.aclose()
+                    conn = None
+                if reused and not fresh_try:
+                    # A pooled connection the server had dropped: one fresh try,
+                    # not counted as an attempt of its own.
+                    continue
+                self._lane_failed(lane)
+                logger.info(
+                    "delivery attempt failed",
+                    extra={
+                        "message_id": job.message_id,
+                        "destination": lane.key,
+                        "host": where.host,
+                        "error": str(exc),
+                    },
+                )
+                return None, [outcome_from_error(a, exc) for a in batch], where
+            lane.failures = 0
+            lane.backoff_until = None
+            return conn, outcomes, where
+        msg = "unreachable"
+        raise AssertionError(msg)
+
+    def _lane_failed(self, lane: _Lane) -> None:
+        # RFC 1123 §5.3.1.1 / Exim: a destination that just failed is backed off as
+        # a whole, so new mail for a dead host waits instead of reconnecting.
+        lane.failures += 1
+        delay = backoff_delay(self._config.retry, lane.failures, self._rng)
+        lane.backoff_until = self._clock() + timedelta(seconds=delay)
+
+    async def _postpone(self, job: Job, until: datetime) -> None:
+        statuses = [attrs.evolve(r, next_attempt_at=until) for r in job.recipients]
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_SHIELDED_DEADLINE):
+            await self._store.record(job.message_id, statuses, worker=self._worker_id)
+
+    async def _record(
+        self,
+        lane: _Lane,
+        job: Job,
+        results: dict[str, tuple[RecipientOutcome, _Where]],
+    ) -> None:
+        now = self._clock()
+        statuses = [
+            self._next_status(r, *results[r.address], now=now, job=job, lane=lane)
+            for r in job.recipients
+        ]
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_SHIELDED_DEADLINE):
+            await self._store.record(job.message_id, statuses, worker=self._worker_id)
+        for old, new in zip(job.recipients, statuses, strict=True):
+            self._broker.publish(
+                DeliveryEvent(
+                    message_id=job.message_id,
+                    recipient=new,
+                    previous_state=old.state,
+                    at=now,
+                )
+            )
+        self._on_recorded(job.message_id)
+
+    def _next_status(
+        self,
+        old: RecipientStatus,
+        outcome: RecipientOutcome,
+        where: _Where,
+        *,
+        now: datetime,
+        job: Job,
+        lane: _Lane,
+    ) -> RecipientStatus:
+        reply = outcome.reply
+        new = attrs.evolve(
+            old,
+            state=outcome.state,
+            attempts=old.attempts + 1,
+            code=reply.code if reply else None,
+            enhanced_code=reply.enhanced_code if reply else None,
+            message=reply.text if reply else None,
+            host=where.host,
+            ip=where.ip,
+            tls=where.tls,
+            tls_verified=where.tls_verified,
+            first_attempt_at=old.first_attempt_at or now,
+            last_attempt_at=now,
+            next_attempt_at=None,
+            possible_duplicate=old.possible_duplicate or outcome.possible_duplicate,
+        )
+        if outcome.state is not RecipientState.DEFERRED:
+            return new
+        decision = decide_retry(
+            self._config.retry,
+            attempts=new.attempts,
+            queued_at=job.submitted_at,
+            now=now,
+            rng=self._rng,
+            not_before=lane.backoff_until,
+        )
+        if decision.next_attempt_at is not None:
+            return attrs.evolve(new, next_attempt_at=decision.next_attempt_at)
+        last = str(reply) if reply else "no reply"
+        return attrs.evolve(
+            new,
+            state=RecipientState.FAILED,
+            enhanced_code=DeliveryExpiredError.default_enhanced_code,
+            message=f"{decision.reason}; last reply: {last}",
+        )
