@@ -1,0 +1,232 @@
+"""Mailbox parsing and validation (RFC 5321 §4.1.2, RFC 5322 §3.4, RFC 6531).
+
+Header syntax (display names, quoting, groups, comments, encoded words) is left to
+the stdlib ``email`` header parser; every address it finds is then checked here,
+more strictly than the parser does:
+
+- the local part is a dot-atom (RFC 5322 §3.2.3) of at most 64 octets; UTF-8 is
+  allowed (RFC 6531) but then the message needs SMTPUTF8; quoted local parts that
+  need their quotes (``"john doe"@example.com``) are refused;
+- the domain is a host name of at least two labels whose A-label form (IDNA 2003,
+  the stdlib ``idna`` codec) has labels of letters, digits and inner hyphens, at
+  most 63 octets each and 253 in all, and a top-level label that is not all digits;
+  or an address literal, ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``;
+- the whole address is at most 254 octets (RFC 5321 §4.5.3.1.3, less the brackets).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ipaddress
+import re
+from email import errors as email_errors
+from email.headerregistry import Address, Group
+from email.policy import SMTP
+
+from mailstrom_async._exceptions import InvalidAddressError, InvalidMessageError
+
+__all__ = [
+    "ascii_domain",
+    "check_text",
+    "envelope_address",
+    "header_address",
+    "is_utf8_address",
+    "parse_address",
+    "parse_address_header",
+    "parse_mailbox",
+    "recipient_key",
+]
+
+#: Characters that end a line somewhere: CR and LF for SMTP, the rest for
+#: ``str.splitlines()``, which the email package uses when it writes headers.
+# Load the IDNA codec (and its stringprep tables) at import, not on first use, which
+# might be inside the event loop.
+codecs.lookup("idna")
+
+_LINE_BREAKS = frozenset("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+_ATEXT = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~."
+)
+_DOT_ATOM = re.compile(r"[^.]+(?:\.[^.]+)*")
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
+# Parser defects that only note obsolete (but unambiguous) syntax, or UTF-8 that we
+# check ourselves; any other defect means the parser had to guess.
+_HARMLESS_DEFECTS = (
+    email_errors.ObsoleteHeaderDefect,
+    email_errors.NonASCIILocalPartDefect,
+)
+
+
+def check_text(value: str, what: str, *, address: bool = False) -> None:
+    """Refuse NUL and line breaks in *value*, a header value or an address.
+
+    Raises:
+        InvalidMessageError: (``InvalidAddressError`` when *address*) the value
+            contains CR, LF, NUL or another line-breaking character.
+    """
+    bad = next((c for c in value if c in _LINE_BREAKS or c == "\x00"), None)
+    if bad is not None:
+        msg = f"{what} must not contain {bad!r} (CR, LF or NUL), not {value!r}"
+        if address:
+            raise InvalidAddressError(msg, value)
+        raise InvalidMessageError(msg)
+
+
+def _invalid(value: str, reason: str) -> InvalidAddressError:
+    return InvalidAddressError(f"invalid email address {value!r}: {reason}", value)
+
+
+def ascii_domain(domain: str, original: str | None = None) -> str:
+    """Return *domain* validated, in A-label form (address literals unchanged).
+
+    Raises:
+        InvalidAddressError: not a valid host name or address literal; ``.address``
+            is *original* (or *domain*).
+    """
+    original = domain if original is None else original
+    if domain.startswith("["):
+        return _check_literal(domain, original)
+    try:
+        # RFC 5890: non-ASCII labels go on the wire as "xn--" A-labels.
+        ascii_form = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        reason = f"the domain {domain!r} cannot be converted to an IDNA A-label"
+        raise _invalid(original, reason) from None
+    labels = ascii_form.split(".")
+    if len(ascii_form) > 253 or not all(_LABEL.fullmatch(x) for x in labels):
+        reason = (
+            f"the domain {domain!r} is not a host name (labels of letters, digits "
+            "and inner hyphens, at most 63 octets each and 253 in all)"
+        )
+        raise _invalid(original, reason)
+    if len(labels) < 2:
+        reason = f"the domain {domain!r} must have at least two labels (a dot)"
+        raise _invalid(original, reason)
+    if labels[-1].isdigit():
+        reason = f"an IP address must be written as a literal, e.g. '[{domain}]'"
+        raise _invalid(original, reason)
+    return ascii_form
+
+
+def _check_literal(domain: str, original: str) -> str:
+    # RFC 5321 §4.1.3: "[" IPv4 "]" or "[IPv6:" IPv6 "]".
+    inner = domain[1:-1] if domain.endswith("]") else ""
+    try:
+        if inner[:5].lower() == "ipv6:":
+            ipaddress.IPv6Address(inner[5:])
+        else:
+            ipaddress.IPv4Address(inner)
+    except ValueError:
+        reason = "an address literal must be [IPv4] or [IPv6:address]"
+        raise _invalid(original, reason) from None
+    return domain
+
+
+def _check_mailbox(local: str, domain: str, original: str) -> str:
+    """Validate one address's parts; return the domain's A-label form."""
+    # RFC 5322 §3.2.3 dot-atom; RFC 6531 §3.3 adds UTF-8 (printable, no spaces).
+    if not _DOT_ATOM.fullmatch(local):
+        reason = "the local part must be dot-separated words (no empty ones)"
+        raise _invalid(original, reason)
+    for c in local:
+        if c not in _ATEXT and (c.isascii() or not c.isprintable() or c.isspace()):
+            raise _invalid(original, f"the local part must not contain {c!r}")
+    if len(local.encode()) > 64:
+        raise _invalid(original, "the local part is longer than 64 octets")
+    ascii_form = ascii_domain(domain, original)
+    if len(local.encode()) + 1 + len(ascii_form) > 254:
+        raise _invalid(original, "it is longer than 254 octets")
+    return ascii_form
+
+
+def parse_address_header(name: str, value: str) -> tuple[Group, ...]:
+    """Parse an address-list header value into groups of validated addresses.
+
+    A plain address comes back as a ``Group`` whose ``display_name`` is ``None``.
+
+    Raises:
+        InvalidAddressError: the value does not parse cleanly, or an address in it
+            is invalid.
+    """
+    check_text(value, f"the {name} header", address=True)
+    try:
+        header = SMTP.header_factory("to", value)
+        groups: tuple[Group, ...] = header.groups
+    except Exception:
+        # The stdlib parser fails in assorted ways on some malformed values
+        # (HeaderParseError, IndexError, AttributeError, ...).
+        raise _invalid(value, "it cannot be parsed") from None
+    bad = [d for d in header.defects if not isinstance(d, _HARMLESS_DEFECTS)]
+    if bad:
+        raise _invalid(value, str(bad[0]))
+    for group in groups:
+        for a in group.addresses:
+            _check_mailbox(a.username, a.domain, a.addr_spec)
+    return groups
+
+
+def parse_mailbox(value: str) -> Address:
+    """Parse one mailbox, ``addr@example.com`` or ``Name <addr@example.com>``.
+
+    Raises:
+        InvalidAddressError: not exactly one valid mailbox.
+    """
+    groups = parse_address_header("address", value)
+    if len(groups) != 1 or groups[0].display_name is not None:
+        raise _invalid(value, "expected exactly one mailbox, not a list or a group")
+    (address,) = groups[0].addresses
+    return address
+
+
+def parse_address(value: str) -> str:
+    """Return the bare address of the mailbox *value*, validated.
+
+    Accepts ``addr@example.com``, ``<addr@example.com>`` and
+    ``Display Name <addr@example.com>``; returns ``local@domain`` with both parts
+    as given (an internationalised domain stays in Unicode).
+
+    Raises:
+        InvalidAddressError: *value* is not exactly one valid mailbox.
+    """
+    address = parse_mailbox(value)
+    return f"{address.username}@{address.domain}"
+
+
+def envelope_address(value: str) -> str:
+    """Return the form of the mailbox *value* used in SMTP ``MAIL``/``RCPT``.
+
+    Like :func:`parse_address`, but an internationalised domain is converted to its
+    A-label (``xn--``) form; the local part is kept as given (non-ASCII local parts
+    need a server that offers SMTPUTF8).
+
+    Raises:
+        InvalidAddressError: *value* is not exactly one valid mailbox.
+    """
+    address = parse_mailbox(value)
+    return f"{address.username}@{ascii_domain(address.domain)}"
+
+
+def is_utf8_address(address: str) -> bool:
+    """True when the address's local part is not ASCII (it needs SMTPUTF8)."""
+    return not address.rpartition("@")[0].isascii()
+
+
+def header_address(address: Address) -> Address:
+    """Return *address* with an A-label domain if that makes it all ASCII.
+
+    The email package would write a non-ASCII domain as an RFC 2047 encoded word,
+    which is not allowed in an address; an address whose local part is not ASCII
+    stays as it is and makes the message need SMTPUTF8 (RFC 6532).
+    """
+    if address.domain.isascii() or not address.username.isascii():
+        return address
+    return Address(address.display_name, address.username, ascii_domain(address.domain))
+
+
+def recipient_key(address: str) -> tuple[str, str]:
+    """The identity of an envelope address: local part as is, domain lower-cased.
+
+    RFC 5321 §2.4: the local part may be case-sensitive, the domain is not.
+    """
+    local, _, domain = address.rpartition("@")
+    return local, domain.lower()
