@@ -254,6 +254,7 @@ class Deliverer:
         with self._feeders:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._scheduler.run, name="mailstrom scheduler")
+                tg.start_soon(self._scheduler.renew_leases, name="mailstrom leases")
                 tg.start_soon(self._dispatch, workers, name="mailstrom dispatcher")
 
     async def _drain(self) -> None:

@@ -71,6 +71,23 @@ class Scheduler:
             with anyio.move_on_after(delay):
                 await self._wakeup.wait()
 
+    async def renew_leases(self) -> None:
+        """Keep this worker's leases alive while it runs, until cancelled.
+
+        A transaction may take longer than a lease (RFC 5321 allows 10 minutes
+        for the final reply alone); renewing every third of the lease means only
+        a dead worker's leases expire.
+        """
+        interval = self._lease.total_seconds() / 3
+        while True:
+            await anyio.sleep(interval)
+            try:
+                await self._store.renew_leases(
+                    worker=self._worker_id, lease_until=self._clock() + self._lease
+                )
+            except StoreError as exc:
+                logger.error("could not renew leases", extra={"error": str(exc)})
+
     async def _claim(self, room: int) -> int:
         now = self._clock()
         jobs = await self._store.claim_due(

@@ -462,6 +462,25 @@ class StoreContract:
         status = await store.status("m1")
         assert all(r.state is QUEUED and r.attempts == 0 for r in status)
 
+    async def test_renew_leases(self, store: Store) -> None:
+        """renew_leases() extends only the named worker's live leases."""
+        await store.add(
+            new_message("m1", "a@x.example"), claim_for="w", lease_until=at(10)
+        )
+        await store.add(
+            new_message("m2", "b@x.example"), claim_for="v", lease_until=at(10)
+        )
+        await store.add(
+            new_message("m3", "c@x.example"), claim_for="w", lease_until=at(10)
+        )
+        await store.release("m3", ["c@x.example"], worker="w")
+        assert await store.renew_leases(worker="w", lease_until=at(100)) == 1
+        jobs = await store.claim_due(
+            now=at(50), worker="x", lease_until=at(60), limit=5
+        )
+        assert claimed_addresses(jobs) == [("m2", "b@x.example"), ("m3", "c@x.example")]
+        assert await store.renew_leases(worker="nobody", lease_until=at(100)) == 0
+
     async def test_release_unknown_message(self, store: Store) -> None:
         """release() of an unknown message does nothing."""
         await store.release("nope", ["a@x.example"], worker="w")

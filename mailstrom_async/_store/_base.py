@@ -138,6 +138,15 @@ class Store(Protocol):
         """
         ...
 
+    async def renew_leases(self, *, worker: str, lease_until: datetime) -> int:
+        """Extend every lease *worker* holds to *lease_until*; return how many.
+
+        A live worker calls this regularly, so a long transaction never outlives
+        its lease (another worker would then deliver the same recipient); a dead
+        worker stops calling it and its leases expire.
+        """
+        ...
+
     async def next_due_at(self) -> datetime | None:
         """The earliest ``next_attempt_at`` of any unfinished recipient, or None.
 

@@ -86,7 +86,7 @@ class _Message:
 
 
 class MemoryStore:
-    """A :class:`~mailstrom_async._store._base.Store` kept in memory."""
+    """A :class:`~mailstrom_async.Store` kept in memory."""
 
     def __init__(self) -> None:
         self._open = False
@@ -244,6 +244,18 @@ class MemoryStore:
         for address in addresses:
             for i in matching(stored_addresses, address):
                 stored.recipients[i].release(worker)
+
+    async def renew_leases(self, *, worker: str, lease_until: datetime) -> int:
+        """Extend every lease *worker* holds; see :meth:`Store.renew_leases`."""
+        await self._enter()
+        lease_until = utc(lease_until, "lease_until")
+        renewed = 0
+        for message_id in self._unfinished:
+            for r in self._messages[message_id].recipients:
+                if r.lease_owner == worker:
+                    r.lease_until = lease_until
+                    renewed += 1
+        return renewed
 
     async def next_due_at(self) -> datetime | None:
         """When the next unfinished recipient comes due; see :meth:`Store.next_due_at`."""

@@ -57,7 +57,7 @@ _BUSY_TIMEOUT = 30.0  # seconds a writer waits for another process's transaction
 
 
 class SQLiteStore:
-    """A :class:`~mailstrom_async._store._base.Store` in one SQLite database file.
+    """A :class:`~mailstrom_async.Store` in one SQLite database file.
 
     Args:
         path: the database file; created (with its schema) when missing.
@@ -359,6 +359,16 @@ class SQLiteStore:
                 await db.executemany(
                     sql.UNLEASE, [(message_id, p) for p in sorted(positions)]
                 )
+
+    async def renew_leases(self, *, worker: str, lease_until: datetime) -> int:
+        """Extend every lease *worker* holds; see :meth:`Store.renew_leases`."""
+        until = sql.to_ts(utc(lease_until, "lease_until"))
+        async with self._use(write=True) as db:
+            cursor = await db.execute(
+                "UPDATE recipients SET lease_until = ? WHERE lease_owner = ?",
+                (until, worker),
+            )
+            return cursor.rowcount
 
     async def next_due_at(self) -> datetime | None:
         """When the next unfinished recipient comes due; see :meth:`Store.next_due_at`."""
