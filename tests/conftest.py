@@ -13,7 +13,7 @@ from hypothesis import settings
 
 # Loopback SMTP servers (aiosmtpd, byte-level scripts, Postfix smtp-sink) as fixtures
 # for every test module: smtpd, script_server, smtp_sink.
-pytest_plugins = ["tests.smtpd"]
+pytest_plugins = ["tests.dns_server", "tests.smtpd"]
 
 settings.register_profile("dev", max_examples=100)
 settings.register_profile("ci", max_examples=200, deadline=None)

@@ -62,7 +62,8 @@ async def test_submit_then_await_delivers(smtpd: SMTPDServers, store: Store) -> 
         handle = await d.submit(email("one@example.org", "two@example.net"))
         status = await handle
     assert handle.created
-    assert status.is_done and status.is_delivered
+    assert status.is_done
+    assert status.is_delivered
     assert [r.address for r in status] == ["one@example.org", "two@example.net"]
     for r in status:
         assert r.state is RecipientState.DELIVERED
@@ -82,7 +83,9 @@ async def test_bcc_is_delivered_but_not_shown(smtpd: SMTPDServers) -> None:
     """Bcc recipients get the message, and the message does not name them."""
     server = await smtpd.start()
     async with Deliverer(relay_config(server), store=MemoryStore()) as d:
-        status = await (await d.submit(email("to@example.org", bcc=("hidden@example.net",))))
+        status = await (
+            await d.submit(email("to@example.org", bcc=("hidden@example.net",)))
+        )
     assert status.is_delivered
     [received] = server.messages
     assert received.rcpt_tos == ["to@example.org", "hidden@example.net"]
@@ -184,8 +187,14 @@ async def test_duplicate_message_id_is_refused(smtpd: SMTPDServers) -> None:
 @pytest.mark.parametrize(
     ("message", "error"),
     [
-        (Email(sender="a@example.com", to=["no-at-sign"], text="x"), InvalidAddressError),
-        (Email(sender="a@example.com", subject="x\r\nBcc: v@example.org"), InvalidMessageError),
+        (
+            Email(sender="a@example.com", to=["no-at-sign"], text="x"),
+            InvalidAddressError,
+        ),
+        (
+            Email(sender="a@example.com", subject="x\r\nBcc: v@example.org"),
+            InvalidMessageError,
+        ),
         (Email(sender="a@example.com"), InvalidMessageError),
     ],
     ids=["bad-address", "header-injection", "no-recipients"],
@@ -224,16 +233,16 @@ async def test_closed_deliverer_refuses_work(smtpd: SMTPDServers) -> None:
 async def test_events_end_when_deliverer_closes(smtpd: SMTPDServers) -> None:
     """An events() stream ends once the Deliverer has closed."""
     server = await smtpd.start()
-    received = []
     async with Deliverer(relay_config(server), store=MemoryStore()) as d:
         stream = d.events()
         await (await d.submit(email()))
-    async for event in stream:
-        received.append(event.state)
+    received = [event.state async for event in stream]
     assert received == [RecipientState.QUEUED, RecipientState.DELIVERED]
 
 
-async def test_restart_resumes_unfinished_work(smtpd: SMTPDServers, tmp_path: Path) -> None:
+async def test_restart_resumes_unfinished_work(
+    smtpd: SMTPDServers, tmp_path: Path
+) -> None:
     """Messages accepted by a submit-only process are delivered by the next run."""
     server = await smtpd.start()
     path = tmp_path / "queue.sqlite3"

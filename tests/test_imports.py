@@ -16,6 +16,7 @@ ROOT = PACKAGE_DIR.parent
 OWNERS: dict[str, set[str]] = {
     "aiosmtplib": {"mailstrom_async/_smtp.py"},
     "aiodns": {"mailstrom_async/_dns.py"},
+    "pycares": {"mailstrom_async/_dns.py"},
     "aiosqlite": {"mailstrom_async/_store/_sqlite.py"},
     "sqlite3": {"mailstrom_async/_store/_sqlite.py"},
     "smtplib": set(),

@@ -1,0 +1,677 @@
+"""One SMTP session over aiosmtplib: connect, EHLO, TLS policy, AUTH, transactions.
+
+The only aiosmtplib importer: its (and socket/TLS) errors become
+:class:`TransientDeliveryError` subclasses, ``from`` the original. TLS modes:
+``implicit``/``starttls`` (relay) and ``required`` (MX) must get TLS or raise
+:class:`TLSRequiredError`; ``none`` never tries it. ``required`` verifies only if
+``ssl_context`` does (``None``: encrypt-only, Postfix's ``encrypt``).
+``opportunistic`` (MX, RFC 7435) uses STARTTLS when offered: with a verifying
+context it tries a verified handshake, then (new connection) an unverified one
+(``tls_verified=False``), then plain text; a 454 to STARTTLS goes on in plain text.
+Every failure while opening (5xx greeting, refused AUTH included) is transient: MX
+delivery tries the next host, and a misconfigured relay defers mail, never loses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import ipaddress
+import logging
+import re
+import socket
+import ssl
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import aiosmtplib
+import anyio
+import attrs
+from aiosmtplib.email import quote_address
+
+from mailstrom_async._classify import (
+    RecipientOutcome,
+    classify_data,
+    classify_rcpt,
+    make_reply,
+    outcomes_from_error,
+)
+from mailstrom_async._config import DEFAULT_TIMEOUTS, RelayTLS, Timeouts
+from mailstrom_async._exceptions import (
+    ConfigError,
+    ConnectError,
+    DeliveryTimeoutError,
+    ProtocolError,
+    TemporaryRejectionError,
+    TLSRequiredError,
+    TransientDeliveryError,
+)
+from mailstrom_async._models import RecipientState, SMTPReply
+
+if TYPE_CHECKING:
+    from mailstrom_async._config import Config
+
+__all__ = [
+    "ConnectionSettings",
+    "SMTPConnection",
+    "TLSMode",
+    "make_ssl_context",
+    "mx_settings",
+    "relay_settings",
+]
+
+_log = logging.getLogger("mailstrom_async.smtp")
+_FAILED = RecipientState.FAILED
+
+#: Deadline for the polite QUIT of :meth:`SMTPConnection.aclose`, in seconds.
+_QUIT_TIMEOUT = 2.0
+
+_LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
+_LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
+
+
+class TLSMode(enum.StrEnum):
+    """How a connection uses TLS (see the module docstring)."""
+
+    IMPLICIT = "implicit"
+    STARTTLS = "starttls"
+    NONE = "none"
+    OPPORTUNISTIC = "opportunistic"
+    REQUIRED = "required"
+
+
+def _to_tls_mode(value: str) -> TLSMode:
+    return TLSMode(str(value))
+
+
+@attrs.frozen(kw_only=True)
+class ConnectionSettings:
+    """Where and how to open an SMTP session. The password never appears in reprs."""
+
+    host: str
+    """Host name to connect to (and to verify the certificate against)."""
+    port: int
+    tls: TLSMode = attrs.field(converter=_to_tls_mode)
+    """A :class:`TLSMode` (``RelayTLS`` and ``MXTLSPolicy`` values are accepted)."""
+    ssl_context: ssl.SSLContext | None = None
+    """Client context built once by the caller (:func:`make_ssl_context`); needed
+    for ``implicit``/``starttls``; for ``required``/``opportunistic``, ``None``
+    means encrypt without verifying."""
+    helo_name: str
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    timeouts: Timeouts = DEFAULT_TIMEOUTS
+    server_hostname: str | None = None
+    """Name for SNI and certificate checks when it differs from ``host``."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.ssl_context is None and self.tls in (
+            TLSMode.IMPLICIT,
+            TLSMode.STARTTLS,
+        ):
+            msg = f"tls={self.tls.value!r} needs an ssl_context (see make_ssl_context)"
+            raise ConfigError(msg, "ssl_context")
+        if (self.username is None) != (self.password is None):
+            msg = "username and password must be given together"
+            raise ConfigError(msg, "password")
+
+    @property
+    def tls_name(self) -> str:
+        """The name used for SNI and certificate verification."""
+        return self.server_hostname or self.host
+
+
+def make_ssl_context(verify: bool, ca_file: str | None = None) -> ssl.SSLContext:
+    """A new client TLS context: verifying (system CAs, or only *ca_file*) or not.
+
+    Reads CA files from disk: call it once at startup, not per connection.
+
+    Raises:
+        ConfigError: *ca_file* cannot be read or holds no certificates.
+    """
+    if not verify:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        msg = f"cannot load CA certificates from {ca_file!r}: {exc}"
+        raise ConfigError(msg, "ca_file") from exc
+
+
+@functools.cache
+def _unverified_context() -> ssl.SSLContext:
+    # Encrypt-only, for opportunistic/required MX TLS; shared, never handed out.
+    return make_ssl_context(False)
+
+
+def _verifies(ctx: ssl.SSLContext) -> bool:
+    return ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+
+
+def relay_settings(
+    config: Config, helo_name: str, ssl_context: ssl.SSLContext | None = None
+) -> ConnectionSettings:
+    """Settings for the relay in *config*; builds the TLS context if none is given."""
+    relay = config.relay
+    if relay is None:
+        msg = "the configuration has no relay"
+        raise ConfigError(msg, "relay")
+    if ssl_context is None and relay.tls is not RelayTLS.NONE:
+        ssl_context = make_ssl_context(relay.verify, relay.ca_file)
+    return ConnectionSettings(
+        host=relay.host,
+        port=relay.port,
+        tls=relay.tls,
+        ssl_context=ssl_context,
+        helo_name=helo_name,
+        username=relay.username,
+        password=relay.password,
+        timeouts=config.timeouts,
+    )
+
+
+def mx_settings(
+    config: Config, host: str, helo_name: str, ssl_context: ssl.SSLContext | None
+) -> ConnectionSettings:
+    """Settings for the MX host *host* as ``config.mx`` says."""
+    return ConnectionSettings(
+        host=host,
+        port=config.mx.port,
+        tls=config.mx.tls,
+        ssl_context=ssl_context,
+        helo_name=helo_name,
+        timeouts=config.timeouts,
+    )
+
+
+class _TLSFallbackError(Exception):
+    """Opportunistic TLS failed on this connection; the next plan should be tried."""
+
+
+def _reply(exc: aiosmtplib.SMTPResponseException) -> SMTPReply:
+    return make_reply(exc.code, exc.message)
+
+
+def _local_reply(code: int, enhanced: str, text: str) -> SMTPReply:
+    return SMTPReply(code=code, enhanced_code=enhanced, text=text)
+
+
+def _outcome(
+    address: str, reply: SMTPReply | None, state: RecipientState = _FAILED
+) -> RecipientOutcome:
+    return RecipientOutcome(address=address, state=state, reply=reply)
+
+
+def _sendable(address: str) -> bool:
+    """True if *address* goes on a MAIL/RCPT line exactly as given.
+
+    aiosmtplib passes addresses through ``email.utils.parseaddr``, which silently
+    rewrites some (``"x<y@z"`` becomes ``<y@z>``): refuse those instead.
+    """
+    if any(ord(c) < 32 or ord(c) == 127 for c in address):
+        return False
+    try:
+        return quote_address(address) == f"<{address}>"
+    except ValueError:
+        return False
+
+
+def _encode_body(data: bytes) -> bytes:
+    """CRLF line endings, a final CRLF (no dot-stuffing yet)."""
+    body = _LINE_ENDINGS.sub(b"\r\n", data)
+    return body if body.endswith(b"\r\n") else body + b"\r\n"
+
+
+class SMTPConnection:
+    """One open SMTP session, owned by one task at a time. Build it with :meth:`open`.
+
+    An exception or cancellation inside :meth:`open` or :meth:`send` closes the
+    connection without QUIT; afterwards ``is_usable`` is False.
+    """
+
+    def __init__(self, settings: ConnectionSettings, ip: str | None) -> None:
+        self._settings = settings
+        self._ip = ip
+        self._smtp = aiosmtplib.SMTP(
+            local_hostname=settings.helo_name, timeout=settings.timeouts.command
+        )
+        self._sock: socket.socket | None = None
+        self._closed = False
+        self._tls = False
+        self._tls_verified = False
+        self._extensions: dict[str, str] = {}
+        self._transactions = 0
+        self._dot_unconfirmed = False
+        self._last_used = anyio.current_time()
+
+    def __repr__(self) -> str:
+        return (
+            f"<SMTPConnection {self.host}:{self.port} ip={self.ip} tls={self._tls} "
+            f"usable={self.is_usable} transactions={self._transactions}>"
+        )
+
+    @property
+    def host(self) -> str:
+        return self._settings.host
+
+    @property
+    def ip(self) -> str | None:
+        """The address connected to."""
+        return self._ip
+
+    @property
+    def port(self) -> int:
+        return self._settings.port
+
+    @property
+    def tls(self) -> bool:
+        return self._tls
+
+    @property
+    def tls_verified(self) -> bool:
+        """TLS is on, and the certificate chain and name were verified."""
+        return self._tls_verified
+
+    @property
+    def transactions(self) -> int:
+        """MAIL commands sent on this connection."""
+        return self._transactions
+
+    @property
+    def last_used(self) -> float:
+        """``anyio.current_time()`` at the end of the last open/send."""
+        return self._last_used
+
+    @property
+    def final_dot_unconfirmed(self) -> bool:
+        """The last send was cancelled after its final dot went out: the server may
+        have the message (record ``possible_duplicate``)."""
+        return self._dot_unconfirmed
+
+    @property
+    def supports_smtputf8(self) -> bool:
+        return "smtputf8" in self._extensions
+
+    @property
+    def supports_pipelining(self) -> bool:
+        return "pipelining" in self._extensions
+
+    @property
+    def is_usable(self) -> bool:
+        """False once closed, poisoned by an error, or dropped by the server."""
+        return not self._closed and self._smtp.is_connected
+
+    def _extra(self, **fields: Any) -> dict[str, Any]:
+        return {
+            "smtp_host": self.host,
+            "smtp_ip": self._ip,
+            "smtp_port": self.port,
+        } | fields
+
+    # -- opening ---------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls, settings: ConnectionSettings, *, ip: str | None = None
+    ) -> SMTPConnection:
+        """Connect to *ip* (or ``settings.host``): greeting, EHLO, TLS, AUTH.
+
+        Raises:
+            ConnectError: refused, unreachable or reset.
+            DeliveryTimeoutError: the connect, greeting or a command timed out.
+            TemporaryRejectionError: a 4xx/5xx greeting, EHLO/HELO refused, AUTH
+                refused or not offered.
+            TLSRequiredError: TLS is mandatory and was not had (not offered, 454,
+                handshake or certificate failure).
+            ProtocolError: garbled reply, or the server hung up.
+        """
+        plans = _tls_plans(settings)
+        while True:
+            ctx = plans.pop(0)
+            conn = cls(settings, ip)
+            try:
+                await conn._setup(ctx, can_fall_back=bool(plans))
+            except _TLSFallbackError as exc:
+                conn.close_now()
+                fallback = "plain" if plans[0] is None else "unverified"
+                _log.info(
+                    "opportunistic TLS failed, retrying: %s",
+                    exc,
+                    extra=conn._extra(smtp_fallback=fallback),
+                )
+                continue
+            except BaseException:
+                conn.close_now()
+                raise
+            return conn
+
+    async def _setup(self, ctx: ssl.SSLContext | None, *, can_fall_back: bool) -> None:
+        settings, smtp = self._settings, self._smtp
+        implicit = settings.tls is TLSMode.IMPLICIT
+        target = self._ip or settings.host
+        direct = not implicit or target == settings.tls_name
+        with self._mapped("connect"):
+            if not direct:  # verify against the host name, connect to the address
+                self._sock = await self._connect_socket(target)
+            await smtp.connect(
+                hostname=target if direct else settings.tls_name,
+                port=settings.port if direct else None,
+                sock=self._sock,
+                use_tls=implicit,
+                start_tls=False,
+                tls_context=ctx,
+                timeout=settings.timeouts.connect,
+            )
+            self._ip = smtp.get_transport_info("peername")[0]
+        if implicit and ctx is not None:
+            self._tls, self._tls_verified = True, _verifies(ctx)
+        await self._hello()
+        if ctx is not None and settings.tls in _STARTTLS_MODES:
+            await self._starttls(ctx, can_fall_back=can_fall_back)
+        if settings.username is not None and settings.password is not None:
+            await self._login(settings.username, settings.password)
+        self._last_used = anyio.current_time()
+        _log.debug(
+            "connected",
+            extra=self._extra(smtp_tls=self._tls, smtp_tls_verified=self._tls_verified),
+        )
+
+    async def _connect_socket(self, ip: str) -> socket.socket:
+        v6 = ipaddress.ip_address(ip).version == 6
+        sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET)
+        sock.setblocking(False)
+        try:
+            with anyio.fail_after(self._settings.timeouts.connect):
+                await asyncio.get_running_loop().sock_connect(sock, (ip, self.port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _hello(self) -> None:
+        smtp = self._smtp
+        with self._mapped("EHLO"):
+            try:
+                await smtp.ehlo()
+            except aiosmtplib.SMTPHeloError as exc:
+                if exc.code == 421 or not smtp.is_connected:
+                    raise
+                await smtp.helo()
+        self._extensions = dict(smtp.esmtp_extensions)
+
+    async def _starttls(self, ctx: ssl.SSLContext, *, can_fall_back: bool) -> None:
+        settings, smtp = self._settings, self._smtp
+        mandatory = settings.tls is not TLSMode.OPPORTUNISTIC
+        if not smtp.supports_extension("starttls"):
+            if mandatory:
+                msg = f"{self.host} does not offer STARTTLS, and TLS is required"
+                raise TLSRequiredError(msg, host=self.host)
+            return
+        try:
+            await smtp.starttls(
+                server_hostname=settings.tls_name,
+                tls_context=ctx,
+                timeout=settings.timeouts.connect,
+            )
+        except aiosmtplib.SMTPResponseException as exc:
+            reply = _reply(exc)
+            if mandatory or exc.code == 421 or not smtp.is_connected:
+                msg = f"{self.host} refused STARTTLS: {reply}"
+                raise TLSRequiredError(msg, reply=reply, host=self.host) from exc
+            _log.info(
+                "STARTTLS refused, continuing in plain text",
+                extra=self._extra(smtp_reply=str(reply)),
+            )
+            return
+        except ssl.SSLError as exc:
+            if can_fall_back:
+                raise _TLSFallbackError(str(exc)) from exc
+            raise self._error(exc, "STARTTLS") from exc
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise self._error(exc, "STARTTLS") from exc
+        self._tls, self._tls_verified = True, _verifies(ctx)
+        await self._hello()
+
+    async def _login(self, username: str, password: str) -> None:
+        smtp = self._smtp
+        if not smtp.supports_extension("auth"):
+            msg = f"{self.host} does not offer AUTH, and credentials are configured"
+            raise TemporaryRejectionError(msg, host=self.host)
+        try:
+            await smtp.login(username, password)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            reply = _reply(exc)
+            msg = f"{self.host} refused the credentials: {reply}"
+            raise TemporaryRejectionError(msg, reply=reply, host=self.host) from exc
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise self._error(exc, "AUTH") from exc
+
+    # -- errors ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _mapped(self, stage: str) -> Iterator[None]:
+        try:
+            yield
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise self._error(exc, stage) from exc
+
+    def _error(self, exc: BaseException, stage: str) -> TransientDeliveryError:
+        """Translate an aiosmtplib/socket/TLS error raised during *stage*."""
+        host, where = self.host, f"{stage} with {self.host}:{self.port}"
+        cause = exc.__cause__
+        if isinstance(exc, TimeoutError):  # aiosmtplib's and the builtin
+            msg = f"timed out during {where}"
+            return DeliveryTimeoutError(msg, host=host)
+        if isinstance(exc, ssl.SSLError) or isinstance(cause, ssl.SSLError):
+            reason = exc if isinstance(exc, ssl.SSLError) else cause
+            msg = f"TLS handshake failed during {where}: {reason}"
+            return TLSRequiredError(msg, host=host)
+        if isinstance(exc, aiosmtplib.SMTPResponseException):
+            if exc.code < 0:  # aiosmtplib could not parse the reply
+                msg = f"garbled reply during {where}: {exc.message}"
+                return ProtocolError(msg, host=host)
+            reply = _reply(exc)
+            msg = f"{host} answered {reply} during {stage}"
+            return TemporaryRejectionError(msg, reply=reply, host=host)
+        if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+            msg = f"{host} closed the connection during {stage}"
+            return ProtocolError(msg, host=host)
+        if isinstance(exc, aiosmtplib.SMTPConnectError | OSError):
+            msg = f"cannot connect to {self.host}:{self.port}: {exc}"
+            return ConnectError(msg, host=host)
+        msg = f"SMTP error during {where}: {exc}"
+        return ProtocolError(msg, host=host)
+
+    # -- transactions ----------------------------------------------------------
+
+    async def send(
+        self,
+        mail_from: str,
+        rcpt_to: Sequence[str],
+        data: bytes,
+        *,
+        smtputf8: bool = False,
+    ) -> list[RecipientOutcome]:
+        """Run one mail transaction; return one outcome per *rcpt_to*, in order.
+
+        *data* is the rendered message; it is sent as is (line endings normalised
+        to CRLF, dot-stuffed). SMTPUTF8 is used when *smtputf8* is set or an
+        address is not ASCII; a server without it FAILs every recipient (550
+        5.6.7) and nothing is sent.
+
+        Raises a :class:`TransientDeliveryError` (and closes the connection) when
+        the session fails before the DATA command: lost or timed out during
+        RSET/MAIL/RCPT, or a 421 there. From DATA on, failures are outcomes:
+        lost before the final dot -> accepted recipients DEFERRED; lost or timed
+        out after it -> DEFERRED with ``possible_duplicate``.
+        """
+        if not self.is_usable:
+            msg = f"the connection to {self.host} is closed"
+            raise ProtocolError(msg, host=self.host)
+        rcpts = list(rcpt_to)
+        self._dot_unconfirmed = False
+        utf8 = smtputf8 or not (mail_from.isascii() and all(r.isascii() for r in rcpts))
+        refusal = None
+        if not _sendable(mail_from):
+            refusal = _local_reply(553, "5.1.7", "the sender address cannot be sent")
+        elif utf8 and not self.supports_smtputf8:
+            text = f"{self.host} does not support SMTPUTF8, which this message needs"
+            refusal = _local_reply(550, "5.6.7", text)
+        if refusal is not None or not rcpts:
+            return [_outcome(a, refusal) for a in rcpts]
+        try:
+            return await self._transaction(mail_from, rcpts, data, utf8)
+        except BaseException:
+            self.close_now()
+            raise
+        finally:
+            self._last_used = anyio.current_time()
+
+    def _mail_options(self, body: bytes, utf8: bool) -> list[str]:
+        options = []
+        if "size" in self._extensions:
+            options.append(f"SIZE={len(body)}")
+        if utf8:
+            options.append("SMTPUTF8")
+        if "8bitmime" in self._extensions and (utf8 or not body.isascii()):
+            options.append("BODY=8BITMIME")
+        return options
+
+    async def _transaction(
+        self, mail_from: str, rcpts: list[str], data: bytes, utf8: bool
+    ) -> list[RecipientOutcome]:
+        smtp = self._smtp
+        encoding = "utf-8" if utf8 else "ascii"
+        body = _encode_body(data)
+        if self._transactions:
+            with self._mapped("RSET"):
+                await smtp.rset()
+        self._transactions += 1
+        try:
+            await smtp.mail(
+                mail_from, options=self._mail_options(body, utf8), encoding=encoding
+            )
+        except aiosmtplib.SMTPSenderRefused as exc:
+            if exc.code == 421:
+                raise self._error(exc, "MAIL") from exc
+            reply = _reply(exc)
+            state = _FAILED if reply.is_permanent else RecipientState.DEFERRED
+            return [_outcome(a, reply, state) for a in rcpts]
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise self._error(exc, "MAIL") from exc
+
+        outcomes: dict[int, RecipientOutcome] = {}
+        accepted: list[int] = []
+        for index, address in enumerate(rcpts):
+            outcome = await self._rcpt(address, encoding)
+            if outcome is None:
+                accepted.append(index)
+            else:
+                outcomes[index] = outcome
+        if accepted:
+            addresses = [rcpts[i] for i in accepted]
+            outcomes.update(
+                zip(accepted, await self._data(addresses, body), strict=True)
+            )
+        _log.debug(
+            "transaction done",
+            extra=self._extra(smtp_recipients=len(rcpts), smtp_accepted=len(accepted)),
+        )
+        return [outcomes[i] for i in range(len(rcpts))]
+
+    async def _rcpt(self, address: str, encoding: str) -> RecipientOutcome | None:
+        if not _sendable(address):
+            return _outcome(
+                address, _local_reply(553, "5.1.3", "the address cannot be sent")
+            )
+        try:
+            await self._smtp.rcpt(address, encoding=encoding)
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            if exc.code == 421:
+                raise self._error(exc, "RCPT") from exc
+            return classify_rcpt(address, _reply(exc))
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise self._error(exc, "RCPT") from exc
+        return None
+
+    async def _data(self, accepted: list[str], body: bytes) -> list[RecipientOutcome]:
+        smtp, timeouts = self._smtp, self._settings.timeouts
+        try:
+            start = await smtp.execute_command(b"DATA", timeout=timeouts.data_start)
+            if start.code != 354:
+                reply = make_reply(start.code, start.message)
+                if 400 <= start.code < 600 and start.code != 421:
+                    return classify_data(accepted, reply)
+                self.close_now()  # 421, or nonsense such as a 250 to DATA
+                msg = f"{self.host} answered {reply} to DATA"
+                return outcomes_from_error(
+                    accepted, ProtocolError(msg, reply=reply, host=self.host)
+                )
+            protocol = smtp.protocol
+            if protocol is None:
+                msg = "connection lost"
+                raise aiosmtplib.SMTPServerDisconnected(msg)
+            protocol.write(_LEADING_DOT.sub(b"..", body) + b".\r\n")
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            self.close_now()
+            return outcomes_from_error(accepted, self._error(exc, "DATA"))
+        # From here on the server may have the whole message.
+        self._dot_unconfirmed = True
+        try:
+            final = await protocol.read_response(timeout=timeouts.data_end)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            self.close_now()
+            self._dot_unconfirmed = False  # reported as possible_duplicate instead
+            error = self._error(exc, "the reply to the final dot")
+            _log.warning("connection lost after the final dot", extra=self._extra())
+            return outcomes_from_error(accepted, error, possible_duplicate=True)
+        self._dot_unconfirmed = False
+        if final.code == 421:
+            self.close_now()
+        return classify_data(accepted, make_reply(final.code, final.message))
+
+    # -- closing ---------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """QUIT politely (short deadline, shielded from cancellation), then close."""
+        if self._closed:
+            return
+        if self._smtp.is_connected:
+            with (
+                anyio.move_on_after(_QUIT_TIMEOUT, shield=True),
+                contextlib.suppress(aiosmtplib.SMTPException, OSError),
+            ):
+                await self._smtp.quit(timeout=_QUIT_TIMEOUT)
+        self.close_now()
+
+    def close_now(self) -> None:
+        """Close the connection at once, without QUIT. Idempotent."""
+        self._closed = True
+        transport = self._smtp.transport
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.abort()
+        self._smtp.close()
+        if self._sock is not None:
+            self._sock.close()
+
+
+_STARTTLS_MODES = (TLSMode.STARTTLS, TLSMode.REQUIRED, TLSMode.OPPORTUNISTIC)
+
+
+def _tls_plans(settings: ConnectionSettings) -> list[ssl.SSLContext | None]:
+    """The TLS contexts to try in turn; ``None`` means no TLS."""
+    ctx = settings.ssl_context
+    if settings.tls is TLSMode.NONE:
+        return [None]
+    if settings.tls is TLSMode.REQUIRED:
+        return [ctx or _unverified_context()]
+    if settings.tls is TLSMode.OPPORTUNISTIC:
+        if ctx is not None and _verifies(ctx):
+            return [ctx, _unverified_context(), None]
+        return [ctx or _unverified_context(), None]
+    return [ctx]
