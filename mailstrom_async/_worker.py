@@ -26,8 +26,10 @@ from anyio.abc import TaskGroup
 
 from mailstrom_async._classify import RecipientOutcome, outcome_from_error
 from mailstrom_async._exceptions import (
+    ConnectError,
     DeliveryError,
     DeliveryExpiredError,
+    ProtocolError,
     StoreError,
 )
 from mailstrom_async._models import (
@@ -64,6 +66,14 @@ class _Lane:
     idle: int = 0
     failures: int = 0
     backoff_until: datetime | None = None
+
+
+@attrs.define
+class _Progress:
+    """How far an attempt got: its connection and the batch in flight."""
+
+    conn: SMTPConnection | None
+    batch: Sequence[str] = ()
 
 
 @attrs.frozen
@@ -195,13 +205,18 @@ class Lanes:
         if lane.backoff_until is not None and now < lane.backoff_until:
             await self._postpone(job, lane.backoff_until)
             return conn
+        progress = _Progress(conn=conn)
         try:
-            conn, outcomes = await self._attempt(lane, job, conn)
+            conn, outcomes = await self._attempt(lane, job, progress)
         except BaseException:
             # Cancelled (shutdown past its grace) or crashed mid-attempt: give the
-            # recipients back so the next run retries them at once.
-            if conn is not None:
-                conn.close_now()
+            # recipients back so the next run retries them at once, flagged when
+            # the server may already have the message.
+            current = progress.conn
+            if current is not None:
+                if current.final_dot_unconfirmed:
+                    await self._flag_possible_duplicates(job, progress.batch)
+                current.close_now()
             await self._release(job)
             raise
         try:
@@ -214,8 +229,22 @@ class Lanes:
             )
         return conn
 
+    async def _flag_possible_duplicates(self, job: Job, batch: Sequence[str]) -> None:
+        now = self._clock()
+        statuses = [
+            attrs.evolve(r, possible_duplicate=True, next_attempt_at=now)
+            for r in job.recipients
+            if r.address in batch
+        ]
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(_SHIELDED_DEADLINE),
+            contextlib.suppress(StoreError),
+        ):
+            await self._store.record(job.message_id, statuses, worker=self._worker_id)
+
     async def _attempt(
-        self, lane: _Lane, job: Job, conn: SMTPConnection | None
+        self, lane: _Lane, job: Job, progress: _Progress
     ) -> tuple[SMTPConnection | None, dict[str, tuple[RecipientOutcome, _Where]]]:
         results: dict[str, tuple[RecipientOutcome, _Where]] = {}
         pending = [r.address for r in job.recipients]
@@ -224,29 +253,32 @@ class Lanes:
         while pending and rounds < _MAX_ROUNDS:
             rounds += 1
             batch, pending = pending[:per_transaction], pending[per_transaction:]
-            conn, outcomes, where = await self._transaction(lane, job, batch, conn)
+            progress.batch = batch
+            outcomes, where = await self._transaction(lane, job, batch, progress)
             for outcome in outcomes:
                 results[outcome.address] = (outcome, where)
                 if outcome.retry_now:
                     pending.append(outcome.address)
-        return conn, results
+        return progress.conn, results
 
     async def _transaction(
         self,
         lane: _Lane,
         job: Job,
         batch: Sequence[str],
-        conn: SMTPConnection | None,
-    ) -> tuple[SMTPConnection | None, list[RecipientOutcome], _Where]:
+        progress: _Progress,
+    ) -> tuple[list[RecipientOutcome], _Where]:
+        """One transaction for *batch*; ``progress.conn`` is the connection."""
         where = _Where(host=lane.settings.host)
         for fresh_try in (False, True):
+            conn = progress.conn
             reused = conn is not None and conn.is_usable
             if conn is not None and not conn.is_usable:
                 await conn.aclose()
-                conn = None
+                progress.conn = conn = None
             try:
                 if conn is None:
-                    conn = await SMTPConnection.open(lane.settings)
+                    progress.conn = conn = await SMTPConnection.open(lane.settings)
                 where = _Where(conn.host, conn.ip, conn.tls, conn.tls_verified)
                 outcomes = await conn.send(
                     job.mail_from, batch, job.data, smtputf8=job.smtputf8
@@ -254,10 +286,11 @@ class Lanes:
             except DeliveryError as exc:
                 if conn is not None:
                     await conn.aclose()
-                    conn = None
-                if reused and not fresh_try:
-                    # A pooled connection the server had dropped: one fresh try,
-                    # not counted as an attempt of its own.
+                    progress.conn = conn = None
+                stale = isinstance(exc, ProtocolError | ConnectError)
+                if reused and stale and not fresh_try:
+                    # A pooled connection the server had dropped while idle: one
+                    # fresh try, not counted as an attempt of its own.
                     continue
                 self._lane_failed(lane)
                 logger.info(
@@ -269,10 +302,10 @@ class Lanes:
                         "error": str(exc),
                     },
                 )
-                return None, [outcome_from_error(a, exc) for a in batch], where
+                return [outcome_from_error(a, exc) for a in batch], where
             lane.failures = 0
             lane.backoff_until = None
-            return conn, outcomes, where
+            return outcomes, where
         msg = "unreachable"
         raise AssertionError(msg)
 

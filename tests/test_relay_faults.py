@@ -594,11 +594,6 @@ async def test_shutdown_cancels_after_final_dot(
     assert len(healthy.messages) == 1
 
 
-@pytest.mark.xfail(
-    reason="engine bug: a transaction cancelled after the final dot is released "
-    "without recording possible_duplicate",
-    strict=True,
-)
 async def test_shutdown_after_final_dot_flags_possible_duplicate(
     smtpd: SMTPDServers, tmp_path: Path
 ) -> None:
