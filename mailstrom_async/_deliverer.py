@@ -201,6 +201,7 @@ class Deliverer:
     @asynccontextmanager
     async def _run(self) -> AsyncIterator[Self]:
         self._state = "opening"
+        body_error: BaseException | None = None
         try:
             await self._store.open()
             if self._mode != "submit":
@@ -215,11 +216,17 @@ class Deliverer:
                 )
                 try:
                     yield self
+                except BaseException as exc:
+                    # Re-raised below, outside the task group, so that an error
+                    # in the caller's block is not wrapped in an ExceptionGroup.
+                    body_error = exc
                 finally:
                     self._state = "closing"
                     with anyio.CancelScope(shield=True):
                         await self._drain()
                     tg.cancel_scope.cancel()
+            if body_error is not None:
+                raise body_error
         finally:
             self._state = "closed"
             self._broker.close()

@@ -24,7 +24,8 @@ The tree, grouped by what a caller can do about it::
 
 Per-recipient outcomes are data (:class:`~mailstrom_async.RecipientStatus`), not
 exceptions: the ``DeliveryError`` tree is how a delivery path reports an attempt, and
-how :meth:`MessageStatus.raise_for_failures` style helpers can surface failures.
+what an opt-in helper that turns failed recipients into an exception (a planned
+``MessageStatus.raise_for_failures()``) will raise.
 """
 
 from __future__ import annotations

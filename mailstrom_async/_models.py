@@ -38,7 +38,7 @@ class RecipientState(enum.Enum):
 
     @property
     def is_final(self) -> bool:
-        """True for ``DELIVERED`` and ``FAILED``: the recipient will not change again."""
+        """True for ``DELIVERED`` and ``FAILED``, the states a recipient never leaves."""
         return self in (RecipientState.DELIVERED, RecipientState.FAILED)
 
 

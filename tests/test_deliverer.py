@@ -283,3 +283,32 @@ async def test_direct_mx_not_available_yet() -> None:
     with pytest.raises(Exception, match="relay") as info:
         Deliverer(Config(), store=MemoryStore())
     assert getattr(info.value, "key", None) == "relay"
+
+
+async def test_error_in_block_is_not_wrapped(smtpd: SMTPDServers) -> None:
+    """An exception raised inside the async with block comes out as itself."""
+    server = await smtpd.start()
+    with pytest.raises(KeyError, match="mine"):
+        async with Deliverer(relay_config(server), store=MemoryStore()):
+            raise KeyError("mine")
+
+
+async def test_outer_cancellation_closes_cleanly(
+    smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """A cancel scope around the block closes the Deliverer and keeps the message."""
+    handler = FaultHandler(stall_at="MAIL")
+    server = await smtpd.start(handler)
+    path = tmp_path / "queue.sqlite3"
+    config = relay_config(server, shutdown_grace=0)
+    with anyio.CancelScope() as scope:
+        async with Deliverer(config, store=SQLiteStore(path)) as d:
+            handle = await d.submit(email())
+            await handler.stalled.wait()
+            scope.cancel()
+            await anyio.sleep_forever()
+    assert scope.cancelled_caught
+    async with SQLiteStore(path) as store:
+        status = await store.status(handle.message_id)
+    assert status.recipients[0].state is RecipientState.QUEUED
+    assert status.recipients[0].attempts == 0

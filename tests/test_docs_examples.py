@@ -1,0 +1,345 @@
+"""The docs' examples, run: docs/examples against aiosmtpd on loopback, and the
+``pycon`` sessions on the pages as doctests.
+
+The pages pull docs/examples in with ``literalinclude``; running them here keeps
+the pages honest. Every file there must be listed in ``EXAMPLE_TESTS`` and shown
+on a page (both checked below), and every public name must have an entry in the
+API reference.
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import anyio
+import httpx
+import pytest
+
+import mailstrom_async
+from mailstrom_async import (
+    Config,
+    ConfigError,
+    Deliverer,
+    MemoryStore,
+    RelayConfig,
+    prepare,
+)
+
+if TYPE_CHECKING:
+    from tests.smtpd import SMTPDServer, SMTPDServers
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+EXAMPLES = DOCS / "examples"
+
+# Each example file -> the tests that run it.
+EXAMPLE_TESTS = {
+    "quickstart.py": ["test_quickstart_delivers_and_prints_the_outcome"],
+    "messages.py": [
+        "test_messages_builds_the_documented_structure",
+        "test_messages_are_all_delivered",
+    ],
+    "mailstrom.toml": ["test_configuration_loads_the_toml_file"],
+    "configuration.py": ["test_configuration_loads_the_toml_file"],
+    "fastapi_app.py": [
+        "test_fastapi_app_queues_and_reports_delivery",
+        "test_fastapi_app_refuses_an_invalid_address",
+        "test_fastapi_app_from_environment_reads_the_toml_file",
+    ],
+}
+
+
+def load_example(filename: str) -> ModuleType:
+    """Import docs/examples/<filename> as a module of its own (not a package)."""
+    name = f"docs_example_{Path(filename).stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / filename)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # pydantic resolves the models' annotations here
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quickstart() -> ModuleType:
+    return load_example("quickstart.py")
+
+
+@pytest.fixture(scope="module")
+def fastapi_example() -> ModuleType:
+    # Imported outside the event loop: importing FastAPI takes a moment.
+    return load_example("fastapi_app.py")
+
+
+@pytest.fixture(scope="module")
+def messages_example() -> ModuleType:
+    return load_example("messages.py")
+
+
+@pytest.fixture(scope="module")
+def configuration_example() -> ModuleType:
+    return load_example("configuration.py")
+
+
+def relay_config(server: SMTPDServer) -> Config:
+    return Config(
+        helo_name="client.test",
+        relay=RelayConfig(host=server.host, port=server.port, tls="none"),
+    )
+
+
+# -- quickstart.py -----------------------------------------------------------------
+
+
+async def test_quickstart_delivers_and_prints_the_outcome(
+    quickstart: ModuleType,
+    smtpd: SMTPDServers,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The quickstart's main() delivers its email and prints "delivered"."""
+    server = await smtpd.start()
+    with anyio.fail_after(30):
+        await quickstart.main("127.0.0.1", server.port, str(tmp_path / "q.db"))
+    [received] = server.messages
+    assert received.mail_from == "shop@example.com"
+    assert received.rcpt_tos == ["ada@example.org"]
+    assert b"Subject: Your order has shipped" in received.content
+    out = capsys.readouterr().out
+    assert "ada@example.org: delivered (250 " in out
+
+
+# -- configuration.py and mailstrom.toml --------------------------------------------
+
+
+def test_configuration_loads_the_toml_file(
+    configuration_example: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The documented TOML file loads, with the password from the environment."""
+    path = str(EXAMPLES / "mailstrom.toml")
+    monkeypatch.setenv("SMTP_PASSWORD", "s3cret")
+    config = configuration_example.config_or_exit(path)
+    assert config.relay == RelayConfig(
+        host="smtp.example.com", username="app@example.com", password="s3cret"
+    )
+    assert config.helo_name == "app.example.com"
+    # Every value the file calls a default is one.
+    defaults = Config(helo_name="app.example.com", relay=config.relay)
+    assert config == defaults
+
+    monkeypatch.delenv("SMTP_PASSWORD")
+    with pytest.raises(SystemExit, match=r"bad setting relay\.password"):
+        configuration_example.config_or_exit(path)
+
+
+# -- messages.py -------------------------------------------------------------------
+
+
+def test_messages_builds_the_documented_structure(messages_example: ModuleType) -> None:
+    """The invoice has the MIME structure and envelope that messages.md describes."""
+    email = messages_example.invoice_email(b"\x89PNG", b"%PDF-1.7")
+    structure = [
+        (part.get_content_type(), part.get_content_disposition())
+        for part in email.build().walk()
+    ]
+    assert structure == [
+        ("multipart/mixed", None),
+        ("multipart/alternative", None),
+        ("text/plain", None),
+        ("multipart/related", None),
+        ("text/html", None),
+        ("image/png", "inline"),
+        ("application/pdf", "attachment"),
+    ]
+    prepared = prepare(email)
+    assert prepared.mail_from == "shop@example.com"
+    assert prepared.rcpt_to == ("ada@example.org", "archive@example.com")
+    head = prepared.data.partition(b"\r\n\r\n")[0]
+    assert b"\r\nBcc:" not in head
+    assert b"\r\nX-Invoice: 2024-0042\r\n" in head
+
+    news = prepare(
+        messages_example.newsletter_email("ada@example.org", "https://example.com/u/1")
+    )
+    head = news.data.partition(b"\r\n\r\n")[0]
+    assert b"\r\nList-Unsubscribe: <https://example.com/u/1>\r\n" in head
+    assert b"\r\nPrecedence: bulk\r\n" in head
+
+    message = messages_example.standard_library_message()
+    assert prepare(message).rcpt_to == ("ada@example.org",)
+    assert "Message-ID" not in message  # copied, never changed
+
+
+async def test_messages_are_all_delivered(
+    messages_example: ModuleType, smtpd: SMTPDServers
+) -> None:
+    """Each of the three forms of message is accepted and delivered."""
+    server = await smtpd.start()
+    raw = b"From: legacy@example.com\nTo: someone@example.net\nSubject: raw\n\nHi\n"
+    async with Deliverer(relay_config(server), store=MemoryStore()) as deliverer:
+        handles = [
+            await deliverer.submit(messages_example.invoice_email(b"png", b"pdf")),
+            await deliverer.submit(
+                messages_example.newsletter_email("ada@example.org", "https://x.test/u")
+            ),
+            await deliverer.submit(messages_example.standard_library_message()),
+            await messages_example.forward_raw(deliverer, raw),
+        ]
+        with anyio.fail_after(30):
+            statuses = [await handle for handle in handles]
+    assert all(status.is_delivered for status in statuses)
+    envelopes = sorted((m.mail_from, tuple(m.rcpt_tos)) for m in server.messages)
+    assert envelopes == [
+        ("bounces@example.com", ("ada@example.org",)),
+        ("news@example.com", ("ada@example.org",)),
+        ("shop@example.com", ("ada@example.org",)),
+        ("shop@example.com", ("ada@example.org", "archive@example.com")),
+    ]
+
+
+# -- fastapi_app.py ----------------------------------------------------------------
+
+
+async def test_fastapi_app_queues_and_reports_delivery(
+    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """POST /messages answers 202 with an id; GET reports it delivered; 404 if unknown."""
+    server = await smtpd.start()
+    app = fastapi_example.create_app(relay_config(server), str(tmp_path / "app.db"))
+    transport = httpx.ASGITransport(app=app)
+    # ASGITransport sends no lifespan events: enter the lifespan as a server would.
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://testserver") as client,
+    ):
+        deliverer: Deliverer = app.state.deliverer
+        async with deliverer.events() as events:
+            response = await client.post(
+                "/messages",
+                json={"to": ["ada@example.org"], "subject": "Hi", "text": "Hello!"},
+            )
+            assert response.status_code == 202
+            message_id = response.json()["id"]
+            with anyio.fail_after(30):
+                async for event in events:
+                    if event.message_id == message_id and event.recipient.is_final:
+                        break
+
+        response = await client.get(f"/messages/{message_id}")
+        assert response.status_code == 200
+        assert response.json() == {
+            "id": message_id,
+            "done": True,
+            "recipients": [
+                {
+                    "address": "ada@example.org",
+                    "state": "delivered",
+                    "code": 250,
+                    "enhanced_code": "2.0.0",
+                    "message": "OK",
+                    "attempts": 1,
+                }
+            ],
+        }
+
+        response = await client.get("/messages/no-such-id@example.com")
+        assert response.status_code == 404
+        assert "no-such-id@example.com" in response.json()["detail"]
+
+    [received] = server.messages
+    assert received.rcpt_tos == ["ada@example.org"]
+    assert f"Message-ID: <{message_id}>".encode() in received.content
+
+
+async def test_fastapi_app_refuses_an_invalid_address(
+    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """An invalid recipient gets 422 with the reason, and nothing is queued."""
+    server = await smtpd.start()
+    app = fastapi_example.create_app(relay_config(server), str(tmp_path / "app.db"))
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://testserver") as client,
+    ):
+        response = await client.post(
+            "/messages", json={"to": ["not-an-address"], "subject": "Hi", "text": "!"}
+        )
+        assert response.status_code == 422
+        assert "not-an-address" in response.json()["detail"]
+        deliverer: Deliverer = app.state.deliverer
+        summary = await deliverer.store.summary()
+    assert sum(summary.by_state.values()) == 0
+    assert server.messages == []
+
+
+def test_fastapi_app_from_environment_reads_the_toml_file(
+    fastapi_example: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """app_from_environment() builds the app from the file in $MAILSTROM_CONFIG."""
+    config_file = tmp_path / "mailstrom.toml"
+    monkeypatch.setenv("MAILSTROM_CONFIG", str(config_file))
+    monkeypatch.setenv("MAILSTROM_QUEUE", str(tmp_path / "queue.sqlite3"))
+    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\nport = 0\n')
+    with pytest.raises(ConfigError) as info:
+        fastapi_example.app_from_environment()
+    assert info.value.key == "relay.port"
+    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\n')
+    app = fastapi_example.app_from_environment()
+    assert set(app.openapi()["paths"]) == {"/messages", "/messages/{message_id}"}
+
+
+# -- the docs themselves -----------------------------------------------------------
+
+
+def test_every_example_is_run_by_a_test() -> None:
+    """Each file in docs/examples is listed in EXAMPLE_TESTS, with tests that exist."""
+    found = sorted(p.name for p in EXAMPLES.iterdir() if p.is_file())
+    assert found == sorted(EXAMPLE_TESTS)
+    for tests in EXAMPLE_TESTS.values():
+        for test in tests:
+            assert callable(globals().get(test)), test
+
+
+def test_every_example_is_shown_in_the_docs() -> None:
+    """Each example is pulled into a page with literalinclude, and nothing else is."""
+    included = set()
+    for page in DOCS.glob("*.md"):
+        for target in re.findall(r"```\{literalinclude\}\s+(\S+)", page.read_text()):
+            included.add((DOCS / target).resolve())
+    assert included == {p.resolve() for p in EXAMPLES.iterdir() if p.is_file()}
+
+
+def test_interactive_examples_in_the_pages_run() -> None:
+    """Every ```pycon block in the pages gives the output it shows (doctest)."""
+    parser = doctest.DocTestParser()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    blocks = 0
+    for page in sorted(DOCS.glob("*.md")):
+        for block in re.findall(
+            r"^```pycon\n(.*?)^```$", page.read_text(), re.M | re.S
+        ):
+            blocks += 1
+            globs = {
+                name: getattr(mailstrom_async, name) for name in mailstrom_async.__all__
+            }
+            test = parser.get_doctest(block, globs, page.name, str(page), 0)
+            runner.run(test)
+    assert blocks > 0
+    assert runner.summarize(verbose=False).failed == 0
+
+
+def test_every_public_name_is_in_the_reference() -> None:
+    """Every name in mailstrom_async.__all__ has an autodoc entry in api or exceptions."""
+    text = (DOCS / "api.md").read_text() + (DOCS / "exceptions.md").read_text()
+    directive = r"^\.\. auto(?:class|function|data|exception):: mailstrom_async\.(\w+)"
+    documented = set(re.findall(directive, text, re.M))
+    assert documented == set(mailstrom_async.__all__)
