@@ -97,23 +97,28 @@ async def _demo(store_path: Path, count: int) -> int:
 
 
 def _print_table(statuses: Sequence[MessageStatus]) -> None:
-    rows = [("message", "recipient", "state", "attempts", "reply", "host")]
-    for message in statuses:
+    for n, message in enumerate(statuses, 1):
+        print(f"#{n}  {message.message_id}")
+    print()
+    rows = [("#", "recipient", "state", "attempts", "reply", "host", "text")]
+    for n, message in enumerate(statuses, 1):
         for r in message:
             reply = " ".join(str(p) for p in (r.code, r.enhanced_code) if p is not None)
             rows.append(
                 (
-                    message.message_id.split("@")[0][:16],
+                    f"#{n}",
                     r.address,
                     r.state.value.upper(),
                     str(r.attempts),
                     reply,
-                    f"{r.host}" if r.host else "",
+                    r.host or "",
+                    (r.message or "").splitlines()[0] if r.message else "",
                 )
             )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+        cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=True)]
+        print("  ".join(cells).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
 
