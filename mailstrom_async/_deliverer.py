@@ -17,9 +17,11 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 import anyio
+import attrs
 from anyio.abc import TaskGroup
 
 from mailstrom_async._config import Config
+from mailstrom_async._dns import Resolver
 from mailstrom_async._events import EventBroker, EventStream
 from mailstrom_async._exceptions import (
     ConfigError,
@@ -34,8 +36,9 @@ from mailstrom_async._models import (
     MessageStatus,
     RecipientStatus,
 )
+from mailstrom_async._routes import MXRoute, RelayRoute, Route
 from mailstrom_async._scheduler import Scheduler
-from mailstrom_async._smtp import ConnectionSettings, make_ssl_context, relay_settings
+from mailstrom_async._smtp import make_ssl_context, relay_settings
 from mailstrom_async._store import Job, NewMessage, SQLiteStore, Store
 from mailstrom_async._worker import Lanes
 
@@ -48,7 +51,6 @@ DEFAULT_STORE_PATH = "mailstrom-queue.sqlite3"
 
 DelivererMode = Literal["both", "submit", "deliver"]
 _MODES = ("both", "submit", "deliver")
-_RELAY = "relay"
 
 
 def _local_fqdn() -> str:
@@ -121,12 +123,6 @@ class Deliverer:
             msg = f"mode must be one of {', '.join(map(repr, _MODES))}, not {mode!r}"
             raise ConfigError(msg, "mode")
         self._config = config = config if config is not None else Config()
-        if config.relay is None and mode != "submit":
-            msg = (
-                "Config.relay is None, which asks for direct MX delivery; this "
-                "version delivers through a relay only: set Config.relay"
-            )
-            raise ConfigError(msg, "relay")
         self._store: Store = (
             store if store is not None else SQLiteStore(DEFAULT_STORE_PATH)
         )
@@ -141,7 +137,8 @@ class Deliverer:
         self._ready: asyncio.Queue[Job] = asyncio.Queue()
         self._jobs_in_memory = 0
         self._watchers: dict[str, tuple[anyio.Event, int]] = {}
-        self._relay_settings: ConnectionSettings | None = None
+        self._route: Route | None = None
+        self._lanes: Lanes | None = None
         self._scheduler = Scheduler(
             store=self._store,
             worker_id=self._worker_id,
@@ -150,17 +147,6 @@ class Deliverer:
             poll_interval=config.poll_interval,
             room=self._room,
             feed=self._feed,
-        )
-        self._lanes = Lanes(
-            config=config,
-            store=self._store,
-            broker=self._broker,
-            worker_id=self._worker_id,
-            clock=clock,
-            rng=self._rng,
-            settings_for=self._settings_for,
-            on_recorded=self._changed,
-            on_job_done=self._job_done,
         )
 
     # -- lifecycle -----------------------------------------------------------
@@ -233,6 +219,8 @@ class Deliverer:
             for event, _ in self._watchers.values():
                 event.set()
             with anyio.CancelScope(shield=True):
+                if self._route is not None:
+                    await self._route.aclose()
                 await self._store.aclose()
             logger.info("deliverer stopped", extra={"worker": self._worker_id})
 
@@ -242,20 +230,36 @@ class Deliverer:
             await self.__aexit__(None, None, None)
 
     async def _prepare_route(self) -> None:
-        relay = self._config.relay
-        if relay is None:  # pragma: no cover - refused in __init__
-            msg = "unreachable"
-            raise AssertionError(msg)
-        helo = self._config.helo_name
+        config = self._config
+        helo = config.helo_name
         if helo is None:
             helo = await anyio.to_thread.run_sync(_local_fqdn)
-        context: ssl.SSLContext | None = None
-        if relay.tls != "none":
-            # Loading CA files is disk I/O: once, at start, off the event loop.
-            context = await anyio.to_thread.run_sync(
-                make_ssl_context, relay.verify, relay.ca_file
-            )
-        self._relay_settings = relay_settings(self._config, helo, context)
+        relay = config.relay
+        if relay is not None:
+            context: ssl.SSLContext | None = None
+            if relay.tls != "none":
+                # Loading CA files is disk I/O: once, at start, off the event loop.
+                context = await anyio.to_thread.run_sync(
+                    make_ssl_context, relay.verify, relay.ca_file
+                )
+            self._route = RelayRoute(relay_settings(config, helo, context))
+        else:
+            # Opportunistic and required TLS try a verified session first and
+            # record whether they had one (system CAs, loaded once off the loop).
+            context = await anyio.to_thread.run_sync(make_ssl_context, True, None)
+            resolver = Resolver(config.mx, config.timeouts, rng=self._rng)
+            self._route = MXRoute(config, resolver, helo_name=helo, ssl_context=context)
+        self._lanes = Lanes(
+            config=config,
+            store=self._store,
+            broker=self._broker,
+            worker_id=self._worker_id,
+            clock=self._clock,
+            rng=self._rng,
+            route=self._route,
+            on_recorded=self._changed,
+            on_job_done=self._job_done,
+        )
 
     async def _run_feeders(self, workers: TaskGroup) -> None:
         with self._feeders:
@@ -269,6 +273,8 @@ class Deliverer:
         # The scheduler and dispatcher stop first, so nothing new is claimed; a
         # job a cancelled dispatcher was about to take stays in the ready queue.
         self._feeders.cancel()
+        if self._lanes is None:
+            return
         waiting = self._lanes.stop()
         while not self._ready.empty():
             waiting.append(self._ready.get_nowait())
@@ -457,12 +463,20 @@ class Deliverer:
         self._scheduler.wake()
 
     async def _dispatch(self, tg: TaskGroup) -> None:
-        while True:
-            job = await self._ready.get()
-            self._lanes.dispatch(job, _RELAY, tg)
-
-    def _settings_for(self, key: str) -> ConnectionSettings:
-        if self._relay_settings is None:  # pragma: no cover - set before any job
+        if self._route is None or self._lanes is None:  # pragma: no cover
             msg = "unreachable"
             raise AssertionError(msg)
-        return self._relay_settings
+        route, lanes = self._route, self._lanes
+        while True:
+            job = await self._ready.get()
+            parts: dict[str, list[RecipientStatus]] = {}
+            for r in job.recipients:
+                parts.setdefault(route.destination(r.address), []).append(r)
+            if len(parts) == 1:
+                [key] = parts
+                lanes.dispatch(job, key, tg)
+                continue
+            # One transaction per destination: split the job, each part a job.
+            self._jobs_in_memory += len(parts) - 1
+            for key, recipients in parts.items():
+                lanes.dispatch(attrs.evolve(job, recipients=tuple(recipients)), key, tg)

@@ -669,6 +669,10 @@ def _tls_plans(settings: ConnectionSettings) -> list[ssl.SSLContext | None]:
     if settings.tls is TLSMode.NONE:
         return [None]
     if settings.tls is TLSMode.REQUIRED:
+        # Never plain text; a verified session when the certificate allows it,
+        # else an encrypted one (Postfix's "encrypt" level).
+        if ctx is not None and _verifies(ctx):
+            return [ctx, _unverified_context()]
         return [ctx or _unverified_context()]
     if settings.tls is TLSMode.OPPORTUNISTIC:
         if ctx is not None and _verifies(ctx):

@@ -31,6 +31,7 @@ from mailstrom_async._exceptions import (
     DeliveryExpiredError,
     ProtocolError,
     StoreError,
+    TransientDeliveryError,
 )
 from mailstrom_async._models import (
     DeliveryEvent,
@@ -38,11 +39,12 @@ from mailstrom_async._models import (
     RecipientStatus,
 )
 from mailstrom_async._retry import backoff_delay, decide_retry
-from mailstrom_async._smtp import ConnectionSettings, SMTPConnection
 
 if TYPE_CHECKING:
     from mailstrom_async._config import Config
     from mailstrom_async._events import EventBroker
+    from mailstrom_async._routes import Route
+    from mailstrom_async._smtp import SMTPConnection
     from mailstrom_async._store import Job, Store
 
 __all__ = ["Lanes"]
@@ -60,7 +62,6 @@ _MAX_ROUNDS = 20
 @attrs.define
 class _Lane:
     key: str
-    settings: ConnectionSettings
     queue: asyncio.Queue[Job] = attrs.field(factory=asyncio.Queue)
     workers: int = 0
     idle: int = 0
@@ -98,7 +99,7 @@ class Lanes:
         worker_id: str,
         clock: Callable[[], datetime],
         rng: random.Random,
-        settings_for: Callable[[str], ConnectionSettings],
+        route: Route,
         on_recorded: Callable[[str], None],
         on_job_done: Callable[[], None],
     ) -> None:
@@ -108,7 +109,7 @@ class Lanes:
         self._worker_id = worker_id
         self._clock = clock
         self._rng = rng
-        self._settings_for = settings_for
+        self._route = route
         self._on_recorded = on_recorded
         self._on_job_done = on_job_done
         self._lanes: dict[str, _Lane] = {}
@@ -135,7 +136,7 @@ class Lanes:
         """Queue *job* on the lane for *key*, starting a worker if all are busy."""
         lane = self._lanes.get(key)
         if lane is None:
-            lane = self._lanes[key] = _Lane(key, self._settings_for(key))
+            lane = self._lanes[key] = _Lane(key)
         lane.queue.put_nowait(job)
         limit = self._config.limits.connections_per_destination
         if lane.idle < lane.queue.qsize() and lane.workers < limit:
@@ -269,7 +270,7 @@ class Lanes:
         progress: _Progress,
     ) -> tuple[list[RecipientOutcome], _Where]:
         """One transaction for *batch*; ``progress.conn`` is the connection."""
-        where = _Where(host=lane.settings.host)
+        where = _Where(host=None)
         for fresh_try in (False, True):
             conn = progress.conn
             reused = conn is not None and conn.is_usable
@@ -278,7 +279,7 @@ class Lanes:
                 progress.conn = conn = None
             try:
                 if conn is None:
-                    progress.conn = conn = await SMTPConnection.open(lane.settings)
+                    progress.conn = conn = await self._route.connect(lane.key)
                 where = _Where(conn.host, conn.ip, conn.tls, conn.tls_verified)
                 outcomes = await conn.send(
                     job.mail_from, batch, job.data, smtputf8=job.smtputf8
@@ -292,7 +293,9 @@ class Lanes:
                     # A pooled connection the server had dropped while idle: one
                     # fresh try, not counted as an attempt of its own.
                     continue
-                self._lane_failed(lane)
+                where = attrs.evolve(where, host=where.host or exc.host)
+                if isinstance(exc, TransientDeliveryError):
+                    self._lane_failed(lane)
                 logger.info(
                     "delivery attempt failed",
                     extra={

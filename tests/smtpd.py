@@ -280,6 +280,7 @@ async def running_smtpd(
     handler: FaultHandler | None = None,
     *,
     host: str = LOCALHOST,
+    port: int = 0,
     starttls_context: ssl.SSLContext | None = None,
     implicit_tls_context: ssl.SSLContext | None = None,
     require_starttls: bool = False,
@@ -322,7 +323,7 @@ async def running_smtpd(
         )
 
     listener = await loop.create_server(
-        factory if implicit_tls_context is None else tls_factory, host, 0
+        factory if implicit_tls_context is None else tls_factory, host, port
     )
     server.port = listener.sockets[0].getsockname()[1]
     try:
@@ -492,7 +493,9 @@ class ScriptServer:
             self.disconnections.bump()
 
     async def serve(self, task_group: anyio.abc.TaskGroup) -> None:
-        listener = await anyio.create_tcp_listener(local_host=self.host, local_port=0)
+        listener = await anyio.create_tcp_listener(
+            local_host=self.host, local_port=self.port
+        )
         self.port = listener.extra(anyio.abc.SocketAttribute.local_port)  # noqa: S610
 
         async def serve() -> None:
@@ -520,8 +523,10 @@ class ScriptServers:
     def __init__(self, task_group: anyio.abc.TaskGroup) -> None:
         self._task_group = task_group
 
-    async def start(self, script: Script, *, host: str = LOCALHOST) -> ScriptServer:
-        server = ScriptServer(script=script, host=host)
+    async def start(
+        self, script: Script, *, host: str = LOCALHOST, port: int = 0
+    ) -> ScriptServer:
+        server = ScriptServer(script=script, host=host, port=port)
         await server.serve(self._task_group)
         return server
 

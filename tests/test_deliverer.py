@@ -278,13 +278,6 @@ async def test_submit_only_and_deliver_only_share_a_file(
     ]
 
 
-async def test_direct_mx_not_available_yet() -> None:
-    """Without a relay the Deliverer refuses to start, naming the setting."""
-    with pytest.raises(Exception, match="relay") as info:
-        Deliverer(Config(), store=MemoryStore())
-    assert getattr(info.value, "key", None) == "relay"
-
-
 async def test_error_in_block_is_not_wrapped(smtpd: SMTPDServers) -> None:
     """An exception raised inside the async with block comes out as itself."""
     server = await smtpd.start()

@@ -1,0 +1,116 @@
+"""Where a recipient's mail goes: through the relay, or to its domain's MX hosts.
+
+A route names the *destination* (lane) of each recipient and opens connections to
+it. For direct delivery it walks the MX hosts in the order the resolver gives
+(RFC 5321 §5.1) and tries their addresses in turn; an address that refuses the
+connection, times out, greets with 4xx/5xx or fails TLS is skipped for the next.
+Only when every address failed does the attempt fail, with one error whose
+``__cause__`` is the group of all the failures.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import TYPE_CHECKING, Protocol
+
+from mailstrom_async._exceptions import TransientDeliveryError
+from mailstrom_async._smtp import ConnectionSettings, SMTPConnection, mx_settings
+
+if TYPE_CHECKING:
+    from mailstrom_async._config import Config
+    from mailstrom_async._dns import Resolver
+
+__all__ = ["MXRoute", "RelayRoute", "Route"]
+
+logger = logging.getLogger("mailstrom_async.deliverer")
+
+RELAY_DESTINATION = "relay"
+
+
+class Route(Protocol):
+    """Names destinations and connects to them."""
+
+    def destination(self, address: str) -> str:
+        """The lane key for a recipient address."""
+        ...
+
+    async def connect(self, destination: str) -> SMTPConnection:
+        """Open a connection to *destination*.
+
+        Raises:
+            DeliveryError: no connection could be had (transient or permanent).
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the route holds (a resolver)."""
+        ...
+
+
+class RelayRoute:
+    """Everything goes through one relay."""
+
+    def __init__(self, settings: ConnectionSettings) -> None:
+        self.settings = settings
+
+    def destination(self, address: str) -> str:
+        return RELAY_DESTINATION
+
+    async def connect(self, destination: str) -> SMTPConnection:
+        return await SMTPConnection.open(self.settings)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class MXRoute:
+    """Each recipient domain is a destination, delivered to its MX hosts."""
+
+    def __init__(
+        self,
+        config: Config,
+        resolver: Resolver,
+        *,
+        helo_name: str,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        self._config = config
+        self._resolver = resolver
+        self._helo_name = helo_name
+        self._ssl_context = ssl_context
+
+    def destination(self, address: str) -> str:
+        # The envelope already carries A-labels (prepare() converted IDNs).
+        return address.rpartition("@")[2].lower()
+
+    async def connect(self, destination: str) -> SMTPConnection:
+        route = await self._resolver.route(destination)
+        failures: list[TransientDeliveryError] = []
+        for target in route.targets:
+            settings = mx_settings(
+                self._config, target.host, self._helo_name, self._ssl_context
+            )
+            for ip in target.addresses:
+                try:
+                    return await SMTPConnection.open(settings, ip=ip)
+                except TransientDeliveryError as exc:
+                    failures.append(exc)
+                    logger.info(
+                        "MX address failed, trying the next",
+                        extra={
+                            "domain": destination,
+                            "host": target.host,
+                            "ip": ip,
+                            "error": str(exc),
+                        },
+                    )
+        # The resolver never returns a route without addresses.
+        last = failures[-1]
+        tried = "; ".join(str(f) for f in failures)
+        msg = f"all {len(failures)} MX addresses of {destination} failed: {tried}"
+        error = type(last)(msg, reply=last.reply, host=last.host)
+        raise error from ExceptionGroup(msg, failures)
+
+    async def aclose(self) -> None:
+        await self._resolver.aclose()
