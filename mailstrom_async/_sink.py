@@ -48,11 +48,14 @@ class SinkServer:
         host: str = "127.0.0.1",
         port: int = 0,
         policy: RcptPolicy = _accept_all,
+        greeting: str = "220 mailstrom-async sink ready",
     ) -> None:
         self.host = host
         self.port = port
         self.policy = policy
+        self.greeting = greeting  # a 4xx/5xx greeting refuses every session
         self.messages: list[CapturedMessage] = []
+        self.sessions = 0
         self.received = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -76,6 +79,7 @@ class SinkServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         self._writers.add(writer)
+        self.sessions += 1
 
         async def reply(line: str) -> None:
             writer.write(line.encode() + b"\r\n")
@@ -84,7 +88,9 @@ class SinkServer:
         mail_from: str | None = None
         rcpt_to: list[str] = []
         try:
-            await reply("220 mailstrom-async sink ready")
+            await reply(self.greeting)
+            if not self.greeting.startswith("220"):
+                return
             while line := await reader.readline():
                 verb, _, arg = line.decode("utf-8", "replace").strip().partition(" ")
                 verb = verb.upper()

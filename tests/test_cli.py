@@ -63,3 +63,15 @@ def test_store_in_a_missing_folder_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("mailstrom-async: error:")
     assert "Traceback" not in result.stderr
+
+
+def test_mx_demo_walks_mx_hosts_and_dns_outcomes() -> None:
+    """demo --mx delivers via the second MX when the first refuses, and fails
+    null-MX and NXDOMAIN recipients without connecting."""
+    result = run("demo", "--mx")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "delivered alice@example.com  (via mx2.example.com 127.0.0.3)" in out
+    assert "failed    carol@nomail.example.org  (556 " in out
+    assert "failed    dave@no-such-domain.example  (550 " in out
+    assert "mx1.example.com (127.0.0.2) refused 1 session(s)" in out
