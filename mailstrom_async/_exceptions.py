@@ -102,7 +102,7 @@ class DeliveryError(MailstromError):
     """A delivery attempt failed.
 
     ``reply`` is the SMTP reply that said so, if there was one; ``host`` the server
-    (``None`` when no connection was made).
+    (``None`` when no server was chosen) and ``ip`` the address tried, if known.
     """
 
     #: RFC 3463 enhanced code used when the error carries no reply of its own.
@@ -114,10 +114,12 @@ class DeliveryError(MailstromError):
         *,
         reply: SMTPReply | None = None,
         host: str | None = None,
+        ip: str | None = None,
     ) -> None:
         super().__init__(message)
         self.reply = reply
         self.host = host
+        self.ip = ip
 
 
 class TransientDeliveryError(DeliveryError):

@@ -14,31 +14,42 @@ import logging
 import ssl
 from typing import TYPE_CHECKING, Protocol
 
-from mailstrom_async._exceptions import TransientDeliveryError
+from mailstrom_async._exceptions import ConnectError, TransientDeliveryError
 from mailstrom_async._smtp import ConnectionSettings, SMTPConnection, mx_settings
 
 if TYPE_CHECKING:
     from mailstrom_async._config import Config
     from mailstrom_async._dns import Resolver
 
-__all__ = ["MXRoute", "RelayRoute", "Route"]
+__all__ = ["MXRoute", "NoAddressLeftError", "RelayRoute", "Route"]
 
 logger = logging.getLogger("mailstrom_async.deliverer")
 
 RELAY_DESTINATION = "relay"
 
 
+class NoAddressLeftError(ConnectError):
+    """Every address of the destination was already tried in this attempt."""
+
+
 class Route(Protocol):
     """Names destinations and connects to them."""
+
+    #: Whether a failure on an open connection may move on to another address
+    #: of the same destination in the same attempt (MX hosts: yes; a relay: no).
+    fails_over: bool
 
     def destination(self, address: str) -> str:
         """The lane key for a recipient address."""
         ...
 
-    async def connect(self, destination: str) -> SMTPConnection:
-        """Open a connection to *destination*.
+    async def connect(
+        self, destination: str, *, skip: frozenset[str] = frozenset()
+    ) -> SMTPConnection:
+        """Open a connection to *destination*, avoiding the addresses in *skip*.
 
         Raises:
+            NoAddressLeftError: every address is in *skip*.
             DeliveryError: no connection could be had (transient or permanent).
         """
         ...
@@ -51,13 +62,17 @@ class Route(Protocol):
 class RelayRoute:
     """Everything goes through one relay."""
 
+    fails_over = False
+
     def __init__(self, settings: ConnectionSettings) -> None:
         self.settings = settings
 
     def destination(self, address: str) -> str:
         return RELAY_DESTINATION
 
-    async def connect(self, destination: str) -> SMTPConnection:
+    async def connect(
+        self, destination: str, *, skip: frozenset[str] = frozenset()
+    ) -> SMTPConnection:
         return await SMTPConnection.open(self.settings)
 
     async def aclose(self) -> None:
@@ -66,6 +81,8 @@ class RelayRoute:
 
 class MXRoute:
     """Each recipient domain is a destination, delivered to its MX hosts."""
+
+    fails_over = True
 
     def __init__(
         self,
@@ -84,7 +101,9 @@ class MXRoute:
         # The envelope already carries A-labels (prepare() converted IDNs).
         return address.rpartition("@")[2].lower()
 
-    async def connect(self, destination: str) -> SMTPConnection:
+    async def connect(
+        self, destination: str, *, skip: frozenset[str] = frozenset()
+    ) -> SMTPConnection:
         route = await self._resolver.route(destination)
         failures: list[TransientDeliveryError] = []
         for target in route.targets:
@@ -92,6 +111,8 @@ class MXRoute:
                 self._config, target.host, self._helo_name, self._ssl_context
             )
             for ip in target.addresses:
+                if ip in skip:
+                    continue
                 try:
                     return await SMTPConnection.open(settings, ip=ip)
                 except TransientDeliveryError as exc:
@@ -105,11 +126,13 @@ class MXRoute:
                             "error": str(exc),
                         },
                     )
-        # The resolver never returns a route without addresses.
+        if not failures:  # the resolver never returns a route without addresses
+            msg = f"every MX address of {destination} was tried in this attempt"
+            raise NoAddressLeftError(msg)
         last = failures[-1]
         tried = "; ".join(str(f) for f in failures)
         msg = f"all {len(failures)} MX addresses of {destination} failed: {tried}"
-        error = type(last)(msg, reply=last.reply, host=last.host)
+        error = type(last)(msg, reply=last.reply, host=last.host, ip=last.ip)
         raise error from ExceptionGroup(msg, failures)
 
     async def aclose(self) -> None:

@@ -42,6 +42,7 @@ from mailstrom_async._config import DEFAULT_TIMEOUTS, RelayTLS, Timeouts
 from mailstrom_async._exceptions import (
     ConfigError,
     ConnectError,
+    DeliveryError,
     DeliveryTimeoutError,
     ProtocolError,
     TemporaryRejectionError,
@@ -345,8 +346,10 @@ class SMTPConnection:
                     extra=conn._extra(smtp_fallback=fallback),
                 )
                 continue
-            except BaseException:
+            except BaseException as exc:
                 conn.close_now()
+                if isinstance(exc, DeliveryError) and exc.ip is None:
+                    exc.ip = conn._ip  # where this attempt went, for the status
                 raise
             return conn
 
@@ -526,8 +529,10 @@ class SMTPConnection:
             return [_outcome(a, refusal) for a in rcpts]
         try:
             return await self._transaction(mail_from, rcpts, data, utf8)
-        except BaseException:
+        except BaseException as exc:
             self.close_now()
+            if isinstance(exc, DeliveryError) and exc.ip is None:
+                exc.ip = self._ip
             raise
         finally:
             self._last_used = anyio.current_time()

@@ -39,6 +39,7 @@ from mailstrom_async._models import (
     RecipientStatus,
 )
 from mailstrom_async._retry import backoff_delay, decide_retry
+from mailstrom_async._routes import NoAddressLeftError
 
 if TYPE_CHECKING:
     from mailstrom_async._config import Config
@@ -269,48 +270,75 @@ class Lanes:
         batch: Sequence[str],
         progress: _Progress,
     ) -> tuple[list[RecipientOutcome], _Where]:
-        """One transaction for *batch*; ``progress.conn`` is the connection."""
+        """One transaction for *batch*; ``progress.conn`` is the connection.
+
+        A pooled connection the server dropped while idle gets one fresh try, not
+        counted as an attempt. For MX hosts, a transient failure on an open
+        connection (421, timeout or hang-up before DATA: nothing was delivered)
+        moves on to the next address in the same attempt (RFC 5321 §5.1).
+        """
         where = _Where(host=None)
-        for fresh_try in (False, True):
+        failed: set[str] = set()  # addresses that failed in this attempt
+        last_error: DeliveryError | None = None
+        refreshed = False
+        while True:
             conn = progress.conn
             reused = conn is not None and conn.is_usable
             if conn is not None and not conn.is_usable:
                 await conn.aclose()
                 progress.conn = conn = None
+            opened = conn is not None
             try:
                 if conn is None:
-                    progress.conn = conn = await self._route.connect(lane.key)
+                    conn = await self._route.connect(lane.key, skip=frozenset(failed))
+                    progress.conn = conn
+                    opened = True
                 where = _Where(conn.host, conn.ip, conn.tls, conn.tls_verified)
                 outcomes = await conn.send(
                     job.mail_from, batch, job.data, smtputf8=job.smtputf8
                 )
-            except DeliveryError as exc:
+            except NoAddressLeftError:
+                if last_error is None:  # pragma: no cover - skip was empty
+                    raise
+                exc: DeliveryError = last_error
+            except DeliveryError as error:
+                exc = error
                 if conn is not None:
                     await conn.aclose()
                     progress.conn = conn = None
                 stale = isinstance(exc, ProtocolError | ConnectError)
-                if reused and stale and not fresh_try:
-                    # A pooled connection the server had dropped while idle: one
-                    # fresh try, not counted as an attempt of its own.
+                if reused and stale and not refreshed:
+                    refreshed = True
                     continue
-                where = attrs.evolve(where, host=where.host or exc.host)
-                if isinstance(exc, TransientDeliveryError):
-                    self._lane_failed(lane)
-                logger.info(
-                    "delivery attempt failed",
-                    extra={
-                        "message_id": job.message_id,
-                        "destination": lane.key,
-                        "host": where.host,
-                        "error": str(exc),
-                    },
-                )
-                return [outcome_from_error(a, exc) for a in batch], where
-            lane.failures = 0
-            lane.backoff_until = None
-            return outcomes, where
-        msg = "unreachable"
-        raise AssertionError(msg)
+                if (
+                    opened
+                    and self._route.fails_over
+                    and isinstance(exc, TransientDeliveryError)
+                    and where.ip is not None
+                ):
+                    failed.add(where.ip)
+                    last_error = exc
+                    continue
+            else:
+                lane.failures = 0
+                lane.backoff_until = None
+                return outcomes, where
+            where = attrs.evolve(
+                where, host=where.host or exc.host, ip=where.ip or exc.ip
+            )
+            if isinstance(exc, TransientDeliveryError):
+                self._lane_failed(lane)
+            logger.info(
+                "delivery attempt failed",
+                extra={
+                    "message_id": job.message_id,
+                    "destination": lane.key,
+                    "host": where.host,
+                    "ip": where.ip,
+                    "error": str(exc),
+                },
+            )
+            return [outcome_from_error(a, exc) for a in batch], where
 
     def _lane_failed(self, lane: _Lane) -> None:
         # RFC 1123 §5.3.1.1 / Exim: a destination that just failed is backed off as
