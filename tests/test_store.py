@@ -304,3 +304,30 @@ def test_memory_and_sqlite_agree(ops: list[tuple[Any, ...]]) -> None:
                 assert await _apply(memory, op) == await _apply(lite, op), op
 
     anyio.run(main)
+
+
+async def test_concurrent_writes_share_commits_and_fail_alone(tmp_path: Path) -> None:
+    """Concurrent adds are all durable after they return; a failing one (a duplicate
+    id) in the same group commit undoes only itself."""
+    path = tmp_path / "q.db"
+    outcomes: dict[str, str] = {}
+    async with SQLiteStore(path) as store:
+        await store.add(new_message("dup", "a@x.example"))
+
+        async def add(mid: str) -> None:
+            try:
+                await store.add(new_message(mid, "a@x.example", "b@x.example"))
+            except StoreError:
+                outcomes[mid] = "error"
+            else:
+                outcomes[mid] = "ok"
+
+        async with anyio.create_task_group() as tg:
+            for n in range(200):
+                tg.start_soon(add, "dup" if n == 100 else f"m{n}")
+    assert outcomes.pop("dup") == "error"
+    assert set(outcomes.values()) == {"ok"}
+    async with SQLiteStore(path) as reopened:
+        for mid in outcomes:
+            assert len((await reopened.status(mid)).recipients) == 2
+        assert len((await reopened.status("dup")).recipients) == 1

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 import anyio
+import attrs
 
 from mailstrom_async._exceptions import StoreError, UnknownMessageError
 from mailstrom_async._models import MessageStatus, RecipientState, RecipientStatus
@@ -54,6 +55,16 @@ __all__ = ["SQLiteStore"]
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _BUSY_TIMEOUT = 30.0  # seconds a writer waits for another process's transaction
+_MAX_BATCH = 512  # calls sharing one commit at most, so a batch always ends
+
+
+@attrs.define
+class _Batch:
+    """Writes sharing one transaction, and the commit they wait for."""
+
+    done: anyio.Event = attrs.field(factory=anyio.Event)
+    members: int = 0
+    error: BaseException | None = None
 
 
 class SQLiteStore:
@@ -77,6 +88,7 @@ class SQLiteStore:
         self._synchronous = mode
         self._db: aiosqlite.Connection | None = None
         self._lock = anyio.Lock()
+        self._batch: _Batch | None = None
 
     def __repr__(self) -> str:
         state = "open" if self._db is not None else "closed"
@@ -152,6 +164,7 @@ class SQLiteStore:
     async def aclose(self) -> None:
         """Close the connection; idempotent."""
         async with self._lock:
+            await self._commit()  # a batch whose last member saw us waiting
             db, self._db = self._db, None
             if db is not None:
                 with anyio.CancelScope(shield=True), self._translate():
@@ -167,17 +180,78 @@ class SQLiteStore:
 
     @asynccontextmanager
     async def _use(self, *, write: bool) -> AsyncIterator[aiosqlite.Connection]:
-        """Hold the connection for one call: one IMMEDIATE transaction if *write*."""
-        async with self._lock:
+        """Hold the connection for one call; a write is durable when this returns.
+
+        Group commit: writers that arrive while another holds the connection
+        share one ``BEGIN IMMEDIATE`` transaction, each inside its own savepoint
+        (so one call's failure undoes only that call), and one ``COMMIT`` (one
+        fsync) makes them all durable. The holder that finds nobody waiting
+        commits; the others wait for that commit before they return.
+        """
+        await self._lock.acquire()
+        batch: _Batch | None = None
+        try:
             if self._db is None:
                 msg = "the store is not open: call open() or use 'async with'"
                 raise StoreError(msg)
-            with self._translate():
-                if write:
-                    async with _transaction(self._db) as db:
-                        yield db
-                else:
-                    yield self._db
+            db = self._db
+            if not write:
+                with self._translate():
+                    yield db
+                return
+            # Shielded: a BEGIN or SAVEPOINT cancelled in flight still runs in
+            # aiosqlite's thread, and the connection must know where it is.
+            with anyio.CancelScope(shield=True), self._translate():
+                if self._batch is None:
+                    await db.execute("BEGIN IMMEDIATE")
+                    self._batch = _Batch()
+                batch = self._batch
+                batch.members += 1
+                await db.execute("SAVEPOINT call")
+            try:
+                with self._translate():
+                    yield db
+            except BaseException:
+                with anyio.CancelScope(shield=True), suppress(sqlite3.Error):
+                    await db.execute("ROLLBACK TO call")
+                    await db.execute("RELEASE call")
+                raise
+            with anyio.CancelScope(shield=True), self._translate():
+                await db.execute("RELEASE call")
+        finally:
+            await self._unlock()
+        if batch is not None:
+            await batch.done.wait()
+            if batch.error is not None:
+                msg = f"SQLite store {self._path!r} failed to commit: {batch.error}"
+                raise StoreError(msg) from batch.error
+
+    async def _unlock(self) -> None:
+        """Release the connection, committing the open batch if nobody waits."""
+        try:
+            batch = self._batch
+            if batch is not None and (
+                self._lock.statistics().tasks_waiting == 0
+                or batch.members >= _MAX_BATCH
+            ):
+                await self._commit()
+        finally:
+            self._lock.release()
+
+    async def _commit(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch is None or self._db is None:
+            return
+        db = self._db
+        with anyio.CancelScope(shield=True):
+            try:
+                await db.execute("COMMIT")
+            except BaseException as exc:
+                with suppress(sqlite3.Error):
+                    await db.execute("ROLLBACK")
+                batch.error = exc
+            finally:
+                batch.done.set()
 
     async def add(
         self,
