@@ -9,7 +9,7 @@ import random
 import secrets
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -30,7 +30,7 @@ from mailstrom_async._exceptions import (
     StoreError,
     UnknownMessageError,
 )
-from mailstrom_async._message import Email, prepare
+from mailstrom_async._message import Email, PreparedMessage, prepare
 from mailstrom_async._models import (
     DeliveryEvent,
     MessageStatus,
@@ -301,7 +301,7 @@ class Deliverer:
 
     async def submit(
         self,
-        message: Email | EmailMessage | bytes,
+        message: Email | EmailMessage | bytes | PreparedMessage,
         *,
         mail_from: str | None = None,
         rcpt_to: list[str] | tuple[str, ...] | None = None,
@@ -311,8 +311,9 @@ class Deliverer:
 
         The message is committed to the store before this returns; delivery happens
         in the background (never here). *message* is an :class:`Email`, a ready
-        :class:`email.message.EmailMessage`, or RFC 5322 bytes with an explicit
-        envelope (*mail_from* and *rcpt_to*). With an *idempotency_key* seen
+        :class:`email.message.EmailMessage`, RFC 5322 bytes with an explicit
+        envelope (*mail_from* and *rcpt_to*), or the result of :func:`prepare`
+        (sent as it is). With an *idempotency_key* seen
         before, nothing is stored and the handle refers to the first message.
 
         Raises:
@@ -322,72 +323,128 @@ class Deliverer:
             StoreError: the store could not commit the message.
         """
         self._check_open()
-        prepared = prepare(
-            message,
-            mail_from=mail_from,
-            rcpt_to=rcpt_to,
-            config=self._config,
-        )
-        message_id = prepared.message_id.strip("<>")
+        if isinstance(message, PreparedMessage):
+            prepared = message
+        else:
+            prepared = prepare(
+                message, mail_from=mail_from, rcpt_to=rcpt_to, config=self._config
+            )
+        [handle] = await self._accept([prepared], [idempotency_key])
+        return handle
+
+    async def submit_many(
+        self,
+        messages: Iterable[Email | EmailMessage | PreparedMessage],
+        *,
+        idempotency_keys: Sequence[str | None] | None = None,
+    ) -> list[SubmitHandle]:
+        """Submit a batch: validated in full, then stored in ONE transaction.
+
+        All or nothing: if any message is invalid, or the store fails, nothing
+        is stored. Much faster than submitting one by one when a batch is at hand
+        (one commit for all). Raw bytes need an envelope: pass them through
+        :func:`prepare` first. *idempotency_keys*, if given, has one key (or
+        None) per message.
+
+        Raises:
+            InvalidMessageError: a message is invalid; its position in the batch
+                is in the exception's notes. Nothing was stored.
+            DelivererClosedError: the Deliverer is not open.
+            StoreError: the store could not commit the batch.
+        """
+        self._check_open()
+        batch = list(messages)
+        keys = list(idempotency_keys) if idempotency_keys is not None else None
+        if keys is not None and len(keys) != len(batch):
+            msg = f"got {len(keys)} idempotency keys for {len(batch)} messages"
+            raise ValueError(msg)
+        prepared = []
+        for index, message in enumerate(batch):
+            try:
+                prepared.append(
+                    message
+                    if isinstance(message, PreparedMessage)
+                    else prepare(message, config=self._config)
+                )
+            except InvalidMessageError as exc:
+                exc.add_note(f"message #{index} of the batch given to submit_many()")
+                raise
+        return await self._accept(prepared, keys or [None] * len(prepared))
+
+    async def _accept(
+        self, prepared: Sequence[PreparedMessage], keys: Sequence[str | None]
+    ) -> list[SubmitHandle]:
+        """Store prepared messages in one transaction, then queue and announce them."""
         now = self._clock()
-        claim = self._mode == "both" and self._room() > 0
-        new = NewMessage(
-            message_id=message_id,
-            mail_from=prepared.mail_from,
-            recipients=prepared.rcpt_to,
-            data=prepared.data,
-            smtputf8=prepared.smtputf8,
-            submitted_at=now,
-            idempotency_key=idempotency_key,
-        )
+        claim = self._mode == "both" and self._room() >= len(prepared)
+        news = [
+            NewMessage(
+                message_id=p.message_id.strip("<>"),
+                mail_from=p.mail_from,
+                recipients=p.rcpt_to,
+                data=p.data,
+                smtputf8=p.smtputf8,
+                submitted_at=now,
+                idempotency_key=key,
+            )
+            for p, key in zip(prepared, keys, strict=True)
+        ]
         lease_until = now + timedelta(seconds=self._config.lease_duration)
         try:
-            stored_id, created = await self._store.add(
-                new,
+            results = await self._store.add_many(
+                news,
                 claim_for=self._worker_id if claim else None,
                 lease_until=lease_until if claim else None,
             )
         except StoreError as exc:
-            if await self._exists(message_id):
-                msg = (
-                    f"a message with Message-ID <{message_id}> is already in the "
-                    "store; give each message its own Message-ID, or pass an "
-                    "idempotency_key to make repeated submits safe"
-                )
-                raise InvalidMessageError(msg) from exc
+            for new in news:
+                if await self._exists(new.message_id):
+                    msg = (
+                        f"a message with Message-ID <{new.message_id}> is already "
+                        "in the store; give each message its own Message-ID, or "
+                        "pass an idempotency_key to make repeated submits safe"
+                    )
+                    raise InvalidMessageError(msg) from exc
             raise
-        if created:
-            recipients = tuple(
-                RecipientStatus(address=a, next_attempt_at=now)
-                for a in prepared.rcpt_to
-            )
-            for status in recipients:
-                self._broker.publish(
-                    DeliveryEvent(
-                        message_id=message_id,
-                        recipient=status,
-                        previous_state=None,
-                        at=now,
-                    )
+        handles = []
+        for new, (stored_id, created) in zip(news, results, strict=True):
+            handles.append(SubmitHandle(self, stored_id, created=created))
+            if created:
+                self._announce(new, claimed=claim)
+        if not claim and self._mode != "submit":
+            self._scheduler.wake()
+        return handles
+
+    def _announce(self, new: NewMessage, *, claimed: bool) -> None:
+        """Publish a new message's "queued" events; hand it to the lanes if ours."""
+        recipients = tuple(
+            RecipientStatus(address=a, next_attempt_at=new.submitted_at)
+            for a in new.recipients
+        )
+        for status in recipients:
+            self._broker.publish(
+                DeliveryEvent(
+                    message_id=new.message_id,
+                    recipient=status,
+                    previous_state=None,
+                    at=new.submitted_at,
                 )
-            if claim:
-                self._feed(
-                    Job(
-                        message_id=message_id,
-                        mail_from=prepared.mail_from,
-                        recipients=recipients,
-                        data=prepared.data,
-                        smtputf8=prepared.smtputf8,
-                        submitted_at=now,
-                    )
-                )
-            elif self._mode == "deliver":
-                self._scheduler.wake()
-            logger.debug(
-                "message accepted",
-                extra={"message_id": message_id, "recipients": len(recipients)},
             )
-        return SubmitHandle(self, stored_id, created=created)
+        if claimed:
+            self._feed(
+                Job(
+                    message_id=new.message_id,
+                    mail_from=new.mail_from,
+                    recipients=recipients,
+                    data=new.data,
+                    smtputf8=new.smtputf8,
+                    submitted_at=new.submitted_at,
+                )
+            )
+        logger.debug(
+            "message accepted",
+            extra={"message_id": new.message_id, "recipients": len(recipients)},
+        )
 
     async def _exists(self, message_id: str) -> bool:
         try:

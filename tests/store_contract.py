@@ -196,6 +196,41 @@ class StoreContract:
         assert job.submitted_at == T0
         assert [r.address for r in job.recipients] == ["ü@exämple.com"]
 
+    async def test_add_many(self, store: Store) -> None:
+        """add_many() stores a batch in order, honouring idempotency keys seen
+        before and within the batch, and can lease the new recipients."""
+        await store.add(new_message("old", key="k1"))
+        results = await store.add_many(
+            [
+                new_message("a", "x@x.example", key="k2"),
+                new_message("b", key="k1"),
+                new_message("c", key="k2"),
+                new_message("d"),
+            ],
+            claim_for="w",
+            lease_until=at(60),
+        )
+        assert results == [("a", True), ("old", False), ("a", False), ("d", True)]
+        assert [r.address for r in await store.status("a")] == ["x@x.example"]
+        for missing in ("b", "c"):
+            with pytest.raises(UnknownMessageError):
+                await store.status(missing)
+        # The batch's new recipients are leased to "w"; only the old one is free.
+        jobs = await store.claim_due(now=T0, worker="v", lease_until=at(60), limit=9)
+        assert claimed_addresses(jobs) == [("old", "rcpt@example.com")]
+
+    async def test_add_many_is_all_or_nothing(self, store: Store) -> None:
+        """A batch with a taken message id stores nothing at all."""
+        await store.add(new_message("taken"))
+        with pytest.raises(StoreError):
+            await store.add_many([new_message("fresh"), new_message("taken")])
+        with pytest.raises(UnknownMessageError):
+            await store.status("fresh")
+        with pytest.raises(StoreError):
+            await store.add_many([new_message("twice"), new_message("twice")])
+        with pytest.raises(UnknownMessageError):
+            await store.status("twice")
+
     async def test_cancelled_add_is_all_or_nothing(self, store: Store) -> None:
         """An add() cancelled at any point stores all recipients or nothing, and the
         store stays usable."""

@@ -19,7 +19,7 @@ from mailstrom_async import (
     UnknownMessageError,
 )
 from mailstrom_async._deliverer import Deliverer
-from mailstrom_async._message import Email
+from mailstrom_async._message import Email, prepare
 from mailstrom_async._store import MemoryStore, SQLiteStore, Store
 from tests.smtpd import FaultHandler, SMTPDServer, SMTPDServers
 
@@ -305,3 +305,54 @@ async def test_outer_cancellation_closes_cleanly(
         status = await store.status(handle.message_id)
     assert status.recipients[0].state is RecipientState.QUEUED
     assert status.recipients[0].attempts == 0
+
+
+async def test_submit_many_stores_and_delivers_a_batch(
+    smtpd: SMTPDServers, store: Store
+) -> None:
+    """submit_many stores a batch at once and every message is delivered."""
+    server = await smtpd.start()
+    async with Deliverer(relay_config(server), store=store) as d:
+        handles = await d.submit_many(
+            [email(f"r{n}@example.org") for n in range(20)],
+            idempotency_keys=[f"k{n}" for n in range(20)],
+        )
+        again = await d.submit_many([email()], idempotency_keys=["k3"])
+        statuses = [await h for h in handles]
+    assert all(s.is_delivered for s in statuses)
+    assert again[0].message_id == handles[3].message_id
+    assert not again[0].created
+    assert sorted(m.rcpt_tos[0] for m in server.messages) == sorted(
+        f"r{n}@example.org" for n in range(20)
+    )
+
+
+async def test_submit_many_is_all_or_nothing(smtpd: SMTPDServers, store: Store) -> None:
+    """One invalid message in a batch stores none, and the error names its place."""
+    server = await smtpd.start()
+    bad = Email(sender="a@example.com", to=["not an address"], text="x")
+    async with Deliverer(relay_config(server), store=store) as d:
+        with pytest.raises(InvalidAddressError) as info:
+            await d.submit_many([email(), email(), bad])
+        with pytest.raises(ValueError, match="2 idempotency keys for 1 messages"):
+            await d.submit_many([email()], idempotency_keys=["a", "b"])
+        summary = await store.summary()
+    assert "message #2 of the batch" in "".join(info.value.__notes__)
+    assert sum(summary.by_state.values()) == 0
+    assert server.connections.value == 0
+
+
+async def test_submit_accepts_a_prepared_message(smtpd: SMTPDServers) -> None:
+    """A PreparedMessage from prepare() is submitted as it is."""
+    server = await smtpd.start()
+    raw = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: raw\r\n\r\nbody\r\n"
+    prepared = prepare(raw, mail_from="bounce@example.com", rcpt_to=["c@example.net"])
+    async with Deliverer(relay_config(server), store=MemoryStore()) as d:
+        status = await (await d.submit(prepared))
+    assert status.is_delivered
+    [received] = server.messages
+    assert (received.mail_from, received.rcpt_tos) == (
+        "bounce@example.com",
+        ["c@example.net"],
+    )
+    assert received.content.endswith(b"body\r\n")

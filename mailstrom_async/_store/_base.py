@@ -89,6 +89,24 @@ class Store(Protocol):
         """
         ...
 
+    async def add_many(
+        self,
+        messages: Sequence[NewMessage],
+        *,
+        claim_for: str | None = None,
+        lease_until: datetime | None = None,
+    ) -> list[tuple[str, bool]]:
+        """Store several messages in ONE transaction, as :meth:`add` does each.
+
+        All or nothing: when one cannot be stored (a duplicate id), none is. An
+        idempotency key seen earlier, or earlier in the same batch, yields the
+        first message's id with ``False``. Results are in the order given.
+
+        Raises:
+            StoreError: the backend failed or an id is taken; nothing was stored.
+        """
+        ...
+
     async def status(self, message_id: str) -> MessageStatus:
         """Return the message's current status.
 

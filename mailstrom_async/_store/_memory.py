@@ -142,15 +142,47 @@ class MemoryStore:
         lease_until: datetime | None = None,
     ) -> tuple[str, bool]:
         """Store *message*; see :meth:`Store.add`."""
-        message = check_new_message(message)
+        [result] = await self.add_many(
+            [message], claim_for=claim_for, lease_until=lease_until
+        )
+        return result
+
+    async def add_many(
+        self,
+        messages: Sequence[NewMessage],
+        *,
+        claim_for: str | None = None,
+        lease_until: datetime | None = None,
+    ) -> list[tuple[str, bool]]:
+        """Store several messages at once; see :meth:`Store.add_many`."""
+        checked = [check_new_message(m) for m in messages]
         claim = check_claim(claim_for, lease_until)
         await self._enter()
-        key = message.idempotency_key
-        if key is not None and key in self._keys:
-            return self._keys[key], False
-        if message.message_id in self._messages:
-            msg = f"a message with id {message.message_id!r} is already stored"
-            raise StoreError(msg)
+        keys: dict[str, str] = {}
+        new_ids: set[str] = set()
+        plan: list[tuple[NewMessage, str | None]] = []  # (message, existing id)
+        for message in checked:
+            key = message.idempotency_key
+            existing = None if key is None else self._keys.get(key, keys.get(key))
+            if existing is None:
+                mid = message.message_id
+                if mid in self._messages or mid in new_ids:
+                    msg = f"a message with id {mid!r} is already stored"
+                    raise StoreError(msg)
+                new_ids.add(mid)
+                if key is not None:
+                    keys[key] = mid
+            plan.append((message, existing))
+        results = []
+        for message, existing in plan:
+            if existing is not None:
+                results.append((existing, False))
+            else:
+                self._insert(message, claim)
+                results.append((message.message_id, True))
+        return results
+
+    def _insert(self, message: NewMessage, claim: tuple[str, datetime] | None) -> None:
         owner, until = claim if claim is not None else (None, None)
         recipients = [
             _Recipient(
@@ -162,11 +194,10 @@ class MemoryStore:
             for address in message.recipients
         ]
         self._messages[message.message_id] = _Message(message, recipients)
-        if key is not None:
-            self._keys[key] = message.message_id
+        if message.idempotency_key is not None:
+            self._keys[message.idempotency_key] = message.message_id
         if recipients:
             self._unfinished[message.message_id] = None
-        return message.message_id, True
 
     async def status(self, message_id: str) -> MessageStatus:
         """Return the message's status; see :meth:`Store.status`."""

@@ -55,6 +55,7 @@ __all__ = ["SQLiteStore"]
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _BUSY_TIMEOUT = 30.0  # seconds a writer waits for another process's transaction
+_MAX_PARAMS = 500  # bound parameters per IN (...) query, well under SQLite's limit
 _MAX_BATCH = 512  # calls sharing one commit at most, so a batch always ends
 
 
@@ -261,46 +262,64 @@ class SQLiteStore:
         lease_until: datetime | None = None,
     ) -> tuple[str, bool]:
         """Store *message* in one transaction; see :meth:`Store.add`."""
-        message = check_new_message(message)
+        [result] = await self.add_many(
+            [message], claim_for=claim_for, lease_until=lease_until
+        )
+        return result
+
+    async def add_many(
+        self,
+        messages: Sequence[NewMessage],
+        *,
+        claim_for: str | None = None,
+        lease_until: datetime | None = None,
+    ) -> list[tuple[str, bool]]:
+        """Store several messages in one transaction; see :meth:`Store.add_many`."""
+        checked = [check_new_message(m) for m in messages]
         claim = check_claim(claim_for, lease_until)
         owner, until = (
             (claim[0], sql.to_ts(claim[1])) if claim is not None else (None, None)
         )
-        submitted = sql.to_ts(message.submitted_at)
-        mid = message.message_id
-        rows = [
-            (mid, position, address, sql.domain(address), submitted, owner, until)
-            for position, address in enumerate(message.recipients)
-        ]
+        wanted = sorted({m.idempotency_key for m in checked} - {None})  # type: ignore[type-var]
         async with self._use(write=True) as db:
-            if message.idempotency_key is not None:
-                found = list(
-                    await db.execute_fetchall(
-                        "SELECT id FROM messages WHERE idempotency_key = ?",
-                        (message.idempotency_key,),
-                    )
+            known: dict[str, str] = {}
+            for start in range(0, len(wanted), _MAX_PARAMS):
+                chunk = wanted[start : start + _MAX_PARAMS]
+                marks = ", ".join("?" * len(chunk))  # placeholders only, no data
+                query = f"SELECT idempotency_key, id FROM messages WHERE idempotency_key IN ({marks})"  # noqa: S608
+                rows = await db.execute_fetchall(query, chunk)
+                known.update((str(k), str(i)) for k, i in rows)
+            results: list[tuple[str, bool]] = []
+            message_rows: list[tuple[Any, ...]] = []
+            recipient_rows: list[tuple[Any, ...]] = []
+            for m in checked:
+                key = m.idempotency_key
+                if key is not None and key in known:
+                    results.append((known[key], False))
+                    continue
+                if key is not None:
+                    known[key] = m.message_id
+                results.append((m.message_id, True))
+                submitted = sql.to_ts(m.submitted_at)
+                message_rows.append(
+                    (m.message_id, m.mail_from, m.data, m.smtputf8, submitted, key)
                 )
-                if found:
-                    return str(found[0][0]), False
-            await db.execute(
+                recipient_rows.extend(
+                    (m.message_id, n, a, sql.domain(a), submitted, owner, until)
+                    for n, a in enumerate(m.recipients)
+                )
+            await db.executemany(
                 "INSERT INTO messages (id, mail_from, data, smtputf8, submitted_at,"
                 " idempotency_key) VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    mid,
-                    message.mail_from,
-                    message.data,
-                    message.smtputf8,
-                    submitted,
-                    message.idempotency_key,
-                ),
+                message_rows,
             )
             await db.executemany(
                 "INSERT INTO recipients (message_id, position, address, domain, state,"
                 " next_attempt_at, lease_owner, lease_until)"
                 " VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
-                rows,
+                recipient_rows,
             )
-        return mid, True
+        return results
 
     async def status(self, message_id: str) -> MessageStatus:
         """Return the message's status; see :meth:`Store.status`."""
