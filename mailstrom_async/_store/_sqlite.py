@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3  # noqa: TID251 - only for sqlite3.Error
+import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from datetime import datetime
@@ -117,10 +118,21 @@ class SQLiteStore:
         async with self._lock:
             if self._db is not None:
                 return
-            with self._translate():
-                db = await aiosqlite.connect(
-                    self._path, timeout=_BUSY_TIMEOUT, isolation_level=None
-                )
+            connection = aiosqlite.connect(
+                self._path, timeout=_BUSY_TIMEOUT, isolation_level=None
+            )
+            try:
+                with self._translate():
+                    db = await connection
+            except BaseException:
+                # On a failed connect aiosqlite stops its worker thread, which
+                # then reports to this event loop: wait for it, so that it never
+                # reports to a loop that has closed in the meantime.
+                thread = getattr(connection, "_thread", None)
+                if isinstance(thread, threading.Thread) and thread.is_alive():
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(thread.join, 5.0)
+                raise
             try:
                 with self._translate():
                     await self._setup(db)
