@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import nox
 
 nox.needs_version = ">=2025.2.9"
@@ -57,3 +59,16 @@ def demo(session: nox.Session) -> None:
     """A real end-to-end delivery to a loopback SMTP server, with the SQLite store."""
     session.install("-e", ".")
     session.run("mailstrom-async", "demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks against smtp-source and raw aiosmtplib; ``-- --quick`` for a smoke run.
+
+    Needs Postfix's smtp-sink and smtp-source (``apt-get install postfix``).
+    ``BENCH_UVLOOP=1`` also installs uvloop, which adds the uvloop variants.
+    """
+    session.install("-e", ".")
+    if os.environ.get("BENCH_UVLOOP") == "1":
+        session.install("uvloop")
+    session.run("python", "-m", "bench", *session.posargs)
