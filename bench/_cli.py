@@ -1,0 +1,733 @@
+"""The harness: arguments, the round-robin schedule, the table and the JSON."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import platform
+import pstats
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from bench import RESULTS_SCHEMA, baselines, mx
+from bench._common import Row, Target, median, out, uvloop_available
+from bench._procs import (
+    ChildError,
+    managed,
+    run_child,
+    start_smtp_sink,
+    start_soft_sink,
+)
+
+__all__ = ["main"]
+
+DEFAULT_JSON = Path(tempfile.gettempdir()) / "mailstrom-bench" / "latest.json"
+_CHILD_TIMEOUT = 900.0
+
+# Targets of the benchmark issue (#5).
+TARGET_S1_RATIO = 1.0
+TARGET_S3_RATE = 10_000.0
+TARGET_S3_P99_MS = 5.0
+TARGET_S4_RSS_MIB = 150.0
+TARGET_S4_FIRST_S = 1.0
+
+
+@dataclass
+class Sizes:
+    repetitions: int
+    messages: int
+    submits: int
+    producers: int
+    batch: int
+    deep: int
+    deep_small: int
+    deep_fill: str
+    deep_seconds: float
+    mx_domains: int
+    mx_few_domains: int
+
+
+QUICK = Sizes(
+    repetitions=1,
+    messages=300,
+    submits=400,
+    producers=50,
+    batch=100,
+    deep=10_000,
+    deep_small=1_000,
+    deep_fill="sql",
+    deep_seconds=0.3,
+    mx_domains=200,
+    mx_few_domains=10,
+)
+FULL = Sizes(
+    repetitions=3,
+    messages=5_000,
+    submits=5_000,
+    producers=50,
+    batch=100,
+    deep=1_000_000,
+    deep_small=10_000,
+    deep_fill="sql",
+    deep_seconds=3.0,
+    mx_domains=10_000,
+    mx_few_domains=100,
+)
+
+
+@dataclass
+class Measurement:
+    """One thing measured once per repetition."""
+
+    key: str
+    label: str
+    run: Callable[[int], dict[str, Any]]
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def median(self, metric: str) -> float:
+        values = [r[metric] for r in self.runs if r.get(metric) is not None]
+        return median(values)
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark mailstrom_async against smtp-source and raw aiosmtplib.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 1 repetition, small counts (well under 30 s)",
+    )
+    p.add_argument("-r", "--repetitions", type=int, help="round-robin repetitions")
+    p.add_argument("--messages", type=int, help="messages per throughput run")
+    p.add_argument("--submits", type=int, help="submits in the latency scenario")
+    p.add_argument(
+        "--deep", type=int, help="queued messages in the deep-queue scenario"
+    )
+    p.add_argument(
+        "--deep-fill",
+        choices=("sql", "api"),
+        help="fill the deep queue through SQLiteStore.add (api) or in bulk (sql)",
+    )
+    p.add_argument(
+        "--only",
+        help="comma-separated keys to run: "
+        "source,pool,single,1,2,3,4,5,6 (baselines A/B/C are needed for ratios)",
+    )
+    p.add_argument(
+        "--json",
+        default=str(DEFAULT_JSON),
+        metavar="PATH",
+        help=f"where to write the JSON results ('-': stdout; default {DEFAULT_JSON})",
+    )
+    p.add_argument(
+        "--tmpdir",
+        help="directory for the SQLite files (default: a new one under the system "
+        "temporary directory; it should be on a real disk, not tmpfs)",
+    )
+    p.add_argument(
+        "--no-uvloop",
+        action="store_true",
+        help="skip the uvloop variants even when uvloop is installed",
+    )
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="after the run, profile scenario 1 and the raw pool once each with "
+        "cProfile, write the .prof files to DIR and print the top functions",
+    )
+    return p.parse_args(argv)
+
+
+def _sizes(args: argparse.Namespace) -> Sizes:
+    base = QUICK if args.quick else FULL
+    sizes = Sizes(**vars(base))
+    for name in ("repetitions", "messages", "submits", "deep", "deep_fill"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(sizes, name, value)
+    sizes.deep_small = min(sizes.deep_small, sizes.deep)
+    return sizes
+
+
+def _machine(tmpdir: Path) -> dict[str, Any]:
+    fs = "?"
+    with contextlib.suppress(OSError):
+        # The filesystem the SQLite files live on decides what an fsync costs.
+        best = ""
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _, mount, kind, *_ = line.split()
+            if str(tmpdir).startswith(mount) and len(mount) >= len(best):
+                best, fs = mount, kind
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "aiosmtplib": version("aiosmtplib"),
+        "mailstrom_async": version("mailstrom-async"),
+        "uvloop": version("uvloop") if uvloop_available() else None,
+        "tmp_filesystem": fs,
+    }
+
+
+def _fmt_rate(value: float, unit: str = "msg/s") -> str:
+    return "n/a" if math.isnan(value) else f"{value:,.0f} {unit}"
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not (math.isnan(a) or math.isnan(b)) else math.nan
+
+
+def _verdict(passed: bool | None) -> str:
+    return {True: "PASS", False: "FAIL", None: "skip"}[passed]
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.sizes = _sizes(args)
+        self.only = set(args.only.split(",")) if args.only else None
+        self.uvloop = uvloop_available() and not args.no_uvloop
+        self.run_id = secrets.token_hex(3)
+        self.sink_port = 0
+        self.soft_port = 0
+        self.tmpdir = Path(".")
+        self.measurements: dict[str, Measurement] = {}
+        self.fills: dict[str, dict[str, Any]] = {}
+        self.skipped: dict[str, str] = {}
+        self.child_timeout = 120.0 if args.quick else _CHILD_TIMEOUT
+
+    def wants(self, key: str) -> bool:
+        return self.only is None or key in self.only
+
+    def token(self, key: str, rep: int) -> str:
+        return f"{self.run_id}{key}{rep}"
+
+    # -- what to measure --------------------------------------------------------
+
+    def _add(self, key: str, label: str, run: Callable[[int], dict[str, Any]]) -> None:
+        self.measurements[key] = Measurement(key, label, run)
+
+    def _child(
+        self, name: str, key: str, **params: Any
+    ) -> Callable[[int], dict[str, Any]]:
+        def run(rep: int) -> dict[str, Any]:
+            full = {"token": self.token(key, rep), "tmpdir": str(self.tmpdir)}
+            full.update(params)
+            return run_child(name, full, timeout=self.child_timeout)
+
+        return run
+
+    def plan(self) -> None:
+        s, port = self.sizes, self.sink_port
+        n = s.messages
+        if self.wants("source"):
+            self._add(
+                "A",
+                "Postfix smtp-source -d -s 10 (C, 10 connections)",
+                lambda rep: baselines.smtp_source(port, n),
+            )
+        if self.wants("pool"):
+            self._add(
+                "B",
+                "raw aiosmtplib, pool of 10, send_message",
+                self._child("raw_pool", "B", port=port, messages=n),
+            )
+            if self.uvloop:
+                self._add(
+                    "Buv",
+                    "raw aiosmtplib pool of 10, uvloop",
+                    self._child(
+                        "raw_pool", "Buv", port=port, messages=n, loop="uvloop"
+                    ),
+                )
+        if self.wants("single"):
+            self._add(
+                "C",
+                "raw aiosmtplib, 1 connection, sequential",
+                self._child("raw_single", "C", port=port, messages=n),
+            )
+        common = {"port": port, "messages": n, "producers": 1}
+        if self.wants("1"):
+            self._add(
+                "1",
+                "SQLite store, tracked, events on",
+                self._child("throughput", "1", store="sqlite", **common),
+            )
+            if self.uvloop:
+                self._add(
+                    "1uv",
+                    "SQLite store, tracked, events on, uvloop",
+                    self._child(
+                        "throughput", "1uv", store="sqlite", loop="uvloop", **common
+                    ),
+                )
+        if self.wants("2"):
+            self._add(
+                "2",
+                "memory store, tracked, events on",
+                self._child("throughput", "2", store="memory", **common),
+            )
+        if self.wants("3"):
+            variants = (
+                ("3", "submit(EmailMessage)", "email", s.producers, 0),
+                ("3b", "submit(bytes + envelope)", "bytes", s.producers, 0),
+                ("3p", "submit(PreparedMessage)", "prepared", s.producers, 0),
+                ("3m", f"submit_many({s.batch} EmailMessages)", "email", 5, s.batch),
+                (
+                    "3mp",
+                    f"submit_many({s.batch} PreparedMessages)",
+                    "prepared",
+                    5,
+                    s.batch,
+                ),
+            )
+            for key, what, kind, producers, batch in variants:
+                self._add(
+                    key,
+                    f"{producers} producers, {what}, delivering",
+                    self._child(
+                        "submit_latency",
+                        key,
+                        port=port,
+                        messages=s.submits,
+                        producers=producers,
+                        store="sqlite",
+                        input=kind,
+                        batch=batch,
+                    ),
+                )
+        if self.wants("4"):
+            for key, count in (("4", s.deep), ("4s", s.deep_small)):
+                self._add(
+                    key,
+                    f"restart on {count:,} queued (SQLite)",
+                    self._deep_start(key),
+                )
+        if self.wants("5"):
+            reason = mx.mx_available()
+            if reason is not None:
+                self.skipped["5"] = reason
+            else:
+                for key, domains in (("5", s.mx_domains), ("5s", s.mx_few_domains)):
+                    self._add(
+                        key,
+                        f"direct MX, {s.mx_domains:,} messages to {domains:,} domains",
+                        self._child(
+                            "mx_lanes",
+                            key,
+                            port=port,
+                            messages=s.mx_domains,
+                            domains=domains,
+                        ),
+                    )
+        if self.wants("6"):
+            soft = {
+                "port": self.soft_port,
+                "messages": n,
+                "producers": 1,
+                "store": "sqlite",
+                "fast_retry": True,
+            }
+            self._add(
+                "6c",
+                "SQLite, soft-reject sink, 0% rejected",
+                self._child("throughput", "6c", soft_every=0, **soft),
+            )
+            self._add(
+                "6",
+                "SQLite, soft-reject sink, 5% 450 once",
+                self._child("throughput", "6", soft_every=20, **soft),
+            )
+
+    def _deep_path(self, key: str) -> Path:
+        return self.tmpdir / f"deep-{key}.sqlite3"
+
+    def _deep_start(self, key: str) -> Callable[[int], dict[str, Any]]:
+        def run(rep: int) -> dict[str, Any]:
+            params = {
+                "path": str(self._deep_path(key)),
+                "port": self.sink_port,
+                "deliver_seconds": self.sizes.deep_seconds,
+                "spawned_at": time.time(),
+            }
+            return run_child("deep_start", params, timeout=self.child_timeout)
+
+        return run
+
+    def fill_deep_queues(self) -> None:
+        if not self.wants("4"):
+            return
+        s = self.sizes
+        for key, count in (("4", s.deep), ("4s", s.deep_small)):
+            out(f"filling a queue of {count:,} messages ({s.deep_fill}) ...")
+            params = {
+                "path": str(self._deep_path(key)),
+                "count": count,
+                "token": self.token(key, 0),
+                "method": s.deep_fill,
+            }
+            result = run_child("deep_fill", params, timeout=3600)
+            self.fills[key] = result
+            out(
+                f"  {result['seconds']:.1f} s ({result['msgs_per_s']:,.0f} msg/s), "
+                f"{result['db_bytes'] / 2**20:,.0f} MiB"
+            )
+
+    # -- running ----------------------------------------------------------------
+
+    def run(self) -> None:
+        total = self.sizes.repetitions
+        for rep in range(total):
+            for m in self.measurements.values():
+                start = time.perf_counter()
+                try:
+                    result = m.run(rep)
+                except ChildError as exc:
+                    m.errors.append(str(exc))
+                    out(f"[{rep + 1}/{total}] {m.key:>3} {m.label}: ERROR {exc}")
+                    continue
+                m.runs.append(result)
+                took = time.perf_counter() - start
+                out(f"[{rep + 1}/{total}] {m.key:>3} {m.label}: {_brief(result)}")
+                if took > 120:
+                    out(f"      ({took:.0f} s)")
+
+    # -- reporting --------------------------------------------------------------
+
+    def rate(self, key: str, metric: str = "msgs_per_s") -> float:
+        m = self.measurements.get(key)
+        return m.median(metric) if m else math.nan
+
+    def report(self) -> tuple[list[Row], list[Target]]:
+        rows: list[Row] = []
+        targets: list[Target] = []
+        ms = self.measurements
+        a, b, buv = self.rate("A"), self.rate("B"), self.rate("Buv")
+
+        def rate_row(key: str, ref: str, ref_rate: float) -> float:
+            value = self.rate(key)
+            ratio = _ratio(value, ref_rate)
+            rows.append(
+                Row(
+                    key,
+                    ms[key].label,
+                    _fmt_rate(value),
+                    f"{ratio:.2f}x {ref}" if not math.isnan(ratio) else "",
+                )
+            )
+            return ratio
+
+        if "A" in ms:
+            rows.append(Row("A", ms["A"].label, _fmt_rate(a)))
+        if "B" in ms:
+            rate_row("B", "A", a)
+        if "Buv" in ms:
+            rate_row("Buv", "B", b)
+        if "C" in ms:
+            rate_row("C", "B", b)
+        for key, ref, ref_rate in (("1", "B", b), ("1uv", "Buv", buv)):
+            if key in ms:
+                ratio = rate_row(key, ref, ref_rate)
+                ok = None if math.isnan(ratio) else ratio >= TARGET_S1_RATIO
+                rows[-1].target = f">= {TARGET_S1_RATIO:.2f}x {ref}"
+                rows[-1].result = _verdict(ok)
+                targets.append(
+                    Target(f"scenario {key} / raw pool", ratio, rows[-1].target, ok)
+                )
+        if "2" in ms:
+            rate_row("2", "B", b)
+        for key in ("3", "3b", "3p", "3m", "3mp"):
+            if key not in ms:
+                continue
+            rate = self.rate(key, "submits_per_s")
+            p50, p99 = self.rate(key, "p50_ms"), self.rate(key, "p99_ms")
+            ok_rate = None if math.isnan(rate) else rate >= TARGET_S3_RATE
+            ok_p99 = None if math.isnan(p99) else p99 < TARGET_S3_P99_MS
+            rows.append(
+                Row(
+                    key,
+                    ms[key].label,
+                    _fmt_rate(rate, "submits/s"),
+                    f"{_ratio(rate, TARGET_S3_RATE):.2f}x target",
+                    f">= {TARGET_S3_RATE:,.0f}/s",
+                    _verdict(ok_rate),
+                )
+            )
+            rows.append(
+                Row(
+                    key,
+                    "  submit latency p50 / p99",
+                    f"{p50:.1f} / {p99:.1f} ms",
+                    "",
+                    f"p99 < {TARGET_S3_P99_MS:g} ms",
+                    _verdict(ok_p99),
+                )
+            )
+            kind = ms[key].label.split(", ")[1]
+            batched = key.startswith("3m")
+            note = "p99 of a batch's latency" if batched else "concurrent submit()"
+            targets.append(
+                Target(
+                    f"scenario {key} submits/s ({kind})",
+                    rate,
+                    ">= 10000",
+                    ok_rate,
+                    note,
+                )
+            )
+            targets.append(
+                Target(f"scenario {key} p99 ms ({kind})", p99, "< 5", ok_p99, note)
+            )
+        if "4" in ms:
+            rss = self.rate("4", "peak_rss_mib")
+            first = self.rate("4", "first_delivery_s")
+            small_rss = self.rate("4s", "peak_rss_mib")
+            ok_rss = None if math.isnan(rss) else rss < TARGET_S4_RSS_MIB
+            ok_first = None if math.isnan(first) else first < TARGET_S4_FIRST_S
+            deep = f"{self.sizes.deep:,}"
+            rows.append(
+                Row(
+                    "4",
+                    f"peak RSS, {deep} queued",
+                    f"{rss:.1f} MiB",
+                    f"{rss - small_rss:+.1f} MiB vs {self.sizes.deep_small:,}",
+                    f"< {TARGET_S4_RSS_MIB:g} MiB",
+                    _verdict(ok_rss),
+                )
+            )
+            rows.append(
+                Row(
+                    "4",
+                    f"first delivery after start, {deep} queued",
+                    f"{first * 1000:.0f} ms",
+                    f"{self.rate('4s', 'first_delivery_s') * 1000:.0f} ms at "
+                    f"{self.sizes.deep_small:,}",
+                    f"< {TARGET_S4_FIRST_S:g} s",
+                    _verdict(ok_first),
+                )
+            )
+            note = f"M = {self.sizes.deep:,} ({self.sizes.deep_fill} fill)"
+            targets.append(
+                Target("scenario 4 peak RSS MiB", rss, "< 150", ok_rss, note)
+            )
+            targets.append(
+                Target("scenario 4 first delivery s", first, "< 1", ok_first, note)
+            )
+        if "5" in self.skipped:
+            rows.append(
+                Row("5", "direct MX, lanes on demand", "skipped", "", "bounded", "skip")
+            )
+            targets.append(
+                Target(
+                    "scenario 5",
+                    math.nan,
+                    "memory bounded by active lanes",
+                    None,
+                    self.skipped["5"],
+                )
+            )
+        elif "5" in ms:
+            few = ms["5s"].runs if "5s" in ms else []
+            rows.extend(mx.report_rows(ms["5"].runs, few, b))
+            targets.extend(mx.report_targets(ms["5"].runs, few))
+        if "6" in ms:
+            control = self.rate("6c")
+            if "6c" in ms:
+                rate_row("6c", "B", b)
+            rate_row("6", "6c", control)
+            every = all(r.get("all_delivered") for r in ms["6"].runs) and bool(
+                ms["6"].runs
+            )
+            retried = median([r["attempts"] - r["messages"] for r in ms["6"].runs])
+            rows.append(
+                Row(
+                    "6",
+                    "  every message DELIVERED; extra attempts",
+                    f"{'yes' if every else 'NO'}; {retried:,.0f}",
+                    "",
+                    "all DELIVERED",
+                    _verdict(every),
+                )
+            )
+            targets.append(
+                Target("scenario 6 all delivered", float(every), "all DELIVERED", every)
+            )
+        return rows, targets
+
+    def results(
+        self, rows: list[Row], targets: list[Target], started: dt.datetime
+    ) -> dict[str, Any]:
+        return {
+            "schema": RESULTS_SCHEMA,
+            "started": started.isoformat(timespec="seconds"),
+            "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "mode": "quick" if self.args.quick else "full",
+            "sizes": vars(self.sizes),
+            "machine": _machine(self.tmpdir),
+            "measurements": {
+                key: {
+                    "label": m.label,
+                    "runs": m.runs,
+                    "errors": m.errors,
+                    "median": _medians(m),
+                }
+                for key, m in self.measurements.items()
+            },
+            "deep_fill": self.fills,
+            "skipped": self.skipped,
+            "rows": [vars(r) for r in rows],
+            "targets": [vars(t) for t in targets],
+        }
+
+    def profile(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        n = self.sizes.messages
+        runs: dict[str, tuple[str, dict[str, Any]]] = {
+            "raw_pool": ("raw_pool", {"port": self.sink_port, "messages": n}),
+            "scenario1": (
+                "throughput",
+                {
+                    "port": self.sink_port,
+                    "messages": n,
+                    "producers": 1,
+                    "store": "sqlite",
+                },
+            ),
+        }
+        for label, (name, params) in runs.items():
+            path = directory / f"{label}.prof"
+            params = {
+                **params,
+                "token": self.token(f"p{label}", 0),
+                "tmpdir": str(self.tmpdir),
+            }
+            result = run_child(name, params, timeout=_CHILD_TIMEOUT, profile=path)
+            out(f"\n== profile of {label} ({_brief(result)}, under cProfile) -> {path}")
+            stats = pstats.Stats(str(path), stream=sys.stdout)
+            stats.sort_stats("tottime").print_stats(25)
+
+
+def _brief(result: dict[str, Any]) -> str:
+    for metric, unit in (
+        ("msgs_per_s", "msg/s"),
+        ("submits_per_s", "submits/s"),
+    ):
+        if metric in result:
+            text = f"{result[metric]:,.0f} {unit}"
+            if "cpu_ms_per_msg" in result:
+                text += f", {result['cpu_ms_per_msg']:.3f} ms CPU/msg"
+            if "p99_ms" in result:
+                text += (
+                    f", p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms"
+                )
+            if "all_delivered" in result and not result["all_delivered"]:
+                text += f", NOT ALL DELIVERED: {result['final_states']}"
+            return text
+    if "peak_rss_mib" in result:
+        return (
+            f"first delivery {result['first_delivery_s'] * 1000:.0f} ms, "
+            f"peak RSS {result['peak_rss_mib']:.1f} MiB, "
+            f"{result['delivered']:,} delivered in {result['deliver_seconds']:g} s"
+        )
+    return json.dumps(result)[:120]
+
+
+def _medians(m: Measurement) -> dict[str, float]:
+    if not m.runs:
+        return {}
+    keys = [
+        k
+        for k, v in m.runs[0].items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    ]
+    return {k: m.median(k) for k in keys}
+
+
+def _table(rows: list[Row]) -> Iterator[str]:
+    headers = Row("#", "scenario", "median", "ratio", "target", "result")
+    every = [headers, *rows]
+    widths = [
+        max(len(getattr(r, f)) for r in every)
+        for f in ("key", "label", "value", "ratio", "target", "result")
+    ]
+    for i, r in enumerate(every):
+        cells = (r.key, r.label, r.value, r.ratio, r.target, r.result)
+        line = "  ".join(
+            c.rjust(w) if j == 2 else c.ljust(w)
+            for j, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+        yield line.rstrip()
+        if i == 0:
+            yield "  ".join("-" * w for w in widths)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    bench = Bench(args)
+    started = dt.datetime.now(dt.UTC)
+    own_tmp = args.tmpdir is None
+    tmpdir = Path(tempfile.mkdtemp(prefix="mailstrom-bench-")) if own_tmp else None
+    bench.tmpdir = tmpdir or Path(args.tmpdir)
+    bench.tmpdir.mkdir(parents=True, exist_ok=True)
+    s = bench.sizes
+    out(
+        f"mailstrom_async benchmark: {'quick' if args.quick else 'full'} mode, "
+        f"{s.repetitions} repetition(s), {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, {started:%Y-%m-%d %H:%M} UTC"
+    )
+    out(
+        f"{s.messages:,} messages per throughput run (~2 KB, one recipient); "
+        f"files in {bench.tmpdir}"
+    )
+    try:
+        with managed():
+            bench.sink_port = start_smtp_sink()
+            if bench.wants("6"):
+                bench.soft_port = start_soft_sink()
+            bench.plan()
+            bench.fill_deep_queues()
+            bench.run()
+            if args.profile:
+                bench.profile(Path(args.profile))
+    except KeyboardInterrupt:
+        out("\ninterrupted; every child process was stopped")
+        return 130
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    rows, targets = bench.report()
+    out()
+    for line in _table(rows):
+        out(line)
+    for key, reason in bench.skipped.items():
+        out(f"scenario {key} skipped: {reason}")
+    results = bench.results(rows, targets, started)
+    text = json.dumps(results, indent=2)
+    if args.json == "-":
+        out(text)
+    else:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+        out(f"\nJSON results: {path}")
+    failed = [m.key for m in bench.measurements.values() if m.errors]
+    if failed:
+        out(f"errors in: {', '.join(failed)}")
+        return 1
+    return 0

@@ -1,0 +1,106 @@
+"""The anchors: Postfix's ``smtp-source`` and raw aiosmtplib, no persistence.
+
+``smtp_source`` runs in the harness (it is a C program; the wall clock around it
+is the measurement). The raw aiosmtplib baselines run in a child process like the
+library scenarios, on the same ~2 KB ``EmailMessage`` objects, built before the
+clock starts.
+"""
+
+from __future__ import annotations
+
+import collections
+import shutil
+import subprocess
+import time
+from typing import Any
+
+import aiosmtplib
+import anyio
+
+from bench._common import BODY_SIZE, HELO, CpuClock, make_messages, settle
+from bench._procs import LOOPBACK
+
+__all__ = ["raw_pool", "raw_single", "smtp_source"]
+
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+
+
+def smtp_source(port: int, messages: int, sessions: int = 10) -> dict[str, Any]:
+    """``smtp-source -d -s 10 -m N -l 2048``: 10 reused connections, C client."""
+    exe = shutil.which("smtp-source") or SMTP_SOURCE
+    args = [
+        exe,
+        "-d",
+        "-s",
+        str(sessions),
+        "-m",
+        str(messages),
+        "-l",
+        str(BODY_SIZE),
+        f"{LOOPBACK}:{port}",
+    ]
+    start = time.perf_counter()
+    subprocess.run(  # noqa: S603 - fixed argv
+        args, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+    )
+    wall = time.perf_counter() - start
+    return {"messages": messages, "seconds": wall, "msgs_per_s": messages / wall}
+
+
+async def raw_pool(params: dict[str, Any]) -> dict[str, Any]:
+    """N ``send_message`` calls over a pool of reused aiosmtplib connections.
+
+    Each connection is one ``aiosmtplib.SMTP`` in its own task of an anyio task
+    group, pulling messages from a shared queue; the clock runs from before the
+    first connect to after the last reply.
+    """
+    port: int = params["port"]
+    count: int = params["messages"]
+    connections: int = params.get("connections", 10)
+    queue = collections.deque(make_messages(count, params["token"]))
+    settle()
+    clock = CpuClock()
+
+    async def sender() -> None:
+        smtp = aiosmtplib.SMTP(hostname=LOOPBACK, port=port, local_hostname=HELO)
+        await smtp.connect()
+        try:
+            while queue:
+                await smtp.send_message(queue.popleft())
+        finally:
+            await smtp.quit()
+
+    clock.start()
+    async with anyio.create_task_group() as tg:
+        for _ in range(connections):
+            tg.start_soon(sender)
+    clock.stop()
+    return {
+        "messages": count,
+        "connections": connections,
+        "seconds": clock.wall,
+        "msgs_per_s": count / clock.wall,
+        "cpu_ms_per_msg": 1000 * clock.cpu / count,
+    }
+
+
+async def raw_single(params: dict[str, Any]) -> dict[str, Any]:
+    """N sequential ``send_message`` calls over one aiosmtplib connection."""
+    port: int = params["port"]
+    count: int = params["messages"]
+    messages = make_messages(count, params["token"])
+    settle()
+    clock = CpuClock()
+    clock.start()
+    smtp = aiosmtplib.SMTP(hostname=LOOPBACK, port=port, local_hostname=HELO)
+    await smtp.connect()
+    for message in messages:
+        await smtp.send_message(message)
+    await smtp.quit()
+    clock.stop()
+    return {
+        "messages": count,
+        "seconds": clock.wall,
+        "msgs_per_s": count / clock.wall,
+        "cpu_ms_per_msg": 1000 * clock.cpu / count,
+    }
