@@ -331,3 +331,16 @@ async def test_concurrent_writes_share_commits_and_fail_alone(tmp_path: Path) ->
         for mid in outcomes:
             assert len((await reopened.status(mid)).recipients) == 2
         assert len((await reopened.status("dup")).recipients) == 1
+
+
+async def test_lease_renewal_uses_an_index(tmp_path: Path) -> None:
+    """Renewing a worker's leases searches an index, not the whole table."""
+    async with SQLiteStore(tmp_path / "q.db") as store:
+        await store.open()
+    async with aiosqlite.connect(tmp_path / "q.db") as raw:
+        plan = await raw.execute_fetchall(
+            "EXPLAIN QUERY PLAN UPDATE recipients SET lease_until = 1"
+            " WHERE lease_owner = 'w'"
+        )
+    detail = " ".join(str(row[-1]) for row in plan)
+    assert "recipients_lease_owner" in detail, detail

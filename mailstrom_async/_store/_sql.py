@@ -75,6 +75,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE INDEX recipients_leased ON recipients (lease_until)
             WHERE lease_until IS NOT NULL""",
     ),
+    (
+        # Version 2: lease renewal (UPDATE ... WHERE lease_owner = ?) follows the
+        # leased rows instead of scanning every recipient while holding the lock.
+        """CREATE INDEX recipients_lease_owner ON recipients (lease_owner)
+            WHERE lease_owner IS NOT NULL""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
