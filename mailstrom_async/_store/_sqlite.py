@@ -196,8 +196,8 @@ class SQLiteStore:
         """Hold the connection for one call; a write is durable when this returns.
 
         Group commit: writers that arrive while another holds the connection
-        share one ``BEGIN IMMEDIATE`` transaction, each inside its own savepoint
-        (so one call's failure undoes only that call), and one ``COMMIT`` (one
+        share one ``BEGIN IMMEDIATE`` transaction, each joining call inside its own
+        savepoint (so one call's failure undoes only that call), and one ``COMMIT`` (one
         fsync) makes them all durable. The holder that finds nobody waiting
         commits; the others wait for that commit before they return.
         """
@@ -215,22 +215,35 @@ class SQLiteStore:
             # Shielded: a BEGIN or SAVEPOINT cancelled in flight still runs in
             # aiosqlite's thread, and the connection must know where it is.
             with anyio.CancelScope(shield=True), self._translate():
-                if self._batch is None:
+                first = self._batch is None
+                if first:
                     await db.execute("BEGIN IMMEDIATE")
                     self._batch = _Batch()
                 batch = self._batch
+                if batch is None:  # pragma: no cover - set just above
+                    msg = "unreachable"
+                    raise AssertionError(msg)
                 batch.members += 1
-                await db.execute("SAVEPOINT call")
+                # The call that began the transaction needs no savepoint: it has
+                # held the connection since BEGIN, so a ROLLBACK undoes only it.
+                # That keeps an uncontended write as cheap as a plain transaction.
+                if not first:
+                    await db.execute("SAVEPOINT call")
             try:
                 with self._translate():
                     yield db
             except BaseException:
                 with anyio.CancelScope(shield=True), suppress(sqlite3.Error):
-                    await db.execute("ROLLBACK TO call")
-                    await db.execute("RELEASE call")
+                    if first:
+                        self._batch = None
+                        await db.execute("ROLLBACK")
+                    else:
+                        await db.execute("ROLLBACK TO call")
+                        await db.execute("RELEASE call")
                 raise
-            with anyio.CancelScope(shield=True), self._translate():
-                await db.execute("RELEASE call")
+            if not first:
+                with anyio.CancelScope(shield=True), self._translate():
+                    await db.execute("RELEASE call")
         finally:
             await self._unlock()
         if batch is not None:
