@@ -279,12 +279,7 @@ class Deliverer:
         while not self._ready.empty():
             waiting.append(self._ready.get_nowait())
         for job in waiting:
-            with anyio.move_on_after(5):
-                await self._store.release(
-                    job.message_id,
-                    [r.address for r in job.recipients],
-                    worker=self._worker_id,
-                )
+            await self._lanes.release(job)
             self._job_done()
         with anyio.move_on_after(self._config.shutdown_grace):
             await self._lanes.wait_idle()

@@ -171,7 +171,7 @@ class Lanes:
                     if job is None:
                         break  # idle for too long: close the connection, end
                     if self._stop_requested():  # stop() came while we waited
-                        await self._release(job)
+                        await self.release(job)
                         break
                     self._in_flight += 1
                     self._idle_event = anyio.Event()
@@ -191,7 +191,9 @@ class Lanes:
                 with anyio.CancelScope(shield=True):
                     await conn.aclose()
 
-    async def _release(self, job: Job) -> None:
+    async def release(self, job: Job) -> None:
+        """Give *job*'s recipients back to the store, unattempted; never raises a
+        StoreError (the lease then simply expires) and survives cancellation."""
         addresses = [r.address for r in job.recipients]
         with (
             anyio.CancelScope(shield=True),
@@ -219,7 +221,7 @@ class Lanes:
                 if current.final_dot_unconfirmed:
                     await self._flag_possible_duplicates(job, progress.batch)
                 current.close_now()
-            await self._release(job)
+            await self.release(job)
             raise
         try:
             await self._record(lane, job, outcomes)
