@@ -344,3 +344,32 @@ async def test_lease_renewal_uses_an_index(tmp_path: Path) -> None:
         )
     detail = " ".join(str(row[-1]) for row in plan)
     assert "recipients_lease_owner" in detail, detail
+
+
+async def test_write_cancelled_before_its_batch_ran_stores_nothing(
+    tmp_path: Path,
+) -> None:
+    """A write still waiting for the connection when it is cancelled never runs,
+    and the write queued behind it is unaffected."""
+    outcome: dict[str, bool] = {}
+
+    async def add(mid: str, scope: anyio.CancelScope) -> None:
+        with scope:
+            await store.add(new_message(mid, "a@x.example"))
+            outcome[mid] = True
+
+    async with SQLiteStore(tmp_path / "q.db") as store:
+        gone, kept = anyio.CancelScope(), anyio.CancelScope()
+        # Hold the connection as a running batch does, so both adds queue up.
+        await store._write_lock.acquire()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(add, "gone", gone)
+            tg.start_soon(add, "kept", kept)
+            await anyio.wait_all_tasks_blocked()
+            gone.cancel()
+            await anyio.wait_all_tasks_blocked()
+            store._write_lock.release()
+        assert outcome == {"kept": True}
+        with pytest.raises(UnknownMessageError):
+            await store.status("gone")
+        assert len((await store.status("kept")).recipients) == 1

@@ -17,6 +17,8 @@ from mailstrom_async._models import RecipientState, RecipientStatus
 
 __all__ = [
     "CLAIM",
+    "INSERT_MESSAGE",
+    "INSERT_RECIPIENT",
     "JOB_MESSAGES",
     "MIGRATIONS",
     "NEXT_DUE",
@@ -85,6 +87,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+INSERT_MESSAGE = """INSERT INTO messages
+    (id, mail_from, data, smtputf8, submitted_at, idempotency_key)
+    VALUES (?, ?, ?, ?, ?, ?)"""
+INSERT_RECIPIENT = """INSERT INTO recipients
+    (message_id, position, address, domain, state, next_attempt_at, lease_owner,
+     lease_until)
+    VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)"""
 SCAN_DUE = """SELECT message_id FROM recipients
     WHERE state IN ('queued', 'deferred') AND next_attempt_at <= :now
       AND (lease_until IS NULL OR lease_until <= :now)

@@ -7,8 +7,9 @@ Durability and sharing: WAL journal, ``synchronous=FULL`` by default (a commit i
 fsync'd before the call returns), ``busy_timeout`` so that several processes can
 share the file, foreign keys on. Every call that changes state is one
 ``BEGIN IMMEDIATE`` transaction, so two processes' claims serialise and a failed
-call leaves nothing half-written. One connection per store; an anyio lock keeps
-one call at a time on it.
+call leaves nothing half-written. One connection per store, on aiosqlite's thread;
+each store call runs there as one function (one thread hop), and concurrent writes
+are committed together (group commit: one transaction, one fsync, a savepoint each).
 
 Times are stored as float seconds since the epoch (UTC); microseconds round-trip
 exactly for any date in the next centuries.
@@ -24,10 +25,10 @@ import json
 import os
 import sqlite3  # noqa: TID251 - only for sqlite3.Error
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import aiosqlite
 import anyio
@@ -60,13 +61,18 @@ _MAX_PARAMS = 500  # bound parameters per IN (...) query, well under SQLite's li
 _MAX_BATCH = 512  # calls sharing one commit at most, so a batch always ends
 
 
-@attrs.define
-class _Batch:
-    """Writes sharing one transaction, and the commit they wait for."""
+T = TypeVar("T")
+Work = Callable[[sqlite3.Connection], Any]
 
-    done: anyio.Event = attrs.field(factory=anyio.Event)
-    members: int = 0
+
+@attrs.define(eq=False)
+class _Write:
+    """One call's write, waiting for the batch that runs and commits it."""
+
+    work: Work
+    result: Any = None
     error: BaseException | None = None
+    done: bool = False
 
 
 class SQLiteStore:
@@ -89,8 +95,9 @@ class SQLiteStore:
         self._path = os.fspath(path)
         self._synchronous = mode
         self._db: aiosqlite.Connection | None = None
-        self._lock = anyio.Lock()
-        self._batch: _Batch | None = None
+        self._lock = anyio.Lock()  # open() and aclose()
+        self._write_lock = anyio.Lock()
+        self._queue: list[_Write] = []
 
     def __repr__(self) -> str:
         state = "open" if self._db is not None else "closed"
@@ -176,8 +183,9 @@ class SQLiteStore:
 
     async def aclose(self) -> None:
         """Close the connection; idempotent."""
-        async with self._lock:
-            await self._commit()  # a batch whose last member saw us waiting
+        async with self._lock, self._write_lock:
+            if self._queue:  # writes that queued behind the last batch
+                await self._run_queued()
             db, self._db = self._db, None
             if db is not None:
                 with anyio.CancelScope(shield=True), self._translate():
@@ -191,93 +199,59 @@ class SQLiteStore:
             msg = f"SQLite store {self._path!r} failed: {exc}"
             raise StoreError(msg) from exc
 
-    @asynccontextmanager
-    async def _use(self, *, write: bool) -> AsyncIterator[aiosqlite.Connection]:
-        """Hold the connection for one call; a write is durable when this returns.
+    def _connection(self) -> aiosqlite.Connection:
+        if self._db is None:
+            msg = "the store is not open: call open() or use 'async with'"
+            raise StoreError(msg)
+        return self._db
 
-        Group commit: writers that arrive while another holds the connection
-        share one ``BEGIN IMMEDIATE`` transaction, each joining call inside its own
-        savepoint (so one call's failure undoes only that call), and one ``COMMIT`` (one
-        fsync) makes them all durable. The holder that finds nobody waiting
-        commits; the others wait for that commit before they return.
+    async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run *work* on the connection's thread: one hop, whatever it reads."""
+        db = self._connection()
+        with self._translate():
+            return cast("T", await _on_thread(db, work))
+
+    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run *work* in a transaction; durable (committed) when this returns.
+
+        Group commit: calls that arrive while a batch is being written queue up;
+        the next one to get the write lock runs every queued call in ONE hop to
+        aiosqlite's thread: ``BEGIN IMMEDIATE``, each call inside its own
+        savepoint (so one call's failure undoes only that call), one ``COMMIT``
+        (one fsync). A call that the batch ran finds itself done and returns.
         """
-        await self._lock.acquire()
-        batch: _Batch | None = None
+        self._connection()
+        write = _Write(work)
+        self._queue.append(write)
         try:
-            if self._db is None:
-                msg = "the store is not open: call open() or use 'async with'"
-                raise StoreError(msg)
-            db = self._db
-            if not write:
-                with self._translate():
-                    yield db
-                return
-            # Shielded: a BEGIN or SAVEPOINT cancelled in flight still runs in
-            # aiosqlite's thread, and the connection must know where it is.
-            with anyio.CancelScope(shield=True), self._translate():
-                first = self._batch is None
-                if first:
-                    await db.execute("BEGIN IMMEDIATE")
-                    self._batch = _Batch()
-                batch = self._batch
-                if batch is None:  # pragma: no cover - set just above
-                    msg = "unreachable"
-                    raise AssertionError(msg)
-                batch.members += 1
-                # The call that began the transaction needs no savepoint: it has
-                # held the connection since BEGIN, so a ROLLBACK undoes only it.
-                # That keeps an uncontended write as cheap as a plain transaction.
-                if not first:
-                    await db.execute("SAVEPOINT call")
-            try:
-                with self._translate():
-                    yield db
-            except BaseException:
-                with anyio.CancelScope(shield=True), suppress(sqlite3.Error):
-                    if first:
-                        self._batch = None
-                        await db.execute("ROLLBACK")
-                    else:
-                        await db.execute("ROLLBACK TO call")
-                        await db.execute("RELEASE call")
-                raise
-            if not first:
-                with anyio.CancelScope(shield=True), self._translate():
-                    await db.execute("RELEASE call")
-        finally:
-            await self._unlock()
-        if batch is not None:
-            await batch.done.wait()
-            if batch.error is not None:
-                msg = f"SQLite store {self._path!r} failed to commit: {batch.error}"
-                raise StoreError(msg) from batch.error
+            async with self._write_lock:
+                if not write.done:
+                    await self._run_queued()
+        except BaseException:
+            if not write.done and write in self._queue:
+                self._queue.remove(write)  # never started: nothing was written
+            raise
+        if write.error is not None:
+            with self._translate():
+                raise write.error
+        return cast("T", write.result)
 
-    async def _unlock(self) -> None:
-        """Release the connection, committing the open batch if nobody waits."""
-        try:
-            batch = self._batch
-            if batch is not None and (
-                self._lock.statistics().tasks_waiting == 0
-                or batch.members >= _MAX_BATCH
-            ):
-                await self._commit()
-        finally:
-            self._lock.release()
-
-    async def _commit(self) -> None:
-        batch, self._batch = self._batch, None
-        if batch is None or self._db is None:
-            return
-        db = self._db
+    async def _run_queued(self) -> None:
+        """Write and commit the queued calls (the caller holds the write lock)."""
+        batch = self._queue[:_MAX_BATCH]
+        del self._queue[:_MAX_BATCH]
+        db = self._connection()
+        # Shielded: the batch runs on the thread whatever happens here, and its
+        # members learn their outcome only through this call.
         with anyio.CancelScope(shield=True):
             try:
-                await db.execute("COMMIT")
-            except BaseException as exc:
-                with suppress(sqlite3.Error):
-                    await db.execute("ROLLBACK")
-                batch.error = exc
-            finally:
-                batch.done.set()
+                await _on_thread(db, _run_batch, batch)
+            except BaseException as exc:  # the thread or connection is gone
+                for write in batch:
+                    if write.error is None:
+                        write.error = exc
+            for write in batch:
+                write.done = True
 
     async def add(
         self,
@@ -306,14 +280,14 @@ class SQLiteStore:
             (claim[0], sql.to_ts(claim[1])) if claim is not None else (None, None)
         )
         wanted = sorted({m.idempotency_key for m in checked} - {None})  # type: ignore[type-var]
-        async with self._use(write=True) as db:
+
+        def work(conn: sqlite3.Connection) -> list[tuple[str, bool]]:
             known: dict[str, str] = {}
             for start in range(0, len(wanted), _MAX_PARAMS):
                 chunk = wanted[start : start + _MAX_PARAMS]
                 marks = ", ".join("?" * len(chunk))  # placeholders only, no data
                 query = f"SELECT idempotency_key, id FROM messages WHERE idempotency_key IN ({marks})"  # noqa: S608
-                rows = await db.execute_fetchall(query, chunk)
-                known.update((str(k), str(i)) for k, i in rows)
+                known.update((str(k), str(i)) for k, i in conn.execute(query, chunk))
             results: list[tuple[str, bool]] = []
             message_rows: list[tuple[Any, ...]] = []
             recipient_rows: list[tuple[Any, ...]] = []
@@ -333,23 +307,19 @@ class SQLiteStore:
                     (m.message_id, n, a, sql.domain(a), submitted, owner, until)
                     for n, a in enumerate(m.recipients)
                 )
-            await db.executemany(
-                "INSERT INTO messages (id, mail_from, data, smtputf8, submitted_at,"
-                " idempotency_key) VALUES (?, ?, ?, ?, ?, ?)",
-                message_rows,
-            )
-            await db.executemany(
-                "INSERT INTO recipients (message_id, position, address, domain, state,"
-                " next_attempt_at, lease_owner, lease_until)"
-                " VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
-                recipient_rows,
-            )
-        return results
+            conn.executemany(sql.INSERT_MESSAGE, message_rows)
+            conn.executemany(sql.INSERT_RECIPIENT, recipient_rows)
+            return results
+
+        return await self._write(work)
 
     async def status(self, message_id: str) -> MessageStatus:
         """Return the message's status; see :meth:`Store.status`."""
-        async with self._use(write=False) as db:
-            rows = list(await db.execute_fetchall(sql.STATUS_QUERY, (message_id,)))
+
+        def work(conn: sqlite3.Connection) -> list[Any]:
+            return conn.execute(sql.STATUS_QUERY, (message_id,)).fetchall()
+
+        rows = await self._read(work)
         if not rows:
             raise UnknownMessageError(message_id)
         mail_from, submitted_at = rows[0][0], rows[0][1]
@@ -372,13 +342,16 @@ class SQLiteStore:
             "until": sql.to_ts(utc(lease_until, "lease_until")),
         }
         check_limit(limit)
-        async with self._use(write=True) as db:
+
+        def work(
+            conn: sqlite3.Connection,
+        ) -> tuple[dict[str, None], list[Any], dict[str, Any]]:
             # Walk due rows in claim order until *limit* distinct messages are seen.
             chosen: dict[str, None] = {}
-            cursor = await db.execute(sql.SCAN_DUE, params)
+            cursor = conn.execute(sql.SCAN_DUE, params)
             try:
                 while len(chosen) < limit:
-                    rows = await cursor.fetchmany(min(max(4 * limit, 64), 1024))
+                    rows = cursor.fetchmany(min(max(4 * limit, 64), 1024))
                     if not rows:
                         break
                     for (mid,) in rows:
@@ -386,15 +359,17 @@ class SQLiteStore:
                         if len(chosen) == limit:
                             break
             finally:
-                await cursor.close()
+                cursor.close()
             if not chosen:
-                return []
+                return chosen, [], {}
             ids = json.dumps(list(chosen))
-            claimed = list(await db.execute_fetchall(sql.CLAIM, {**params, "ids": ids}))
-            messages = {
-                row[0]: row
-                for row in await db.execute_fetchall(sql.JOB_MESSAGES, (ids,))
-            }
+            claimed = conn.execute(sql.CLAIM, {**params, "ids": ids}).fetchall()
+            messages = {row[0]: row for row in conn.execute(sql.JOB_MESSAGES, (ids,))}
+            return chosen, claimed, messages
+
+        chosen, claimed, messages = await self._write(work)
+        if not chosen:
+            return []
         order = {mid: i for i, mid in enumerate(chosen)}
         claimed.sort(key=lambda row: (order[row[0]], row[1]))
         by_message: dict[str, list[RecipientStatus]] = {mid: [] for mid in chosen}
@@ -421,18 +396,19 @@ class SQLiteStore:
     ) -> None:
         """Write new statuses and end *worker*'s leases; see :meth:`Store.record`."""
         statuses = check_statuses(statuses)
-        async with self._use(write=True) as db:
-            stored = list(
-                await db.execute_fetchall(
-                    "SELECT position, address, state, lease_owner FROM recipients"
-                    " WHERE message_id = ? ORDER BY position",
-                    (message_id,),
-                )
-            )
-            if not stored and not list(
-                await db.execute_fetchall(
+
+        def work(conn: sqlite3.Connection) -> None:
+            stored = conn.execute(
+                "SELECT position, address, state, lease_owner FROM recipients"
+                " WHERE message_id = ? ORDER BY position",
+                (message_id,),
+            ).fetchall()
+            if (
+                not stored
+                and conn.execute(
                     "SELECT 1 FROM messages WHERE id = ?", (message_id,)
-                )
+                ).fetchone()
+                is None
             ):
                 raise UnknownMessageError(message_id)
             addresses = [row[1] for row in stored]
@@ -449,24 +425,25 @@ class SQLiteStore:
                     if stored[i][3] == worker:
                         unlease.add(position)
             if updates:
-                await db.executemany(sql.RECORD, updates)
+                conn.executemany(sql.RECORD, updates)
             if unlease:
-                await db.executemany(
+                conn.executemany(
                     sql.UNLEASE, [(message_id, p) for p in sorted(unlease)]
                 )
+
+        await self._write(work)
 
     async def release(
         self, message_id: str, addresses: Sequence[str], *, worker: str
     ) -> None:
         """End *worker*'s lease on these recipients; unknown ids and addresses are ignored."""
-        async with self._use(write=True) as db:
-            leased = list(
-                await db.execute_fetchall(
-                    "SELECT position, address FROM recipients"
-                    " WHERE message_id = ? AND lease_owner = ?",
-                    (message_id, worker),
-                )
-            )
+
+        def work(conn: sqlite3.Connection) -> None:
+            leased = conn.execute(
+                "SELECT position, address FROM recipients"
+                " WHERE message_id = ? AND lease_owner = ?",
+                (message_id, worker),
+            ).fetchall()
             leased_addresses = [row[1] for row in leased]
             positions = {
                 leased[i][0]
@@ -474,33 +451,45 @@ class SQLiteStore:
                 for i in matching(leased_addresses, address)
             }
             if positions:
-                await db.executemany(
+                conn.executemany(
                     sql.UNLEASE, [(message_id, p) for p in sorted(positions)]
                 )
+
+        await self._write(work)
 
     async def renew_leases(self, *, worker: str, lease_until: datetime) -> int:
         """Extend every lease *worker* holds; see :meth:`Store.renew_leases`."""
         until = sql.to_ts(utc(lease_until, "lease_until"))
-        async with self._use(write=True) as db:
-            cursor = await db.execute(
+
+        def work(conn: sqlite3.Connection) -> int:
+            return conn.execute(
                 "UPDATE recipients SET lease_until = ? WHERE lease_owner = ?",
                 (until, worker),
-            )
-            return cursor.rowcount
+            ).rowcount
+
+        return await self._write(work)
 
     async def next_due_at(self) -> datetime | None:
         """When the next unfinished recipient comes due; see :meth:`Store.next_due_at`."""
-        async with self._use(write=False) as db:
-            ((unleased, leased),) = await db.execute_fetchall(sql.NEXT_DUE)
-        times = [t for t in (unleased, leased) if t is not None]
+
+        def work(conn: sqlite3.Connection) -> tuple[float | None, float | None]:
+            return cast(
+                "tuple[float | None, float | None]",
+                conn.execute(sql.NEXT_DUE).fetchone(),
+            )
+
+        times = [t for t in await self._read(work) if t is not None]
         return sql.from_ts(min(times)) if times else None
 
     async def summary(self) -> QueueSummary:
         """Count recipients by state and by (state, domain)."""
-        async with self._use(write=False) as db:
-            rows = await db.execute_fetchall(
+
+        def work(conn: sqlite3.Connection) -> list[Any]:
+            return conn.execute(
                 "SELECT state, domain, COUNT(*) FROM recipients GROUP BY state, domain"
-            )
+            ).fetchall()
+
+        rows = await self._read(work)
         by_state = dict.fromkeys(RecipientState, 0)
         by_domain: dict[tuple[RecipientState, str], int] = {}
         for state_value, domain, count in rows:
@@ -512,12 +501,62 @@ class SQLiteStore:
     async def purge(self, *, finished_before: datetime) -> int:
         """Delete finished messages older than *finished_before*; return how many."""
         before = sql.to_ts(utc(finished_before, "finished_before"))
-        async with self._use(write=True) as db:
-            cursor = await db.execute(sql.PURGE, (before,))
-            count = cursor.rowcount
+
+        def work(conn: sqlite3.Connection) -> int:
+            return conn.execute(sql.PURGE, (before,)).rowcount
+
+        count = await self._write(work)
         if count:
             logger.info("purged", extra={"path": self._path, "messages": count})
         return count
+
+
+def _on_thread(
+    db: aiosqlite.Connection, fn: Callable[..., T], *args: Any
+) -> Awaitable[T]:
+    """Run ``fn(sqlite3_connection, *args)`` on *db*'s own thread, in one hop.
+
+    aiosqlite hops to its thread once per statement, cursor fetch and commit;
+    ``Connection._execute`` is the primitive behind all of those (the same since
+    aiosqlite 0.1; every store test goes through it), and running a whole store
+    call through it costs one hop instead of four to fifteen.
+    """
+    execute = cast("Callable[[Callable[[], T]], Awaitable[T]]", db._execute)
+    return execute(lambda: fn(db._conn, *args))
+
+
+def _run_batch(conn: sqlite3.Connection, batch: Sequence[_Write]) -> None:
+    """On the connection's thread: run *batch* in one transaction and commit it.
+
+    A lone call needs no savepoint: a failure rolls back the whole transaction,
+    which holds only that call.
+    """
+    alone = len(batch) == 1
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for write in batch:
+            if not alone:
+                conn.execute("SAVEPOINT call")
+            try:
+                write.result = write.work(conn)
+            except Exception as exc:
+                write.error = exc
+                if not alone:
+                    conn.execute("ROLLBACK TO call")
+            if not alone:
+                conn.execute("RELEASE call")
+        if alone and batch[0].error is not None:
+            conn.execute("ROLLBACK")
+            return
+        conn.execute("COMMIT")
+    except BaseException as exc:
+        with suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        for write in batch:
+            if write.error is None:
+                write.error = exc
+        if not isinstance(exc, Exception):
+            raise
 
 
 @asynccontextmanager
