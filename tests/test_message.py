@@ -926,6 +926,25 @@ def test_prepare_does_not_change_the_callers_message() -> None:
     assert "Message-ID" not in msg
 
 
+def test_prepare_does_not_change_the_callers_multipart_message() -> None:
+    """The copy is deep enough: re-encoding a part, dropping Bcc and adding headers
+    leave every part of the caller's multipart message (and its policy) as it was."""
+    msg = message("From: a@example.com\nTo: b@example.org\nBcc: c@example.org")
+    msg["Subject"] = "Grüße"
+    msg.set_content("x" * 1500 + "\nshort\n", cte="8bit")
+    msg.add_attachment(
+        b"\x00\x01" * 700, maintype="application", subtype="octet-stream"
+    )
+    before = msg.as_bytes()
+    policies = [part.policy for part in msg.walk()]
+    prepared = prepare(msg)
+    assert max(len(line) for line in lines(prepared.data)) <= 998
+    assert msg.as_bytes() == before
+    assert [part.policy for part in msg.walk()] == policies
+    assert "Message-ID" not in msg
+    assert "Bcc" in msg
+
+
 # --- prepare(): long lines, size ------------------------------------------------------
 
 
