@@ -49,6 +49,13 @@ _ATEXT = frozenset(
 )
 _DOT_ATOM = re.compile(r"[^.]+(?:\.[^.]+)*")
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
+# A bare ASCII addr-spec with a dot-atom local part and a host name: the common
+# case, which needs no header parser (the parser gives the same Group for it).
+_PLAIN_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_PLAIN_ADDRESS = re.compile(
+    rf"({_PLAIN_ATOM}(?:\.{_PLAIN_ATOM})*)@({_PLAIN_LABEL}(?:\.{_PLAIN_LABEL})+)"
+)
 # Parser defects that only note obsolete (but unambiguous) syntax, or UTF-8 that we
 # check ourselves; any other defect means the parser had to guess.
 _HARMLESS_DEFECTS = (
@@ -149,6 +156,11 @@ def parse_address_header(name: str, value: str) -> tuple[Group, ...]:
             is invalid.
     """
     check_text(value, f"the {name} header", address=True)
+    plain = _PLAIN_ADDRESS.fullmatch(value.strip(" \t"))
+    if plain is not None:
+        local, domain = plain.groups()
+        _check_mailbox(local, domain, plain.group())
+        return (Group(None, (Address(username=local, domain=domain),)),)
     try:
         header = SMTP.header_factory("to", value)
         groups: tuple[Group, ...] = header.groups

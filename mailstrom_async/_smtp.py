@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 import aiosmtplib
 import anyio
 import attrs
-from aiosmtplib.email import quote_address
 
 from mailstrom_async._classify import (
     RecipientOutcome,
@@ -71,6 +70,7 @@ _QUIT_TIMEOUT = 2.0
 
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
 _LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
+_UNSENDABLE = re.compile(r"[\x00-\x20\x7f<>]")
 
 
 class TLSMode(enum.StrEnum):
@@ -209,17 +209,13 @@ def _outcome(
 
 
 def _sendable(address: str) -> bool:
-    """True if *address* goes on a MAIL/RCPT line exactly as given.
+    """True if *address* can go on a MAIL/RCPT line as ``<address>``, unambiguously.
 
-    aiosmtplib passes addresses through ``email.utils.parseaddr``, which silently
-    rewrites some (``"x<y@z"`` becomes ``<y@z>``): refuse those instead.
+    Addresses are written exactly as given (never re-quoted or rewritten), so
+    only what would break the command line is refused: control characters,
+    spaces (they separate parameters) and angle brackets.
     """
-    if any(ord(c) < 32 or ord(c) == 127 for c in address):
-        return False
-    try:
-        return quote_address(address) == f"<{address}>"
-    except ValueError:
-        return False
+    return _UNSENDABLE.search(address) is None
 
 
 def _encode_body(data: bytes) -> bytes:
@@ -558,9 +554,15 @@ class SMTPConnection:
                 await smtp.rset()
         self._transactions += 1
         try:
-            await smtp.mail(
-                mail_from, options=self._mail_options(body, utf8), encoding=encoding
+            response = await smtp.execute_command(
+                b"MAIL",
+                b"FROM:<" + mail_from.encode(encoding) + b">",
+                *(o.encode("ascii") for o in self._mail_options(body, utf8)),
             )
+            if response.code != 250:
+                raise aiosmtplib.SMTPSenderRefused(
+                    response.code, response.message, mail_from
+                )
         except aiosmtplib.SMTPSenderRefused as exc:
             if exc.code == 421:
                 raise self._error(exc, "MAIL") from exc
@@ -595,7 +597,13 @@ class SMTPConnection:
                 address, _local_reply(553, "5.1.3", "the address cannot be sent")
             )
         try:
-            await self._smtp.rcpt(address, encoding=encoding)
+            reply = await self._smtp.execute_command(
+                b"RCPT", b"TO:<" + address.encode(encoding) + b">"
+            )
+            if reply.code not in (250, 251):
+                raise aiosmtplib.SMTPRecipientRefused(
+                    reply.code, reply.message, address
+                )
         except aiosmtplib.SMTPRecipientRefused as exc:
             if exc.code == 421:
                 raise self._error(exc, "RCPT") from exc

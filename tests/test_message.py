@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mailstrom_async import _address
 from mailstrom_async._config import Config, Limits
 from mailstrom_async._exceptions import InvalidAddressError, InvalidMessageError
 from mailstrom_async._message import (
@@ -1226,3 +1227,36 @@ def test_message_ids_are_unique() -> None:
     e = simple()
     ids = {prepare(e).message_id for _ in range(1000)}
     assert len(ids) == 1000
+
+
+_ATOM_CHARS = "abcXYZ019!#$%&'*+/=?^_`{|}~-."
+
+
+@given(
+    local=st.text(alphabet=_ATOM_CHARS, min_size=1, max_size=20),
+    domain=st.one_of(
+        strategies.domains(), st.text(alphabet="ab-.9", min_size=1, max_size=12)
+    ),
+    padding=st.sampled_from(["", " ", "\t "]),
+)
+def test_plain_address_fast_path_agrees_with_the_header_parser(
+    local: str, domain: str, padding: str
+) -> None:
+    """A bare addr-spec skips the stdlib header parser; for any such input, valid
+    or not, the outcome is exactly what the parser path gives."""
+    value = f"{padding}{local}@{domain}{padding}"
+
+    def outcome(parse: bool) -> object:
+        try:
+            if parse:  # force the parser path: a harmless comment defeats the fast path
+                return _address.parse_address_header("To", value + " (x)")
+            return _address.parse_address_header("To", value)
+        except InvalidAddressError as exc:
+            return "invalid" if parse else ("invalid", exc)
+
+    fast, slow = outcome(False), outcome(True)
+    if slow == "invalid":
+        assert isinstance(fast, tuple)
+        assert fast[0] == "invalid"
+    else:
+        assert fast == slow
