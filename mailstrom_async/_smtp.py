@@ -220,8 +220,17 @@ def _sendable(address: str) -> bool:
 
 def _encode_body(data: bytes) -> bytes:
     """CRLF line endings, a final CRLF (no dot-stuffing yet)."""
-    body = _LINE_ENDINGS.sub(b"\r\n", data)
-    return body if body.endswith(b"\r\n") else body + b"\r\n"
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:  # not yet CRLF only
+        data = _LINE_ENDINGS.sub(b"\r\n", data)
+    return data if data.endswith(b"\r\n") else data + b"\r\n"
+
+
+def _dot_stuffed(body: bytes) -> bytes:
+    """RFC 5321 §4.5.2: double a dot that starts a line."""
+    if body.startswith(b".") or b"\n." in body:
+        return _LEADING_DOT.sub(b"..", body)
+    return body
 
 
 class SMTPConnection:
@@ -244,6 +253,10 @@ class SMTPConnection:
         self._extensions: dict[str, str] = {}
         self._transactions = 0
         self._dot_unconfirmed = False
+        # RFC 5321 §4.1.1.4: the reply to the final dot ends a transaction and the
+        # server resets its state; only a transaction that ended earlier (MAIL or
+        # every RCPT refused, DATA refused) needs an RSET before the next one.
+        self._needs_reset = False
         self._last_used = anyio.current_time()
 
     def __repr__(self) -> str:
@@ -549,10 +562,11 @@ class SMTPConnection:
         smtp = self._smtp
         encoding = "utf-8" if utf8 else "ascii"
         body = _encode_body(data)
-        if self._transactions:
+        if self._needs_reset:
             with self._mapped("RSET"):
                 await smtp.rset()
         self._transactions += 1
+        self._needs_reset = True
         try:
             response = await smtp.execute_command(
                 b"MAIL",
@@ -629,7 +643,7 @@ class SMTPConnection:
             if protocol is None:
                 msg = "connection lost"
                 raise aiosmtplib.SMTPServerDisconnected(msg)
-            protocol.write(_LEADING_DOT.sub(b"..", body) + b".\r\n")
+            protocol.write(_dot_stuffed(body) + b".\r\n")
         except (aiosmtplib.SMTPException, OSError) as exc:
             self.close_now()
             return outcomes_from_error(accepted, self._error(exc, "DATA"))
@@ -644,6 +658,7 @@ class SMTPConnection:
             _log.warning("connection lost after the final dot", extra=self._extra())
             return outcomes_from_error(accepted, error, possible_duplicate=True)
         self._dot_unconfirmed = False
+        self._needs_reset = False
         if final.code == 421:
             self.close_now()
         return classify_data(accepted, make_reply(final.code, final.message))

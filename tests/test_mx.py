@@ -462,7 +462,7 @@ async def test_connection_reused_within_a_domain(
         assert_delivered(status.recipient(f"u{i}@example.test"), MX1, IP1)
     assert rcpts(mx) == [[f"u{i}@example.test"] for i in range(3)]
     assert mx.connections.value == 1
-    assert mx.handler.rsets == 2
+    assert mx.handler.rsets == 0  # each transaction completed: no RSET needed
 
 
 # -- TLS ---------------------------------------------------------------------------

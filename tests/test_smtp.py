@@ -25,6 +25,8 @@ from mailstrom_async._smtp import (
     ConnectionSettings,
     SMTPConnection,
     TLSMode,
+    _dot_stuffed,
+    _encode_body,
     make_ssl_context,
     mx_settings,
     relay_settings,
@@ -213,7 +215,8 @@ async def test_mail_from_rejected(
 
 
 async def test_connection_reused_for_two_transactions(smtpd: SMTPDServers) -> None:
-    """A second send on the same connection RSETs first and both messages arrive."""
+    """A second send on the same connection needs no RSET after a completed
+    transaction (RFC 5321 §4.1.1.4), and both messages arrive."""
     server = await smtpd.start()
     conn = await SMTPConnection.open(settings(server.port))
     first = await conn.send(FROM, ["a@x.test"], b"Subject: 1\r\n\r\none\r\n")
@@ -222,7 +225,7 @@ async def test_connection_reused_for_two_transactions(smtpd: SMTPDServers) -> No
     assert states(first + second) == [("a@x.test", DELIVERED), ("b@x.test", DELIVERED)]
     assert [m.rcpt_tos for m in server.messages] == [["a@x.test"], ["b@x.test"]]
     assert server.connections.value == 1
-    assert server.handler.rsets == 1
+    assert server.handler.rsets == 0
     assert conn.transactions == 2
 
 
@@ -529,14 +532,16 @@ async def test_helo_fallback(script_server: ScriptServers) -> None:
 
 
 async def test_rset_refused_raises(script_server: ScriptServers) -> None:
-    """A refused RSET before the second transaction raises and closes the connection."""
+    """A refused RSET after an aborted transaction raises and closes the connection."""
 
     async def script(conv: Conversation) -> None:
-        await mini_esmtp(conv, replies={"RSET": "503 5.5.1 no"})
+        await mini_esmtp(conv, replies={"RSET": "503 5.5.1 no", "RCPT": "550 5.1.1 no"})
 
     server = await script_server.start(script)
     conn = await SMTPConnection.open(settings(server.port))
-    await conn.send(FROM, ["a@x.test"], MESSAGE)
+    assert states(await conn.send(FROM, ["a@x.test"], MESSAGE)) == [
+        ("a@x.test", FAILED)
+    ]
     with pytest.raises(TemporaryRejectionError, match="RSET"):
         await conn.send(FROM, ["a@x.test"], MESSAGE)
     assert not conn.is_usable
@@ -1034,3 +1039,18 @@ async def test_server_dropping_idle_connection(script_server: ScriptServers) -> 
     await conn.aclose()
     assert "QUIT" not in server.lines
     assert len(server.messages) == 0  # drop_after_message does not record
+
+
+@pytest.mark.parametrize(
+    ("data", "wire"),
+    [
+        (b"a\r\nb\r\n", b"a\r\nb\r\n"),  # already CRLF: unchanged
+        (b"a\nb", b"a\r\nb\r\n"),  # bare LF, no final line break
+        (b"a\rb\r\n", b"a\r\nb\r\n"),  # bare CR
+        (b".a\r\nb\r\n.\r\n..c\r\n", b"..a\r\nb\r\n..\r\n...c\r\n"),
+        (b"no dots. at all\r\n", b"no dots. at all\r\n"),
+    ],
+)
+def test_body_encoding(data: bytes, wire: bytes) -> None:
+    """Line endings become CRLF and a leading dot is doubled (RFC 5321 §4.5.2)."""
+    assert _dot_stuffed(_encode_body(data)) == wire
