@@ -309,9 +309,9 @@ class SMTPConnection:
 
     def _extra(self, **fields: Any) -> dict[str, Any]:
         return {
-            "smtp_host": self.host,
-            "smtp_ip": self._ip,
-            "smtp_port": self.port,
+            "host": self.host,
+            "ip": self._ip,
+            "port": self.port,
         } | fields
 
     # -- opening ---------------------------------------------------------------
