@@ -343,7 +343,7 @@ class SMTPConnection:
                 _log.info(
                     "opportunistic TLS failed, retrying: %s",
                     exc,
-                    extra=conn._extra(smtp_fallback=fallback),
+                    extra=conn._extra(fallback=fallback),
                 )
                 continue
             except BaseException as exc:
@@ -381,7 +381,7 @@ class SMTPConnection:
         self._last_used = anyio.current_time()
         _log.debug(
             "connected",
-            extra=self._extra(smtp_tls=self._tls, smtp_tls_verified=self._tls_verified),
+            extra=self._extra(tls=self._tls, tls_verified=self._tls_verified),
         )
 
     async def _connect_socket(self, ip: str) -> socket.socket:
@@ -428,7 +428,7 @@ class SMTPConnection:
                 raise TLSRequiredError(msg, reply=reply, host=self.host) from exc
             _log.info(
                 "STARTTLS refused, continuing in plain text",
-                extra=self._extra(smtp_reply=str(reply)),
+                extra=self._extra(reply=str(reply)),
             )
             return
         except ssl.SSLError as exc:
@@ -585,7 +585,7 @@ class SMTPConnection:
             )
         _log.debug(
             "transaction done",
-            extra=self._extra(smtp_recipients=len(rcpts), smtp_accepted=len(accepted)),
+            extra=self._extra(recipients=len(rcpts), accepted=len(accepted)),
         )
         return [outcomes[i] for i in range(len(rcpts))]
 
