@@ -125,7 +125,7 @@ class Lanes:
         self._telemetry = telemetry
         # Counters since start, for statistics(): integer increments only.
         self._attempts = 0
-        self._outcomes = dict.fromkeys(RecipientState, 0)
+        self._delivered = self._deferred = self._failed = 0
 
     def _stop_requested(self) -> bool:
         return self._stopping
@@ -142,12 +142,11 @@ class Lanes:
 
     def counters(self) -> AttemptCounters:
         """What this Deliverer recorded since it started."""
-        outcomes = self._outcomes
         return AttemptCounters(
             attempts=self._attempts,
-            delivered=outcomes[RecipientState.DELIVERED],
-            deferred=outcomes[RecipientState.DEFERRED],
-            failed=outcomes[RecipientState.FAILED],
+            delivered=self._delivered,
+            deferred=self._deferred,
+            failed=self._failed,
         )
 
     def destinations(self) -> dict[str, DestinationStatistics]:
@@ -272,6 +271,10 @@ class Lanes:
                 "could not record a delivery attempt; it will be retried",
                 extra={"message_id": job.message_id, "error": str(exc)},
             )
+        except BaseException as exc:
+            if span is not None:
+                span.abort(exc)
+            raise
         else:
             if span is not None:
                 span.finish(statuses)
@@ -416,7 +419,12 @@ class Lanes:
             await self._store.record(job.message_id, statuses, worker=self._worker_id)
         self._attempts += 1
         for new in statuses:
-            self._outcomes[new.state] += 1
+            if new.state is RecipientState.DELIVERED:
+                self._delivered += 1
+            elif new.state is RecipientState.DEFERRED:
+                self._deferred += 1
+            else:  # an attempt leaves no recipient QUEUED
+                self._failed += 1
         if logger.isEnabledFor(logging.INFO):
             _log_outcomes(job.message_id, lane.key, statuses)
         for old, new in zip(job.recipients, statuses, strict=True):
