@@ -236,6 +236,15 @@ class Lanes:
     ) -> SMTPConnection | None:
         now = self._clock()
         if lane.backoff_until is not None and now < lane.backoff_until:
+            logger.debug(
+                "destination backed off, job postponed",
+                extra={
+                    "message_id": job.message_id,
+                    "destination": lane.key,
+                    "recipients": len(job.recipients),
+                    "backoff_until": lane.backoff_until.isoformat(),
+                },
+            )
             await self._postpone(job, lane.backoff_until)
             return conn
         progress = _Progress(conn=conn)
@@ -269,7 +278,11 @@ class Lanes:
             # The lease expires and the recipients are tried again: at-least-once.
             logger.error(
                 "could not record a delivery attempt; it will be retried",
-                extra={"message_id": job.message_id, "error": str(exc)},
+                extra={
+                    "message_id": job.message_id,
+                    "destination": lane.key,
+                    "error": str(exc),
+                },
             )
         except BaseException as exc:
             if span is not None:

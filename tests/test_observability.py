@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -20,6 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
 )
 from opentelemetry.trace import SpanKind, StatusCode
 
+import mailstrom_async
 from mailstrom_async import (
     AttemptCounters,
     Config,
@@ -199,6 +202,33 @@ async def test_failed_connection_logs_destination_and_host(
     assert recorded.state == "deferred"  # type: ignore[attr-defined]
 
 
+LOGGERS = {
+    "mailstrom_async.deliverer",
+    "mailstrom_async.smtp",
+    "mailstrom_async.dns",
+    "mailstrom_async.store",
+}
+
+
+def test_logger_names_are_the_documented_four() -> None:
+    """Every logger of the package has one of the four stable, documented names."""
+    package = Path(mailstrom_async.__file__).parent
+    used: set[str] = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "getLogger"
+            ):
+                [arg] = node.args
+                assert isinstance(arg, ast.Constant), f"{path}: getLogger({arg})"
+                used.add(arg.value)
+    assert used == LOGGERS
+    page = (package.parent / "docs" / "observability.md").read_text()
+    assert set(re.findall(r"^\| `(mailstrom_async\.\w+)` \|", page, re.M)) == LOGGERS
+
+
 # -- statistics ----------------------------------------------------------------------
 
 
@@ -250,9 +280,13 @@ async def test_statistics_count_real_deliveries(smtpd: SMTPDServers) -> None:
     assert (lane.workers, lane.idle_workers, lane.queued) == (1, 1, 0)
 
 
-async def test_statistics_show_a_backed_off_destination() -> None:
-    """A destination that cannot be reached is backed off, and statistics say so."""
+async def test_statistics_show_a_backed_off_destination(
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    """A destination that cannot be reached is backed off, and statistics say so;
+    a job postponed by the backoff is not an attempt."""
     now = datetime(2026, 1, 1, tzinfo=UTC)
+    backoff_until = now + timedelta(seconds=SLOW_RETRY.initial_delay)
     config = relay_config(port=free_port())
     async with Deliverer(config, store=MemoryStore(), clock=lambda: now) as d:
         events = d.events()
@@ -261,6 +295,9 @@ async def test_statistics_show_a_backed_off_destination() -> None:
         await events.aclose()
         await anyio.wait_all_tasks_blocked()
         stats = await d.statistics()
+        later = await d.submit(email("three@example.com"))
+        await anyio.wait_all_tasks_blocked()  # postponed at once, by the backoff
+        postponed = await d.statistics()
     assert (stats.queued, stats.deferred, stats.delivered, stats.failed) == (0, 2, 0, 0)
     assert stats.since_start == AttemptCounters(attempts=1, deferred=2)
     assert stats.destinations["relay"] == DestinationStatistics(
@@ -268,8 +305,16 @@ async def test_statistics_show_a_backed_off_destination() -> None:
         idle_workers=1,
         queued=0,
         consecutive_failures=1,
-        backoff_until=now + timedelta(seconds=SLOW_RETRY.initial_delay),
+        backoff_until=backoff_until,
     )
+    assert (postponed.queued, postponed.deferred) == (1, 2)
+    assert postponed.since_start == stats.since_start
+    assert postponed.destinations == stats.destinations
+    [record] = [r for r in logs.records if r.getMessage().startswith("destination b")]
+    assert record.levelno == logging.DEBUG
+    assert record.message_id == later.message_id  # type: ignore[attr-defined]
+    assert record.destination == "relay"  # type: ignore[attr-defined]
+    assert record.backoff_until == backoff_until.isoformat()  # type: ignore[attr-defined]
 
 
 async def test_statistics_of_a_submit_only_deliverer(tmp_path: Path) -> None:
