@@ -59,6 +59,7 @@ class Telemetry:
     ) -> None:
         try:
             from opentelemetry import metrics, trace
+            from opentelemetry.context import Context
         except ImportError as exc:
             msg = (
                 "telemetry needs the OpenTelemetry API; install the 'otel' extra: "
@@ -66,6 +67,7 @@ class Telemetry:
             )
             raise ConfigError(msg, "telemetry") from exc
         self._trace = trace
+        self._root = Context()
         self._tracer = trace.get_tracer(SCOPE, tracer_provider=tracer_provider)
         meter = metrics.get_meter(SCOPE, meter_provider=meter_provider)
         self._recipients = meter.create_counter(
@@ -86,8 +88,11 @@ class Telemetry:
         self, *, message_id: str, destination: str, recipients: int
     ) -> AttemptTelemetry:
         """Start the span of one attempt to deliver *recipients* recipients."""
+        # A root span: workers run in the context the Deliverer was entered in,
+        # and an attempt is not part of whatever span was current then.
         span = self._tracer.start_span(
             SPAN_NAME,
+            context=self._root,
             kind=self._trace.SpanKind.CLIENT,
             attributes={
                 "mailstrom.message_id": message_id,

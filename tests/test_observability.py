@@ -223,6 +223,7 @@ def test_logger_names_are_the_documented_four() -> None:
             ):
                 [arg] = node.args
                 assert isinstance(arg, ast.Constant), f"{path}: getLogger({arg})"
+                assert isinstance(arg.value, str), path
                 used.add(arg.value)
     assert used == LOGGERS
     page = (package.parent / "docs" / "observability.md").read_text()
@@ -437,6 +438,23 @@ async def test_one_span_and_metrics_per_attempt(
     }
     for point in durations.values():
         assert point.sum > 0  # type: ignore[attr-defined]
+
+
+async def test_attempt_spans_are_roots(smtpd: SMTPDServers, otel: Otel) -> None:
+    """A Deliverer entered inside a span does not make its attempts children of it."""
+    server = await smtpd.start()
+    tracer = otel.tracer_provider.get_tracer("app")
+    with tracer.start_as_current_span("app startup"):
+        async with Deliverer(
+            relay_config(server), store=MemoryStore(), telemetry=otel.telemetry
+        ) as d:
+            await (await d.submit(email(OK)))
+    attempt, startup = otel.finished()
+    assert (attempt.name, startup.name) == ("mailstrom.attempt", "app startup")
+    assert attempt.parent is None
+    assert attempt.context is not None
+    assert startup.context is not None
+    assert attempt.context.trace_id != startup.context.trace_id
 
 
 async def test_an_interrupted_attempt_ends_its_span_with_an_error(
