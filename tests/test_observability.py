@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import pytest
@@ -33,6 +34,7 @@ from mailstrom_async import (
     Email,
     EventStream,
     MemoryStore,
+    MXConfig,
     RecipientState,
     RelayConfig,
     RetryPolicy,
@@ -42,6 +44,9 @@ from mailstrom_async import (
     Timeouts,
 )
 from tests.smtpd import FaultHandler, SMTPDServer, SMTPDServers, free_port
+
+if TYPE_CHECKING:
+    from tests.dns_server import DNSServer
 
 TIMEOUTS = Timeouts(connect=5, command=5, data_start=5, data_end=5)
 # Deferred recipients stay deferred for the length of a test: counts stay exact.
@@ -228,6 +233,78 @@ def test_logger_names_are_the_documented_four() -> None:
     assert used == LOGGERS
     page = (package.parent / "docs" / "observability.md").read_text()
     assert set(re.findall(r"^\| `(mailstrom_async\.\w+)` \|", page, re.M)) == LOGGERS
+
+
+async def test_direct_mx_delivery_is_observable(
+    smtpd: SMTPDServers, dns_server: DNSServer, logs: pytest.LogCaptureFixture
+) -> None:
+    """Direct MX delivery: one lane per domain in logs, statistics and spans; the
+    DNS logger has its say; no body and no recipient address at INFO."""
+    port = free_port("127.0.0.2")
+    await smtpd.start(host="127.0.0.2", port=port)  # nothing on 127.0.0.3
+    zone = dns_server.zone
+    for domain, host, ip in (
+        ("a.test", "mx1.a.test", "127.0.0.2"),
+        ("b.test", "mx1.b.test", "127.0.0.3"),
+    ):
+        zone.add_mx(domain, 10, host)
+        zone.add_a(host, ip)
+    mx = MXConfig(nameservers=[dns_server.nameserver], port=port, allow_local=True)
+    config = Config(
+        helo_name="client.test", relay=None, mx=mx, retry=SLOW_RETRY, timeouts=TIMEOUTS
+    )
+    otel = Otel()
+    async with Deliverer(config, store=MemoryStore(), telemetry=otel.telemetry) as d:
+        events = d.events()
+        to = ("x@a.test", "y@b.test")
+        handle = await d.submit(email(*to, text=f"Hi {BODY_MARKER}\n"))
+        await outcomes(events, 2)
+        await events.aclose()
+        await anyio.wait_all_tasks_blocked()
+        stats = await d.statistics()
+    assert (stats.delivered, stats.deferred) == (1, 1)
+    assert stats.since_start == AttemptCounters(attempts=2, delivered=1, deferred=1)
+    assert set(stats.destinations) == {"a.test", "b.test"}
+    assert stats.destinations["a.test"].consecutive_failures == 0
+    assert stats.destinations["b.test"].consecutive_failures == 1
+    recorded = {
+        r.recipient_domain: r  # type: ignore[attr-defined]
+        for r in logs.records
+        if r.getMessage().startswith("attempt recorded")
+    }
+    assert set(recorded) == {"a.test", "b.test"}
+    for domain, host, ip, state in (
+        ("a.test", "mx1.a.test", "127.0.0.2", "delivered"),
+        ("b.test", "mx1.b.test", "127.0.0.3", "deferred"),
+    ):
+        r = recorded[domain]
+        assert r.message_id == handle.message_id  # type: ignore[attr-defined]
+        assert r.destination == domain  # type: ignore[attr-defined]
+        assert (r.host, r.ip, r.state) == (host, ip, state)  # type: ignore[attr-defined]
+    assert any(r.name == "mailstrom_async.dns" for r in logs.records)
+    for record in logs.records:
+        text = render(record)
+        assert BODY_MARKER not in text, record
+        if record.levelno >= logging.INFO:
+            assert not any(a in text for a in to), record
+    spans = {s.attributes["mailstrom.destination"]: s for s in otel.finished()}  # type: ignore[index]
+    assert set(spans) == {"a.test", "b.test"}
+    a, b = spans["a.test"].attributes, spans["b.test"].attributes
+    assert a is not None
+    assert b is not None
+    assert (a["server.address"], a["network.peer.address"]) == (
+        "mx1.a.test",
+        "127.0.0.2",
+    )
+    assert (a["mailstrom.outcome"], b["mailstrom.outcome"]) == ("delivered", "deferred")
+    # Refused: no server reply; the engine's own 451 4.4.1 (no answer from host).
+    assert (b["mailstrom.smtp.code"], b["mailstrom.smtp.enhanced_code"]) == (
+        451,
+        "4.4.1",
+    )
+    assert spans["b.test"].status.status_code is StatusCode.ERROR
+    otel.tracer_provider.shutdown()
+    otel.meter_provider.shutdown()
 
 
 # -- statistics ----------------------------------------------------------------------
