@@ -67,6 +67,9 @@ nitpick_ignore = [
     ("py:class", "os.PathLike"),
     ("py:class", "pathlib.Path"),
     ("py:class", "random.Random"),
+    # Telemetry's optional OpenTelemetry providers (documented by OpenTelemetry).
+    ("py:class", "MeterProvider"),
+    ("py:class", "TracerProvider"),
 ]
 
 

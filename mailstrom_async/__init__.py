@@ -52,6 +52,11 @@ from mailstrom_async._models import (
     RecipientStatus,
     SMTPReply,
 )
+from mailstrom_async._statistics import (
+    AttemptCounters,
+    DestinationStatistics,
+    Statistics,
+)
 from mailstrom_async._store import (
     Job,
     MemoryStore,
@@ -60,6 +65,7 @@ from mailstrom_async._store import (
     SQLiteStore,
     Store,
 )
+from mailstrom_async._telemetry import Telemetry
 
 __version__ = _version("mailstrom-async")
 
@@ -68,6 +74,7 @@ __all__ = [
     "DEFAULT_STORE_PATH",
     "DEFAULT_TIMEOUTS",
     "Attachment",
+    "AttemptCounters",
     "Config",
     "ConfigError",
     "ConnectError",
@@ -79,6 +86,7 @@ __all__ = [
     "DeliveryEvent",
     "DeliveryExpiredError",
     "DeliveryTimeoutError",
+    "DestinationStatistics",
     "Email",
     "EventStream",
     "InvalidAddressError",
@@ -104,10 +112,12 @@ __all__ = [
     "RetryPolicy",
     "SMTPReply",
     "SQLiteStore",
+    "Statistics",
     "Store",
     "StoreError",
     "SubmitHandle",
     "TLSRequiredError",
+    "Telemetry",
     "TemporaryRejectionError",
     "Timeouts",
     "TransientDeliveryError",

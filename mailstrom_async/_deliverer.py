@@ -34,12 +34,15 @@ from mailstrom_async._message import Email, PreparedMessage, prepare
 from mailstrom_async._models import (
     DeliveryEvent,
     MessageStatus,
+    RecipientState,
     RecipientStatus,
 )
 from mailstrom_async._routes import MXRoute, RelayRoute, Route
 from mailstrom_async._scheduler import Scheduler
 from mailstrom_async._smtp import make_ssl_context, relay_settings
+from mailstrom_async._statistics import AttemptCounters, Statistics
 from mailstrom_async._store import Job, NewMessage, SQLiteStore, Store
+from mailstrom_async._telemetry import Telemetry
 from mailstrom_async._worker import Lanes
 
 __all__ = ["DEFAULT_STORE_PATH", "Deliverer", "DelivererMode", "SubmitHandle"]
@@ -108,6 +111,14 @@ class Deliverer:
     ``"deliver"`` only delivers what is in the store (a worker process). Leaving
     the context stops intake, lets transactions in flight finish for up to
     ``config.shutdown_grace`` seconds, then cancels them; nothing accepted is lost.
+
+    ``telemetry`` turns on OpenTelemetry spans and metrics per delivery attempt:
+    ``True`` for the global providers, or a :class:`Telemetry` with its own (it
+    needs the ``otel`` extra). :meth:`statistics` works without it.
+
+    Raises:
+        ConfigError: ``mode`` is not one of the three, or ``telemetry`` is asked
+            for and the OpenTelemetry API is not installed.
     """
 
     def __init__(
@@ -118,6 +129,7 @@ class Deliverer:
         mode: DelivererMode = "both",
         clock: Callable[[], datetime] = _utcnow,
         rng: random.Random | None = None,
+        telemetry: Telemetry | bool = False,
     ) -> None:
         if mode not in _MODES:
             msg = f"mode must be one of {', '.join(map(repr, _MODES))}, not {mode!r}"
@@ -139,6 +151,13 @@ class Deliverer:
         self._watchers: dict[str, tuple[anyio.Event, int]] = {}
         self._route: Route | None = None
         self._lanes: Lanes | None = None
+        # Off by default (None: the engine never calls into OpenTelemetry);
+        # True uses the global OpenTelemetry providers.
+        self._telemetry: Telemetry | None = None
+        if isinstance(telemetry, Telemetry):
+            self._telemetry = telemetry
+        elif telemetry:
+            self._telemetry = Telemetry()
         self._scheduler = Scheduler(
             store=self._store,
             worker_id=self._worker_id,
@@ -259,6 +278,7 @@ class Deliverer:
             route=self._route,
             on_recorded=self._changed,
             on_job_done=self._job_done,
+            telemetry=self._telemetry,
         )
 
     async def _run_feeders(self, workers: TaskGroup) -> None:
@@ -459,6 +479,31 @@ class Deliverer:
         """
         self._check_open()
         return await self._store.status(message_id)
+
+    async def statistics(self) -> Statistics:
+        """A snapshot of the queue (from the store) and of this Deliverer's work.
+
+        Reads the store's summary (one query); everything else is counted as it
+        happens, at no cost to delivery.
+
+        Raises:
+            DelivererClosedError: the Deliverer is not open.
+            StoreError: the store could not be read.
+        """
+        self._check_open()
+        summary = await self._store.summary()
+        counts = summary.by_state
+        lanes = self._lanes
+        return Statistics(
+            queued=counts.get(RecipientState.QUEUED, 0),
+            deferred=counts.get(RecipientState.DEFERRED, 0),
+            delivered=counts.get(RecipientState.DELIVERED, 0),
+            failed=counts.get(RecipientState.FAILED, 0),
+            in_flight=lanes.in_flight if lanes is not None else 0,
+            jobs_in_memory=self._jobs_in_memory,
+            since_start=lanes.counters() if lanes is not None else AttemptCounters(),
+            destinations=lanes.destinations() if lanes is not None else {},
+        )
 
     def events(self) -> EventStream:
         """Follow every recipient state change from now on: ``async for e in ...``.

@@ -120,7 +120,7 @@ class MXRoute:
                     logger.info(
                         "MX address failed, trying the next",
                         extra={
-                            "domain": destination,
+                            "destination": destination,
                             "host": target.host,
                             "ip": ip,
                             "error": str(exc),

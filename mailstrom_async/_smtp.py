@@ -318,9 +318,9 @@ class SMTPConnection:
 
     def _extra(self, **fields: Any) -> dict[str, Any]:
         return {
-            "smtp_host": self.host,
-            "smtp_ip": self._ip,
-            "smtp_port": self.port,
+            "host": self.host,
+            "ip": self._ip,
+            "port": self.port,
         } | fields
 
     # -- opening ---------------------------------------------------------------
@@ -352,7 +352,7 @@ class SMTPConnection:
                 _log.info(
                     "opportunistic TLS failed, retrying: %s",
                     exc,
-                    extra=conn._extra(smtp_fallback=fallback),
+                    extra=conn._extra(fallback=fallback),
                 )
                 continue
             except BaseException as exc:
@@ -390,7 +390,7 @@ class SMTPConnection:
         self._last_used = anyio.current_time()
         _log.debug(
             "connected",
-            extra=self._extra(smtp_tls=self._tls, smtp_tls_verified=self._tls_verified),
+            extra=self._extra(tls=self._tls, tls_verified=self._tls_verified),
         )
 
     async def _connect_socket(self, ip: str) -> socket.socket:
@@ -437,7 +437,7 @@ class SMTPConnection:
                 raise TLSRequiredError(msg, reply=reply, host=self.host) from exc
             _log.info(
                 "STARTTLS refused, continuing in plain text",
-                extra=self._extra(smtp_reply=str(reply)),
+                extra=self._extra(reply=str(reply)),
             )
             return
         except ssl.SSLError as exc:
@@ -601,7 +601,7 @@ class SMTPConnection:
             )
         _log.debug(
             "transaction done",
-            extra=self._extra(smtp_recipients=len(rcpts), smtp_accepted=len(accepted)),
+            extra=self._extra(recipients=len(rcpts), accepted=len(accepted)),
         )
         return [outcomes[i] for i in range(len(rcpts))]
 

@@ -40,6 +40,7 @@ from mailstrom_async._models import (
 )
 from mailstrom_async._retry import backoff_delay, decide_retry
 from mailstrom_async._routes import NoAddressLeftError
+from mailstrom_async._statistics import AttemptCounters, DestinationStatistics
 
 if TYPE_CHECKING:
     from mailstrom_async._config import Config
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from mailstrom_async._routes import Route
     from mailstrom_async._smtp import SMTPConnection
     from mailstrom_async._store import Job, Store
+    from mailstrom_async._telemetry import AttemptTelemetry, Telemetry
 
 __all__ = ["Lanes"]
 
@@ -103,6 +105,7 @@ class Lanes:
         route: Route,
         on_recorded: Callable[[str], None],
         on_job_done: Callable[[], None],
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -119,6 +122,10 @@ class Lanes:
         self._stopping = False
         self._idle_event = anyio.Event()
         self._idle_event.set()
+        self._telemetry = telemetry
+        # Counters since start, for statistics(): integer increments only.
+        self._attempts = 0
+        self._delivered = self._deferred = self._failed = 0
 
     def _stop_requested(self) -> bool:
         return self._stopping
@@ -132,6 +139,28 @@ class Lanes:
     def in_flight(self) -> int:
         """Jobs being delivered right now."""
         return self._in_flight
+
+    def counters(self) -> AttemptCounters:
+        """What this Deliverer recorded since it started."""
+        return AttemptCounters(
+            attempts=self._attempts,
+            delivered=self._delivered,
+            deferred=self._deferred,
+            failed=self._failed,
+        )
+
+    def destinations(self) -> dict[str, DestinationStatistics]:
+        """A snapshot of every active lane."""
+        return {
+            key: DestinationStatistics(
+                workers=lane.workers,
+                idle_workers=lane.idle,
+                queued=lane.queue.qsize(),
+                consecutive_failures=lane.failures,
+                backoff_until=lane.backoff_until,
+            )
+            for key, lane in self._lanes.items()
+        }
 
     def dispatch(self, job: Job, key: str, tg: TaskGroup) -> None:
         """Queue *job* on the lane for *key*, starting a worker if all are busy."""
@@ -207,12 +236,30 @@ class Lanes:
     ) -> SMTPConnection | None:
         now = self._clock()
         if lane.backoff_until is not None and now < lane.backoff_until:
+            logger.debug(
+                "destination backed off, job postponed",
+                extra={
+                    "message_id": job.message_id,
+                    "destination": lane.key,
+                    "recipients": len(job.recipients),
+                    "backoff_until": lane.backoff_until.isoformat(),
+                },
+            )
             await self._postpone(job, lane.backoff_until)
             return conn
         progress = _Progress(conn=conn)
+        span: AttemptTelemetry | None = None
+        if self._telemetry is not None:
+            span = self._telemetry.start_attempt(
+                message_id=job.message_id,
+                destination=lane.key,
+                recipients=len(job.recipients),
+            )
         try:
             conn, outcomes = await self._attempt(lane, job, progress)
-        except BaseException:
+        except BaseException as exc:
+            if span is not None:
+                span.abort(exc)
             # Cancelled (shutdown past its grace) or crashed mid-attempt: give the
             # recipients back so the next run retries them at once, flagged when
             # the server may already have the message.
@@ -224,13 +271,26 @@ class Lanes:
             await self.release(job)
             raise
         try:
-            await self._record(lane, job, outcomes)
+            statuses = await self._record(lane, job, outcomes)
         except StoreError as exc:
+            if span is not None:
+                span.abort(exc)
             # The lease expires and the recipients are tried again: at-least-once.
             logger.error(
                 "could not record a delivery attempt; it will be retried",
-                extra={"message_id": job.message_id, "error": str(exc)},
+                extra={
+                    "message_id": job.message_id,
+                    "destination": lane.key,
+                    "error": str(exc),
+                },
             )
+        except BaseException as exc:
+            if span is not None:
+                span.abort(exc)
+            raise
+        else:
+            if span is not None:
+                span.finish(statuses)
         return conn
 
     async def _flag_possible_duplicates(self, job: Job, batch: Sequence[str]) -> None:
@@ -337,6 +397,9 @@ class Lanes:
                     "destination": lane.key,
                     "host": where.host,
                     "ip": where.ip,
+                    "code": exc.reply.code if exc.reply else None,
+                    "enhanced_code": exc.reply.enhanced_code if exc.reply else None,
+                    "recipients": len(batch),
                     "error": str(exc),
                 },
             )
@@ -359,7 +422,7 @@ class Lanes:
         lane: _Lane,
         job: Job,
         results: dict[str, tuple[RecipientOutcome, _Where]],
-    ) -> None:
+    ) -> list[RecipientStatus]:
         now = self._clock()
         statuses = [
             self._next_status(r, *results[r.address], now=now, job=job, lane=lane)
@@ -367,6 +430,16 @@ class Lanes:
         ]
         with anyio.CancelScope(shield=True), anyio.move_on_after(_SHIELDED_DEADLINE):
             await self._store.record(job.message_id, statuses, worker=self._worker_id)
+        self._attempts += 1
+        for new in statuses:
+            if new.state is RecipientState.DELIVERED:
+                self._delivered += 1
+            elif new.state is RecipientState.DEFERRED:
+                self._deferred += 1
+            else:  # an attempt leaves no recipient QUEUED
+                self._failed += 1
+        if logger.isEnabledFor(logging.INFO):
+            _log_outcomes(job.message_id, lane.key, statuses)
         for old, new in zip(job.recipients, statuses, strict=True):
             self._broker.publish(
                 DeliveryEvent(
@@ -377,6 +450,7 @@ class Lanes:
                 )
             )
         self._on_recorded(job.message_id)
+        return statuses
 
     def _next_status(
         self,
@@ -424,3 +498,59 @@ class Lanes:
             enhanced_code=DeliveryExpiredError.default_enhanced_code,
             message=f"{decision.reason}; last reply: {last}",
         )
+
+
+# recipient domain, state, code, enhanced code, attempt, host, ip
+_OutcomeKey = tuple[
+    str, RecipientState, int | None, str | None, int, str | None, str | None
+]
+
+
+def _log_outcomes(
+    message_id: str, destination: str, statuses: Sequence[RecipientStatus]
+) -> None:
+    """One INFO record per recipient domain and outcome of a recorded attempt.
+
+    INFO records never name a recipient, nor quote the reply text (a server may
+    quote the address); DEBUG adds one record per recipient with its address.
+    """
+    groups: dict[_OutcomeKey, int] = {}
+    for s in statuses:
+        key = (s.domain, s.state, s.code, s.enhanced_code, s.attempts, s.host, s.ip)
+        groups[key] = groups.get(key, 0) + 1
+    for (domain, state, code, enhanced, attempt, host, ip), count in groups.items():
+        logger.info(
+            "attempt recorded: %d recipient(s) %s",
+            count,
+            state.value,
+            extra={
+                "message_id": message_id,
+                "recipient_domain": domain,
+                "destination": destination,
+                "host": host,
+                "ip": ip,
+                "code": code,
+                "enhanced_code": enhanced,
+                "attempt": attempt,
+                "state": state.value,
+                "recipients": count,
+            },
+        )
+    if logger.isEnabledFor(logging.DEBUG):
+        for s in statuses:
+            logger.debug(
+                "recipient outcome",
+                extra={
+                    "message_id": message_id,
+                    "recipient": s.address,
+                    "recipient_domain": s.domain,
+                    "destination": destination,
+                    "host": s.host,
+                    "ip": s.ip,
+                    "code": s.code,
+                    "enhanced_code": s.enhanced_code,
+                    "reply": s.message,
+                    "attempt": s.attempts,
+                    "state": s.state.value,
+                },
+            )

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import doctest
 import importlib.util
+import io
+import json
+import logging
 import re
 import sys
 from pathlib import Path
@@ -20,6 +23,10 @@ from typing import TYPE_CHECKING
 import anyio
 import httpx
 import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+    InMemorySpanExporter,
+)
 
 import mailstrom_async
 from mailstrom_async import (
@@ -51,6 +58,7 @@ EXAMPLE_TESTS = {
         "test_fastapi_app_refuses_an_invalid_address",
         "test_fastapi_app_from_environment_reads_the_toml_file",
     ],
+    "observability.py": ["test_observability_logs_counts_and_traces"],
 }
 
 
@@ -295,6 +303,54 @@ def test_fastapi_app_from_environment_reads_the_toml_file(
     config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\n')
     app = fastapi_example.app_from_environment()
     assert set(app.openapi()["paths"]) == {"/messages", "/messages/{message_id}"}
+
+
+# -- observability.py ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def observability_example() -> ModuleType:
+    return load_example("observability.py")
+
+
+async def test_observability_logs_counts_and_traces(
+    observability_example: ModuleType,
+    smtpd: SMTPDServers,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The example logs JSON, prints the statistics and exports one span per attempt."""
+    example = observability_example
+    server = await smtpd.start()
+    stream = io.StringIO()
+    logger = logging.getLogger("mailstrom_async")
+    level = logger.level
+    handler = example.setup_logging(stream)
+    exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    try:
+        with anyio.fail_after(30):
+            stats = await example.main(
+                "127.0.0.1", server.port, example.make_telemetry(exporter, reader)
+            )
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert (stats.delivered, stats.since_start.attempts) == (2, 2)
+    out = capsys.readouterr().out
+    assert "store: 0 queued, 0 deferred, 2 delivered, 0 failed" in out
+    assert "this process: 2 attempts, 2 delivered, 0 deferred, 0 failed" in out
+    assert "relay: 1 workers, 0 jobs waiting" in out
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    outcomes = [r for r in records if r.get("state") == "delivered"]
+    assert sorted(r["recipient_domain"] for r in outcomes) == [
+        "example.net",
+        "example.org",
+    ]
+    assert all(r["code"] == 250 and r["destination"] == "relay" for r in outcomes)
+    spans = exporter.get_finished_spans()
+    assert [s.attributes["mailstrom.outcome"] for s in spans] == [  # type: ignore[index]
+        "delivered",
+        "delivered",
+    ]
 
 
 # -- the docs themselves -----------------------------------------------------------

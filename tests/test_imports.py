@@ -20,6 +20,7 @@ OWNERS: dict[str, set[str]] = {
     "aiosqlite": {"mailstrom_async/_store/_sqlite.py"},
     "sqlite3": {"mailstrom_async/_store/_sqlite.py"},
     "smtplib": set(),
+    "opentelemetry": {"mailstrom_async/_telemetry.py"},
 }
 
 

@@ -135,3 +135,27 @@ def exception_types() -> None:
 
 def version_type() -> None:
     assert_type(m.__version__, str)
+
+
+async def statistics_types(deliverer: m.Deliverer) -> None:
+    stats = await deliverer.statistics()
+    assert_type(stats, m.Statistics)
+    assert_type(stats.queued, int)
+    assert_type(stats.in_flight, int)
+    assert_type(stats.jobs_in_memory, int)
+    assert_type(stats.since_start, m.AttemptCounters)
+    assert_type(stats.since_start.attempts, int)
+    for destination, lane in stats.destinations.items():
+        assert_type(destination, str)
+        assert_type(lane, m.DestinationStatistics)
+        assert_type(lane.backoff_until, datetime | None)
+        assert_type(lane.consecutive_failures, int)
+    stats.queued = 1  # type: ignore[misc]
+
+
+def telemetry_types() -> None:
+    m.Deliverer(telemetry=True)
+    m.Deliverer(telemetry=m.Telemetry())
+    m.Deliverer(telemetry="yes")  # type: ignore[arg-type]
+    m.Telemetry(tracer_provider=None, meter_provider=None)
+    m.Telemetry(tracer_provider=object())  # type: ignore[arg-type]
