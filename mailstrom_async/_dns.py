@@ -57,7 +57,7 @@ logger = logging.getLogger("mailstrom_async.dns")
 
 #: c-ares sends each query up to this many times within ``Timeouts.dns``.
 _TRIES: Final = 3
-_MAX_CACHE_ENTRIES: Final = 10_000
+_MAX_CACHE_ENTRIES: Final = 1_000
 _CLOSED: Final = "Resolver is closed; route() after aclose() is not allowed"
 
 #: One answer: ``(preference, exchange)`` pairs for MX, address strings for A/AAAA.
