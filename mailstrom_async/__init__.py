@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from importlib.metadata import version as _version
 
+from mailstrom_async._classify import RecipientOutcome
 from mailstrom_async._config import (
     DEFAULT_RETRY_POLICY,
     DEFAULT_TIMEOUTS,
@@ -60,6 +61,7 @@ from mailstrom_async._store import (
     SQLiteStore,
     Store,
 )
+from mailstrom_async._transport import Connection, Transport
 
 __version__ = _version("mailstrom-async")
 
@@ -71,6 +73,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConnectError",
+    "Connection",
     "DNSTemporaryError",
     "Deliverer",
     "DelivererClosedError",
@@ -97,6 +100,7 @@ __all__ = [
     "PreparedMessage",
     "ProtocolError",
     "QueueSummary",
+    "RecipientOutcome",
     "RecipientState",
     "RecipientStatus",
     "RelayConfig",
@@ -111,6 +115,7 @@ __all__ = [
     "TemporaryRejectionError",
     "Timeouts",
     "TransientDeliveryError",
+    "Transport",
     "UnknownMessageError",
     "__version__",
     "prepare",

@@ -14,7 +14,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import anyio
 import attrs
@@ -36,11 +36,14 @@ from mailstrom_async._models import (
     MessageStatus,
     RecipientStatus,
 )
-from mailstrom_async._routes import MXRoute, RelayRoute, Route
+from mailstrom_async._routes import MXRoute, RelayRoute
 from mailstrom_async._scheduler import Scheduler
 from mailstrom_async._smtp import make_ssl_context, relay_settings
 from mailstrom_async._store import Job, NewMessage, SQLiteStore, Store
 from mailstrom_async._worker import Lanes
+
+if TYPE_CHECKING:
+    from mailstrom_async._transport import Transport
 
 __all__ = ["DEFAULT_STORE_PATH", "Deliverer", "DelivererMode", "SubmitHandle"]
 
@@ -108,6 +111,9 @@ class Deliverer:
     ``"deliver"`` only delivers what is in the store (a worker process). Leaving
     the context stops intake, lets transactions in flight finish for up to
     ``config.shutdown_grace`` seconds, then cancels them; nothing accepted is lost.
+
+    A *transport* replaces the relay or MX delivery that ``config`` describes
+    (no DNS, no TLS set-up): ``mailstrom_async.testing.Outbox`` is one, for tests.
     """
 
     def __init__(
@@ -118,6 +124,7 @@ class Deliverer:
         mode: DelivererMode = "both",
         clock: Callable[[], datetime] = _utcnow,
         rng: random.Random | None = None,
+        transport: Transport | None = None,
     ) -> None:
         if mode not in _MODES:
             msg = f"mode must be one of {', '.join(map(repr, _MODES))}, not {mode!r}"
@@ -137,7 +144,8 @@ class Deliverer:
         self._ready: asyncio.Queue[Job] = asyncio.Queue()
         self._jobs_in_memory = 0
         self._watchers: dict[str, tuple[anyio.Event, int]] = {}
-        self._route: Route | None = None
+        self._transport = transport
+        self._route: Transport | None = None
         self._lanes: Lanes | None = None
         self._scheduler = Scheduler(
             store=self._store,
@@ -231,24 +239,10 @@ class Deliverer:
 
     async def _prepare_route(self) -> None:
         config = self._config
-        helo = config.helo_name
-        if helo is None:
-            helo = await anyio.to_thread.run_sync(_local_fqdn)
-        relay = config.relay
-        if relay is not None:
-            context: ssl.SSLContext | None = None
-            if relay.tls != "none":
-                # Loading CA files is disk I/O: once, at start, off the event loop.
-                context = await anyio.to_thread.run_sync(
-                    make_ssl_context, relay.verify, relay.ca_file
-                )
-            self._route = RelayRoute(relay_settings(config, helo, context))
+        if self._transport is not None:
+            self._route = self._transport
         else:
-            # Opportunistic and required TLS try a verified session first and
-            # record whether they had one (system CAs, loaded once off the loop).
-            context = await anyio.to_thread.run_sync(make_ssl_context, True, None)
-            resolver = Resolver(config.mx, config.timeouts, rng=self._rng)
-            self._route = MXRoute(config, resolver, helo_name=helo, ssl_context=context)
+            self._route = await self._network_route()
         self._lanes = Lanes(
             config=config,
             store=self._store,
@@ -260,6 +254,28 @@ class Deliverer:
             on_recorded=self._changed,
             on_job_done=self._job_done,
         )
+
+    async def _network_route(self) -> Transport:
+        """The relay or MX route that the configuration describes."""
+        config = self._config
+        helo = config.helo_name
+        if helo is None:
+            helo = await anyio.to_thread.run_sync(_local_fqdn)
+        relay = config.relay
+        if relay is not None:
+            context: ssl.SSLContext | None = None
+            if relay.tls != "none":
+                # Loading CA files is disk I/O: once, at start, off the event loop.
+                context = await anyio.to_thread.run_sync(
+                    make_ssl_context, relay.verify, relay.ca_file
+                )
+            return RelayRoute(relay_settings(config, helo, context))
+        else:
+            # Opportunistic and required TLS try a verified session first and
+            # record whether they had one (system CAs, loaded once off the loop).
+            context = await anyio.to_thread.run_sync(make_ssl_context, True, None)
+            resolver = Resolver(config.mx, config.timeouts, rng=self._rng)
+            return MXRoute(config, resolver, helo_name=helo, ssl_context=context)
 
     async def _run_feeders(self, workers: TaskGroup) -> None:
         with self._feeders:
