@@ -71,12 +71,14 @@ class OutboxMessage:
 
     @property
     def text(self) -> str | None:
-        """The plain text body, if the message has one."""
+        """The plain text body, decoded, with ``"\n"`` line endings; None if the
+        message has none."""
         return _body(self.message, "plain")
 
     @property
     def html(self) -> str | None:
-        """The HTML body, if the message has one."""
+        """The HTML body, decoded, with ``"\n"`` line endings; None if the message
+        has none."""
         return _body(self.message, "html")
 
 
@@ -91,8 +93,8 @@ def _body(message: EmailMessage, subtype: str) -> str | None:
     part = message.get_body(preferencelist=(subtype,))
     if part is None:
         return None
-    content = part.get_content()
-    return content if isinstance(content, str) else None
+    content: str = part.get_content()  # a text/plain or text/html part: str
+    return content.replace("\r\n", "\n")
 
 
 def capture(mail_from: str, rcpt_to: tuple[str, ...], data: bytes) -> OutboxMessage:
