@@ -24,6 +24,7 @@ from mailstrom_async import (
     MemoryStore,
     MessageStatus,
     MXConfig,
+    ProtocolError,
     RecipientState,
     RelayConfig,
     Transport,
@@ -320,14 +321,13 @@ async def test_outbox_connection_protocol(outbox: Outbox) -> None:
     assert isinstance(connection, OutboxConnection)
     assert transport.destination("x@example.org") == "outbox"
     assert transport.fails_over is False
-    assert connection.is_usable
-    assert not connection.final_dot_unconfirmed
+    assert [connection.is_usable, connection.final_dot_unconfirmed] == [True, False]
     data = prepare(email()).data
     [outcome] = await connection.send("a@example.com", ["b@example.org"], data)
     assert outcome.state is DELIVERED
     await connection.aclose()
     assert not connection.is_usable
-    with pytest.raises(Exception, match="closed"):
+    with pytest.raises(ProtocolError, match="closed"):
         await connection.send("a@example.com", ["b@example.org"], data)
     other = await transport.connect("outbox")
     other.close_now()
@@ -368,7 +368,8 @@ def test_check_backend() -> None:
     """The async fixtures accept asyncio and refuse other anyio backends clearly."""
     check_backend("asyncio")
     check_backend(("asyncio", {"debug": True}))
-    for backend in ("trio", ("trio", {})):
+    backends: list[object] = ["trio", ("trio", {})]
+    for backend in backends:
         with pytest.raises(pytest.UsageError, match=r"asyncio only.*'trio'"):
             check_backend(backend)
 
