@@ -61,7 +61,7 @@ class OutboxMessage:
 
     @property
     def to(self) -> tuple[str, ...]:
-        """The addresses in the ``To`` header (not the envelope: see ``rcpt_to``)."""
+        """The addresses in the ``To`` header (the envelope's are ``rcpt_to``)."""
         return _addresses(self.message, "To")
 
     @property
@@ -71,14 +71,13 @@ class OutboxMessage:
 
     @property
     def text(self) -> str | None:
-        """The plain text body, decoded, with ``"\n"`` line endings; None if the
-        message has none."""
+        """The plain text body, decoded, with Unix line endings; None if there is
+        none."""
         return _body(self.message, "plain")
 
     @property
     def html(self) -> str | None:
-        """The HTML body, decoded, with ``"\n"`` line endings; None if the message
-        has none."""
+        """The HTML body, decoded, with Unix line endings; None if there is none."""
         return _body(self.message, "html")
 
 

@@ -85,7 +85,7 @@ class Outbox(Scripted):
 
     @property
     def fails_over(self) -> bool:
-        """False: the outbox has one address."""
+        """Always False, as the outbox has a single address."""
         return False
 
     def destination(self, address: str) -> str:
