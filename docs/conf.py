@@ -65,6 +65,7 @@ nitpick_ignore = [
     ("py:class", "datetime"),  # attrs fields annotated with the imported name
     ("py:class", "datetime.datetime"),
     ("py:class", "email.message.EmailMessage"),
+    ("py:class", "EmailMessage"),  # attrs fields annotated with the imported name
     ("py:class", "os.PathLike"),
     ("py:class", "pathlib.Path"),
     ("py:class", "random.Random"),

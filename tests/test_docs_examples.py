@@ -316,11 +316,11 @@ def test_with_outbox_passes_under_the_plugin(pytester: pytest.Pytester) -> None:
     and a copy with a wrong expectation fails, showing the captured subject."""
     source = (EXAMPLES / "test_with_outbox.py").read_text()
     wrong = source.replace(
-        'message.subject == "Welcome to the shop"', 'message.subject == "Goodbye"'
+        'message.subject == "Welcome to the shop"', 'message.subject == "Goodbye"', 1
     )
     assert wrong != source
     result = run_user_suite(pytester, test_with_outbox=source, test_wrong=wrong)
-    result.assert_outcomes(passed=5, failed=1)
+    result.assert_outcomes(passed=7, failed=1)
     result.stdout.fnmatch_lines(
         [
             "*AssertionError: assert 'Welcome to the shop' == 'Goodbye'*",

@@ -20,6 +20,12 @@ OWNERS: dict[str, set[str]] = {
     "aiosqlite": {"mailstrom_async/_store/_sqlite.py"},
     "sqlite3": {"mailstrom_async/_store/_sqlite.py"},
     "smtplib": set(),
+    # The testing kit, and only it, needs pytest (the "testing" extra).
+    "pytest": {
+        "mailstrom_async/testing/__init__.py",
+        "mailstrom_async/testing/_plugin.py",
+        "mailstrom_async/testing/_store_contract.py",
+    },
 }
 
 

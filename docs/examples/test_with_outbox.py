@@ -7,8 +7,8 @@ Run it with the plugin: ``pytest -p mailstrom_async.testing``, or put
 import anyio
 import pytest
 
-from mailstrom_async import Deliverer, Email, RecipientState, SubmitHandle
-from mailstrom_async.testing import Outbox
+from mailstrom_async import Deliverer, Email, MemoryStore, RecipientState, SubmitHandle
+from mailstrom_async.testing import CaptureServer, Outbox
 
 # Run every async test here with anyio's pytest plugin (installed with anyio).
 # Not needed with `anyio_mode = "auto"` in your pytest configuration.
@@ -73,3 +73,16 @@ async def test_unknown_address_fails(deliverer: Deliverer, outbox: Outbox) -> No
     assert recipient.state is RecipientState.FAILED
     assert (recipient.code, recipient.enhanced_code) == (550, "5.1.1")
     assert outbox.messages == []
+
+
+async def test_welcome_mail_over_smtp(smtp_server: CaptureServer) -> None:
+    # The whole SMTP conversation, over TCP on 127.0.0.1, with a Deliverer of our own.
+    smtp_server.defer("ada@example.org")
+    config = smtp_server.relay_config()
+    async with Deliverer(config, store=MemoryStore()) as deliverer:
+        handle = await send_welcome(deliverer, "ada@example.org")
+        with anyio.fail_after(5):
+            status = await handle
+    assert status.recipients[0].attempts == 2
+    [message] = smtp_server.messages
+    assert message.subject == "Welcome to the shop"

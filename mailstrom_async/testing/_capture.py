@@ -51,7 +51,7 @@ class OutboxMessage:
     data: bytes = attrs.field(repr=False)
     """The message as it was sent."""
     message: EmailMessage = attrs.field(repr=False, eq=False)
-    """``data`` parsed with :data:`email.policy.default`."""
+    """``data`` parsed with the ``email.policy.default`` policy."""
 
     @property
     def subject(self) -> str | None:
