@@ -502,3 +502,43 @@ async def test_capture_server_lifecycle() -> None:
             server.relay_config(no_such_field=1)
     with pytest.raises(RuntimeError, match="running"):
         server.relay_config()
+
+
+def test_plugin_from_a_conftest_that_imports_the_kit(pytester: pytest.Pytester) -> None:
+    """A conftest.py that imports from mailstrom_async.testing and names it in
+    pytest_plugins works without a warning (run with -W error)."""
+    pytester.makeconftest(
+        """
+        import pytest
+        from mailstrom_async.testing import Outbox
+
+        pytest_plugins = ["mailstrom_async.testing"]
+
+        @pytest.fixture
+        def anyio_backend():
+            return "asyncio"
+        """
+    )
+    pytester.makepyfile(
+        """
+        import anyio
+        import pytest
+
+        @pytest.mark.anyio
+        async def test_sends(deliverer, outbox):
+            await deliverer.submit(
+                b"From: a@example.com\\r\\nSubject: hi\\r\\n\\r\\nhello\\r\\n",
+                mail_from="a@example.com",
+                rcpt_to=["b@example.org"],
+            )
+            with anyio.fail_after(5):
+                [message] = await outbox.wait_for(1)
+            assert message.subject == "hi"
+
+        def test_fixture_is_an_outbox(outbox):
+            from mailstrom_async.testing import Outbox
+            assert isinstance(outbox, Outbox)
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error")
+    result.assert_outcomes(passed=2)

@@ -12,6 +12,10 @@
   a custom store.
 
 Needs pytest: ``pip install "mailstrom-async[testing]"``.
+
+This module holds no asserts of its own (PYTEST_DONT_REWRITE): a conftest.py may
+import from it and also name it in ``pytest_plugins`` without pytest warning that
+it was imported too early to be rewritten.
 """
 
 from __future__ import annotations
