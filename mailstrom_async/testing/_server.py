@@ -89,7 +89,9 @@ class CaptureServer(Scripted):
         """Wait until the server holds at least *count* messages; return them all.
 
         It waits for as long as it takes: put a deadline around it, such as
-        ``with anyio.fail_after(5):``.
+        ``with anyio.fail_after(5):``. It returns as soon as the messages
+        arrive, a moment before the Deliverer records their recipients'
+        statuses: to check those, await the handle that ``submit()`` returned.
 
         Raises:
             ValueError: *count* is below 1.
