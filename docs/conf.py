@@ -15,6 +15,7 @@ from sphinx.application import Sphinx
 from sphinx.pycode import ModuleAnalyzer
 
 import mailstrom_async
+import mailstrom_async.testing
 
 project = "mailstrom_async"
 author = "the mailstrom_async authors"
@@ -64,6 +65,7 @@ nitpick_ignore = [
     ("py:class", "datetime"),  # attrs fields annotated with the imported name
     ("py:class", "datetime.datetime"),
     ("py:class", "email.message.EmailMessage"),
+    ("py:class", "EmailMessage"),  # attrs fields annotated with the imported name
     ("py:class", "os.PathLike"),
     ("py:class", "pathlib.Path"),
     ("py:class", "random.Random"),
@@ -81,7 +83,9 @@ nitpick_ignore = [
 # the module named by __module__, which then holds only imports. The helpers below
 # look in the private module that defines each public name instead.
 
-_PUBLIC = set(mailstrom_async.__all__)
+_PUBLIC = set(mailstrom_async.__all__) | set(mailstrom_async.testing.__all__)
+# The modules whose __module__ the public names say (the testing kit's too).
+_PUBLIC_MODULES = ("mailstrom_async.testing", "mailstrom_async")
 
 
 def _analyzers() -> list[tuple[str, ModuleAnalyzer]]:
@@ -108,9 +112,10 @@ def _add_attribute_docs(
     app: Sphinx, what: str, name: str, obj: Any, options: Any, lines: list[str]
 ) -> None:
     """Give fields, enum members and constants their docstrings from the source."""
-    if what not in ("attribute", "data") or not name.startswith("mailstrom_async."):
+    module = next((m for m in _PUBLIC_MODULES if name.startswith(f"{m}.")), None)
+    if what not in ("attribute", "data") or module is None:
         return
-    qualname, _, attr = name.removeprefix("mailstrom_async.").rpartition(".")
+    qualname, _, attr = name.removeprefix(f"{module}.").rpartition(".")
     doc = _ATTRIBUTE_DOCS.get((qualname, attr))
     if doc is not None:
         lines[:] = doc
@@ -129,7 +134,7 @@ def _type_doc(obj: Any) -> list[str]:
 
 def _follow_imported(app: Sphinx, modname: str, attribute: str) -> str | None:
     """viewcode: find ``mailstrom_async.Config``'s source in its defining module."""
-    if modname == "mailstrom_async":
+    if modname in _PUBLIC_MODULES:
         return _DEFINED_IN.get(attribute.partition(".")[0])
     return None
 

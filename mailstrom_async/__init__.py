@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from importlib.metadata import version as _version
 
+from mailstrom_async._classify import RecipientOutcome
 from mailstrom_async._config import (
     DEFAULT_RETRY_POLICY,
     DEFAULT_TIMEOUTS,
@@ -66,6 +67,7 @@ from mailstrom_async._store import (
     Store,
 )
 from mailstrom_async._telemetry import Telemetry
+from mailstrom_async._transport import Connection, Transport
 
 __version__ = _version("mailstrom-async")
 
@@ -78,6 +80,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConnectError",
+    "Connection",
     "DNSTemporaryError",
     "Deliverer",
     "DelivererClosedError",
@@ -105,6 +108,7 @@ __all__ = [
     "PreparedMessage",
     "ProtocolError",
     "QueueSummary",
+    "RecipientOutcome",
     "RecipientState",
     "RecipientStatus",
     "RelayConfig",
@@ -121,6 +125,7 @@ __all__ = [
     "TemporaryRejectionError",
     "Timeouts",
     "TransientDeliveryError",
+    "Transport",
     "UnknownMessageError",
     "__version__",
     "prepare",

@@ -14,7 +14,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import anyio
 import attrs
@@ -37,13 +37,16 @@ from mailstrom_async._models import (
     RecipientState,
     RecipientStatus,
 )
-from mailstrom_async._routes import MXRoute, RelayRoute, Route
+from mailstrom_async._routes import MXRoute, RelayRoute
 from mailstrom_async._scheduler import Scheduler
 from mailstrom_async._smtp import make_ssl_context, relay_settings
 from mailstrom_async._statistics import AttemptCounters, Statistics
 from mailstrom_async._store import Job, NewMessage, SQLiteStore, Store
 from mailstrom_async._telemetry import Telemetry
 from mailstrom_async._worker import Lanes
+
+if TYPE_CHECKING:
+    from mailstrom_async._transport import Transport
 
 __all__ = ["DEFAULT_STORE_PATH", "Deliverer", "DelivererMode", "SubmitHandle"]
 
@@ -116,6 +119,9 @@ class Deliverer:
     ``True`` for the global providers, or a :class:`Telemetry` with its own (it
     needs the ``otel`` extra). :meth:`statistics` works without it.
 
+    A *transport* replaces the relay or MX delivery that ``config`` describes
+    (no DNS, no TLS set-up): ``mailstrom_async.testing.Outbox`` is one, for tests.
+
     Raises:
         ConfigError: ``mode`` is not one of the three, or ``telemetry`` is asked
             for and the OpenTelemetry API is not installed.
@@ -130,6 +136,7 @@ class Deliverer:
         clock: Callable[[], datetime] = _utcnow,
         rng: random.Random | None = None,
         telemetry: Telemetry | bool = False,
+        transport: Transport | None = None,
     ) -> None:
         if mode not in _MODES:
             msg = f"mode must be one of {', '.join(map(repr, _MODES))}, not {mode!r}"
@@ -149,7 +156,8 @@ class Deliverer:
         self._ready: asyncio.Queue[Job] = asyncio.Queue()
         self._jobs_in_memory = 0
         self._watchers: dict[str, tuple[anyio.Event, int]] = {}
-        self._route: Route | None = None
+        self._transport = transport
+        self._route: Transport | None = None
         self._lanes: Lanes | None = None
         # Off by default (None: the engine never calls into OpenTelemetry);
         # True uses the global OpenTelemetry providers.
@@ -250,24 +258,10 @@ class Deliverer:
 
     async def _prepare_route(self) -> None:
         config = self._config
-        helo = config.helo_name
-        if helo is None:
-            helo = await anyio.to_thread.run_sync(_local_fqdn)
-        relay = config.relay
-        if relay is not None:
-            context: ssl.SSLContext | None = None
-            if relay.tls != "none":
-                # Loading CA files is disk I/O: once, at start, off the event loop.
-                context = await anyio.to_thread.run_sync(
-                    make_ssl_context, relay.verify, relay.ca_file
-                )
-            self._route = RelayRoute(relay_settings(config, helo, context))
+        if self._transport is not None:
+            self._route = self._transport
         else:
-            # Opportunistic and required TLS try a verified session first and
-            # record whether they had one (system CAs, loaded once off the loop).
-            context = await anyio.to_thread.run_sync(make_ssl_context, True, None)
-            resolver = Resolver(config.mx, config.timeouts, rng=self._rng)
-            self._route = MXRoute(config, resolver, helo_name=helo, ssl_context=context)
+            self._route = await self._network_route()
         self._lanes = Lanes(
             config=config,
             store=self._store,
@@ -280,6 +274,28 @@ class Deliverer:
             on_job_done=self._job_done,
             telemetry=self._telemetry,
         )
+
+    async def _network_route(self) -> Transport:
+        """The relay or MX route that the configuration describes."""
+        config = self._config
+        helo = config.helo_name
+        if helo is None:
+            helo = await anyio.to_thread.run_sync(_local_fqdn)
+        relay = config.relay
+        if relay is not None:
+            context: ssl.SSLContext | None = None
+            if relay.tls != "none":
+                # Loading CA files is disk I/O: once, at start, off the event loop.
+                context = await anyio.to_thread.run_sync(
+                    make_ssl_context, relay.verify, relay.ca_file
+                )
+            return RelayRoute(relay_settings(config, helo, context))
+        else:
+            # Opportunistic and required TLS try a verified session first and
+            # record whether they had one (system CAs, loaded once off the loop).
+            context = await anyio.to_thread.run_sync(make_ssl_context, True, None)
+            resolver = Resolver(config.mx, config.timeouts, rng=self._rng)
+            return MXRoute(config, resolver, helo_name=helo, ssl_context=context)
 
     async def _run_feeders(self, workers: TaskGroup) -> None:
         with self._feeders:

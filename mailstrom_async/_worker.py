@@ -45,10 +45,9 @@ from mailstrom_async._statistics import AttemptCounters, DestinationStatistics
 if TYPE_CHECKING:
     from mailstrom_async._config import Config
     from mailstrom_async._events import EventBroker
-    from mailstrom_async._routes import Route
-    from mailstrom_async._smtp import SMTPConnection
     from mailstrom_async._store import Job, Store
     from mailstrom_async._telemetry import AttemptTelemetry, Telemetry
+    from mailstrom_async._transport import Connection, Transport
 
 __all__ = ["Lanes"]
 
@@ -76,7 +75,7 @@ class _Lane:
 class _Progress:
     """How far an attempt got: its connection and the batch in flight."""
 
-    conn: SMTPConnection | None
+    conn: Connection | None
     batch: Sequence[str] = ()
 
 
@@ -102,7 +101,7 @@ class Lanes:
         worker_id: str,
         clock: Callable[[], datetime],
         rng: random.Random,
-        route: Route,
+        route: Transport,
         on_recorded: Callable[[str], None],
         on_job_done: Callable[[], None],
         telemetry: Telemetry | None = None,
@@ -188,7 +187,7 @@ class Lanes:
             await self._idle_event.wait()
 
     async def _run_worker(self, lane: _Lane) -> None:
-        conn: SMTPConnection | None = None
+        conn: Connection | None = None
         try:
             async with self._limiter:
                 while not self.is_stopping:
@@ -232,8 +231,8 @@ class Lanes:
             await self._store.release(job.message_id, addresses, worker=self._worker_id)
 
     async def _deliver(
-        self, lane: _Lane, job: Job, conn: SMTPConnection | None
-    ) -> SMTPConnection | None:
+        self, lane: _Lane, job: Job, conn: Connection | None
+    ) -> Connection | None:
         now = self._clock()
         if lane.backoff_until is not None and now < lane.backoff_until:
             logger.debug(
@@ -309,7 +308,7 @@ class Lanes:
 
     async def _attempt(
         self, lane: _Lane, job: Job, progress: _Progress
-    ) -> tuple[SMTPConnection | None, dict[str, tuple[RecipientOutcome, _Where]]]:
+    ) -> tuple[Connection | None, dict[str, tuple[RecipientOutcome, _Where]]]:
         results: dict[str, tuple[RecipientOutcome, _Where]] = {}
         pending = [r.address for r in job.recipients]
         per_transaction = self._config.limits.max_recipients_per_transaction

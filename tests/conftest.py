@@ -12,8 +12,14 @@ from blockbuster import BlockBuster, blockbuster_ctx
 from hypothesis import settings
 
 # Loopback SMTP servers (aiosmtpd, byte-level scripts, Postfix smtp-sink) as fixtures
-# for every test module: smtpd, script_server, smtp_sink.
-pytest_plugins = ["tests.dns_server", "tests.smtpd"]
+# for every test module: smtpd, script_server, smtp_sink. Then the users' testing kit
+# (outbox, deliverer, smtp_server), and pytester to run a user's suite with it.
+pytest_plugins = [
+    "mailstrom_async.testing",
+    "pytester",
+    "tests.dns_server",
+    "tests.smtpd",
+]
 
 settings.register_profile("dev", max_examples=100)
 settings.register_profile("ci", max_examples=200, deadline=None)

@@ -21,6 +21,12 @@ OWNERS: dict[str, set[str]] = {
     "sqlite3": {"mailstrom_async/_store/_sqlite.py"},
     "smtplib": set(),
     "opentelemetry": {"mailstrom_async/_telemetry.py"},
+    # The testing kit, and only it, needs pytest (the "testing" extra).
+    "pytest": {
+        "mailstrom_async/testing/__init__.py",
+        "mailstrom_async/testing/_plugin.py",
+        "mailstrom_async/testing/_store_contract.py",
+    },
 }
 
 

@@ -18,7 +18,7 @@ from mailstrom_async._exceptions import StoreError, UnknownMessageError
 from mailstrom_async._models import RecipientState, RecipientStatus
 from mailstrom_async._store import MemoryStore, SQLiteStore, Store
 from mailstrom_async._store._sql import SCHEMA_VERSION
-from tests.store_contract import (
+from mailstrom_async.testing._store_contract import (
     T0,
     StoreContract,
     at,

@@ -7,10 +7,13 @@ ignore, under ``strict``) when something that must be rejected starts being acce
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
+from email.message import EmailMessage
 from typing import assert_type
 
 import mailstrom_async as m
+import mailstrom_async.testing as t
 
 
 def config_types() -> None:
@@ -159,3 +162,81 @@ def telemetry_types() -> None:
     m.Deliverer(telemetry="yes")  # type: ignore[arg-type]
     m.Telemetry(tracer_provider=None, meter_provider=None)
     m.Telemetry(tracer_provider=object())  # type: ignore[arg-type]
+
+
+class _Dropped:
+    """A user's connection that loses every message: it satisfies Connection."""
+
+    host = "nowhere"
+    ip: str | None = None
+    tls = False
+    tls_verified = False
+    is_usable = True
+    final_dot_unconfirmed = False
+
+    async def send(
+        self,
+        mail_from: str,
+        rcpt_to: Sequence[str],
+        data: bytes,
+        *,
+        smtputf8: bool = False,
+    ) -> list[m.RecipientOutcome]:
+        reply = m.SMTPReply(code=250)
+        return [
+            m.RecipientOutcome(address=a, state=m.RecipientState.DELIVERED, reply=reply)
+            for a in rcpt_to
+        ]
+
+    async def aclose(self) -> None: ...
+
+    def close_now(self) -> None: ...
+
+
+class _DropTransport:
+    """A user's transport: it satisfies Transport."""
+
+    fails_over = False
+
+    def destination(self, address: str) -> str:
+        return "nowhere"
+
+    async def connect(
+        self, destination: str, *, skip: frozenset[str] = frozenset()
+    ) -> _Dropped:
+        return _Dropped()
+
+    async def aclose(self) -> None: ...
+
+
+async def transport_types(outbox: t.Outbox, server: t.CaptureServer) -> None:
+    transport: m.Transport = outbox
+    connection: m.Connection = await transport.connect("outbox")
+    assert_type(
+        await connection.send("a@x.test", ["b@x.test"], b"x"), list[m.RecipientOutcome]
+    )
+    m.Deliverer(m.Config(), transport=outbox)
+    m.Deliverer(m.Config(), transport=_DropTransport())
+    m.Deliverer(m.Config(), transport=server)  # type: ignore[arg-type]  # not a transport
+
+
+async def testing_types(outbox: t.Outbox, server: t.CaptureServer) -> None:
+    assert_type(outbox.messages, list[t.OutboxMessage])
+    assert_type(await outbox.wait_for(2), list[t.OutboxMessage])
+    assert_type(await server.wait_for(), list[t.OutboxMessage])
+    message = outbox.messages[0]
+    assert_type(message.message_id, str | None)
+    assert_type(message.rcpt_to, tuple[str, ...])
+    assert_type(message.data, bytes)
+    assert_type(message.message, EmailMessage)
+    assert_type(message.subject, str | None)
+    assert_type(message.to, tuple[str, ...])
+    assert_type(message.text, str | None)
+    assert_type(server.relay_config(), m.Config)
+    assert_type(t.FAST_RETRY, m.RetryPolicy)
+    for scripted in (outbox, server):
+        scripted.defer("a@x.test", code=450, times=None)
+        scripted.fail("@x.test", times=2)
+        scripted.disconnect()
+        scripted.defer()  # type: ignore[call-arg]  # an address is required
+        scripted.fail("a@x.test", 550)  # type: ignore[call-arg]  # keyword-only

@@ -82,8 +82,14 @@ def claimed_addresses(jobs: list[Job]) -> list[tuple[str, str]]:
     return [(job.message_id, r.address) for job in jobs for r in job.recipients]
 
 
+@pytest.mark.anyio
 class StoreContract:
-    """The contract suite; subclasses provide a ``store`` fixture (open, empty)."""
+    """The contract suite; subclasses provide a ``store`` fixture (open, empty).
+
+    Subclass it in a test module (its name starting with ``Test``) and give the
+    subclass a ``store`` fixture that yields an open, empty store and closes it
+    afterwards. The tests are async and marked for anyio's pytest plugin.
+    """
 
     # -- lifecycle ---------------------------------------------------------------
 
