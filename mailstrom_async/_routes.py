@@ -1,6 +1,7 @@
 """Where a recipient's mail goes: through the relay, or to its domain's MX hosts.
 
-A route names the *destination* (lane) of each recipient and opens connections to
+A route is a :class:`~mailstrom_async.Transport`: it names the *destination* (lane)
+of each recipient and opens connections to
 it. For direct delivery it walks the MX hosts in the order the resolver gives
 (RFC 5321 §5.1) and tries their addresses in turn; an address that refuses the
 connection, times out, greets with 4xx/5xx or fails TLS is skipped for the next.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from mailstrom_async._exceptions import ConnectError, TransientDeliveryError
 from mailstrom_async._smtp import ConnectionSettings, SMTPConnection, mx_settings
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from mailstrom_async._config import Config
     from mailstrom_async._dns import Resolver
 
-__all__ = ["MXRoute", "NoAddressLeftError", "RelayRoute", "Route"]
+__all__ = ["MXRoute", "NoAddressLeftError", "RelayRoute"]
 
 logger = logging.getLogger("mailstrom_async.deliverer")
 
@@ -30,33 +31,6 @@ RELAY_DESTINATION = "relay"
 
 class NoAddressLeftError(ConnectError):
     """Every address of the destination was already tried in this attempt."""
-
-
-class Route(Protocol):
-    """Names destinations and connects to them."""
-
-    #: Whether a failure on an open connection may move on to another address
-    #: of the same destination in the same attempt (MX hosts: yes; a relay: no).
-    fails_over: bool
-
-    def destination(self, address: str) -> str:
-        """The lane key for a recipient address."""
-        ...
-
-    async def connect(
-        self, destination: str, *, skip: frozenset[str] = frozenset()
-    ) -> SMTPConnection:
-        """Open a connection to *destination*, avoiding the addresses in *skip*.
-
-        Raises:
-            NoAddressLeftError: every address is in *skip*.
-            DeliveryError: no connection could be had (transient or permanent).
-        """
-        ...
-
-    async def aclose(self) -> None:
-        """Release what the route holds (a resolver)."""
-        ...
 
 
 class RelayRoute:
