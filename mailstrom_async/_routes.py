@@ -2,8 +2,9 @@
 
 A route is a :class:`~mailstrom_async.Transport`: it names the *destination*
 (lane) of each recipient and opens connections to it. For direct delivery it walks
-the MX hosts in the order the resolver gives (RFC 5321 §5.1) and tries their addresses in turn; an address that refuses the
-connection, times out, greets with 4xx/5xx or fails TLS is skipped for the next.
+the MX hosts in the order the resolver gives (RFC 5321 §5.1) and tries their
+addresses in turn; an address that refuses the connection, times out, greets with
+4xx/5xx or fails TLS is skipped for the next.
 Only when every address failed does the attempt fail, with one error whose
 ``__cause__`` is the group of all the failures.
 """
