@@ -99,7 +99,11 @@ def create_app(config: Config, store_path: str) -> web.Application:
     return app
 
 
-if __name__ == "__main__":
+def app_from_environment() -> web.Application:
+    """Settings from the file in ``$MAIL_CONFIG``, the queue in ``$MAIL_QUEUE``."""
     config = Config.from_toml(os.environ["MAIL_CONFIG"])
-    store_path = os.environ.get("MAIL_QUEUE", "mail-queue.sqlite3")
-    web.run_app(create_app(config, store_path), host="127.0.0.1", port=8080)
+    return create_app(config, os.environ.get("MAIL_QUEUE", "mail-queue.sqlite3"))
+
+
+if __name__ == "__main__":
+    web.run_app(app_from_environment(), host="127.0.0.1", port=8080)
