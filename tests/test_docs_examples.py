@@ -51,6 +51,7 @@ EXAMPLE_TESTS = {
         "test_fastapi_app_from_environment_reads_the_toml_file",
         "test_fastapi_events_of_a_delivered_message_end_at_once",
         "test_fastapi_events_stream_each_change_as_it_happens",
+        "test_fastapi_events_end_without_done_when_the_deliverer_closes",
         "test_fastapi_events_in_a_submit_only_app_follow_the_store",
         "test_fastapi_events_catch_up_from_the_store_after_missing_some",
     ],
@@ -62,6 +63,7 @@ EXAMPLE_TESTS = {
     "aiohttp_app.py": [
         "test_aiohttp_app_queues_and_reports_delivery",
         "test_aiohttp_app_refuses_a_bad_request",
+        "test_aiohttp_app_from_environment_reads_the_toml_file",
     ],
     "script.py": [
         "test_script_delivers_and_prints_each_outcome",

@@ -15,7 +15,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -33,6 +33,7 @@ from mailstrom_async import (
     ConfigError,
     Deliverer,
     Email,
+    MessageStatus,
     RelayConfig,
     SQLiteStore,
     prepare,
@@ -106,18 +107,23 @@ async def sse_events(
             name, data = "message", ""
 
 
-async def wait_until_done(deliverer: Deliverer, message_id: str) -> None:
-    """Wait for every recipient of a message to be final, by *deliverer*'s events."""
-    async with deliverer.events() as events:
-        if (await deliverer.status(message_id)).is_done:
+async def wait_until(
+    deliverer: Deliverer, message_id: str, test: Callable[[MessageStatus], bool]
+) -> None:
+    """Wait, by *deliverer*'s events, until a message's status passes *test*."""
+    async with deliverer.events() as events:  # subscribed before reading
+        if test(await deliverer.status(message_id)):
             return
         async for event in events:
-            if (
-                event.message_id == message_id
-                and event.recipient.is_final
-                and (await deliverer.status(message_id)).is_done
+            if event.message_id == message_id and test(
+                await deliverer.status(message_id)
             ):
                 return
+
+
+async def wait_until_done(deliverer: Deliverer, message_id: str) -> None:
+    """Wait until every recipient of a message is final."""
+    await wait_until(deliverer, message_id, lambda status: status.is_done)
 
 
 # -- fastapi_app.py ----------------------------------------------------------------
@@ -317,6 +323,47 @@ async def test_fastapi_events_stream_each_change_as_it_happens(
         ),
     ]
     assert len(server.messages) == 2
+
+
+async def test_fastapi_events_end_without_done_when_the_deliverer_closes(
+    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """A message still waiting when the Deliverer closes: its stream just ends,
+    without "done", so that a browser reconnects."""
+    handler = FaultHandler(rcpt_replies={"ada@example.org": "451 4.3.0 try later"})
+    server = await smtpd.start(handler)
+    app = fastapi_example.create_app(relay_config(server), str(tmp_path / "app.db"))
+    message = {"to": ["ada@example.org"], "subject": "s", "text": "t"}
+    transport = httpx.ASGITransport(app=app)
+    responses: list[httpx.Response] = []
+    with anyio.fail_after(30):
+        # The lifespan (the Deliverer) ends while the stream is still open.
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+            anyio.create_task_group() as tg,
+            app.router.lifespan_context(app),
+        ):
+            response = await client.post("/messages", json=message)
+            message_id = response.json()["id"]
+            await wait_until(
+                app.state.deliverer,
+                message_id,
+                lambda status: status.recipients[0].attempts == 1,
+            )
+
+            async def follow() -> None:
+                path = f"/messages/{message_id}/events"
+                responses.append(await client.get(path))
+
+            tg.start_soon(follow)
+            # The endpoint has subscribed, and waits for the status (read in
+            # a thread by aiosqlite) or for events.
+            await anyio.wait_all_tasks_blocked()
+    [response] = responses
+    assert response.status_code == 200
+    [(name, data)] = [event async for event in sse_events(response)]
+    assert (name, data["state"], data["code"]) == ("message", "deferred", 451)
+    assert server.messages == []
 
 
 async def test_fastapi_events_in_a_submit_only_app_follow_the_store(
@@ -542,6 +589,26 @@ async def test_aiohttp_app_refuses_a_bad_request(
         assert detail in (await response.json())["detail"]
         summary = await app[aiohttp_example.DELIVERER].store.summary()
     assert sum(summary.by_state.values()) == 0
+
+
+def test_aiohttp_app_from_environment_reads_the_toml_file(
+    aiohttp_example: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """app_from_environment() builds the app from the file in $MAIL_CONFIG."""
+    config_file = tmp_path / "mailstrom.toml"
+    monkeypatch.setenv("MAIL_CONFIG", str(config_file))
+    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\nport = 0\n')
+    with pytest.raises(ConfigError) as info:
+        aiohttp_example.app_from_environment()
+    assert info.value.key == "relay.port"
+    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\n')
+    app = aiohttp_example.app_from_environment()
+    routes = {(r.method, r.resource.canonical) for r in app.router.routes()}
+    assert routes == {
+        ("POST", "/messages"),
+        ("GET", "/messages/{message_id}"),
+        ("HEAD", "/messages/{message_id}"),
+    }
 
 
 # -- script.py ---------------------------------------------------------------------

@@ -78,7 +78,7 @@ class MessageOut(BaseModel):
         return cls(id=status.message_id, done=status.is_done, recipients=recipients)
 
 
-def get_deliverer(request: Request) -> Deliverer:
+async def get_deliverer(request: Request) -> Deliverer:
     """The application's Deliverer, opened by the lifespan."""
     deliverer: Deliverer = request.app.state.deliverer
     return deliverer
@@ -170,11 +170,8 @@ async def next_changes(
                 if not before.is_final and event.recipient != before:
                     return [event.recipient]
         else:
-            return None  # the Deliverer closed
-    try:
-        current = await deliverer.status(known.message_id)
-    except UnknownMessageError:  # purged meanwhile
-        return None
+            return None  # the Deliverer closed: the server is shutting down
+    current = await deliverer.status(known.message_id)
     return [r for r in current.recipients if r not in known.recipients]
 
 
