@@ -217,7 +217,7 @@ async def test_fastapi_app_refuses_an_invalid_address(
 def test_fastapi_app_from_environment_reads_the_toml_file(
     fastapi_example: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """app_from_environment() builds the app from $MAIL_CONFIG; $MAIL_MODE is checked."""
+    """app_from_environment() reads $MAIL_CONFIG; a bad $MAIL_MODE is refused."""
     config_file = tmp_path / "mailstrom.toml"
     monkeypatch.setenv("MAIL_CONFIG", str(config_file))
     monkeypatch.setenv("MAIL_QUEUE", str(tmp_path / "queue.sqlite3"))
@@ -679,7 +679,7 @@ async def test_script_stops_waiting_after_wait_seconds(
         "--store",
         str(tmp_path / "queue.sqlite3"),
         "--wait",
-        "2",
+        "3",
         "ada@example.org",
         "bob@example.net",
     )

@@ -147,7 +147,8 @@ async def follow(
                 submitted_at=current.submitted_at,
             )
             if status.is_done:
-                yield f"event: done\ndata: {MessageOut.of(status).model_dump_json()}\n\n"
+                done = MessageOut.of(status).model_dump_json()
+                yield f"event: done\ndata: {done}\n\n"
                 return
             changed = await next_changes(deliverer, events, status)
 

@@ -30,7 +30,7 @@ from mailstrom_async import (
 async def send_notes(
     config: Config, store_path: str, recipients: list[str], wait: float
 ) -> list[MessageStatus]:
-    """Submit one message per recipient; return their statuses after at most *wait* s."""
+    """Submit a message to each recipient; their statuses after at most *wait* s."""
     async with Deliverer(config, store=SQLiteStore(store_path)) as deliverer:
         handles = await deliverer.submit_many(
             Email(
