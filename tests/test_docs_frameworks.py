@@ -3,8 +3,8 @@
 FastAPI and Starlette apps are called through ``httpx.ASGITransport`` (which
 buffers a response until it ends) and, where a response must stream, served by
 uvicorn on 127.0.0.1; the aiohttp app runs on aiohttp's own test server on
-127.0.0.1; the script and the worker run as child processes. Every file here is
-listed in ``EXAMPLE_TESTS`` in test_docs_examples.py.
+127.0.0.1; the script and the worker run as child processes. Each example's
+tests are listed in ``EXAMPLE_TESTS`` in test_docs_examples.py.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -96,15 +97,15 @@ async def sse_events(
 ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     """Parse a ``text/event-stream`` body into (event name, JSON data) pairs."""
     assert response.headers["content-type"].startswith("text/event-stream")
-    name, data = "message", ""
+    name, data = "message", []
     async for line in response.aiter_lines():
         if line.startswith("event: "):
             name = line.removeprefix("event: ")
         elif line.startswith("data: "):
-            data += line.removeprefix("data: ")
+            data.append(line.removeprefix("data: "))
         elif not line and data:
-            yield name, json.loads(data)
-            name, data = "message", ""
+            yield name, json.loads("\n".join(data))
+            name, data = "message", []
 
 
 async def wait_until(
@@ -119,6 +120,7 @@ async def wait_until(
                 await deliverer.status(message_id)
             ):
                 return
+    raise AssertionError("the Deliverer closed first")
 
 
 async def wait_until_done(deliverer: Deliverer, message_id: str) -> None:
@@ -214,29 +216,42 @@ async def test_fastapi_app_refuses_an_invalid_address(
     assert server.messages == []
 
 
-def test_fastapi_app_from_environment_reads_the_toml_file(
+async def test_fastapi_app_from_environment_reads_the_toml_file(
     fastapi_example: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """app_from_environment() reads $MAIL_CONFIG; a bad $MAIL_MODE is refused."""
+    """app_from_environment() reads $MAIL_CONFIG, $MAIL_QUEUE and $MAIL_MODE."""
+    # uvicorn calls the factory before its event loop runs: here, in a thread.
+    app_from_environment = partial(
+        anyio.to_thread.run_sync, fastapi_example.app_from_environment
+    )
     config_file = tmp_path / "mailstrom.toml"
     monkeypatch.setenv("MAIL_CONFIG", str(config_file))
     monkeypatch.setenv("MAIL_QUEUE", str(tmp_path / "queue.sqlite3"))
     config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\nport = 0\n')
     with pytest.raises(ConfigError) as info:
-        fastapi_example.app_from_environment()
+        await app_from_environment()
     assert info.value.key == "relay.port"
     config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\n')
-    app = fastapi_example.app_from_environment()
+    app = await app_from_environment()
     assert set(app.openapi()["paths"]) == {
         "/messages",
         "/messages/{message_id}",
         "/messages/{message_id}/events",
     }
+
     monkeypatch.setenv("MAIL_MODE", "submit")
-    assert fastapi_example.app_from_environment().openapi()["paths"]
+    app = await app_from_environment()
+    async with asgi_client(app) as client:  # submit-only: nothing connects
+        message = {"to": ["ada@example.org"], "subject": "s", "text": "t"}
+        response = await client.post("/messages", json=message)
+        assert response.status_code == 202
+        assert app.state.deliverer._mode == "submit"
+    async with SQLiteStore(str(tmp_path / "queue.sqlite3")) as store:
+        assert (await store.status(response.json()["id"])).recipients[0].attempts == 0
+
     monkeypatch.setenv("MAIL_MODE", "deliver")
     with pytest.raises(SystemExit, match="MAIL_MODE must be 'both' or 'submit'"):
-        fastapi_example.app_from_environment()
+        await app_from_environment()
 
 
 async def test_fastapi_events_of_a_delivered_message_end_at_once(
