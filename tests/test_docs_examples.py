@@ -21,7 +21,6 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 import anyio
-import httpx
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
@@ -31,7 +30,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
 import mailstrom_async
 from mailstrom_async import (
     Config,
-    ConfigError,
     Deliverer,
     MemoryStore,
     RelayConfig,
@@ -53,14 +51,36 @@ EXAMPLE_TESTS = {
     ],
     "mailstrom.toml": ["test_configuration_loads_the_toml_file"],
     "configuration.py": ["test_configuration_loads_the_toml_file"],
+    # The framework examples' tests are in test_docs_frameworks.py.
     "fastapi_app.py": [
         "test_fastapi_app_queues_and_reports_delivery",
         "test_fastapi_app_refuses_an_invalid_address",
         "test_fastapi_app_from_environment_reads_the_toml_file",
+        "test_fastapi_events_of_a_delivered_message_end_at_once",
+        "test_fastapi_events_stream_each_change_as_it_happens",
+        "test_fastapi_events_end_without_done_when_the_deliverer_closes",
+        "test_fastapi_events_in_a_submit_only_app_follow_the_store",
+        "test_fastapi_events_catch_up_from_the_store_after_missing_some",
     ],
     "observability.py": ["test_observability_logs_counts_and_traces"],
     "test_with_outbox.py": ["test_with_outbox_passes_under_the_plugin"],
     "test_custom_store.py": ["test_custom_store_passes_the_contract"],
+    "starlette_app.py": [
+        "test_starlette_app_queues_and_reports_delivery",
+        "test_starlette_app_refuses_a_bad_request",
+        "test_starlette_app_from_environment_reads_the_toml_file",
+    ],
+    "aiohttp_app.py": [
+        "test_aiohttp_app_queues_and_reports_delivery",
+        "test_aiohttp_app_refuses_a_bad_request",
+        "test_aiohttp_app_from_environment_reads_the_toml_file",
+    ],
+    "script.py": [
+        "test_script_delivers_and_prints_each_outcome",
+        "test_script_stops_waiting_after_wait_seconds",
+        "test_script_reports_bad_input_in_one_line",
+    ],
+    "worker.py": ["test_worker_delivers_what_a_web_process_queued"],
 }
 
 
@@ -81,12 +101,6 @@ def load_example(filename: str) -> ModuleType:
 @pytest.fixture(scope="module")
 def quickstart() -> ModuleType:
     return load_example("quickstart.py")
-
-
-@pytest.fixture(scope="module")
-def fastapi_example() -> ModuleType:
-    # Imported outside the event loop: importing FastAPI takes a moment.
-    return load_example("fastapi_app.py")
 
 
 @pytest.fixture(scope="module")
@@ -215,98 +229,6 @@ async def test_messages_are_all_delivered(
     ]
 
 
-# -- fastapi_app.py ----------------------------------------------------------------
-
-
-async def test_fastapi_app_queues_and_reports_delivery(
-    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
-) -> None:
-    """POST /messages answers 202 with an id; GET reports it delivered; 404 if unknown."""
-    server = await smtpd.start()
-    app = fastapi_example.create_app(relay_config(server), str(tmp_path / "app.db"))
-    transport = httpx.ASGITransport(app=app)
-    # ASGITransport sends no lifespan events: enter the lifespan as a server would.
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://testserver") as client,
-    ):
-        deliverer: Deliverer = app.state.deliverer
-        async with deliverer.events() as events:
-            response = await client.post(
-                "/messages",
-                json={"to": ["ada@example.org"], "subject": "Hi", "text": "Hello!"},
-            )
-            assert response.status_code == 202
-            message_id = response.json()["id"]
-            with anyio.fail_after(30):
-                async for event in events:
-                    if event.message_id == message_id and event.recipient.is_final:
-                        break
-
-        response = await client.get(f"/messages/{message_id}")
-        assert response.status_code == 200
-        assert response.json() == {
-            "id": message_id,
-            "done": True,
-            "recipients": [
-                {
-                    "address": "ada@example.org",
-                    "state": "delivered",
-                    "code": 250,
-                    "enhanced_code": "2.0.0",
-                    "message": "OK",
-                    "attempts": 1,
-                }
-            ],
-        }
-
-        response = await client.get("/messages/no-such-id@example.com")
-        assert response.status_code == 404
-        assert "no-such-id@example.com" in response.json()["detail"]
-
-    [received] = server.messages
-    assert received.rcpt_tos == ["ada@example.org"]
-    assert f"Message-ID: <{message_id}>".encode() in received.content
-
-
-async def test_fastapi_app_refuses_an_invalid_address(
-    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
-) -> None:
-    """An invalid recipient gets 422 with the reason, and nothing is queued."""
-    server = await smtpd.start()
-    app = fastapi_example.create_app(relay_config(server), str(tmp_path / "app.db"))
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://testserver") as client,
-    ):
-        response = await client.post(
-            "/messages", json={"to": ["not-an-address"], "subject": "Hi", "text": "!"}
-        )
-        assert response.status_code == 422
-        assert "not-an-address" in response.json()["detail"]
-        deliverer: Deliverer = app.state.deliverer
-        summary = await deliverer.store.summary()
-    assert sum(summary.by_state.values()) == 0
-    assert server.messages == []
-
-
-def test_fastapi_app_from_environment_reads_the_toml_file(
-    fastapi_example: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """app_from_environment() builds the app from the file in $MAILSTROM_CONFIG."""
-    config_file = tmp_path / "mailstrom.toml"
-    monkeypatch.setenv("MAILSTROM_CONFIG", str(config_file))
-    monkeypatch.setenv("MAILSTROM_QUEUE", str(tmp_path / "queue.sqlite3"))
-    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\nport = 0\n')
-    with pytest.raises(ConfigError) as info:
-        fastapi_example.app_from_environment()
-    assert info.value.key == "relay.port"
-    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\n')
-    app = fastapi_example.app_from_environment()
-    assert set(app.openapi()["paths"]) == {"/messages", "/messages/{message_id}"}
-
-
 # -- observability.py ----------------------------------------------------------------
 
 
@@ -416,11 +338,14 @@ def test_custom_store_passes_the_contract(pytester: pytest.Pytester) -> None:
 
 def test_every_example_is_run_by_a_test() -> None:
     """Each file in docs/examples is listed in EXAMPLE_TESTS, with tests that exist."""
+    from tests import test_docs_frameworks
+
     found = sorted(p.name for p in EXAMPLES.iterdir() if p.is_file())
     assert found == sorted(EXAMPLE_TESTS)
+    defined = {**globals(), **vars(test_docs_frameworks)}
     for tests in EXAMPLE_TESTS.values():
         for test in tests:
-            assert callable(globals().get(test)), test
+            assert callable(defined.get(test)), test
 
 
 def test_every_example_is_shown_in_the_docs() -> None:

@@ -7,7 +7,8 @@ waits for SMTP.
 
 Serve it with uvicorn, the configuration coming from a TOML file::
 
-    MAILSTROM_CONFIG=mailstrom.toml uvicorn --factory fastapi_app:app_from_environment
+    MAIL_CONFIG=mailstrom.toml MAIL_QUEUE=/var/lib/app/mail.sqlite3 \
+        uvicorn --factory fastapi_app:app_from_environment
 """
 
 import os
@@ -15,14 +16,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from mailstrom_async import (
     Config,
     Deliverer,
+    DelivererMode,
     Email,
+    EventStream,
     InvalidMessageError,
+    MessageStatus,
+    RecipientStatus,
     SQLiteStore,
     UnknownMessageError,
 )
@@ -48,14 +55,30 @@ class RecipientOut(BaseModel):
     message: str | None
     attempts: int
 
+    @classmethod
+    def of(cls, r: RecipientStatus) -> "RecipientOut":
+        return cls(
+            address=r.address,
+            state=r.state.value,
+            code=r.code,
+            enhanced_code=r.enhanced_code,
+            message=r.message,
+            attempts=r.attempts,
+        )
+
 
 class MessageOut(BaseModel):
     id: str
     done: bool
     recipients: list[RecipientOut]
 
+    @classmethod
+    def of(cls, status: MessageStatus) -> "MessageOut":
+        recipients = [RecipientOut.of(r) for r in status.recipients]
+        return cls(id=status.message_id, done=status.is_done, recipients=recipients)
 
-def get_deliverer(request: Request) -> Deliverer:
+
+async def get_deliverer(request: Request) -> Deliverer:
     """The application's Deliverer, opened by the lifespan."""
     deliverer: Deliverer = request.app.state.deliverer
     return deliverer
@@ -82,27 +105,89 @@ async def message_status(message_id: str, deliverer: DelivererDep) -> MessageOut
         current = await deliverer.status(message_id)
     except UnknownMessageError as exc:
         raise HTTPException(status_code=404, detail=str(exc)) from exc
-    return MessageOut(
-        id=current.message_id,
-        done=current.is_done,
-        recipients=[
-            RecipientOut(
-                address=r.address,
-                state=r.state.value,
-                code=r.code,
-                enhanced_code=r.enhanced_code,
-                message=r.message,
-                attempts=r.attempts,
-            )
-            for r in current.recipients
-        ],
+    return MessageOut.of(current)
+
+
+@router.get("/messages/{message_id}/events")
+async def message_events(message_id: str, deliverer: DelivererDep) -> StreamingResponse:
+    """Server-sent events: each recipient as it is now, then every change."""
+    # Subscribe first, then read the status: a change that happens in between
+    # is then in the stream, rather than lost.
+    events = deliverer.events()
+    try:
+        current = await deliverer.status(message_id)
+    except UnknownMessageError as exc:
+        await events.aclose()
+        raise HTTPException(status_code=404, detail=str(exc)) from exc
+    return StreamingResponse(
+        follow(deliverer, events, current),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
     )
 
 
-def create_app(config: Config, store_path: str) -> FastAPI:
+async def follow(
+    deliverer: Deliverer, events: EventStream, current: MessageStatus
+) -> AsyncIterator[str]:
+    """One ``data:`` event per recipient status, then ``event: done`` at the end.
+
+    Ends when every recipient is final, or early when the Deliverer closes (the
+    server is shutting down): a browser's EventSource then reconnects.
+    """
+    async with events:
+        latest: dict[str, RecipientStatus] = {}
+        changed = list(current.recipients)
+        while changed is not None:
+            for r in changed:
+                latest[r.address] = r
+                yield f"data: {RecipientOut.of(r).model_dump_json()}\n\n"
+            status = MessageStatus(
+                message_id=current.message_id,
+                recipients=tuple(latest.values()),
+                submitted_at=current.submitted_at,
+            )
+            if status.is_done:
+                done = MessageOut.of(status).model_dump_json()
+                yield f"event: done\ndata: {done}\n\n"
+                return
+            changed = await next_changes(deliverer, events, status)
+
+
+async def next_changes(
+    deliverer: Deliverer, events: EventStream, known: MessageStatus
+) -> list[RecipientStatus] | None:
+    """Wait for the next changes to a message's recipients; None once closed.
+
+    Events report what this process delivers. When they go quiet for a while,
+    or this subscriber fell behind and lost some, the store has the truth: it
+    also sees what another process (a worker) delivered.
+    """
+    with anyio.move_on_after(deliverer.config.poll_interval):
+        async for event in events:
+            if event.missed:
+                break
+            if event.message_id == known.message_id:
+                before = known.recipient(event.address)
+                if not before.is_final and event.recipient != before:
+                    return [event.recipient]
+        else:
+            return None  # the Deliverer closed: the server is shutting down
+    current = await deliverer.status(known.message_id)
+    return [r for r in current.recipients if r not in known.recipients]
+
+
+def create_app(
+    config: Config, store_path: str, *, mode: DelivererMode = "both"
+) -> FastAPI:
+    """The application, delivering through *config* from the queue at *store_path*.
+
+    With ``mode="submit"`` it only queues mail, for a worker process to deliver.
+    """
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with Deliverer(config, store=SQLiteStore(store_path)) as deliverer:
+        store = SQLiteStore(store_path)
+        async with Deliverer(config, store=store, mode=mode) as deliverer:
             app.state.deliverer = deliverer
             yield
 
@@ -112,6 +197,17 @@ def create_app(config: Config, store_path: str) -> FastAPI:
 
 
 def app_from_environment() -> FastAPI:
-    """For ``uvicorn --factory``: configuration from the file in $MAILSTROM_CONFIG."""
-    config = Config.from_toml(os.environ["MAILSTROM_CONFIG"])
-    return create_app(config, os.environ.get("MAILSTROM_QUEUE", "mail-queue.sqlite3"))
+    """For ``uvicorn --factory``: settings from the file in ``$MAIL_CONFIG``.
+
+    ``$MAIL_QUEUE`` is the SQLite file; ``$MAIL_MODE=submit`` leaves delivery
+    to a worker process.
+    """
+    config = Config.from_toml(os.environ["MAIL_CONFIG"])
+    store_path = os.environ.get("MAIL_QUEUE", "mail-queue.sqlite3")
+    match os.environ.get("MAIL_MODE", "both"):
+        case "both":
+            return create_app(config, store_path)
+        case "submit":
+            return create_app(config, store_path, mode="submit")
+        case other:
+            raise SystemExit(f"MAIL_MODE must be 'both' or 'submit', not {other!r}")

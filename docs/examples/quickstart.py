@@ -31,7 +31,9 @@ async def main(relay_host: str, relay_port: int, store_path: str) -> None:
         handle = await deliverer.submit(email)
         print(f"queued {handle.message_id}")
         # Wait until every recipient is DELIVERED or FAILED.
-        status = await handle
+        await handle
+        # Look the message up by its id, as a later request would.
+        status = await deliverer.status(handle.message_id)
     for r in status.recipients:
         # One line per recipient, such as "ada@example.org: delivered (250 OK)".
         print(f"{r.address}: {r.state.value} ({r.code} {r.message})")

@@ -1,0 +1,787 @@
+"""The framework examples in docs/examples, run against aiosmtpd on loopback.
+
+FastAPI and Starlette apps are called through ``httpx.ASGITransport`` (which
+buffers a response until it ends) and, where a response must stream, served by
+uvicorn on 127.0.0.1; the aiohttp app runs on aiohttp's own test server on
+127.0.0.1; the script and the worker run as child processes. Each example's
+tests are listed in ``EXAMPLE_TESTS`` in test_docs_examples.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import attrs
+import httpx
+import pytest
+import uvicorn
+from aiohttp.test_utils import TestClient, TestServer
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from mailstrom_async import (
+    Config,
+    ConfigError,
+    Deliverer,
+    Email,
+    MessageStatus,
+    RelayConfig,
+    SQLiteStore,
+    prepare,
+)
+from tests.smtpd import FaultHandler
+from tests.test_docs_examples import EXAMPLES, load_example
+
+if TYPE_CHECKING:
+    from tests.smtpd import SMTPDServer, SMTPDServers
+
+LOCALHOST = "127.0.0.1"
+
+
+def relay_config(server: SMTPDServer, *, poll_interval: float = 1.0) -> Config:
+    return Config(
+        helo_name="client.test",
+        relay=RelayConfig(host=server.host, port=server.port, tls="none"),
+        poll_interval=poll_interval,
+    )
+
+
+@contextlib.asynccontextmanager
+async def asgi_client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """A client calling *app* directly, inside the app's lifespan.
+
+    ``ASGITransport`` sends no lifespan events: enter the lifespan as a server would.
+    """
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://testserver") as client,
+    ):
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def uvicorn_client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """Serve *app* with uvicorn on 127.0.0.1 (lifespan included); a client for it.
+
+    The socket listens before uvicorn starts, so requests made at once wait in
+    its backlog until the lifespan has started; nothing polls for readiness.
+    """
+    config = uvicorn.Config(app, lifespan="on", log_config=None, log_level="warning")
+    server = uvicorn.Server(config)
+    with socket.socket() as sock:
+        sock.bind((LOCALHOST, 0))
+        sock.listen()
+        url = f"http://{LOCALHOST}:{sock.getsockname()[1]}"
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve, [sock])
+            try:
+                async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                    yield client
+            finally:
+                server.should_exit = True
+
+
+async def sse_events(
+    response: httpx.Response,
+) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """Parse a ``text/event-stream`` body into (event name, JSON data) pairs."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    name, data = "message", []
+    async for line in response.aiter_lines():
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            data.append(line.removeprefix("data: "))
+        elif not line and data:
+            yield name, json.loads("\n".join(data))
+            name, data = "message", []
+
+
+async def wait_until(
+    deliverer: Deliverer, message_id: str, test: Callable[[MessageStatus], bool]
+) -> None:
+    """Wait, by *deliverer*'s events, until a message's status passes *test*."""
+    async with deliverer.events() as events:  # subscribed before reading
+        if test(await deliverer.status(message_id)):
+            return
+        async for event in events:
+            if event.message_id == message_id and test(
+                await deliverer.status(message_id)
+            ):
+                return
+    raise AssertionError("the Deliverer closed first")
+
+
+async def wait_until_done(deliverer: Deliverer, message_id: str) -> None:
+    """Wait until every recipient of a message is final."""
+    await wait_until(deliverer, message_id, lambda status: status.is_done)
+
+
+# -- fastapi_app.py ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fastapi_example() -> ModuleType:
+    # Imported outside the event loop: importing FastAPI takes a moment.
+    return load_example("fastapi_app.py")
+
+
+def delivered(address: str) -> dict[str, Any]:
+    """How the examples show a recipient that aiosmtpd accepted at once."""
+    return {
+        "address": address,
+        "state": "delivered",
+        "code": 250,
+        "enhanced_code": "2.0.0",
+        "message": "OK",
+        "attempts": 1,
+    }
+
+
+def queued(address: str) -> dict[str, Any]:
+    """How the examples show a recipient not tried yet."""
+    return {
+        "address": address,
+        "state": "queued",
+        "code": None,
+        "enhanced_code": None,
+        "message": None,
+        "attempts": 0,
+    }
+
+
+async def test_fastapi_app_queues_and_reports_delivery(
+    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """POST /messages answers 202 with an id; GET reports it delivered; 404 if unknown."""
+    server = await smtpd.start()
+    app = fastapi_example.create_app(relay_config(server), str(tmp_path / "app.db"))
+    async with asgi_client(app) as client:
+        deliverer: Deliverer = app.state.deliverer
+        async with deliverer.events() as events:
+            response = await client.post(
+                "/messages",
+                json={"to": ["ada@example.org"], "subject": "Hi", "text": "Hello!"},
+            )
+            assert response.status_code == 202
+            message_id = response.json()["id"]
+            with anyio.fail_after(30):
+                async for event in events:
+                    if event.message_id == message_id and event.recipient.is_final:
+                        break
+
+        response = await client.get(f"/messages/{message_id}")
+        assert response.status_code == 200
+        assert response.json() == {
+            "id": message_id,
+            "done": True,
+            "recipients": [delivered("ada@example.org")],
+        }
+
+        response = await client.get("/messages/no-such-id@example.com")
+        assert response.status_code == 404
+        assert "no-such-id@example.com" in response.json()["detail"]
+
+    [received] = server.messages
+    assert received.rcpt_tos == ["ada@example.org"]
+    assert f"Message-ID: <{message_id}>".encode() in received.content
+
+
+async def test_fastapi_app_refuses_an_invalid_address(
+    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """An invalid recipient gets 422 with the reason, and nothing is queued."""
+    server = await smtpd.start()
+    app = fastapi_example.create_app(relay_config(server), str(tmp_path / "app.db"))
+    async with asgi_client(app) as client:
+        response = await client.post(
+            "/messages", json={"to": ["not-an-address"], "subject": "Hi", "text": "!"}
+        )
+        assert response.status_code == 422
+        assert "not-an-address" in response.json()["detail"]
+        deliverer: Deliverer = app.state.deliverer
+        summary = await deliverer.store.summary()
+    assert sum(summary.by_state.values()) == 0
+    assert server.messages == []
+
+
+async def test_fastapi_app_from_environment_reads_the_toml_file(
+    fastapi_example: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """app_from_environment() reads $MAIL_CONFIG, $MAIL_QUEUE and $MAIL_MODE."""
+    # uvicorn calls the factory before its event loop runs: here, in a thread.
+    app_from_environment = partial(
+        anyio.to_thread.run_sync, fastapi_example.app_from_environment
+    )
+    config_file = tmp_path / "mailstrom.toml"
+    monkeypatch.setenv("MAIL_CONFIG", str(config_file))
+    monkeypatch.setenv("MAIL_QUEUE", str(tmp_path / "queue.sqlite3"))
+    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\nport = 0\n')
+    with pytest.raises(ConfigError) as info:
+        await app_from_environment()
+    assert info.value.key == "relay.port"
+    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\n')
+    app = await app_from_environment()
+    assert set(app.openapi()["paths"]) == {
+        "/messages",
+        "/messages/{message_id}",
+        "/messages/{message_id}/events",
+    }
+
+    monkeypatch.setenv("MAIL_MODE", "submit")
+    app = await app_from_environment()
+    async with asgi_client(app) as client:  # submit-only: nothing connects
+        message = {"to": ["ada@example.org"], "subject": "s", "text": "t"}
+        response = await client.post("/messages", json=message)
+        assert response.status_code == 202
+        assert app.state.deliverer._mode == "submit"
+    async with SQLiteStore(str(tmp_path / "queue.sqlite3")) as store:
+        assert (await store.status(response.json()["id"])).recipients[0].attempts == 0
+
+    monkeypatch.setenv("MAIL_MODE", "deliver")
+    with pytest.raises(SystemExit, match="MAIL_MODE must be 'both' or 'submit'"):
+        await app_from_environment()
+
+
+async def test_fastapi_events_of_a_delivered_message_end_at_once(
+    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """A message already done when the stream opens: its final status, "done", end."""
+    server = await smtpd.start()
+    app = fastapi_example.create_app(relay_config(server), str(tmp_path / "app.db"))
+    async with asgi_client(app) as client:
+        deliverer: Deliverer = app.state.deliverer
+        email = Email(sender="a@example.com", to=["ada@example.org"], subject="s")
+        with anyio.fail_after(30):
+            handle = await deliverer.submit(email)
+            await handle
+            # ASGITransport returns a response only once it has ended, so this
+            # also checks that the stream ends by itself.
+            response = await client.get(f"/messages/{handle.message_id}/events")
+        assert response.status_code == 200
+        assert response.headers["cache-control"] == "no-cache"
+        events = [event async for event in sse_events(response)]
+        assert events == [
+            ("message", delivered("ada@example.org")),
+            (
+                "done",
+                {
+                    "id": handle.message_id,
+                    "done": True,
+                    "recipients": [delivered("ada@example.org")],
+                },
+            ),
+        ]
+
+        response = await client.get("/messages/no-such-id@example.com/events")
+        assert response.status_code == 404
+        assert "no-such-id@example.com" in response.json()["detail"]
+        assert deliverer._broker.subscriber_count == 0  # the 404 unsubscribed
+
+
+async def test_fastapi_events_stream_each_change_as_it_happens(
+    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """Over real HTTP: "queued" arrives first, "delivered" only once the server
+    accepts, then "done" and the end of the stream; other messages are left out."""
+    handler = FaultHandler(stall_at="DATA")
+    server = await smtpd.start(handler)
+    app = fastapi_example.create_app(relay_config(server), str(tmp_path / "app.db"))
+    message = {
+        "to": ["ada@example.org", "bob@example.net"],
+        "subject": "s",
+        "text": "t",
+    }
+    async with uvicorn_client(app) as client:
+        with anyio.fail_after(30):
+            response = await client.post("/messages", json=message)
+            assert response.status_code == 202
+            message_id = response.json()["id"]
+            path = f"/messages/{message_id}/events"
+            async with client.stream("GET", path) as response:
+                assert response.status_code == 200
+                events = sse_events(response)
+                assert await anext(events) == ("message", queued("ada@example.org"))
+                assert await anext(events) == ("message", queued("bob@example.net"))
+                # The stream is open and the server is holding the message
+                # after its final dot: another message, then let both through.
+                await handler.stalled.wait()
+                other = {**message, "to": ["cy@example.com"]}
+                assert (await client.post("/messages", json=other)).status_code == 202
+                await handler.received.wait_for(2)  # both held after the dot
+                handler.release.set()
+                rest = [event async for event in events]
+    assert rest == [
+        ("message", delivered("ada@example.org")),
+        ("message", delivered("bob@example.net")),
+        (
+            "done",
+            {
+                "id": message_id,
+                "done": True,
+                "recipients": [
+                    delivered("ada@example.org"),
+                    delivered("bob@example.net"),
+                ],
+            },
+        ),
+    ]
+    assert len(server.messages) == 2
+
+
+async def test_fastapi_events_end_without_done_when_the_deliverer_closes(
+    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """A message still waiting when the Deliverer closes: its stream just ends,
+    without "done", so that a browser reconnects."""
+    handler = FaultHandler(rcpt_replies={"ada@example.org": "451 4.3.0 try later"})
+    server = await smtpd.start(handler)
+    app = fastapi_example.create_app(relay_config(server), str(tmp_path / "app.db"))
+    message = {"to": ["ada@example.org"], "subject": "s", "text": "t"}
+    transport = httpx.ASGITransport(app=app)
+    responses: list[httpx.Response] = []
+    with anyio.fail_after(30):
+        # The lifespan (the Deliverer) ends while the stream is still open.
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+            anyio.create_task_group() as tg,
+            app.router.lifespan_context(app),
+        ):
+            response = await client.post("/messages", json=message)
+            message_id = response.json()["id"]
+            await wait_until(
+                app.state.deliverer,
+                message_id,
+                lambda status: status.recipients[0].attempts == 1,
+            )
+
+            async def follow() -> None:
+                path = f"/messages/{message_id}/events"
+                responses.append(await client.get(path))
+
+            tg.start_soon(follow)
+            # The endpoint has subscribed, and waits for the status (read in
+            # a thread by aiosqlite) or for events.
+            await anyio.wait_all_tasks_blocked()
+    [response] = responses
+    assert response.status_code == 200
+    [(name, data)] = [event async for event in sse_events(response)]
+    assert (name, data["state"], data["code"]) == ("message", "deferred", 451)
+    assert server.messages == []
+
+
+async def test_fastapi_events_in_a_submit_only_app_follow_the_store(
+    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """With mode="submit" a worker process delivers: the stream learns it from the
+    store, since no event of this process reports it."""
+    handler = FaultHandler(stall_at="DATA")
+    server = await smtpd.start(handler)
+    config = relay_config(server, poll_interval=0.05)
+    store_path = str(tmp_path / "app.db")
+    app = fastapi_example.create_app(config, store_path, mode="submit")
+    message = {"to": ["ada@example.org"], "subject": "s", "text": "t"}
+    async with (
+        uvicorn_client(app) as client,
+        Deliverer(config, store=SQLiteStore(store_path), mode="deliver"),
+    ):
+        with anyio.fail_after(30):
+            response = await client.post("/messages", json=message)
+            message_id = response.json()["id"]
+            path = f"/messages/{message_id}/events"
+            async with client.stream("GET", path) as response:
+                events = sse_events(response)
+                assert await anext(events) == ("message", queued("ada@example.org"))
+                await handler.stalled.wait()  # the worker has it, still in flight
+                handler.release.set()
+                rest = [event async for event in events]
+    assert rest[0] == ("message", delivered("ada@example.org"))
+    assert rest[-1][0] == "done"
+    assert len(rest) == 2
+
+
+async def test_fastapi_events_catch_up_from_the_store_after_missing_some(
+    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """A stream that falls behind and loses events re-reads the status at once."""
+    server = await smtpd.start()
+    # Quiet streams would re-read the store only after an hour: a re-read within
+    # the test comes from the lost events.
+    app_config = relay_config(server, poll_interval=3600)
+    store_path = str(tmp_path / "app.db")
+    app = fastapi_example.create_app(app_config, store_path, mode="submit")
+    message = {"to": ["ada@example.org"], "subject": "s", "text": "t"}
+    async with uvicorn_client(app) as client:
+        with anyio.fail_after(20):
+            response = await client.post("/messages", json=message)
+            message_id = response.json()["id"]
+            path = f"/messages/{message_id}/events"
+            async with client.stream("GET", path) as response:
+                events = sse_events(response)
+                assert await anext(events) == ("message", queued("ada@example.org"))
+                # Deliver it from another Deliverer: no event reaches the app.
+                worker_config = relay_config(server, poll_interval=0.05)
+                store = SQLiteStore(store_path)
+                async with Deliverer(worker_config, store=store, mode="deliver") as w:
+                    await wait_until_done(w, message_id)
+                # One batch publishes more "queued" events than a subscriber
+                # buffers (10,000): the stream loses some and catches up.
+                web: Deliverer = app.state.deliverer
+                one = prepare(Email(sender="a@example.com", to=["u@example.net"]))
+                await web.submit_many(
+                    attrs.evolve(one, message_id=f"<m{i}@example.com>")
+                    for i in range(10_001)
+                )
+                rest = [event async for event in events]
+    assert rest[0] == ("message", delivered("ada@example.org"))
+    assert rest[-1][0] == "done"
+    assert len(rest) == 2
+
+
+# -- starlette_app.py --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def starlette_example() -> ModuleType:
+    return load_example("starlette_app.py")
+
+
+async def test_starlette_app_queues_and_reports_delivery(
+    starlette_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """POST /messages answers 202 with an id; GET reports it delivered; 404 if unknown."""
+    server = await smtpd.start()
+    app = starlette_example.create_app(relay_config(server), str(tmp_path / "app.db"))
+    async with asgi_client(app) as client:
+        message = {"to": ["ada@example.org"], "subject": "Hi", "text": "Hello!"}
+        response = await client.post("/messages", json=message)
+        assert response.status_code == 202
+        message_id = response.json()["id"]
+        with anyio.fail_after(30):
+            await wait_until_done(app.state.deliverer, message_id)
+        response = await client.get(f"/messages/{message_id}")
+        assert response.status_code == 200
+        assert response.json() == {
+            "id": message_id,
+            "done": True,
+            "recipients": [delivered("ada@example.org")],
+        }
+        response = await client.get("/messages/no-such-id@example.com")
+        assert response.status_code == 404
+        assert "no-such-id@example.com" in response.json()["detail"]
+    [received] = server.messages
+    assert f"Message-ID: <{message_id}>".encode() in received.content
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "detail"),
+    [
+        (b"not json", 400, "expected JSON"),
+        (b'{"to": "ada@example.org", "subject": "s", "text": "t"}', 400, "expected"),
+        (b'{"to": [1], "subject": "s", "text": "t"}', 400, "expected JSON"),
+        (b'{"to": ["ada@example.org"], "text": "t"}', 400, "expected JSON"),
+        (b'{"to": ["not-an-address"], "subject": "s", "text": "t"}', 422, "not-an-"),
+    ],
+)
+async def test_starlette_app_refuses_a_bad_request(
+    starlette_example: ModuleType,
+    smtpd: SMTPDServers,
+    tmp_path: Path,
+    body: bytes,
+    status: int,
+    detail: str,
+) -> None:
+    """A body that is not the expected JSON gets 400, an invalid address 422;
+    nothing is queued."""
+    server = await smtpd.start()
+    app = starlette_example.create_app(relay_config(server), str(tmp_path / "app.db"))
+    async with asgi_client(app) as client:
+        response = await client.post("/messages", content=body)
+        assert response.status_code == status
+        assert detail in response.json()["detail"]
+        summary = await app.state.deliverer.store.summary()
+    assert sum(summary.by_state.values()) == 0
+
+
+def test_starlette_app_from_environment_reads_the_toml_file(
+    starlette_example: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """app_from_environment() builds the app from the file in $MAIL_CONFIG."""
+    config_file = tmp_path / "mailstrom.toml"
+    monkeypatch.setenv("MAIL_CONFIG", str(config_file))
+    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\nport = 0\n')
+    with pytest.raises(ConfigError) as info:
+        starlette_example.app_from_environment()
+    assert info.value.key == "relay.port"
+    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\n')
+    app = starlette_example.app_from_environment()
+    assert [route.path for route in app.routes] == [
+        "/messages",
+        "/messages/{message_id:path}",
+    ]
+
+
+# -- aiohttp_app.py ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def aiohttp_example() -> ModuleType:
+    return load_example("aiohttp_app.py")
+
+
+@contextlib.asynccontextmanager
+async def aiohttp_client(app: Any) -> AsyncIterator[TestClient[Any, Any]]:
+    """aiohttp's test server on 127.0.0.1 (real HTTP), and a client for it."""
+    async with TestClient(TestServer(app, host=LOCALHOST)) as client:
+        yield client
+
+
+async def test_aiohttp_app_queues_and_reports_delivery(
+    aiohttp_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """POST /messages answers 202 with an id; GET reports it delivered; 404 if unknown;
+    the Deliverer is open while the app runs and closed after."""
+    server = await smtpd.start()
+    app = aiohttp_example.create_app(relay_config(server), str(tmp_path / "app.db"))
+    async with aiohttp_client(app) as client:
+        deliverer: Deliverer = app[aiohttp_example.DELIVERER]
+        message = {"to": ["ada@example.org"], "subject": "Hi", "text": "Hello!"}
+        response = await client.post("/messages", json=message)
+        assert response.status == 202
+        message_id = (await response.json())["id"]
+        with anyio.fail_after(30):
+            await wait_until_done(deliverer, message_id)
+        response = await client.get(f"/messages/{message_id}")
+        assert response.status == 200
+        assert await response.json() == {
+            "id": message_id,
+            "done": True,
+            "recipients": [delivered("ada@example.org")],
+        }
+        response = await client.get("/messages/no-such-id@example.com")
+        assert response.status == 404
+        assert "no-such-id@example.com" in (await response.json())["detail"]
+    assert deliverer.is_closed
+    [received] = server.messages
+    assert f"Message-ID: <{message_id}>".encode() in received.content
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "detail"),
+    [
+        (b"not json", 400, "expected JSON"),
+        (b'{"to": "ada@example.org", "subject": "s", "text": "t"}', 400, "expected"),
+        (b'{"to": ["ada@example.org"], "subject": 1, "text": "t"}', 400, "expected"),
+        (b'{"to": ["not-an-address"], "subject": "s", "text": "t"}', 422, "not-an-"),
+    ],
+)
+async def test_aiohttp_app_refuses_a_bad_request(
+    aiohttp_example: ModuleType,
+    smtpd: SMTPDServers,
+    tmp_path: Path,
+    body: bytes,
+    status: int,
+    detail: str,
+) -> None:
+    """A body that is not the expected JSON gets 400, an invalid address 422;
+    nothing is queued."""
+    server = await smtpd.start()
+    app = aiohttp_example.create_app(relay_config(server), str(tmp_path / "app.db"))
+    async with aiohttp_client(app) as client:
+        response = await client.post("/messages", data=body)
+        assert response.status == status
+        assert detail in (await response.json())["detail"]
+        summary = await app[aiohttp_example.DELIVERER].store.summary()
+    assert sum(summary.by_state.values()) == 0
+
+
+def test_aiohttp_app_from_environment_reads_the_toml_file(
+    aiohttp_example: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """app_from_environment() builds the app from the file in $MAIL_CONFIG."""
+    config_file = tmp_path / "mailstrom.toml"
+    monkeypatch.setenv("MAIL_CONFIG", str(config_file))
+    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\nport = 0\n')
+    with pytest.raises(ConfigError) as info:
+        aiohttp_example.app_from_environment()
+    assert info.value.key == "relay.port"
+    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\n')
+    app = aiohttp_example.app_from_environment()
+    routes = {(r.method, r.resource.canonical) for r in app.router.routes()}
+    assert routes == {
+        ("POST", "/messages"),
+        ("GET", "/messages/{message_id}"),
+        ("HEAD", "/messages/{message_id}"),
+    }
+
+
+# -- script.py ---------------------------------------------------------------------
+
+
+def write_config(
+    path: Path, server: SMTPDServer, *, poll_interval: float = 1.0
+) -> Path:
+    """A settings file for child processes: relay on loopback, without TLS."""
+    path.write_text(
+        f"[mailstrom]\n"
+        f'helo_name = "client.test"\n'
+        f"poll_interval = {poll_interval}\n"
+        f"[mailstrom.relay]\n"
+        f'host = "{server.host}"\n'
+        f"port = {server.port}\n"
+        f'tls = "none"\n'
+    )
+    return path
+
+
+async def run_script(*args: str) -> tuple[int, str, str]:
+    """Run docs/examples/script.py in a child process: exit code, stdout, stderr."""
+    with anyio.fail_after(30):
+        done = await anyio.run_process(
+            [sys.executable, str(EXAMPLES / "script.py"), *args], check=False
+        )
+    assert done.returncode is not None
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
+async def test_script_delivers_and_prints_each_outcome(
+    smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """Every recipient gets its own message; one line each; exit 1 as one failed."""
+    handler = FaultHandler(rcpt_replies={"bob@example.net": "550 5.1.1 no such user"})
+    server = await smtpd.start(handler)
+    config = write_config(tmp_path / "mailstrom.toml", server)
+    store = str(tmp_path / "queue.sqlite3")
+    code, out, err = await run_script(
+        "--config", str(config), "--store", store, "ada@example.org", "bob@example.net"
+    )
+    assert (code, err) == (1, "")
+    assert out.splitlines() == [
+        "ada@example.org: delivered (250 OK)",
+        "bob@example.net: failed (550 no such user)",
+    ]
+    [received] = server.messages
+    assert received.rcpt_tos == ["ada@example.org"]
+    assert b"Subject: Your weekly report" in received.content
+
+    code, out, err = await run_script(
+        "--config", str(config), "--store", store, "cy@example.com"
+    )
+    assert (code, out, err) == (0, "cy@example.com: delivered (250 OK)\n", "")
+
+
+async def test_script_stops_waiting_after_wait_seconds(
+    smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """A deferred recipient is reported as it stands when --wait runs out: exit 3."""
+    handler = FaultHandler(rcpt_replies={"bob@example.net": "451 4.3.0 try later"})
+    server = await smtpd.start(handler)
+    config = write_config(tmp_path / "mailstrom.toml", server)
+    code, out, err = await run_script(
+        "--config",
+        str(config),
+        "--store",
+        str(tmp_path / "queue.sqlite3"),
+        "--wait",
+        "3",
+        "ada@example.org",
+        "bob@example.net",
+    )
+    assert (code, err) == (3, "")
+    assert out.splitlines() == [
+        "ada@example.org: delivered (250 OK)",
+        "bob@example.net: deferred (451 try later)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("config_text", "recipient", "error"),
+    [
+        ("[mailstrom.relay]\nport = 25\n", "ada@example.org", "relay.host"),
+        ("not toml", "ada@example.org", "is not valid TOML"),
+        (None, "ada@example.org", "cannot read config file"),
+        ('[mailstrom.relay]\nhost = "127.0.0.1"\n', "not-an-address", "not-an-address"),
+    ],
+)
+async def test_script_reports_bad_input_in_one_line(
+    tmp_path: Path, config_text: str | None, recipient: str, error: str
+) -> None:
+    """A bad settings file or address: one line on stderr, exit 2, nothing queued."""
+    config = tmp_path / "mailstrom.toml"
+    if config_text is not None:
+        config.write_text(config_text)
+    store = tmp_path / "queue.sqlite3"
+    code, out, err = await run_script(
+        "--config", str(config), "--store", str(store), recipient
+    )
+    assert (code, out) == (2, "")
+    assert len(err.splitlines()) == 1
+    assert err.startswith("script.py: ")
+    assert error in err
+    if store.exists():
+        async with SQLiteStore(str(store)) as queue:
+            assert sum((await queue.summary()).by_state.values()) == 0
+
+
+# -- worker.py ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def worker_example() -> ModuleType:
+    return load_example("worker.py")
+
+
+async def test_worker_delivers_what_a_web_process_queued(
+    worker_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """The worker process delivers what a submit-only Deliverer stored, and stops
+    cleanly on SIGTERM."""
+    server = await smtpd.start()
+    config_file = write_config(tmp_path / "mailstrom.toml", server, poll_interval=0.05)
+    store_path = str(tmp_path / "queue.sqlite3")
+    env = {**os.environ, "MAIL_CONFIG": str(config_file), "MAIL_QUEUE": store_path}
+    command = [sys.executable, str(EXAMPLES / "worker.py")]
+    with anyio.fail_after(30):
+        async with await anyio.open_process(command, env=env) as worker:
+            try:
+                assert worker.stdout is not None
+                output = BufferedByteReceiveStream(worker.stdout)
+                line = await output.receive_until(b"\n", 1000)
+                assert line == b"worker: delivering"
+
+                config = relay_config(server, poll_interval=0.05)
+                async with worker_example.web_deliverer(config, store_path) as web:
+                    handles = [
+                        await web.submit(
+                            Email(sender="app@example.com", to=[to], subject="Hi")
+                        )
+                        for to in ("ada@example.org", "bob@example.net")
+                    ]
+                    statuses = [await handle for handle in handles]
+                assert all(status.is_delivered for status in statuses)
+
+                worker.send_signal(signal.SIGTERM)
+                rest = b"".join([chunk async for chunk in output])
+                assert await worker.wait() == 0
+            except BaseException:
+                worker.kill()  # or leaving the block would wait for it forever
+                raise
+    assert rest.decode().splitlines() == [
+        "worker: SIGTERM, stopping",
+        "worker: stopped",
+    ]
+    assert sorted(m.rcpt_tos[0] for m in server.messages) == [
+        "ada@example.org",
+        "bob@example.net",
+    ]
