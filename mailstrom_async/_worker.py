@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -143,6 +143,14 @@ class Lanes:
         if lane.idle < lane.queue.qsize() and lane.workers < limit:
             lane.workers += 1
             tg.start_soon(self._run_worker, lane, name=f"mailstrom lane {key}")
+
+    def forgive(self, keys: Collection[str] | None = None) -> None:
+        """Forget the backoff of these destinations (of all with None): an
+        operator asked to retry now, so their next job connects at once."""
+        for key, lane in self._lanes.items():
+            if keys is None or key in keys:
+                lane.failures = 0
+                lane.backoff_until = None
 
     def stop(self) -> list[Job]:
         """Stop taking jobs; return those still waiting so they can be released."""

@@ -344,3 +344,18 @@ async def test_lease_renewal_uses_an_index(tmp_path: Path) -> None:
         )
     detail = " ".join(str(row[-1]) for row in plan)
     assert "recipients_lease_owner" in detail, detail
+
+
+async def test_busy_timeout_bounds_the_wait_for_a_lock(db_path: Path) -> None:
+    """With a short busy_timeout, a file locked by another connection makes a
+    write fail quickly with StoreError naming the lock; a bad value is refused."""
+    async with SQLiteStore(db_path, busy_timeout=0.05) as store:
+        assert await pragma(store, "busy_timeout") == 50
+        async with aiosqlite.connect(db_path, isolation_level=None) as other:
+            await other.execute("BEGIN EXCLUSIVE")
+            with anyio.fail_after(10), pytest.raises(StoreError, match="locked"):
+                await store.add(new_message("m1"))
+            await other.execute("ROLLBACK")
+        await store.add(new_message("m1"))
+    with pytest.raises(ValueError, match="busy_timeout"):
+        SQLiteStore(db_path, busy_timeout=-1)

@@ -24,7 +24,7 @@ import json
 import os
 import sqlite3  # noqa: TID251 - only for sqlite3.Error
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -38,8 +38,11 @@ from mailstrom_async._models import MessageStatus, RecipientState, RecipientStat
 from mailstrom_async._store import _sql as sql
 from mailstrom_async._store._base import Job, NewMessage, QueueSummary
 from mailstrom_async._store._common import (
+    CANCELLED,
+    UNFINISHED,
     check_claim,
     check_limit,
+    check_list_limit,
     check_new_message,
     check_statuses,
     logger,
@@ -77,15 +80,26 @@ class SQLiteStore:
         synchronous: SQLite's ``PRAGMA synchronous``: ``"FULL"`` (the default)
             makes every commit durable against power loss; ``"NORMAL"`` is faster
             and may lose the last commits (never corrupt the file) on power loss.
+        busy_timeout: how many seconds a call waits for another connection's
+            transaction (another process holding the file) before it fails with
+            StoreError ("database is locked").
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, synchronous: str = "FULL"
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "FULL",
+        busy_timeout: float = _BUSY_TIMEOUT,
     ) -> None:
         mode = synchronous.upper()
         if mode not in _SYNCHRONOUS:
             msg = f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, got {synchronous!r}"
             raise ValueError(msg)
+        if not busy_timeout >= 0:
+            msg = f"busy_timeout must be a number of seconds >= 0, got {busy_timeout!r}"
+            raise ValueError(msg)
+        self._busy_timeout = busy_timeout
         self._path = os.fspath(path)
         self._synchronous = mode
         self._db: aiosqlite.Connection | None = None
@@ -119,7 +133,7 @@ class SQLiteStore:
             if self._db is not None:
                 return
             connection = aiosqlite.connect(
-                self._path, timeout=_BUSY_TIMEOUT, isolation_level=None
+                self._path, timeout=self._busy_timeout, isolation_level=None
             )
             try:
                 with self._translate():
@@ -150,7 +164,7 @@ class SQLiteStore:
                 extra={"path": self._path, "journal_mode": mode},
             )
         await db.execute(f"PRAGMA synchronous = {self._synchronous}")
-        await db.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT * 1000)}")
+        await db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
         await db.execute("PRAGMA foreign_keys = ON")
         async with _transaction(db):
             (version,), *_ = await db.execute_fetchall("PRAGMA user_version")
@@ -361,6 +375,75 @@ class SQLiteStore:
             submitted_at=sql.from_ts(submitted_at),
             mail_from=mail_from,
         )
+
+    async def messages(
+        self,
+        *,
+        states: Collection[RecipientState] | None = None,
+        domain: str | None = None,
+        limit: int | None = None,
+    ) -> list[MessageStatus]:
+        """List messages by recipient state and domain; see :meth:`Store.messages`."""
+        check_list_limit(limit)
+        wanted = UNFINISHED if states is None else states
+        params = {
+            "states": json.dumps(sorted(RecipientState(s).value for s in wanted)),
+            "domain": None if domain is None else domain.lower(),
+            "limit": -1 if limit is None else limit,
+        }
+        async with self._use(write=False) as db:
+            rows = await db.execute_fetchall(sql.LIST_MESSAGES, params)
+        found: dict[str, tuple[Any, list[RecipientStatus]]] = {}
+        for row in rows:
+            entry = found.setdefault(row[0], (row, []))
+            entry[1].append(sql.status_from_row(row[3:]))
+        return [
+            MessageStatus(
+                message_id=mid,
+                recipients=tuple(recipients),
+                submitted_at=sql.from_ts(first[2]),
+                mail_from=first[1],
+            )
+            for mid, (first, recipients) in found.items()
+        ]
+
+    async def retry_now(
+        self,
+        *,
+        now: datetime,
+        message_id: str | None = None,
+        domain: str | None = None,
+    ) -> int:
+        """Make waiting recipients due at *now*; see :meth:`Store.retry_now`."""
+        params = {
+            "now": sql.to_ts(utc(now, "now")),
+            "message_id": message_id,
+            "domain": None if domain is None else domain.lower(),
+        }
+        async with self._use(write=True) as db:
+            if message_id is not None:
+                await self._check_exists(db, message_id)
+            cursor = await db.execute(sql.RETRY_NOW, params)
+            return cursor.rowcount
+
+    async def cancel(self, message_id: str) -> int:
+        """Fail every unfinished recipient of a message; see :meth:`Store.cancel`."""
+        async with self._use(write=True) as db:
+            await self._check_exists(db, message_id)
+            cursor = await db.execute(
+                sql.CANCEL, {"message_id": message_id, "reason": CANCELLED}
+            )
+            count = cursor.rowcount
+        logger.info("cancelled", extra={"message_id": message_id, "recipients": count})
+        return count
+
+    @staticmethod
+    async def _check_exists(db: aiosqlite.Connection, message_id: str) -> None:
+        rows = await db.execute_fetchall(
+            "SELECT 1 FROM messages WHERE id = ?", (message_id,)
+        )
+        if not list(rows):
+            raise UnknownMessageError(message_id)
 
     async def claim_due(
         self, *, now: datetime, worker: str, lease_until: datetime, limit: int
