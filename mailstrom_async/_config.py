@@ -428,10 +428,10 @@ class Config:
         try:
             return cls.from_mapping(data)
         except ConfigError as exc:
-            name = sources.get(exc.key or "")
-            if name is None:
+            source = sources.get(exc.key or "")
+            if source is None:
                 raise
-            msg = f"{exc} (from {name})"
+            msg = f"{exc} (from {source})"
             raise ConfigError(msg, exc.key) from None
 
 
