@@ -395,7 +395,7 @@ class Config:
         type: integers, numbers, booleans (``true``/``false``, ``1``/``0``,
         ``yes``/``no``, ``on``/``off``), comma-separated lists, and an empty
         value is ``None`` where a setting may be ``None``. They are merged over
-        *base* (such as the mapping of a TOML file, see :func:`read_toml`), then
+        *base* (such as the mapping of a TOML file), then
         checked exactly as :meth:`from_mapping` does. ``MAILSTROM_STORE`` and
         ``MAILSTROM_CONFIG`` belong to the ``mailstrom-async`` command and are
         ignored here, as is every variable without the ``MAILSTROM_`` prefix.
