@@ -35,6 +35,16 @@ def child_env(**settings: str) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No MAILSTROM_* variable (CI sets some for the suite) reaches main(), and
+    the cwd is a fresh folder."""
+    for name in list(os.environ):
+        if name.startswith("MAILSTROM_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
 def relay_env(server: SMTPDServer, store: Path, **settings: str) -> dict[str, str]:
     """Settings for a process that delivers to *server*, with *store* as default."""
     return child_env(

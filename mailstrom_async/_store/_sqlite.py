@@ -433,9 +433,7 @@ class SQLiteStore:
             cursor = await db.execute(
                 sql.CANCEL, {"message_id": message_id, "reason": CANCELLED}
             )
-            count = cursor.rowcount
-        logger.info("cancelled", extra={"message_id": message_id, "recipients": count})
-        return count
+            return cursor.rowcount
 
     @staticmethod
     async def _check_exists(db: aiosqlite.Connection, message_id: str) -> None:
