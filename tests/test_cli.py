@@ -18,8 +18,8 @@ import aiosqlite
 import anyio
 import pytest
 
-from mailstrom_async._cli import main
-from mailstrom_async._cli._common import duration
+from mailstrom_async._cli import _reason, main
+from mailstrom_async._cli._common import CLIError, age, duration
 from mailstrom_async._deliverer import DEFAULT_STORE_PATH
 from mailstrom_async._models import RecipientState, RecipientStatus
 from mailstrom_async._store import SQLiteStore
@@ -174,8 +174,9 @@ def test_send_then_status(cli: CLI, tmp_path: Path) -> None:
     message_id = cli.send("--to", "a@example.org", "--cc", "b@Other.example")
     assert (tmp_path / DEFAULT_STORE_PATH).exists()
     out = cli.ok("status", message_id)
-    assert f"message {message_id}" in out
-    assert "from    me@example.com" in out
+    assert f"message    {message_id}" in out
+    assert "from       me@example.com" in out
+    assert "submitted  " in out
     rows = [line.split() for line in out.splitlines() if "@" in line][2:]
     assert [r[:3] for r in rows] == [
         ["a@example.org", "queued", "0"],
@@ -625,3 +626,40 @@ def test_mx_demo_walks_mx_hosts_and_dns_outcomes() -> None:
     assert "failed    carol@nomail.example.org  (556 " in out
     assert "failed    dave@no-such-domain.example  (550 " in out
     assert "mx1.example.com (127.0.0.2) refused 1 session(s)" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (["queue", "--lock-timeout", "-1"], "must be 0 or more seconds, not '-1'"),
+        (["queue", "--lock-timeout", "nan"], "not a finite number of seconds: 'nan'"),
+        (["queue", "--lock-timeout", "soon"], "not a number of seconds: 'soon'"),
+        (["queue", "--list", "--limit", "ten"], "at least 1, not 'ten'"),
+        (["sink", "--port", "smtp"], "not a port number (0 to 65535): 'smtp'"),
+        (["status"], "the following arguments are required: ID"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_numbers_and_names(cli: CLI, args: list[str], text: str) -> None:
+    """Bad numbers, missing arguments and unknown commands are usage errors."""
+    assert text in cli.error(*args, code=2)
+
+
+def test_ages() -> None:
+    """Ages are short: seconds, minutes, hours and minutes, days and hours."""
+    now = datetime(2030, 1, 10, tzinfo=UTC)
+    assert [
+        age(now - timedelta(seconds=s), now)
+        for s in (-5, 45, 150, 3 * 3600 + 20 * 60, 2 * 86400 + 4 * 3600 + 5)
+    ] == ["0s", "45s", "2m", "3h20m", "2d4h"]
+
+
+def test_errors_inside_exception_groups_are_one_line() -> None:
+    """An error meant for a person is found inside (nested) exception groups;
+    anything else is a bug and is not turned into a line."""
+    group = BaseExceptionGroup(
+        "tasks", [ValueError("bug"), ExceptionGroup("inner", [CLIError("bad\ninput")])]
+    )
+    assert _reason(group) == "bad input"
+    assert _reason(ExceptionGroup("tasks", [ValueError("bug")])) is None
+    assert _reason(ValueError("bug")) is None

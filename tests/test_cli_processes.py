@@ -3,11 +3,13 @@ and send --wait, against loopback SMTP servers in the test's own event loop."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -59,6 +61,17 @@ def relay_env(server: SMTPDServer, store: Path, **settings: str) -> dict[str, st
     )
 
 
+@contextlib.asynccontextmanager
+async def started(*args: str, env: dict[str, str]) -> AsyncIterator[Process]:
+    """``mailstrom-async *args`` as a child process, killed if the test fails."""
+    async with await anyio.open_process([*COMMAND, *args], env=env) as process:
+        try:
+            yield process
+        except BaseException:
+            process.kill()
+            raise
+
+
 async def read_all(process: Process) -> tuple[str, str]:
     assert process.stdout is not None
     assert process.stderr is not None
@@ -92,7 +105,7 @@ async def test_worker_delivers_and_stops_cleanly(
     )
     message_id = sent.stdout.decode().strip()
     assert handler.received.value == 0  # submit only: nothing delivered yet
-    async with await anyio.open_process([*COMMAND, "worker"], env=env) as worker:
+    async with started("worker", env=env) as worker:
         with anyio.fail_after(30):
             await handler.received.wait_for(1)
         worker.send_signal(signal.SIGTERM)
@@ -102,6 +115,10 @@ async def test_worker_delivers_and_stops_cleanly(
     assert code == 0, err
     assert "deliverer started" in err
     assert "stopping signal=SIGTERM" in err
+    assert (
+        f"delivered message_id={message_id} domain=example.org attempts=1 code=250"
+        in err
+    )
     assert "Traceback" not in err
     [received] = server.messages
     assert received.rcpt_tos == ["you@example.org"]
@@ -179,8 +196,8 @@ async def test_sink_prints_and_saves(tmp_path: Path) -> None:
     """sink prints a line per message and saves it as .eml; SIGTERM stops it
     with exit code 0."""
     outbox = tmp_path / "outbox"
-    async with await anyio.open_process(
-        [*COMMAND, "sink", "--port", "0", "--save-dir", str(outbox)], env=child_env()
+    async with started(
+        "sink", "--port", "0", "--save-dir", str(outbox), env=child_env()
     ) as sink:
         assert sink.stdout is not None
         reader = BufferedByteReceiveStream(sink.stdout)
@@ -264,3 +281,33 @@ def test_worker_bad_store(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
         err
         == f"mailstrom-async: error: store {str(tmp_path)!r} is a directory, not a SQLite file\n"
     )
+
+
+async def test_worker_json_logs_and_sigint(tmp_path: Path) -> None:
+    """worker --json logs one JSON object per line; SIGINT stops an idle worker
+    cleanly with exit code 0."""
+    env = child_env(
+        MAILSTROM_STORE=str(tmp_path / "q.sqlite3"),
+        MAILSTROM_HELO_NAME="client.test",
+        MAILSTROM_RELAY__HOST="127.0.0.1",
+        MAILSTROM_RELAY__TLS="none",
+    )
+    async with started("worker", "--json", env=env) as worker:
+        assert worker.stderr is not None
+        reader = BufferedByteReceiveStream(worker.stderr)
+        with anyio.fail_after(30):
+            migrated = json.loads(await reader.receive_until(b"\n", 10000))
+            started = json.loads(await reader.receive_until(b"\n", 10000))
+        worker.send_signal(signal.SIGINT)
+        assert migrated["message"] == "migrated SQLite store schema"
+        assert migrated["to_version"] >= 1
+        assert started["message"] == "deliverer started"
+        assert started["level"] == "INFO"
+        assert started["logger"] == "mailstrom_async.deliverer"
+        assert started["mode"] == "deliver"
+        with anyio.fail_after(30):
+            rest = b"".join([chunk async for chunk in reader.receive_stream])
+            assert await worker.wait() == 0
+    lines = [json.loads(line) for line in rest.decode().splitlines()]
+    assert {"stopping", "deliverer stopped"} <= {line["message"] for line in lines}
+    assert {"signal": "SIGINT"}.items() <= lines[0].items()

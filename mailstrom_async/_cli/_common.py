@@ -195,10 +195,11 @@ def load_config(args: argparse.Namespace) -> Config:
 # -- output --------------------------------------------------------------------
 
 
-def setup_logging(verbose: bool) -> None:
-    """Log lines to stderr, with each record's structured ``extra`` fields."""
+def setup_logging(*, verbose: bool, as_json: bool = False) -> None:
+    """Log lines to stderr with each record's structured ``extra`` fields, as
+    ``key=value`` text or as one JSON object per line."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_ExtraFormatter())
+    handler.setFormatter(_JSONFormatter() if as_json else _ExtraFormatter())
     root = logging.getLogger("mailstrom_async")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -208,16 +209,34 @@ def setup_logging(verbose: bool) -> None:
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
+def _extra(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD}
+
+
 class _ExtraFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extra = {k: v for k, v in vars(record).items() if k not in _STANDARD}
+        extra = _extra(record)
         if extra:
             line += " " + " ".join(f"{k}={v}" for k, v in extra.items())
         return line
+
+
+class _JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **_extra(record),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
 
 
 def timestamp(value: datetime | None) -> str:

@@ -153,11 +153,10 @@ def _status(args: argparse.Namespace) -> int:
         print_json(status_json(status))
         return EXIT_OK
     now = utcnow()
-    print(f"message {status.message_id}")
-    print(f"from    {status.mail_from or '<>'}")
-    print(
-        f"queued  {timestamp(status.submitted_at)} ({age(status.submitted_at, now)} ago)"
-    )
+    submitted = timestamp(status.submitted_at)
+    print(f"message    {status.message_id}")
+    print(f"from       {status.mail_from or '<>'}")
+    print(f"submitted  {submitted} ({age(status.submitted_at, now)} ago)")
     print()
     print(
         table(

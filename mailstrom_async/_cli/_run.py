@@ -30,6 +30,7 @@ from mailstrom_async._sink import SinkServer
 if TYPE_CHECKING:
     from mailstrom_async._cli._common import Parser
     from mailstrom_async._config import Config
+    from mailstrom_async._events import EventStream
     from mailstrom_async._sink import CapturedMessage
     from mailstrom_async._store import SQLiteStore
 
@@ -59,6 +60,7 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     p.add_argument(
         "-v", "--verbose", action="store_true", help="log debug lines as well"
     )
+    # --json (from the store options) makes each log line a JSON object.
     add_store_options(p)
     p.set_defaults(handler=_worker)
 
@@ -121,26 +123,29 @@ def _port(text: str) -> int:
 def _worker(args: argparse.Namespace) -> int:
     config = load_config(args)
     store = open_store(args, create=True)
-    setup_logging(args.verbose)
+    setup_logging(verbose=args.verbose, as_json=args.json)
     return anyio.run(_run_worker, config, store)
 
 
 async def _run_worker(config: Config, store: SQLiteStore) -> int:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # The task group outlives the Deliverer: the event stream ends once the
+        # Deliverer has closed, after the events of the transactions that
+        # finished during shutdown, and every one of them is logged.
         async with (
-            Deliverer(config, store=store, mode="deliver") as deliverer,
             anyio.create_task_group() as tg,
+            Deliverer(config, store=store, mode="deliver") as deliverer,
         ):
-            tg.start_soon(_log_events, deliverer)
+            tg.start_soon(_log_events, deliverer.events())
             async for signum in signals:
-                logger.info("stopping", extra={"signal": signal.Signals(signum).name})
+                name = signal.Signals(signum).name
+                logger.info("stopping", extra={"signal": name})
                 break
-            tg.cancel_scope.cancel()
     return EXIT_OK
 
 
-async def _log_events(deliverer: Deliverer) -> None:
-    async for event in deliverer.events():
+async def _log_events(events: EventStream) -> None:
+    async for event in events:
         r = event.recipient
         logger.info(
             event.state.value,
