@@ -297,14 +297,14 @@ async def test_worker_json_logs_and_sigint(tmp_path: Path) -> None:
         reader = BufferedByteReceiveStream(worker.stderr)
         with anyio.fail_after(30):
             migrated = json.loads(await reader.receive_until(b"\n", 10000))
-            started = json.loads(await reader.receive_until(b"\n", 10000))
+            ready = json.loads(await reader.receive_until(b"\n", 10000))
         worker.send_signal(signal.SIGINT)
         assert migrated["message"] == "migrated SQLite store schema"
         assert migrated["to_version"] >= 1
-        assert started["message"] == "deliverer started"
-        assert started["level"] == "INFO"
-        assert started["logger"] == "mailstrom_async.deliverer"
-        assert started["mode"] == "deliver"
+        assert ready["message"] == "deliverer started"
+        assert ready["level"] == "INFO"
+        assert ready["logger"] == "mailstrom_async.deliverer"
+        assert ready["mode"] == "deliver"
         with anyio.fail_after(30):
             rest = b"".join([chunk async for chunk in reader.receive_stream])
             assert await worker.wait() == 0
