@@ -507,9 +507,11 @@ class Deliverer:
         """Give up every unfinished recipient of a message; return how many.
 
         They become FAILED with the reason ``"cancelled by operator"`` and a
-        "failed" event each; waiters on the message's handle wake up. A
-        recipient already in an SMTP transaction may still be delivered: its
-        status then says DELIVERED, because a server accepted it.
+        "failed" event each; waiters on the message's handle wake up, and this
+        Deliverer drops the message's jobs that wait for a connection. A
+        recipient already in an SMTP transaction (here, or in a worker process
+        that claimed it) may still be delivered: its status then says
+        DELIVERED, because a server accepted it.
 
         Raises:
             UnknownMessageError: no such message.
@@ -518,6 +520,17 @@ class Deliverer:
         self._check_open()
         before = await self._store.status(message_id)
         count = await self._store.cancel(message_id)
+        # Jobs of the message that this process claimed and that still wait for
+        # a connection are dropped; one already in a transaction goes on.
+        dropped = 0 if self._lanes is None else self._lanes.discard(message_id)
+        waiting = [self._ready.get_nowait() for _ in range(self._ready.qsize())]
+        for job in waiting:
+            if job.message_id == message_id:
+                dropped += 1
+            else:
+                self._ready.put_nowait(job)
+        for _ in range(dropped):
+            self._job_done()
         after = await self._store.status(message_id)
         now = self._clock()
         for old, new in zip(before, after, strict=True):

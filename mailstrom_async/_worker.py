@@ -152,6 +152,22 @@ class Lanes:
                 lane.failures = 0
                 lane.backoff_until = None
 
+    def discard(self, message_id: str) -> int:
+        """Drop the waiting (not in-flight) jobs of a cancelled message; return
+        how many were dropped."""
+        dropped = 0
+        for lane in self._lanes.values():
+            kept = []
+            while not lane.queue.empty():
+                job = lane.queue.get_nowait()
+                if job.message_id == message_id:
+                    dropped += 1
+                else:
+                    kept.append(job)
+            for job in kept:
+                lane.queue.put_nowait(job)
+        return dropped
+
     def stop(self) -> list[Job]:
         """Stop taking jobs; return those still waiting so they can be released."""
         self._stopping = True

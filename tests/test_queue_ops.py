@@ -8,6 +8,7 @@ import pytest
 from mailstrom_async import (
     Config,
     DelivererClosedError,
+    Limits,
     RecipientState,
     RelayConfig,
     RetryPolicy,
@@ -107,3 +108,29 @@ async def test_queue_operations_need_an_open_deliverer() -> None:
         await d.retry_now()
     with pytest.raises(DelivererClosedError):
         await d.cancel("x@example.com")
+
+
+async def test_cancel_drops_jobs_waiting_for_a_connection(smtpd: SMTPDServers) -> None:
+    """A cancelled message whose job waits for a connection in this Deliverer
+    is never sent; the message in the transaction goes on and is delivered."""
+    handler = FaultHandler(stall_at="DATA")
+    server = await smtpd.start(handler)
+    config = Config(
+        helo_name="client.test",
+        relay=RelayConfig(host=server.host, port=server.port, tls="none"),
+        timeouts=TIMEOUTS,
+        limits=Limits(connections_per_destination=1),
+    )
+    async with Deliverer(config, store=MemoryStore()) as d:
+        first = await d.submit(email("a@example.org"))
+        with anyio.fail_after(10):
+            await handler.stalled.wait()  # first is in its transaction
+        second = await d.submit(email("b@example.org"))
+        assert await d.cancel(second.message_id) == 1
+        handler.release.set()
+        with anyio.fail_after(10):
+            delivered = await first
+            cancelled = await second
+    assert delivered.is_delivered
+    assert [r.message for r in cancelled] == ["cancelled by operator"]
+    assert [m.rcpt_tos for m in server.messages] == [["a@example.org"]]
