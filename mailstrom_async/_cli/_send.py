@@ -106,7 +106,8 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
         nargs="?",
         type=positive_seconds,
         const=float("inf"),
-        help="deliver from this process and wait (at most SECONDS) for the outcome",
+        help="deliver from this process and wait for the outcome, at most SECONDS "
+        "if given (with a FILE, put FILE first)",
     )
     add_store_options(p)
     p.set_defaults(handler=_send, parser=p)
