@@ -25,6 +25,8 @@ from mailstrom_async._exceptions import ConfigError
 __all__ = [
     "DEFAULT_RETRY_POLICY",
     "DEFAULT_TIMEOUTS",
+    "ENV_IGNORED",
+    "ENV_PREFIX",
     "Config",
     "Limits",
     "MXConfig",
@@ -33,6 +35,7 @@ __all__ = [
     "RelayTLS",
     "RetryPolicy",
     "Timeouts",
+    "read_toml",
 ]
 
 
@@ -378,18 +381,147 @@ class Config:
         Raises:
             ConfigError: the file is unreadable, is not TOML, or holds a bad setting.
         """
+        return cls.from_mapping(read_toml(path))
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str], *, base: Mapping[str, Any] | None = None
+    ) -> Self:
+        """Build a Config from ``MAILSTROM_*`` environment variables over *base*.
+
+        A double underscore separates a section from its setting:
+        ``MAILSTROM_HELO_NAME``, ``MAILSTROM_RELAY__HOST``,
+        ``MAILSTROM_LIMITS__MAX_CONNECTIONS``. Values are read by the setting's
+        type: integers, numbers, booleans (``true``/``false``, ``1``/``0``,
+        ``yes``/``no``, ``on``/``off``), comma-separated lists, and an empty
+        value is ``None`` where a setting may be ``None``. They are merged over
+        *base* (such as the mapping of a TOML file), then
+        checked exactly as :meth:`from_mapping` does. ``MAILSTROM_STORE`` and
+        ``MAILSTROM_CONFIG`` belong to the ``mailstrom-async`` command and are
+        ignored here, as is every variable without the ``MAILSTROM_`` prefix.
+
+        Raises:
+            ConfigError: an unknown ``MAILSTROM_*`` variable, or a bad value;
+                ``.key`` is the dotted path of the setting, and the message names
+                the variable.
+        """
+        data: dict[str, Any] = {
+            k: dict(v) if isinstance(v, Mapping) else v for k, v in (base or {}).items()
+        }
+        sources: dict[str, str] = {}
+        for name in sorted(environ):
+            if not name.startswith(ENV_PREFIX) or name in ENV_IGNORED:
+                continue
+            path = name[len(ENV_PREFIX) :].lower().split("__")
+            key = ".".join(path)
+            hint = _env_hint(cls, path, name)
+            value = _from_env_string(hint, environ[name], key, name)
+            target = data
+            for section in path[:-1]:
+                inner = target.setdefault(section, {})
+                if not isinstance(inner, dict):
+                    msg = f"{section} must be a table (mapping), not {inner!r}"
+                    raise ConfigError(msg, section)
+                target = inner
+            target[path[-1]] = value
+            sources[key] = name
         try:
-            with Path(path).open("rb") as f:
-                data = tomllib.load(f)
-        except OSError as exc:
-            msg = f"cannot read config file {str(path)!r}: {exc.strerror or exc}"
-            raise ConfigError(msg) from exc
-        except tomllib.TOMLDecodeError as exc:
-            msg = f"config file {str(path)!r} is not valid TOML: {exc}"
-            raise ConfigError(msg) from exc
-        if set(data) == {"mailstrom"} and isinstance(data["mailstrom"], dict):
-            data = data["mailstrom"]
-        return cls.from_mapping(data)
+            return cls.from_mapping(data)
+        except ConfigError as exc:
+            source = sources.get(exc.key or "")
+            if source is None:
+                raise
+            msg = f"{exc} (from {source})"
+            raise ConfigError(msg, exc.key) from None
+
+
+#: The prefix of the environment variables :meth:`Config.from_env` reads.
+ENV_PREFIX = "MAILSTROM_"
+#: Variables with the prefix that belong to the command, not to Config.
+ENV_IGNORED = frozenset({"MAILSTROM_STORE", "MAILSTROM_CONFIG"})
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a TOML file: its ``[mailstrom]`` table, or the top level.
+
+    Raises:
+        ConfigError: the file is unreadable or is not TOML.
+    """
+    try:
+        with Path(path).open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        msg = f"cannot read config file {str(path)!r}: {exc.strerror or exc}"
+        raise ConfigError(msg) from exc
+    except tomllib.TOMLDecodeError as exc:
+        msg = f"config file {str(path)!r} is not valid TOML: {exc}"
+        raise ConfigError(msg) from exc
+    if set(data) == {"mailstrom"} and isinstance(data["mailstrom"], dict):
+        data = data["mailstrom"]
+    return data
+
+
+def _env_hint(cls: type[Any], path: list[str], name: str) -> Any:
+    """The type of the setting a variable names; ConfigError if there is none."""
+    hint: Any = cls
+    for depth, part in enumerate(path):
+        hint = _unwrap_optional(hint)
+        where = ".".join(path[:depth]) or "the configuration"
+        if not attrs.has(hint):
+            msg = f"unknown environment variable {name}: {where} has no sections"
+            raise ConfigError(msg, ".".join(path))
+        fields = {f.name for f in attrs.fields(hint)}
+        if part not in fields:
+            known = ", ".join(sorted(fields))
+            msg = (
+                f"unknown environment variable {name}: {where} has no setting "
+                f"{part!r} (known: {known})"
+            )
+            raise ConfigError(msg, ".".join(path))
+        hint = typing.get_type_hints(hint)[part]
+    if attrs.has(_unwrap_optional(hint)):
+        msg = (
+            f"environment variable {name} names the section {'.'.join(path)!r}: set "
+            f"its settings instead, such as {name}__HOST"
+        )
+        raise ConfigError(msg, ".".join(path))
+    return hint
+
+
+def _unwrap_optional(hint: Any) -> Any:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        (inner,) = [o for o in typing.get_args(hint) if o is not type(None)]
+        return inner
+    return hint
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _from_env_string(hint: Any, raw: str, key: str, name: str) -> Any:
+    """Read *raw* as the type *hint* says; from_mapping checks the rest."""
+    inner = _unwrap_optional(hint)
+    text = raw.strip()
+    if inner is not hint and not text:
+        return None
+    try:
+        if inner is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError(text)
+        if inner is int:
+            return int(text)
+        if inner is float:
+            return float(text)
+    except ValueError:
+        msg = f"{key} must be {_TYPE_NAMES[inner]}, not {raw!r} (from {name})"
+        raise ConfigError(msg, key) from None
+    if typing.get_origin(inner) is tuple:
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return raw
 
 
 _TYPE_NAMES: dict[Any, str] = {

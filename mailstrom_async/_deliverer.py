@@ -521,6 +521,93 @@ class Deliverer:
             destinations=lanes.destinations() if lanes is not None else {},
         )
 
+    # -- queue operations ----------------------------------------------------
+
+    async def retry_now(
+        self, *, message_id: str | None = None, domain: str | None = None
+    ) -> int:
+        """Make waiting mail due now, like ``postqueue -f``; return how many
+        recipients were made due.
+
+        Without arguments every QUEUED or DEFERRED recipient waiting for a later
+        attempt is due now; *message_id* and *domain* (case-insensitive) narrow
+        that down. Recipients in flight are left alone. This Deliverer also
+        forgets its backoff of the destinations concerned and looks at the store
+        at once; a worker in another process picks the mail up at its next poll.
+
+        Raises:
+            UnknownMessageError: *message_id* is given and no such message exists.
+            DelivererClosedError: the Deliverer is not open.
+        """
+        self._check_open()
+        keys: set[str] | None = None
+        route = self._route
+        if route is not None and message_id is not None:
+            status = await self._store.status(message_id)
+            keys = {
+                route.destination(r.address)
+                for r in status
+                if not r.is_final and (domain is None or r.domain == domain.lower())
+            }
+        elif route is not None and domain is not None:
+            keys = {route.destination(f"postmaster@{domain}")}
+        count = await self._store.retry_now(
+            now=self._clock(), message_id=message_id, domain=domain
+        )
+        if self._lanes is not None:
+            self._lanes.forgive(keys)
+        if self._mode != "submit":
+            self._scheduler.wake()
+        logger.info(
+            "retry now",
+            extra={"message_id": message_id, "domain": domain, "recipients": count},
+        )
+        return count
+
+    async def cancel(self, message_id: str) -> int:
+        """Give up every unfinished recipient of a message; return how many.
+
+        They become FAILED with the reason ``"cancelled by operator"`` and a
+        "failed" event each; waiters on the message's handle wake up, and this
+        Deliverer drops the message's jobs that wait for a connection. A
+        recipient already in an SMTP transaction (here, or in a worker process
+        that claimed it) may still be delivered: its status then says
+        DELIVERED, because a server accepted it.
+
+        Raises:
+            UnknownMessageError: no such message.
+            DelivererClosedError: the Deliverer is not open.
+        """
+        self._check_open()
+        before = await self._store.status(message_id)
+        count = await self._store.cancel(message_id)
+        # Jobs of the message that this process claimed and that still wait for
+        # a connection are dropped; one already in a transaction goes on.
+        dropped = 0 if self._lanes is None else self._lanes.discard(message_id)
+        waiting = [self._ready.get_nowait() for _ in range(self._ready.qsize())]
+        for job in waiting:
+            if job.message_id == message_id:
+                dropped += 1
+            else:
+                self._ready.put_nowait(job)
+        for _ in range(dropped):
+            self._job_done()
+        after = await self._store.status(message_id)
+        now = self._clock()
+        for old, new in zip(before, after, strict=True):
+            if old.state is not new.state:
+                self._broker.publish(
+                    DeliveryEvent(
+                        message_id=message_id,
+                        recipient=new,
+                        previous_state=old.state,
+                        at=now,
+                    )
+                )
+        self._changed(message_id)
+        logger.info("cancelled", extra={"message_id": message_id, "recipients": count})
+        return count
+
     def events(self) -> EventStream:
         """Follow every recipient state change from now on: ``async for e in ...``.
 

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -171,6 +171,30 @@ class Lanes:
         if lane.idle < lane.queue.qsize() and lane.workers < limit:
             lane.workers += 1
             tg.start_soon(self._run_worker, lane, name=f"mailstrom lane {key}")
+
+    def forgive(self, keys: Collection[str] | None = None) -> None:
+        """Forget the backoff of these destinations (of all with None): an
+        operator asked to retry now, so their next job connects at once."""
+        for key, lane in self._lanes.items():
+            if keys is None or key in keys:
+                lane.failures = 0
+                lane.backoff_until = None
+
+    def discard(self, message_id: str) -> int:
+        """Drop the waiting (not in-flight) jobs of a cancelled message; return
+        how many were dropped."""
+        dropped = 0
+        for lane in self._lanes.values():
+            kept = []
+            while not lane.queue.empty():
+                job = lane.queue.get_nowait()
+                if job.message_id == message_id:
+                    dropped += 1
+                else:
+                    kept.append(job)
+            for job in kept:
+                lane.queue.put_nowait(job)
+        return dropped
 
     def stop(self) -> list[Job]:
         """Stop taking jobs; return those still waiting so they can be released."""

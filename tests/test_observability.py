@@ -212,11 +212,13 @@ LOGGERS = {
     "mailstrom_async.smtp",
     "mailstrom_async.dns",
     "mailstrom_async.store",
+    "mailstrom_async.cli",
 }
 
 
-def test_logger_names_are_the_documented_four() -> None:
-    """Every logger of the package has one of the four stable, documented names."""
+def test_logger_names_are_the_documented_five() -> None:
+    """Every logger of the package has one of the stable, documented names (the
+    command configures the package's root logger, which nothing logs to)."""
     package = Path(mailstrom_async.__file__).parent
     used: set[str] = set()
     for path in package.rglob("*.py"):
@@ -230,7 +232,7 @@ def test_logger_names_are_the_documented_four() -> None:
                 assert isinstance(arg, ast.Constant), f"{path}: getLogger({arg})"
                 assert isinstance(arg.value, str), path
                 used.add(arg.value)
-    assert used == LOGGERS
+    assert used - {"mailstrom_async"} == LOGGERS
     page = (package.parent / "docs" / "observability.md").read_text()
     assert set(re.findall(r"^\| `(mailstrom_async\.\w+)` \|", page, re.M)) == LOGGERS
 

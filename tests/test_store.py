@@ -373,3 +373,18 @@ async def test_write_cancelled_before_its_batch_ran_stores_nothing(
         with pytest.raises(UnknownMessageError):
             await store.status("gone")
         assert len((await store.status("kept")).recipients) == 1
+
+
+async def test_busy_timeout_bounds_the_wait_for_a_lock(db_path: Path) -> None:
+    """With a short busy_timeout, a file locked by another connection makes a
+    write fail quickly with StoreError naming the lock; a bad value is refused."""
+    async with SQLiteStore(db_path, busy_timeout=0.05) as store:
+        assert await pragma(store, "busy_timeout") == 50
+        async with aiosqlite.connect(db_path, isolation_level=None) as other:
+            await other.execute("BEGIN EXCLUSIVE")
+            with anyio.fail_after(10), pytest.raises(StoreError, match="locked"):
+                await store.add(new_message("m1"))
+            await other.execute("ROLLBACK")
+        await store.add(new_message("m1"))
+    with pytest.raises(ValueError, match="busy_timeout"):
+        SQLiteStore(db_path, busy_timeout=-1)

@@ -12,7 +12,7 @@ deliver the same recipient at once; a worker that dies simply lets its lease exp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -182,5 +182,57 @@ class Store(Protocol):
         before *finished_before*; return how many messages were deleted.
 
         Recipients never attempted count at the message's ``submitted_at``.
+        """
+        ...
+
+    async def messages(
+        self,
+        *,
+        states: Collection[RecipientState] | None = None,
+        domain: str | None = None,
+        limit: int | None = None,
+    ) -> list[MessageStatus]:
+        """List messages with at least one recipient in one of *states* (default:
+        the unfinished ones, QUEUED and DEFERRED), of *domain* if given (compared
+        case-insensitively); oldest submitted first, at most *limit* of them.
+
+        Each message comes with all its recipients, whatever their state.
+
+        Raises:
+            ValueError: *limit* is less than 1.
+        """
+        ...
+
+    async def retry_now(
+        self,
+        *,
+        now: datetime,
+        message_id: str | None = None,
+        domain: str | None = None,
+    ) -> int:
+        """Make unfinished recipients due at *now*; return how many were changed.
+
+        Touches QUEUED and DEFERRED recipients whose ``next_attempt_at`` is later
+        than *now*, of *message_id* and of *domain* (case-insensitive) when given,
+        and never one leased at *now* (in flight: its worker records the outcome).
+        Recipients already due are left as they are and not counted.
+
+        Raises:
+            UnknownMessageError: *message_id* is given and no such message exists.
+        """
+        ...
+
+    async def cancel(self, message_id: str) -> int:
+        """Give up every unfinished recipient of a message; return how many.
+
+        Each QUEUED or DEFERRED recipient becomes FAILED with the reason
+        ``"cancelled by operator"``, no reply code and no next attempt; its
+        attempts and attempt times stay as they were and its lease ends. A
+        recipient in flight is cancelled too: if its worker then records
+        DELIVERED, that replaces FAILED (a server accepted it: the truth wins);
+        any unfinished outcome it records is ignored, as for every final state.
+
+        Raises:
+            UnknownMessageError: no such message.
         """
         ...

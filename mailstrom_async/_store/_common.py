@@ -22,9 +22,12 @@ if TYPE_CHECKING:
     from mailstrom_async._store._base import NewMessage
 
 __all__ = [
+    "CANCELLED",
     "UNFINISHED",
+    "cancelled",
     "check_claim",
     "check_limit",
+    "check_list_limit",
     "check_new_message",
     "check_statuses",
     "logger",
@@ -75,6 +78,29 @@ def check_limit(limit: int) -> None:
     if limit < 1:
         msg = f"limit must be at least 1, got {limit}"
         raise ValueError(msg)
+
+
+def check_list_limit(limit: int | None) -> None:
+    """``messages()`` takes no limit, or a positive one."""
+    if limit is not None and limit < 1:
+        msg = f"limit must be at least 1, got {limit}"
+        raise ValueError(msg)
+
+
+#: The reason given to a recipient that an operator cancelled.
+CANCELLED = "cancelled by operator"
+
+
+def cancelled(status: RecipientStatus) -> RecipientStatus:
+    """*status* given up by an operator: FAILED, attempts and times unchanged."""
+    return attrs.evolve(
+        status,
+        state=RecipientState.FAILED,
+        code=None,
+        enhanced_code=None,
+        message=CANCELLED,
+        next_attempt_at=None,
+    )
 
 
 def check_statuses(statuses: Iterable[RecipientStatus]) -> list[RecipientStatus]:

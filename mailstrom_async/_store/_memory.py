@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -22,8 +22,10 @@ from mailstrom_async._models import MessageStatus, RecipientState, RecipientStat
 from mailstrom_async._store._base import Job, NewMessage, QueueSummary
 from mailstrom_async._store._common import (
     UNFINISHED,
+    cancelled,
     check_claim,
     check_limit,
+    check_list_limit,
     check_new_message,
     check_statuses,
     logger,
@@ -202,13 +204,74 @@ class MemoryStore:
     async def status(self, message_id: str) -> MessageStatus:
         """Return the message's status; see :meth:`Store.status`."""
         await self._enter()
+        return _status(self._get(message_id))
+
+    async def messages(
+        self,
+        *,
+        states: Collection[RecipientState] | None = None,
+        domain: str | None = None,
+        limit: int | None = None,
+    ) -> list[MessageStatus]:
+        """List messages by recipient state and domain; see :meth:`Store.messages`."""
+        check_list_limit(limit)
+        wanted = UNFINISHED if states is None else frozenset(states)
+        lowered = None if domain is None else domain.lower()
+        await self._enter()
+        found = [
+            stored
+            for stored in self._messages.values()
+            if any(
+                r.status.state in wanted
+                and (lowered is None or r.status.domain == lowered)
+                for r in stored.recipients
+            )
+        ]
+        # Stable: messages submitted at the same instant stay in insertion order.
+        found.sort(key=lambda stored: stored.message.submitted_at)
+        return [_status(stored) for stored in found[:limit]]
+
+    async def retry_now(
+        self,
+        *,
+        now: datetime,
+        message_id: str | None = None,
+        domain: str | None = None,
+    ) -> int:
+        """Make waiting recipients due at *now*; see :meth:`Store.retry_now`."""
+        now = utc(now, "now")
+        lowered = None if domain is None else domain.lower()
+        await self._enter()
+        ids = list(self._unfinished) if message_id is None else [message_id]
+        if message_id is not None:
+            self._get(message_id)
+        changed = 0
+        for mid in ids:
+            for r in self._messages[mid].recipients:
+                nxt = r.status.next_attempt_at
+                if (
+                    r.status.state in UNFINISHED
+                    and nxt is not None
+                    and nxt > now
+                    and (r.lease_until is None or r.lease_until <= now)
+                    and (lowered is None or r.status.domain == lowered)
+                ):
+                    r.status = attrs.evolve(r.status, next_attempt_at=now)
+                    changed += 1
+        return changed
+
+    async def cancel(self, message_id: str) -> int:
+        """Fail every unfinished recipient of a message; see :meth:`Store.cancel`."""
+        await self._enter()
         stored = self._get(message_id)
-        return MessageStatus(
-            message_id=message_id,
-            recipients=tuple(r.status for r in stored.recipients),
-            submitted_at=stored.message.submitted_at,
-            mail_from=stored.message.mail_from,
-        )
+        count = 0
+        for r in stored.recipients:
+            if r.status.state in UNFINISHED:
+                r.status = cancelled(r.status)
+                r.lease_owner = r.lease_until = None
+                count += 1
+        self._unfinished.pop(message_id, None)
+        return count
 
     async def claim_due(
         self, *, now: datetime, worker: str, lease_until: datetime, limit: int
@@ -330,6 +393,15 @@ class MemoryStore:
             if key is not None:
                 del self._keys[key]
         return len(doomed)
+
+
+def _status(stored: _Message) -> MessageStatus:
+    return MessageStatus(
+        message_id=stored.message.message_id,
+        recipients=tuple(r.status for r in stored.recipients),
+        submitted_at=stored.message.submitted_at,
+        mail_from=stored.message.mail_from,
+    )
 
 
 def _is_due(r: _Recipient, now: datetime) -> bool:

@@ -16,14 +16,17 @@ from typing import Any
 from mailstrom_async._models import RecipientState, RecipientStatus
 
 __all__ = [
+    "CANCEL",
     "CLAIM",
     "INSERT_MESSAGE",
     "INSERT_RECIPIENT",
     "JOB_MESSAGES",
+    "LIST_MESSAGES",
     "MIGRATIONS",
     "NEXT_DUE",
     "PURGE",
     "RECORD",
+    "RETRY_NOW",
     "SCAN_DUE",
     "SCHEMA_VERSION",
     "STATUS_QUERY",
@@ -131,6 +134,31 @@ PURGE = """DELETE FROM messages WHERE id IN (
     GROUP BY m.id
     HAVING TOTAL(r.state IN ('queued', 'deferred')) = 0
        AND MAX(COALESCE(r.last_attempt_at, m.submitted_at)) < ?)"""
+
+# Messages with a recipient in one of :states (a JSON list) and, unless :domain is
+# NULL, of :domain; oldest first, at most :limit (-1: all), each with every recipient.
+LIST_MESSAGES = """WITH chosen AS (
+      SELECT m.id, m.rowid AS seq, m.submitted_at FROM messages m
+      WHERE EXISTS (
+        SELECT 1 FROM recipients r WHERE r.message_id = m.id
+          AND r.state IN (SELECT value FROM json_each(:states))
+          AND (:domain IS NULL OR r.domain = :domain))
+      ORDER BY m.submitted_at, m.rowid LIMIT :limit)
+    SELECT m.id, m.mail_from, m.submitted_at, r.address, r.state, r.attempts,
+      r.code, r.enhanced_code, r.message, r.host, r.ip, r.tls, r.tls_verified,
+      r.first_attempt_at, r.last_attempt_at, r.next_attempt_at, r.possible_duplicate
+    FROM chosen c JOIN messages m ON m.id = c.id
+      JOIN recipients r ON r.message_id = m.id
+    ORDER BY c.submitted_at, c.seq, r.position"""
+RETRY_NOW = """UPDATE recipients SET next_attempt_at = :now
+    WHERE state IN ('queued', 'deferred') AND next_attempt_at > :now
+      AND (lease_until IS NULL OR lease_until <= :now)
+      AND (:message_id IS NULL OR message_id = :message_id)
+      AND (:domain IS NULL OR domain = :domain)"""
+CANCEL = """UPDATE recipients SET state = 'failed', code = NULL, enhanced_code = NULL,
+      message = :reason, next_attempt_at = NULL, lease_owner = NULL,
+      lease_until = NULL
+    WHERE message_id = :message_id AND state IN ('queued', 'deferred')"""
 
 
 def to_ts(value: datetime | None) -> float | None:

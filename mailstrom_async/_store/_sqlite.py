@@ -25,7 +25,14 @@ import json
 import os
 import sqlite3  # noqa: TID251 - only for sqlite3.Error
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterator,
+    Sequence,
+)
 from contextlib import asynccontextmanager, contextmanager, suppress
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -39,8 +46,11 @@ from mailstrom_async._models import MessageStatus, RecipientState, RecipientStat
 from mailstrom_async._store import _sql as sql
 from mailstrom_async._store._base import Job, NewMessage, QueueSummary
 from mailstrom_async._store._common import (
+    CANCELLED,
+    UNFINISHED,
     check_claim,
     check_limit,
+    check_list_limit,
     check_new_message,
     check_statuses,
     logger,
@@ -83,15 +93,26 @@ class SQLiteStore:
         synchronous: SQLite's ``PRAGMA synchronous``: ``"FULL"`` (the default)
             makes every commit durable against power loss; ``"NORMAL"`` is faster
             and may lose the last commits (never corrupt the file) on power loss.
+        busy_timeout: how many seconds a call waits for another connection's
+            transaction (another process holding the file) before it fails with
+            StoreError ("database is locked").
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, synchronous: str = "FULL"
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "FULL",
+        busy_timeout: float = _BUSY_TIMEOUT,
     ) -> None:
         mode = synchronous.upper()
         if mode not in _SYNCHRONOUS:
             msg = f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, got {synchronous!r}"
             raise ValueError(msg)
+        if not busy_timeout >= 0:
+            msg = f"busy_timeout must be a number of seconds >= 0, got {busy_timeout!r}"
+            raise ValueError(msg)
+        self._busy_timeout = busy_timeout
         self._path = os.fspath(path)
         self._synchronous = mode
         self._db: aiosqlite.Connection | None = None
@@ -126,7 +147,7 @@ class SQLiteStore:
             if self._db is not None:
                 return
             connection = aiosqlite.connect(
-                self._path, timeout=_BUSY_TIMEOUT, isolation_level=None
+                self._path, timeout=self._busy_timeout, isolation_level=None
             )
             try:
                 with self._translate():
@@ -157,7 +178,7 @@ class SQLiteStore:
                 extra={"path": self._path, "journal_mode": mode},
             )
         await db.execute(f"PRAGMA synchronous = {self._synchronous}")
-        await db.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT * 1000)}")
+        await db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
         await db.execute("PRAGMA foreign_keys = ON")
         async with _transaction(db):
             (version,), *_ = await db.execute_fetchall("PRAGMA user_version")
@@ -332,6 +353,71 @@ class SQLiteStore:
             mail_from=mail_from,
         )
 
+    async def messages(
+        self,
+        *,
+        states: Collection[RecipientState] | None = None,
+        domain: str | None = None,
+        limit: int | None = None,
+    ) -> list[MessageStatus]:
+        """List messages by recipient state and domain; see :meth:`Store.messages`."""
+        check_list_limit(limit)
+        wanted = UNFINISHED if states is None else states
+        params = {
+            "states": json.dumps(sorted(RecipientState(s).value for s in wanted)),
+            "domain": None if domain is None else domain.lower(),
+            "limit": -1 if limit is None else limit,
+        }
+
+        def work(conn: sqlite3.Connection) -> list[Any]:
+            return conn.execute(sql.LIST_MESSAGES, params).fetchall()
+
+        rows = await self._read(work)
+        found: dict[str, tuple[Any, list[RecipientStatus]]] = {}
+        for row in rows:
+            entry = found.setdefault(row[0], (row, []))
+            entry[1].append(sql.status_from_row(row[3:]))
+        return [
+            MessageStatus(
+                message_id=mid,
+                recipients=tuple(recipients),
+                submitted_at=sql.from_ts(first[2]),
+                mail_from=first[1],
+            )
+            for mid, (first, recipients) in found.items()
+        ]
+
+    async def retry_now(
+        self,
+        *,
+        now: datetime,
+        message_id: str | None = None,
+        domain: str | None = None,
+    ) -> int:
+        """Make waiting recipients due at *now*; see :meth:`Store.retry_now`."""
+        params = {
+            "now": sql.to_ts(utc(now, "now")),
+            "message_id": message_id,
+            "domain": None if domain is None else domain.lower(),
+        }
+
+        def work(conn: sqlite3.Connection) -> int:
+            if message_id is not None:
+                _check_exists(conn, message_id)
+            return conn.execute(sql.RETRY_NOW, params).rowcount
+
+        return await self._write(work)
+
+    async def cancel(self, message_id: str) -> int:
+        """Fail every unfinished recipient of a message; see :meth:`Store.cancel`."""
+
+        def work(conn: sqlite3.Connection) -> int:
+            _check_exists(conn, message_id)
+            params = {"message_id": message_id, "reason": CANCELLED}
+            return conn.execute(sql.CANCEL, params).rowcount
+
+        return await self._write(work)
+
     async def claim_due(
         self, *, now: datetime, worker: str, lease_until: datetime, limit: int
     ) -> list[Job]:
@@ -403,14 +489,8 @@ class SQLiteStore:
                 " WHERE message_id = ? ORDER BY position",
                 (message_id,),
             ).fetchall()
-            if (
-                not stored
-                and conn.execute(
-                    "SELECT 1 FROM messages WHERE id = ?", (message_id,)
-                ).fetchone()
-                is None
-            ):
-                raise UnknownMessageError(message_id)
+            if not stored:
+                _check_exists(conn, message_id)
             addresses = [row[1] for row in stored]
             states = [RecipientState(row[2]) for row in stored]
             updates, unlease = [], set()
@@ -523,6 +603,12 @@ def _on_thread(
     """
     execute = cast("Callable[[Callable[[], T]], Awaitable[T]]", db._execute)
     return execute(lambda: fn(db._conn, *args))
+
+
+def _check_exists(conn: sqlite3.Connection, message_id: str) -> None:
+    query = "SELECT 1 FROM messages WHERE id = ?"
+    if conn.execute(query, (message_id,)).fetchone() is None:
+        raise UnknownMessageError(message_id)
 
 
 def _run_batch(conn: sqlite3.Connection, batch: Sequence[_Write]) -> None:

@@ -20,7 +20,7 @@ import anyio
 import pytest
 
 from mailstrom_async._exceptions import StoreError, UnknownMessageError
-from mailstrom_async._models import RecipientState, RecipientStatus
+from mailstrom_async._models import MessageStatus, RecipientState, RecipientStatus
 from mailstrom_async._store import Job, NewMessage, Store
 
 __all__ = ["T0", "StoreContract", "at", "attempted", "claimed_addresses", "new_message"]
@@ -613,6 +613,182 @@ class StoreContract:
         assert await store.add(new_message("again", key="k1")) == ("again", True)
         summary = await store.summary()
         assert sum(summary.by_state.values()) == 4
+
+    # -- queue operations --------------------------------------------------------
+
+    async def test_messages_lists_unfinished_oldest_first(self, store: Store) -> None:
+        """messages() lists messages with a QUEUED or DEFERRED recipient, oldest
+        submitted first, each with all its recipients."""
+        await store.add(new_message("late", "a@x.example", submitted_at=at(2)))
+        await store.add(new_message("done", "b@y.example", submitted_at=at(0)))
+        await store.add(
+            new_message("early", "c@y.example", "d@X.example", submitted_at=at(1))
+        )
+        await store.record("done", [attempted("b@y.example", DELIVERED)], worker="w")
+        await store.record(
+            "early", [attempted("c@y.example", DEFERRED, next_at=at(9))], worker="w"
+        )
+        listed = await store.messages()
+        assert [m.message_id for m in listed] == ["early", "late"]
+        early = listed[0]
+        assert early == await store.status("early")
+        assert [r.state for r in early] == [DEFERRED, QUEUED]
+        assert early.submitted_at == at(1)
+        assert early.mail_from == "sender@example.org"
+
+    async def test_messages_filters(self, store: Store) -> None:
+        """messages() filters by state and by domain (case-insensitively), and
+        stops at *limit*; ties in submission time keep the order of adding."""
+        await store.add(new_message("m1", "a@x.example", "b@y.example"))
+        await store.add(new_message("m2", "c@Y.example"))
+        await store.add(new_message("m3", "d@z.example"))
+        await store.record("m1", [attempted("a@x.example", FAILED)], worker="w")
+
+        def ids(found: list[MessageStatus]) -> list[str]:
+            return [m.message_id for m in found]
+
+        assert ids(await store.messages()) == ["m1", "m2", "m3"]
+        assert ids(await store.messages(domain="y.EXAMPLE")) == ["m1", "m2"]
+        assert ids(await store.messages(domain="x.example")) == []
+        assert ids(await store.messages(states=[FAILED])) == ["m1"]
+        assert ids(await store.messages(states={FAILED}, domain="x.example")) == ["m1"]
+        assert ids(await store.messages(states=[DELIVERED])) == []
+        assert ids(await store.messages(states=[])) == []
+        assert ids(await store.messages(limit=2)) == ["m1", "m2"]
+        assert ids(await store.messages(domain="y.example", limit=1)) == ["m1"]
+        with pytest.raises(ValueError, match="limit"):
+            await store.messages(limit=0)
+
+    async def test_retry_now(self, store: Store) -> None:
+        """retry_now() makes waiting recipients due at *now* and counts them;
+        recipients already due are neither changed nor counted."""
+        await store.add(new_message("m1", "a@x.example", "b@y.example"))
+        await store.add(new_message("m2", "c@x.example", submitted_at=at(500)))
+        await store.record(
+            "m1",
+            [
+                attempted("a@x.example", DEFERRED, next_at=at(300)),
+                attempted("b@y.example", DEFERRED, next_at=at(5)),
+            ],
+            worker="w",
+        )
+        assert await store.retry_now(now=at(10)) == 2  # a@x and m2's c@x
+        status = await store.status("m1")
+        assert status.recipient("a@x.example").next_attempt_at == at(10)
+        assert status.recipient("b@y.example").next_attempt_at == at(5)
+        assert status.recipient("a@x.example").attempts == 1
+        m2 = await store.status("m2")
+        assert m2.recipients[0].next_attempt_at == at(10)
+        jobs = await store.claim_due(
+            now=at(10), worker="w", lease_until=at(60), limit=9
+        )
+        assert sorted(claimed_addresses(jobs)) == [
+            ("m1", "a@x.example"),
+            ("m1", "b@y.example"),
+            ("m2", "c@x.example"),
+        ]
+        assert await store.retry_now(now=at(10)) == 0
+
+    async def test_retry_now_filters(self, store: Store) -> None:
+        """retry_now() narrows to one message and/or one domain (case-insensitive)."""
+        for mid in ("m1", "m2"):
+            await store.add(
+                new_message(mid, "a@x.example", "b@Y.example", submitted_at=at(100))
+            )
+        assert await store.retry_now(now=at(1), domain="Y.EXAMPLE") == 2
+        assert await store.retry_now(now=at(1), message_id="m1") == 1
+        assert (
+            await store.retry_now(now=at(0), message_id="m2", domain="x.example") == 1
+        )
+        m2 = await store.status("m2")
+        assert [r.next_attempt_at for r in m2] == [at(0), at(1)]
+        assert await store.retry_now(now=at(0), domain="nowhere.example") == 0
+        with pytest.raises(UnknownMessageError) as info:
+            await store.retry_now(now=at(0), message_id="nope")
+        assert info.value.message_id == "nope"
+
+    async def test_retry_now_skips_recipients_in_flight(self, store: Store) -> None:
+        """A recipient leased at *now* is in flight and left alone; one whose lease
+        has expired (its worker died) is made due like any other."""
+        await store.add(new_message("m1"), claim_for="w", lease_until=at(50))
+        await store.record(
+            "m1",
+            [attempted("rcpt@example.com", DEFERRED, next_at=at(300))],
+            worker="other",  # w's lease stays
+        )
+        assert await store.retry_now(now=at(10)) == 0
+        assert (await store.status("m1")).recipients[0].next_attempt_at == at(300)
+        assert await store.retry_now(now=at(50)) == 1
+        assert (await store.status("m1")).recipients[0].next_attempt_at == at(50)
+
+    async def test_cancel(self, store: Store) -> None:
+        """cancel() fails every unfinished recipient with a clear reason, keeping
+        attempts and attempt times; finished recipients are untouched."""
+        await store.add(
+            new_message("m1", "a@x.example", "b@x.example", "c@x.example", key="k")
+        )
+        await store.record(
+            "m1",
+            [
+                attempted("a@x.example", DELIVERED),
+                attempted("b@x.example", DEFERRED, when=at(1), next_at=at(300)),
+            ],
+            worker="w",
+        )
+        assert await store.cancel("m1") == 2
+        status = await store.status("m1")
+        assert status.is_done
+        delivered, deferred, queued = status.recipients
+        assert delivered.state is DELIVERED
+        assert deferred.state is FAILED
+        assert deferred.message == "cancelled by operator"
+        assert deferred.code is None
+        assert deferred.enhanced_code is None
+        assert deferred.attempts == 1
+        assert deferred.last_attempt_at == at(1)
+        assert deferred.next_attempt_at is None
+        assert queued.state is FAILED
+        assert queued.attempts == 0
+        assert queued.message == "cancelled by operator"
+        assert await store.cancel("m1") == 0
+        assert (
+            await store.claim_due(now=at(999), worker="w", lease_until=at(999), limit=9)
+            == []
+        )
+        assert await store.next_due_at() is None
+        assert await store.messages() == []
+        assert [m.message_id for m in await store.messages(states=[FAILED])] == ["m1"]
+        assert await store.purge(finished_before=at(2)) == 1
+
+    async def test_cancel_unknown_message(self, store: Store) -> None:
+        """cancel() of an unknown id raises UnknownMessageError naming it."""
+        with pytest.raises(UnknownMessageError) as info:
+            await store.cancel("nope")
+        assert info.value.message_id == "nope"
+
+    async def test_cancel_in_flight(self, store: Store) -> None:
+        """A recipient in flight is cancelled too; its worker's late DEFERRED is
+        ignored, but a late DELIVERED replaces FAILED: a server accepted it."""
+        await store.add(
+            new_message("m1", "a@x.example", "b@x.example"),
+            claim_for="w",
+            lease_until=at(60),
+        )
+        assert await store.cancel("m1") == 2
+        assert await store.renew_leases(worker="w", lease_until=at(120)) == 0
+        await store.record(
+            "m1",
+            [
+                attempted("a@x.example", DELIVERED, when=at(3)),
+                attempted("b@x.example", DEFERRED, when=at(3), next_at=at(300)),
+            ],
+            worker="w",
+        )
+        a, b = (await store.status("m1")).recipients
+        assert a.state is DELIVERED
+        assert a.last_attempt_at == at(3)
+        assert b.state is FAILED
+        assert b.message == "cancelled by operator"
 
     async def test_message_without_recipients(self, store: Store) -> None:
         """A message without recipients is done at once and purged by its submission time."""

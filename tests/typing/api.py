@@ -240,3 +240,23 @@ async def testing_types(outbox: t.Outbox, server: t.CaptureServer) -> None:
         scripted.disconnect()
         scripted.defer()  # type: ignore[call-arg]  # an address is required
         scripted.fail("a@x.test", 550)  # type: ignore[call-arg]  # keyword-only
+
+
+def config_from_env_types() -> None:
+    config = m.Config.from_env({"MAILSTROM_RELAY__HOST": "smtp.example.com"})
+    assert_type(config, m.Config)
+    m.Config.from_env({}, base={"helo_name": "a.example"})
+    m.Config.from_env({}, {})  # type: ignore[call-arg]  # base is keyword-only
+
+
+async def queue_operation_types(
+    deliverer: m.Deliverer, store: m.Store, at: datetime
+) -> None:
+    assert_type(await deliverer.retry_now(), int)
+    assert_type(await deliverer.retry_now(message_id="id", domain="example.org"), int)
+    assert_type(await deliverer.cancel("id"), int)
+    assert_type(await store.retry_now(now=at, domain="example.org"), int)
+    assert_type(await store.cancel("id"), int)
+    listed = await store.messages(states={m.RecipientState.DEFERRED}, limit=10)
+    assert_type(listed, list[m.MessageStatus])
+    m.SQLiteStore("q.sqlite3", busy_timeout=0.5)

@@ -1,0 +1,95 @@
+"""The ``mailstrom-async`` command: submit mail, run workers, operate the queue.
+
+One module per family of subcommands: :mod:`._send` (send), :mod:`._queue`
+(status, queue, retry, cancel, purge), :mod:`._run` (worker, sink, demo); shared
+options and output in :mod:`._common`. :func:`main` turns every error meant for
+a person into one line on stderr and an exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from mailstrom_async._cli import _queue, _run, _send
+from mailstrom_async._cli._common import (
+    DEFAULT_STORE_PATH,
+    EXIT_ERROR,
+    PROG,
+    CLIError,
+    Parser,
+)
+from mailstrom_async._exceptions import MailstromError
+
+__all__ = ["main"]
+
+_EPILOG = f"""\
+Queue commands work on one SQLite file: --store PATH, else $MAILSTROM_STORE,
+else ./{DEFAULT_STORE_PATH}. Delivery settings come from --config FILE.toml (or
+$MAILSTROM_CONFIG) and MAILSTROM_* variables, e.g. MAILSTROM_RELAY__HOST,
+MAILSTROM_RELAY__PORT, MAILSTROM_LIMITS__MAX_CONNECTIONS.
+
+examples:
+  mailstrom-async send --from me@example.com --to you@example.org --subject Hi --body Hello
+  mailstrom-async worker
+  mailstrom-async queue --list
+  mailstrom-async status ID
+  mailstrom-async retry --domain example.org
+
+exit codes: 0 ok, 1 error, 2 usage error, 3 a recipient failed (send --wait),
+4 still pending when send --wait timed out, 130 interrupted.
+Run 'mailstrom-async COMMAND --help' for each command's options.
+"""
+
+
+def _parser() -> Parser:
+    parser = Parser(
+        prog=PROG,
+        description="Durable asyncio email delivery: submit mail, run a worker, "
+        "inspect and steer the queue, capture mail locally.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _send.add_parser(sub)
+    _run.add_parsers(sub)
+    _queue.add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; return its exit code."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    try:
+        code: int = args.handler(args)
+    except SystemExit as exc:  # a usage error found by a handler
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:
+        reason = _reason(exc)
+        if reason is None:
+            raise
+        print(f"{PROG}: error: {reason}", file=sys.stderr)
+        return EXIT_ERROR
+    return code
+
+
+def _reason(exc: BaseException) -> str | None:
+    """One line for an error meant for a person; None for a bug."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            reason = _reason(inner)
+            if reason is not None:
+                return reason
+        return None
+    if isinstance(exc, CLIError | MailstromError):
+        text = " ".join(str(exc).split())
+        if "database is locked" in text:
+            text += " (another process holds the store; see --lock-timeout)"
+        return text
+    return None

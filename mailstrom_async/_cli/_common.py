@@ -1,0 +1,301 @@
+"""What every subcommand shares: options, the store and config, output helpers.
+
+Errors meant for the person at the terminal are :class:`CLIError` (or a
+:class:`~mailstrom_async.MailstromError`); ``main()`` prints each as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, NoReturn
+
+import attrs
+
+from mailstrom_async._config import Config, read_toml
+from mailstrom_async._deliverer import DEFAULT_STORE_PATH
+from mailstrom_async._models import MessageStatus, RecipientStatus
+from mailstrom_async._store import SQLiteStore
+
+__all__ = [
+    "DEFAULT_STORE_PATH",
+    "EXIT_ERROR",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_PENDING",
+    "EXIT_USAGE",
+    "PROG",
+    "CLIError",
+    "Parser",
+    "add_store_options",
+    "age",
+    "duration",
+    "load_config",
+    "non_negative_seconds",
+    "open_store",
+    "positive_seconds",
+    "print_json",
+    "setup_logging",
+    "status_json",
+    "table",
+    "timestamp",
+    "utcnow",
+]
+
+PROG = "mailstrom-async"
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_FAILED = 3
+EXIT_PENDING = 4
+
+#: How long a command waits for a store another process holds, by default.
+DEFAULT_LOCK_TIMEOUT = 10.0
+
+
+class CLIError(Exception):
+    """A bad input or a failure, told in one line; exit code 1."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# -- options -------------------------------------------------------------------
+
+STORE_HELP = (
+    "the SQLite queue file (default: $MAILSTROM_STORE, else "
+    f"./{DEFAULT_STORE_PATH} in the current directory)"
+)
+
+
+def add_store_options(parser: argparse.ArgumentParser) -> None:
+    """--store, --config, --lock-timeout and --json, shared by queue commands."""
+    group = parser.add_argument_group("store and configuration")
+    group.add_argument("--store", metavar="PATH", help=STORE_HELP)
+    group.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a TOML configuration file (default: $MAILSTROM_CONFIG); "
+        "MAILSTROM_* variables override its settings",
+    )
+    group.add_argument(
+        "--lock-timeout",
+        metavar="SECONDS",
+        type=non_negative_seconds,
+        default=DEFAULT_LOCK_TIMEOUT,
+        help="how long to wait for a store that another process holds "
+        f"(default {DEFAULT_LOCK_TIMEOUT:g})",
+    )
+    group.add_argument(
+        "--json", action="store_true", help="print JSON for scripts instead of text"
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"not a number of seconds: {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if value != value or value == float("inf"):
+        msg = f"not a finite number of seconds: {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def non_negative_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value < 0:
+        msg = f"must be 0 or more seconds, not {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        msg = f"must be more than 0 seconds, not {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+
+
+def duration(text: str) -> timedelta:
+    """``7d``, ``12h``, ``30m``, ``3600s``, ``1d12h``, or plain seconds."""
+    compact = text.strip().lower()
+    try:
+        if compact and all(c.isdigit() or c == "." for c in compact):
+            return timedelta(seconds=float(compact))
+        parts = _DURATION.findall(compact)
+        if parts and "".join(n + u for n, u in parts) == compact:
+            return timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in parts))
+    except (ValueError, OverflowError):
+        pass
+    msg = f"invalid duration {text!r}: use e.g. 7d, 12h, 30m or 3600s"
+    raise argparse.ArgumentTypeError(msg)
+
+
+# -- store and config -----------------------------------------------------------
+
+
+def store_path(args: argparse.Namespace) -> Path:
+    return Path(args.store or os.environ.get("MAILSTROM_STORE") or DEFAULT_STORE_PATH)
+
+
+def open_store(args: argparse.Namespace, *, create: bool) -> SQLiteStore:
+    """The SQLite store the options name (not opened yet).
+
+    Raises:
+        CLIError: the path is a directory, or it does not exist and *create* is
+            False (commands that only read or change queued mail never create one).
+    """
+    path = store_path(args)
+    if path.is_dir():
+        msg = f"store {str(path)!r} is a directory, not a SQLite file"
+        raise CLIError(msg)
+    if not create and not path.exists():
+        msg = (
+            f"no store at {str(path)!r}: give --store PATH or set MAILSTROM_STORE "
+            "(nothing was submitted to this one yet)"
+        )
+        raise CLIError(msg)
+    return SQLiteStore(path, busy_timeout=args.lock_timeout)
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """The Config from --config (or $MAILSTROM_CONFIG) and MAILSTROM_* variables.
+
+    Raises:
+        ConfigError: the file is unreadable or not TOML, or a setting is bad.
+    """
+    path = args.config or os.environ.get("MAILSTROM_CONFIG")
+    base = read_toml(path) if path else None
+    return Config.from_env(os.environ, base=base)
+
+
+# -- output --------------------------------------------------------------------
+
+
+def setup_logging(*, verbose: bool, as_json: bool = False) -> None:
+    """Log lines to stderr with each record's structured ``extra`` fields, as
+    ``key=value`` text or as one JSON object per line."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JSONFormatter() if as_json else _ExtraFormatter())
+    root = logging.getLogger("mailstrom_async")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+def _extra(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD}
+
+
+class _ExtraFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = _extra(record)
+        if extra:
+            line += " " + " ".join(f"{k}={v}" for k, v in extra.items())
+        return line
+
+
+class _JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **_extra(record),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def timestamp(value: datetime | None) -> str:
+    return (
+        "-" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    )
+
+
+def age(since: datetime, now: datetime) -> str:
+    """A short age: ``45s``, ``12m``, ``3h20m``, ``2d4h``."""
+    seconds = max(0, int((now - since).total_seconds()))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes}m"
+    if minutes:
+        return f"{minutes}m"
+    return f"{seconds}s"
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """Left-aligned columns two spaces apart; the last column is not padded."""
+    cells = [list(header)] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            cell if i == len(row) - 1 else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ).rstrip()
+        for row in cells
+    )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    if hasattr(value, "value"):  # an enum
+        return value.value
+    return value
+
+
+def recipient_json(status: RecipientStatus) -> dict[str, Any]:
+    return {
+        f.name: _plain(getattr(status, f.name)) for f in attrs.fields(RecipientStatus)
+    }
+
+
+def status_json(status: MessageStatus) -> dict[str, Any]:
+    return {
+        "message_id": status.message_id,
+        "mail_from": status.mail_from,
+        "submitted_at": _plain(status.submitted_at),
+        "done": status.is_done,
+        "recipients": [recipient_json(r) for r in status],
+    }
+
+
+def print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))

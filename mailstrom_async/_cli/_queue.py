@@ -1,0 +1,329 @@
+"""Inspecting and steering the queue: status, queue, retry, cancel, purge."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import anyio
+
+from mailstrom_async._cli._common import (
+    EXIT_OK,
+    add_store_options,
+    age,
+    duration,
+    load_config,
+    open_store,
+    print_json,
+    status_json,
+    table,
+    timestamp,
+    utcnow,
+)
+from mailstrom_async._models import RecipientState
+
+if TYPE_CHECKING:
+    from mailstrom_async._cli._common import Parser
+    from mailstrom_async._models import MessageStatus
+    from mailstrom_async._store import QueueSummary, SQLiteStore
+
+__all__ = ["add_parsers"]
+
+_FORMATTER = argparse.RawDescriptionHelpFormatter
+_STATES = [s.value for s in RecipientState]
+
+
+def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
+    """Add the status, queue, retry, cancel and purge subcommands."""
+    p = sub.add_parser(
+        "status",
+        help="show every recipient of one message",
+        description="Show each recipient of a message: state, attempts, the last "
+        "reply (code, enhanced code, text), the host tried, and the last and "
+        "next attempt times (UTC).",
+        epilog="examples:\n  mailstrom-async status 1732712345.abc@example.com\n"
+        "  mailstrom-async status --json ID | jq .recipients",
+        formatter_class=_FORMATTER,
+    )
+    p.add_argument("message_id", metavar="ID", help="the id printed by 'send'")
+    add_store_options(p)
+    p.set_defaults(handler=_status)
+
+    p = sub.add_parser(
+        "queue",
+        help="count recipients by state and domain, or list waiting messages",
+        description="Count recipients by state and by domain, busiest domains "
+        "first (like qshape); with --list, list messages that still have "
+        "recipients waiting, oldest first (like mailq).",
+        epilog="examples:\n  mailstrom-async queue\n"
+        "  mailstrom-async queue --list --domain example.org --limit 20\n"
+        "  mailstrom-async queue --list --state failed --json",
+        formatter_class=_FORMATTER,
+    )
+    p.add_argument("--list", action="store_true", help="list messages, not counts")
+    p.add_argument(
+        "--state",
+        action="append",
+        choices=_STATES,
+        help="with --list: messages with a recipient in this state (repeatable; "
+        "default: queued and deferred)",
+    )
+    p.add_argument("--domain", help="with --list: only recipients of this domain")
+    p.add_argument("--limit", type=_positive_int, help="with --list: at most this many")
+    add_store_options(p)
+    p.set_defaults(handler=_queue, parser=p)
+
+    p = sub.add_parser(
+        "retry",
+        help="make deferred mail due now (one message, one domain, or all)",
+        description="Make waiting recipients due now, like 'postqueue -f': those "
+        "of one message, of one domain, or all of them. Recipients in flight are "
+        "left alone. A running worker picks them up at its next poll.",
+        epilog="examples:\n  mailstrom-async retry ID\n"
+        "  mailstrom-async retry --domain example.org\n  mailstrom-async retry --all",
+        formatter_class=_FORMATTER,
+    )
+    p.add_argument("message_id", metavar="ID", nargs="?", help="one message")
+    p.add_argument("--domain", help="every message to this recipient domain")
+    p.add_argument("--all", action="store_true", help="every waiting recipient")
+    add_store_options(p)
+    p.set_defaults(handler=_retry, parser=p)
+
+    p = sub.add_parser(
+        "cancel",
+        help="give up a message: its waiting recipients become failed",
+        description="Give up every recipient of a message that is still waiting: "
+        "each becomes FAILED with the reason 'cancelled by operator'. A recipient "
+        "already in an SMTP transaction may still be delivered.",
+        epilog="example:\n  mailstrom-async cancel ID",
+        formatter_class=_FORMATTER,
+    )
+    p.add_argument("message_id", metavar="ID")
+    add_store_options(p)
+    p.set_defaults(handler=_cancel)
+
+    p = sub.add_parser(
+        "purge",
+        help="delete finished messages older than a duration",
+        description="Delete messages whose recipients are all delivered or failed "
+        "and whose last attempt is older than DURATION. Waiting mail is never "
+        "deleted.",
+        epilog="examples:\n  mailstrom-async purge --older-than 7d\n"
+        "  mailstrom-async purge --older-than 1d12h",
+        formatter_class=_FORMATTER,
+    )
+    p.add_argument(
+        "--older-than",
+        metavar="DURATION",
+        type=duration,
+        required=True,
+        help="e.g. 7d, 12h, 30m, 3600s, 1w, 1d12h",
+    )
+    add_store_options(p)
+    p.set_defaults(handler=_purge)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        msg = f"must be a whole number of at least 1, not {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _prepare(args: argparse.Namespace) -> SQLiteStore:
+    load_config(args)  # the same checks as every command, even if unused here
+    return open_store(args, create=False)
+
+
+def _status(args: argparse.Namespace) -> int:
+    store = _prepare(args)
+
+    async def run() -> MessageStatus:
+        async with store:
+            return await store.status(args.message_id)
+
+    status = anyio.run(run)
+    if args.json:
+        print_json(status_json(status))
+        return EXIT_OK
+    now = utcnow()
+    submitted = timestamp(status.submitted_at)
+    print(f"message    {status.message_id}")
+    print(f"from       {status.mail_from or '<>'}")
+    print(f"submitted  {submitted} ({age(status.submitted_at, now)} ago)")
+    print()
+    print(
+        table(
+            [
+                "RECIPIENT",
+                "STATE",
+                "TRIES",
+                "CODE",
+                "ENHANCED",
+                "HOST",
+                "LAST",
+                "NEXT",
+                "TEXT",
+            ],
+            [
+                (
+                    r.address,
+                    r.state.value,
+                    r.attempts,
+                    r.code,
+                    r.enhanced_code,
+                    r.host,
+                    timestamp(r.last_attempt_at),
+                    timestamp(r.next_attempt_at),
+                    r.message,
+                )
+                for r in status
+            ],
+        )
+    )
+    return EXIT_OK
+
+
+def _queue(args: argparse.Namespace) -> int:
+    if not args.list and (args.state or args.domain or args.limit):
+        args.parser.error("--state, --domain and --limit go with --list")
+    store = _prepare(args)
+    if args.list:
+        states = None if not args.state else [RecipientState(s) for s in args.state]
+
+        async def listing() -> list[MessageStatus]:
+            async with store:
+                return await store.messages(
+                    states=states, domain=args.domain, limit=args.limit
+                )
+
+        _print_list(anyio.run(listing), args.json)
+        return EXIT_OK
+
+    async def counting() -> QueueSummary:
+        async with store:
+            return await store.summary()
+
+    _print_summary(anyio.run(counting), args.json)
+    return EXIT_OK
+
+
+def _print_list(messages: list[MessageStatus], as_json: bool) -> None:
+    if as_json:
+        print_json([status_json(m) for m in messages])
+        return
+    now = utcnow()
+    print(
+        table(
+            ["ID", "AGE", "FROM", "RECIPIENTS"],
+            [
+                (
+                    m.message_id,
+                    age(m.submitted_at, now),
+                    m.mail_from or "<>",
+                    ", ".join(f"{r.address} ({r.state.value})" for r in m),
+                )
+                for m in messages
+            ],
+        )
+    )
+    print(f"{len(messages)} message(s)")
+
+
+def _print_summary(summary: QueueSummary, as_json: bool) -> None:
+    domains: dict[str, Counter[RecipientState]] = {}
+    for (state, domain), count in summary.by_domain.items():
+        domains.setdefault(domain, Counter())[state] += count
+    if as_json:
+        print_json(
+            {
+                "by_state": {s.value: n for s, n in summary.by_state.items()},
+                "by_domain": {
+                    d: {s.value: c[s] for s in RecipientState}
+                    for d, c in sorted(domains.items())
+                },
+            }
+        )
+        return
+    waiting = (RecipientState.QUEUED, RecipientState.DEFERRED)
+    order = sorted(
+        domains.items(),
+        key=lambda item: (-sum(item[1][s] for s in waiting), -item[1].total(), item[0]),
+    )
+    states = list(RecipientState)
+    print(
+        table(
+            ["DOMAIN", *(s.value.upper() for s in states), "TOTAL"],
+            [
+                (domain, *(counts[s] for s in states), counts.total())
+                for domain, counts in order
+            ]
+            + [
+                (
+                    "total",
+                    *(summary.by_state[s] for s in states),
+                    sum(summary.by_state.values()),
+                )
+            ],
+        )
+    )
+
+
+def _retry(args: argparse.Namespace) -> int:
+    chosen = sum((args.message_id is not None, args.domain is not None, bool(args.all)))
+    if chosen != 1:
+        args.parser.error("give exactly one of ID, --domain DOMAIN or --all")
+    store = _prepare(args)
+
+    async def run() -> int:
+        async with store:
+            return await store.retry_now(
+                now=utcnow(), message_id=args.message_id, domain=args.domain
+            )
+
+    count = anyio.run(run)
+    if args.json:
+        print_json({"due_now": count})
+    else:
+        print(f"{count} recipient(s) made due now")
+    return EXIT_OK
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    store = _prepare(args)
+
+    async def run() -> int:
+        async with store:
+            return await store.cancel(args.message_id)
+
+    count = anyio.run(run)
+    if args.json:
+        print_json({"message_id": args.message_id, "cancelled": count})
+    else:
+        print(f"cancelled {count} recipient(s) of {args.message_id}")
+    return EXIT_OK
+
+
+def _purge(args: argparse.Namespace) -> int:
+    store = _prepare(args)
+    try:
+        cutoff = utcnow() - args.older_than
+    except OverflowError:  # older than year 1: nothing is
+        cutoff = datetime.min.replace(tzinfo=UTC)
+
+    async def run() -> int:
+        async with store:
+            return await store.purge(finished_before=cutoff)
+
+    count = anyio.run(run)
+    if args.json:
+        print_json({"purged": count, "finished_before": cutoff.isoformat()})
+    else:
+        print(f"purged {count} finished message(s) older than {timestamp(cutoff)}")
+    return EXIT_OK

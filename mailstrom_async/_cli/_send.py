@@ -1,0 +1,236 @@
+"""``mailstrom-async send``: build or read a message and submit it to the store."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.policy import SMTP
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+
+from mailstrom_async._builder import Attachment, Email
+from mailstrom_async._cli._common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PENDING,
+    CLIError,
+    add_store_options,
+    load_config,
+    open_store,
+    positive_seconds,
+    print_json,
+    status_json,
+    table,
+)
+from mailstrom_async._deliverer import Deliverer
+from mailstrom_async._message import PreparedMessage, prepare
+from mailstrom_async._models import RecipientState
+
+if TYPE_CHECKING:
+    from mailstrom_async._cli._common import Parser
+    from mailstrom_async._config import Config
+    from mailstrom_async._models import MessageStatus
+    from mailstrom_async._store import SQLiteStore
+
+__all__ = ["add_parser"]
+
+_EPILOG = """\
+examples:
+  mailstrom-async send --from me@example.com --to you@example.org \\
+      --subject Hello --body 'Hi there.' --attach report.pdf
+  mailstrom-async send message.eml
+  cat message.eml | mailstrom-async send - --to only-this@example.org
+  mailstrom-async send --wait 60 --from me@example.com --to you@example.org \\
+      --subject Test --body-file body.txt
+
+Without --wait the message is stored for a worker ('mailstrom-async worker') and
+its id is printed. With --wait this process delivers it too (configure the relay
+or MX delivery with --config or MAILSTROM_* variables) and prints each
+recipient's outcome.
+
+exit codes:
+  0  stored; with --wait: every recipient delivered
+  1  error (bad input, unreadable file, invalid message, store or config problem)
+  2  usage error
+  3  with --wait: at least one recipient failed
+  4  with --wait: still pending when the time ran out (it stays queued)
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
+    """Add the send subcommand."""
+    p = sub.add_parser(
+        "send",
+        help="submit a message to the store (and optionally wait for delivery)",
+        description="Build a message from flags, or read an .eml file (or - for "
+        "stdin), validate it and store it durably in the queue.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "eml",
+        metavar="FILE",
+        nargs="?",
+        help="an RFC 5322 message (.eml), or - for stdin; its envelope comes "
+        "from its headers unless --from/--to are given",
+    )
+    p.add_argument("--from", dest="sender", metavar="ADDRESS", help="the sender")
+    p.add_argument(
+        "--to", action="append", default=[], metavar="ADDRESS", help="repeatable"
+    )
+    p.add_argument(
+        "--cc", action="append", default=[], metavar="ADDRESS", help="repeatable"
+    )
+    p.add_argument(
+        "--bcc", action="append", default=[], metavar="ADDRESS", help="repeatable"
+    )
+    p.add_argument("--subject", default="")
+    body = p.add_mutually_exclusive_group()
+    body.add_argument("--body", metavar="TEXT", help="the plain-text body")
+    body.add_argument("--body-file", metavar="FILE", help="read the body (UTF-8)")
+    p.add_argument(
+        "--attach", action="append", default=[], metavar="FILE", help="repeatable"
+    )
+    p.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="store nothing if a message with this key was submitted before",
+    )
+    p.add_argument(
+        "--wait",
+        metavar="SECONDS",
+        nargs="?",
+        type=positive_seconds,
+        const=float("inf"),
+        help="deliver from this process and wait for the outcome, at most SECONDS "
+        "if given (with a FILE, put FILE first)",
+    )
+    add_store_options(p)
+    p.set_defaults(handler=_send, parser=p)
+
+
+def _read(path: str, what: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        msg = f"cannot read {what} {path!r}: {exc.strerror or exc}"
+        raise CLIError(msg) from None
+
+
+def _message(args: argparse.Namespace, config: Config) -> PreparedMessage:
+    """The prepared message the options describe (validated: nothing stored yet)."""
+    rcpt_to = args.to + args.cc + args.bcc
+    if args.eml is not None:
+        built = [
+            flag
+            for flag, given in (
+                ("--cc", args.cc),
+                ("--bcc", args.bcc),
+                ("--subject", args.subject),
+                ("--body", args.body),
+                ("--body-file", args.body_file),
+                ("--attach", args.attach),
+            )
+            if given
+        ]
+        if built:
+            args.parser.error(f"{', '.join(built)} cannot be used with a FILE")
+        data = _read(args.eml, "message file")
+        if args.sender is not None and args.to:
+            return prepare(data, mail_from=args.sender, rcpt_to=args.to, config=config)
+        message = BytesParser(_class=EmailMessage, policy=SMTP).parsebytes(data)
+        return prepare(
+            message, mail_from=args.sender, rcpt_to=args.to or None, config=config
+        )
+    if args.sender is None or not rcpt_to:
+        args.parser.error("give --from and at least one --to/--cc/--bcc, or a FILE")
+    text = args.body
+    if args.body_file is not None:
+        raw = _read(args.body_file, "body file")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            msg = f"body file {args.body_file!r} is not UTF-8 text"
+            raise CLIError(msg) from None
+    attachments = [
+        Attachment(filename=Path(path).name, content=_read(path, "attachment"))
+        for path in args.attach
+    ]
+    email = Email(
+        sender=args.sender,
+        to=args.to,
+        cc=args.cc,
+        bcc=args.bcc,
+        subject=args.subject,
+        text=text if text is not None else "",
+        attachments=attachments,
+    )
+    return prepare(email, config=config)
+
+
+def _send(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    prepared = _message(args, config)
+    store = open_store(args, create=True)
+    if args.wait is None:
+        message_id, created = anyio.run(_submit, args, config, store, prepared)
+        if args.json:
+            print_json({"message_id": message_id, "created": created})
+        else:
+            print(message_id)
+        return EXIT_OK
+    status = anyio.run(_submit_and_wait, args, config, store, prepared)
+    _print_outcome(status, as_json=args.json)
+    if not status.is_done:
+        return EXIT_PENDING
+    if status.by_state(RecipientState.FAILED):
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+async def _submit(
+    args: argparse.Namespace,
+    config: Config,
+    store: SQLiteStore,
+    prepared: PreparedMessage,
+) -> tuple[str, bool]:
+    async with Deliverer(config, store=store, mode="submit") as deliverer:
+        handle = await deliverer.submit(prepared, idempotency_key=args.idempotency_key)
+    return handle.message_id, handle.created
+
+
+async def _submit_and_wait(
+    args: argparse.Namespace,
+    config: Config,
+    store: SQLiteStore,
+    prepared: PreparedMessage,
+) -> MessageStatus:
+    async with Deliverer(config, store=store, mode="both") as deliverer:
+        handle = await deliverer.submit(prepared, idempotency_key=args.idempotency_key)
+        with anyio.move_on_after(args.wait):
+            await handle
+        return await deliverer.status(handle.message_id)
+
+
+def _print_outcome(status: MessageStatus, *, as_json: bool) -> None:
+    if as_json:
+        print_json(status_json(status))
+        return
+    print(status.message_id)
+    print(
+        table(
+            ["RECIPIENT", "STATE", "CODE", "ENHANCED", "TEXT"],
+            [
+                (r.address, r.state.value, r.code, r.enhanced_code, r.message)
+                for r in status
+            ],
+        )
+    )
+    if not status.is_done:
+        print("still pending: it stays queued for a worker")

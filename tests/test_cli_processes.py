@@ -1,0 +1,313 @@
+"""The long-running parts of mailstrom-async as real processes: worker, sink,
+and send --wait, against loopback SMTP servers in the test's own event loop."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from mailstrom_async import Config, RelayConfig, Timeouts
+from mailstrom_async._cli import main
+from mailstrom_async._cli._run import _describe
+from mailstrom_async._deliverer import Deliverer
+from mailstrom_async._message import Email
+from mailstrom_async._models import RecipientState
+from mailstrom_async._sink import CapturedMessage
+from mailstrom_async._store import MemoryStore
+from tests.smtpd import FaultHandler, SMTPDServer, SMTPDServers
+
+COMMAND = [sys.executable, "-m", "mailstrom_async"]
+
+
+def child_env(**settings: str) -> dict[str, str]:
+    """This process's environment without MAILSTROM_* variables, plus *settings*."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSTROM_")}
+    env.update(settings)
+    return env
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No MAILSTROM_* variable (CI sets some for the suite) reaches main(), and
+    the cwd is a fresh folder."""
+    for name in list(os.environ):
+        if name.startswith("MAILSTROM_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def relay_env(server: SMTPDServer, store: Path, **settings: str) -> dict[str, str]:
+    """Settings for a process that delivers to *server*, with *store* as default."""
+    return child_env(
+        MAILSTROM_STORE=str(store),
+        MAILSTROM_HELO_NAME="client.test",
+        MAILSTROM_RELAY__HOST=server.host,
+        MAILSTROM_RELAY__PORT=str(server.port),
+        MAILSTROM_RELAY__TLS="none",
+        MAILSTROM_TIMEOUTS__CONNECT="5",
+        MAILSTROM_POLL_INTERVAL="0.1",
+        **settings,
+    )
+
+
+@contextlib.asynccontextmanager
+async def started(*args: str, env: dict[str, str]) -> AsyncIterator[Process]:
+    """``mailstrom-async *args`` as a child process, killed if the test fails."""
+    async with await anyio.open_process([*COMMAND, *args], env=env) as process:
+        try:
+            yield process
+        except BaseException:
+            process.kill()
+            raise
+
+
+async def read_all(process: Process) -> tuple[str, str]:
+    assert process.stdout is not None
+    assert process.stderr is not None
+    out = b"".join([chunk async for chunk in process.stdout])
+    err = b"".join([chunk async for chunk in process.stderr])
+    return out.decode(), err.decode()
+
+
+async def test_worker_delivers_and_stops_cleanly(
+    smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """A message stored by 'send' (submit only) is delivered by 'worker'; SIGTERM
+    stops the worker with exit code 0, and 'status' then says DELIVERED."""
+    handler = FaultHandler()
+    server = await smtpd.start(handler)
+    env = relay_env(server, tmp_path / "q.sqlite3")
+    sent = await anyio.run_process(
+        [
+            *COMMAND,
+            "send",
+            "--from",
+            "me@example.com",
+            "--to",
+            "you@example.org",
+            "--subject",
+            "Hi",
+            "--body",
+            "Hello.",
+        ],
+        env=env,
+    )
+    message_id = sent.stdout.decode().strip()
+    assert handler.received.value == 0  # submit only: nothing delivered yet
+    async with started("worker", env=env) as worker:
+        with anyio.fail_after(30):
+            await handler.received.wait_for(1)
+        worker.send_signal(signal.SIGTERM)
+        with anyio.fail_after(30):
+            _, err = await read_all(worker)
+            code = await worker.wait()
+    assert code == 0, err
+    assert "deliverer started" in err
+    assert "stopping signal=SIGTERM" in err
+    assert (
+        f"delivered message_id={message_id} recipient_domain=example.org attempt=1 code=250"
+        in err
+    )
+    assert "Traceback" not in err
+    [received] = server.messages
+    assert received.rcpt_tos == ["you@example.org"]
+    assert f"Message-ID: <{message_id}>".encode() in received.content
+    status = await anyio.run_process(
+        [*COMMAND, "status", "--json", message_id], env=env
+    )
+    [recipient] = json.loads(status.stdout)["recipients"]
+    assert recipient["state"] == "delivered"
+    assert recipient["code"] == 250
+
+
+@pytest.mark.parametrize(
+    ("replies", "wait", "code", "states"),
+    [
+        ({}, "30", 0, {"a@example.org": "delivered", "b@example.org": "delivered"}),
+        (
+            {"b@example.org": "550 5.1.1 no such user"},
+            "30",
+            3,
+            {"a@example.org": "delivered", "b@example.org": "failed"},
+        ),
+        (
+            {"b@example.org": "451 4.2.1 mailbox busy"},
+            "1",
+            4,
+            {"a@example.org": "delivered", "b@example.org": "deferred"},
+        ),
+    ],
+)
+async def test_send_wait_reports_outcomes(
+    smtpd: SMTPDServers,
+    tmp_path: Path,
+    replies: dict[str, str],
+    wait: str,
+    code: int,
+    states: dict[str, str],
+) -> None:
+    """send --wait delivers from its own process and prints each recipient's
+    outcome; the exit code says all delivered (0), some failed (3) or still
+    pending when the time ran out (4)."""
+    server = await smtpd.start(FaultHandler(rcpt_replies=replies))
+    env = relay_env(
+        server, tmp_path / "q.sqlite3", MAILSTROM_RETRY__INITIAL_DELAY="3600"
+    )
+    result = await anyio.run_process(
+        [
+            *COMMAND,
+            "send",
+            "--wait",
+            wait,
+            "--from",
+            "me@example.com",
+            "--to",
+            "a@example.org",
+            "--to",
+            "b@example.org",
+            "--subject",
+            "Hi",
+        ],
+        env=env,
+        check=False,
+    )
+    out = result.stdout.decode()
+    assert result.returncode == code, result.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
+    assert {a: row[0] for a, row in rows.items() if "@" in a} == states
+    if code == 3:
+        assert rows["b@example.org"][1:4] == ["550", "5.1.1", "no"]
+    if code == 4:
+        assert "still pending: it stays queued for a worker" in out
+
+
+async def test_sink_prints_and_saves(tmp_path: Path) -> None:
+    """sink prints a line per message and saves it as .eml; SIGTERM stops it
+    with exit code 0."""
+    outbox = tmp_path / "outbox"
+    async with started(
+        "sink", "--port", "0", "--save-dir", str(outbox), env=child_env()
+    ) as sink:
+        assert sink.stdout is not None
+        reader = BufferedByteReceiveStream(sink.stdout)
+        with anyio.fail_after(30):
+            first = (await reader.receive_until(b"\n", 1000)).decode()
+        assert first.startswith("sink listening on 127.0.0.1:")
+        port = int(first.rpartition(":")[2])
+        config = Config(
+            helo_name="client.test",
+            relay=RelayConfig(host="127.0.0.1", port=port, tls="none"),
+            timeouts=Timeouts(connect=5, command=5, data_start=5, data_end=5),
+        )
+        async with Deliverer(config, store=MemoryStore()) as deliverer:
+            handle = await deliverer.submit(
+                Email(
+                    sender="me@example.com",
+                    to=["a@example.org", "b@example.org"],
+                    subject="Grüße",
+                    text="Hello.\n",
+                )
+            )
+            with anyio.fail_after(30):
+                status = await handle
+        assert status.is_delivered
+        with anyio.fail_after(30):
+            line = (await reader.receive_until(b"\n", 4000)).decode()
+        sink.send_signal(signal.SIGTERM)
+        with anyio.fail_after(30):
+            assert await sink.wait() == 0
+    [saved] = outbox.iterdir()
+    assert line.startswith(
+        "me@example.com -> a@example.org, b@example.org  subject='Grüße'  "
+    )
+    size = saved.stat().st_size
+    assert line.endswith(f"  {size} bytes  saved {saved}")
+    assert f"Message-ID: <{handle.message_id}>".encode() in saved.read_bytes()
+    assert status.recipient("a@example.org").state is RecipientState.DELIVERED
+
+
+def test_sink_json_lines() -> None:
+    """With --json each message is one JSON object."""
+    message = CapturedMessage(
+        "me@example.com",
+        ("a@example.org",),
+        b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n\r\nx\r\n",
+    )
+    assert json.loads(_describe(message, None, as_json=True)) == {
+        "mail_from": "me@example.com",
+        "rcpt_to": ["a@example.org"],
+        "subject": "Grüße",
+        "size": len(message.data),
+        "saved": None,
+    }
+
+
+def test_sink_bad_inputs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A port in use, a bad port and a --save-dir that is a file are each one
+    error line."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["sink", "--port", str(port)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(
+            f"mailstrom-async: error: cannot listen on 127.0.0.1:{port}"
+        )
+        assert err.count("\n") == 1
+    assert main(["sink", "--port", "70000"]) == 2
+    assert "not a port number (0 to 65535): '70000'" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["sink", "--save-dir", str(tmp_path / "file")]) == 1
+    assert "cannot use --save-dir" in capsys.readouterr().err
+
+
+def test_worker_bad_store(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A worker whose store is a directory stops at once with one error line."""
+    assert main(["worker", "--store", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"mailstrom-async: error: store {str(tmp_path)!r} is a directory, not a SQLite file\n"
+    )
+
+
+async def test_worker_json_logs_and_sigint(tmp_path: Path) -> None:
+    """worker --json logs one JSON object per line; SIGINT stops an idle worker
+    cleanly with exit code 0."""
+    env = child_env(
+        MAILSTROM_STORE=str(tmp_path / "q.sqlite3"),
+        MAILSTROM_HELO_NAME="client.test",
+        MAILSTROM_RELAY__HOST="127.0.0.1",
+        MAILSTROM_RELAY__TLS="none",
+    )
+    async with started("worker", "--json", env=env) as worker:
+        assert worker.stderr is not None
+        reader = BufferedByteReceiveStream(worker.stderr)
+        with anyio.fail_after(30):
+            migrated = json.loads(await reader.receive_until(b"\n", 10000))
+            ready = json.loads(await reader.receive_until(b"\n", 10000))
+        worker.send_signal(signal.SIGINT)
+        assert migrated["message"] == "migrated SQLite store schema"
+        assert migrated["to_version"] >= 1
+        assert ready["message"] == "deliverer started"
+        assert ready["level"] == "INFO"
+        assert ready["logger"] == "mailstrom_async.deliverer"
+        assert ready["mode"] == "deliver"
+        with anyio.fail_after(30):
+            rest = b"".join([chunk async for chunk in reader.receive_stream])
+            assert await worker.wait() == 0
+    lines = [json.loads(line) for line in rest.decode().splitlines()]
+    assert {"stopping", "deliverer stopped"} <= {line["message"] for line in lines}
+    assert {"signal": "SIGINT"}.items() <= lines[0].items()
