@@ -4,6 +4,7 @@ and send --wait, against loopback SMTP servers in the test's own event loop."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -281,6 +282,23 @@ def test_worker_bad_store(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
         err
         == f"mailstrom-async: error: store {str(tmp_path)!r} is a directory, not a SQLite file\n"
     )
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("uvloop") is not None, reason="uvloop is installed"
+)
+def test_worker_loop_uvloop_needs_uvloop(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--loop uvloop without uvloop installed is one error line, before any store
+    file is created."""
+    store = tmp_path / "q.sqlite3"
+    assert main(["worker", "--loop", "uvloop", "--store", str(store)]) == 1
+    assert capsys.readouterr().err == (
+        "mailstrom-async: error: --loop uvloop: uvloop is not installed "
+        "(pip install 'mailstrom-async[uvloop]')\n"
+    )
+    assert not store.exists()
 
 
 async def test_worker_json_logs_and_sigint(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import email.parser
 import email.policy
+import importlib.util
 import json
 import logging
 import signal
@@ -59,6 +60,13 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     )
     p.add_argument(
         "-v", "--verbose", action="store_true", help="log debug lines as well"
+    )
+    p.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop: uvloop when it is installed (the uvloop extra), else "
+        "asyncio (default auto)",
     )
     # --json (from the store options) makes each log line a JSON object.
     add_store_options(p)
@@ -121,10 +129,22 @@ def _port(text: str) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    options = _loop_options(args.loop)
     config = load_config(args)
     store = open_store(args, create=True)
     setup_logging(verbose=args.verbose, as_json=args.json)
-    return anyio.run(_run_worker, config, store)
+    return anyio.run(_run_worker, config, store, backend_options=options)
+
+
+def _loop_options(choice: str) -> dict[str, bool]:
+    """anyio's asyncio options for ``--loop``: uvloop if asked for or installed."""
+    if choice == "asyncio":
+        return {}
+    installed = importlib.util.find_spec("uvloop") is not None
+    if choice == "uvloop" and not installed:
+        msg = "--loop uvloop: uvloop is not installed (pip install 'mailstrom-async[uvloop]')"
+        raise CLIError(msg)
+    return {"use_uvloop": installed}
 
 
 async def _run_worker(config: Config, store: SQLiteStore) -> int:
