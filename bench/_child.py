@@ -24,6 +24,7 @@ MEASUREMENTS: dict[str, Measurement] = {
     "raw_single": baselines.raw_single,
     "throughput": scenarios.throughput,
     "submit_latency": scenarios.submit_latency,
+    "deliver_worker": scenarios.deliver_worker,
     "deep_fill": scenarios.deep_fill,
     "deep_start": scenarios.deep_start,
     "mx_lanes": mx.mx_lanes,

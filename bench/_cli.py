@@ -284,23 +284,21 @@ class Bench:
                 self._child("throughput", "2", store="memory", **common),
             )
         if self.wants("3"):
+            many = f"submit_many({s.batch} "
             variants = (
-                ("3", "submit(EmailMessage)", "email", s.producers, 0),
-                ("3b", "submit(bytes + envelope)", "bytes", s.producers, 0),
-                ("3p", "submit(PreparedMessage)", "prepared", s.producers, 0),
-                ("3m", f"submit_many({s.batch} EmailMessages)", "email", 5, s.batch),
-                (
-                    "3mp",
-                    f"submit_many({s.batch} PreparedMessages)",
-                    "prepared",
-                    5,
-                    s.batch,
-                ),
+                ("3", "submit(EmailMessage)", "email", s.producers, 0, False),
+                ("3b", "submit(bytes + envelope)", "bytes", s.producers, 0, False),
+                ("3p", "submit(PreparedMessage)", "prepared", s.producers, 0, False),
+                ("3m", many + "EmailMessages)", "email", 5, s.batch, False),
+                ("3mp", many + "PreparedMessages)", "prepared", 5, s.batch, False),
+                ("3w", "submit(EmailMessage)", "email", s.producers, 0, True),
+                ("3pw", "submit(PreparedMessage)", "prepared", s.producers, 0, True),
             )
-            for key, what, kind, producers, batch in variants:
+            for key, what, kind, producers, batch, split in variants:
+                where = "a worker process delivers" if split else "delivering"
                 self._add(
                     key,
-                    f"{producers} producers, {what}, delivering",
+                    f"{producers} producers, {what}, {where}",
                     self._child(
                         "submit_latency",
                         key,
@@ -310,6 +308,7 @@ class Bench:
                         store="sqlite",
                         input=kind,
                         batch=batch,
+                        split=split,
                     ),
                 )
         if self.wants("4"):
@@ -452,7 +451,7 @@ class Bench:
                 )
         if "2" in ms:
             rate_row("2", "B", b)
-        for key in ("3", "3b", "3p", "3m", "3mp"):
+        for key in ("3", "3b", "3p", "3m", "3mp", "3w", "3pw"):
             if key not in ms:
                 continue
             rate = self.rate(key, "submits_per_s")
@@ -482,6 +481,9 @@ class Bench:
             kind = ms[key].label.split(", ")[1]
             batched = key.startswith("3m")
             note = "p99 of a batch's latency" if batched else "concurrent submit()"
+            if key.endswith("w"):
+                note += ", a worker process delivers"
+                kind += ", split"
             targets.append(
                 Target(
                     f"scenario {key} submits/s ({kind})",

@@ -6,11 +6,16 @@ DNS lookup) and ``Limits(connections_per_destination=10)``, like the raw pool.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import sqlite3  # noqa: TID251 - bulk-filling a deep queue, outside the library
+import subprocess
+import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
@@ -184,7 +189,10 @@ async def submit_latency(params: dict[str, Any]) -> dict[str, Any]:
     ``"bytes"`` (pre-rendered bytes with an explicit envelope) or ``"prepared"``
     (a :class:`~mailstrom_async.PreparedMessage` made before the clock starts,
     so only the durable part is timed). With ``batch`` > 0 each producer calls
-    ``submit_many`` with that many messages at a time instead.
+    ``submit_many`` with that many messages at a time instead. With ``split``, the
+    producers' Deliverer only submits (``mode="submit"``) and a worker process
+    (``mode="deliver"``) delivers from the same SQLite file meanwhile: the
+    deployment the docs recommend when submit latency matters.
 
     Every call is timed on its own (a batch's latency is each of its messages'
     latency); the rate is the number of messages over the time from the first
@@ -226,16 +234,36 @@ async def submit_latency(params: dict[str, Any]) -> dict[str, Any]:
                 await deliverer.submit(items[i])
             latencies.append(time.perf_counter() - start)
 
-    async with Deliverer(config, store=store) as deliverer:
-        follower = _Follower(deliverer.events(), count)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(follower.run)
-            clock.start()
-            async with anyio.create_task_group() as ptg:
-                for p in range(producers):
-                    ptg.start_soon(producer, list(range(p, count, producers)))
-            clock.stop()
-            await follower.stream.aclose()
+    split: bool = params.get("split", False)
+    delivered = 0
+    if split:
+        # A backlog as large as the run keeps the worker delivering throughout:
+        # the clock starts once it has delivered its first message.
+        backlog = [prepare(m, config=config) for m in make_messages(count, "b" + token)]
+        async with _worker_process(params, path) as worker:
+            async with Deliverer(config, store=store, mode="submit") as deliverer:
+                await deliverer.submit_many(backlog)
+                await worker.wait_for(b"delivering\n")
+                before = (await deliverer.statistics()).delivered
+                clock.start()
+                async with anyio.create_task_group() as ptg:
+                    for p in range(producers):
+                        ptg.start_soon(producer, list(range(p, count, producers)))
+                clock.stop()
+                delivered = (await deliverer.statistics()).delivered - before
+            await worker.stop()
+    else:
+        async with Deliverer(config, store=store) as deliverer:
+            follower = _Follower(deliverer.events(), count)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(follower.run)
+                clock.start()
+                async with anyio.create_task_group() as ptg:
+                    for p in range(producers):
+                        ptg.start_soon(producer, list(range(p, count, producers)))
+                clock.stop()
+                await follower.stream.aclose()
+        delivered = follower.by_state["DELIVERED"]
     _remove_db(path)
     latencies.sort()
     return {
@@ -248,9 +276,89 @@ async def submit_latency(params: dict[str, Any]) -> dict[str, Any]:
         "p50_ms": 1000 * percentile(latencies, 0.50),
         "p99_ms": 1000 * percentile(latencies, 0.99),
         "max_ms": 1000 * latencies[-1],
-        "delivered_while_submitting": follower.by_state["DELIVERED"],
+        "split": split,
+        "delivered_while_submitting": delivered,
         "cpu_ms_per_submit": 1000 * clock.cpu / count,
     }
+
+
+class _Worker:
+    """A deliver-only Deliverer in a process of its own (``deliver_worker``)."""
+
+    def __init__(self, process: anyio.abc.Process) -> None:
+        self.process = process
+        self._rest = b""
+
+    async def wait_for(self, line: bytes) -> None:
+        """Read the worker's output until *line*."""
+        if self.process.stdout is None:  # pragma: no cover - opened with a pipe
+            msg = "the worker has no stdout"
+            raise RuntimeError(msg)
+        with anyio.fail_after(60):
+            while line not in self._rest:
+                chunk = await self.process.stdout.receive()
+                self._rest += chunk
+
+    async def stop(self) -> int:
+        """SIGTERM the worker; return how many recipients it delivered."""
+        self.process.terminate()
+        output = self._rest
+        if self.process.stdout is not None:
+            async for chunk in self.process.stdout:
+                output += chunk
+        await self.process.wait()
+        for line in reversed(output.decode().splitlines()):
+            if line.startswith("BENCH-RESULT "):
+                return int(json.loads(line.split(" ", 1)[1])["delivered"])
+        msg = f"the worker gave no result: {output[-500:]!r}"
+        raise RuntimeError(msg)
+
+
+@contextlib.asynccontextmanager
+async def _worker_process(
+    params: dict[str, Any], path: Path | None
+) -> AsyncIterator[_Worker]:
+    if path is None:
+        msg = "a worker process needs the SQLite store"
+        raise ValueError(msg)
+    args = {"port": params["port"], "path": str(path)}
+    command = [sys.executable, "-m", "bench._child", "deliver_worker", json.dumps(args)]
+    process = await anyio.open_process(command, stdin=subprocess.DEVNULL)
+    worker = _Worker(process)
+    try:
+        await worker.wait_for(b"ready\n")
+        yield worker
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with anyio.CancelScope(shield=True):
+                await process.wait()
+
+
+async def _say_when_delivering(events: EventStream) -> None:
+    async for event in events:
+        if event.state.value == "delivered":
+            sys.stdout.write("delivering\n")
+            sys.stdout.flush()
+            return
+
+
+async def deliver_worker(params: dict[str, Any]) -> dict[str, Any]:
+    """A deliver-only Deliverer over *path* until SIGTERM; the other half of
+    scenario 3's split variant."""
+    config = relay_config(params["port"])
+    store = SQLiteStore(params["path"])
+    with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+        async with Deliverer(config, store=store, mode="deliver") as deliverer:
+            async with deliverer.events() as events, anyio.create_task_group() as tg:
+                tg.start_soon(_say_when_delivering, events)
+                sys.stdout.write("ready\n")
+                sys.stdout.flush()
+                async for _ in signals:
+                    break
+                tg.cancel_scope.cancel()
+            stats = await deliverer.statistics()
+    return {"delivered": stats.since_start.delivered}
 
 
 # -- scenario 4: a deep queue -------------------------------------------------
