@@ -160,7 +160,8 @@ async def test_send_wait_reports_outcomes(
 ) -> None:
     """send --wait delivers from its own process and prints each recipient's
     outcome; the exit code says all delivered (0), some failed (3) or still
-    pending when the time ran out (4)."""
+    pending when the time ran out (4). --progress shows recipients becoming final
+    on stderr."""
     server = await smtpd.start(FaultHandler(rcpt_replies=replies))
     env = relay_env(
         server, tmp_path / "q.sqlite3", MAILSTROM_RETRY__INITIAL_DELAY="3600"
@@ -171,6 +172,7 @@ async def test_send_wait_reports_outcomes(
             "send",
             "--wait",
             wait,
+            "--progress",
             "--from",
             "me@example.com",
             "--to",
@@ -191,6 +193,9 @@ async def test_send_wait_reports_outcomes(
         assert rows["b@example.org"][1:4] == ["550", "5.1.1", "no"]
     if code == 4:
         assert "still pending: it stays queued for a worker" in out
+    final = sum(state in ("delivered", "failed") for state in states.values())
+    progress = result.stderr.decode().split("\r")[-1]
+    assert progress.startswith(f"{final}/2 recipients final ("), result.stderr
 
 
 async def test_sink_prints_and_saves(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from mailstrom_async._models import RecipientState
 if TYPE_CHECKING:
     from mailstrom_async._cli._common import Parser
     from mailstrom_async._config import Config
+    from mailstrom_async._events import EventStream
     from mailstrom_async._models import MessageStatus
     from mailstrom_async._store import SQLiteStore
 
@@ -108,6 +109,13 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
         const=float("inf"),
         help="deliver from this process and wait for the outcome, at most SECONDS "
         "if given (with a FILE, put FILE first)",
+    )
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --wait: a progress line on stderr as recipients are tried "
+        "(default: when stderr is a terminal and --json is not given)",
     )
     add_store_options(p)
     p.set_defaults(handler=_send, parser=p)
@@ -211,11 +219,41 @@ async def _submit_and_wait(
     store: SQLiteStore,
     prepared: PreparedMessage,
 ) -> MessageStatus:
+    progress = args.progress
+    if progress is None:
+        progress = sys.stderr.isatty() and not args.json
     async with Deliverer(config, store=store, mode="both") as deliverer:
-        handle = await deliverer.submit(prepared, idempotency_key=args.idempotency_key)
-        with anyio.move_on_after(args.wait):
-            await handle
+        async with deliverer.events() as events, anyio.create_task_group() as tg:
+            handle = await deliverer.submit(
+                prepared, idempotency_key=args.idempotency_key
+            )
+            if progress:
+                tg.start_soon(_show_progress, events, handle.message_id, prepared)
+            with anyio.move_on_after(args.wait):
+                await handle
+            tg.cancel_scope.cancel()
+        if progress:
+            sys.stderr.write("\n")
         return await deliverer.status(handle.message_id)
+
+
+async def _show_progress(
+    events: EventStream, message_id: str, prepared: PreparedMessage
+) -> None:
+    """One line on stderr, rewritten as each recipient changes state."""
+    states = dict.fromkeys(prepared.rcpt_to, RecipientState.QUEUED)
+    async for event in events:
+        if event.message_id != message_id:
+            continue
+        states[event.recipient.address] = event.state
+        done = sum(s.is_final for s in states.values())
+        counts = ", ".join(
+            f"{n} {state.value}"
+            for state in RecipientState
+            if (n := sum(s is state for s in states.values()))
+        )
+        sys.stderr.write(f"\r{done}/{len(states)} recipients final ({counts})")
+        sys.stderr.flush()
 
 
 def _print_outcome(status: MessageStatus, *, as_json: bool) -> None:
