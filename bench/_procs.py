@@ -177,14 +177,20 @@ def run_child(
     finally:
         with contextlib.suppress(ValueError):
             _procs.remove(proc)
-    for line in reversed(stdout.decode("utf-8", "replace").splitlines()):
+    result = read_child_result(stdout)
+    if result is None or proc.returncode != 0:
+        msg = f"{name} failed (exit status {proc.returncode})"
+        raise ChildError(msg)
+    return result
+
+
+def read_child_result(output: bytes) -> dict[str, Any] | None:
+    """The result a child handed over with :func:`child_result`, if any."""
+    for line in reversed(output.decode("utf-8", "replace").splitlines()):
         if line.startswith(_CHILD_PREFIX):
             result: dict[str, Any] = json.loads(line[len(_CHILD_PREFIX) :])
-            if proc.returncode != 0:
-                break
             return result
-    msg = f"{name} failed (exit status {proc.returncode})"
-    raise ChildError(msg)
+    return None
 
 
 def child_result(result: dict[str, Any]) -> None:

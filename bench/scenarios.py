@@ -34,7 +34,7 @@ from bench._common import (
     settle,
     vm_status_kib,
 )
-from bench._procs import LOOPBACK
+from bench._procs import LOOPBACK, read_child_result
 from mailstrom_async import (
     Config,
     Deliverer,
@@ -307,9 +307,9 @@ class _Worker:
             async for chunk in self.process.stdout:
                 output += chunk
         await self.process.wait()
-        for line in reversed(output.decode().splitlines()):
-            if line.startswith("BENCH-RESULT "):
-                return int(json.loads(line.split(" ", 1)[1])["delivered"])
+        result = read_child_result(output)
+        if result is not None:
+            return int(result["delivered"])
         msg = f"the worker gave no result: {output[-500:]!r}"
         raise RuntimeError(msg)
 
