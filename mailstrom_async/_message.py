@@ -333,6 +333,12 @@ def _prepare_bytes(
     )
 
 
+def crlf_only(data: bytes) -> bool:
+    """True when every CR and LF in *data* is part of a CRLF pair."""
+    crlf = data.count(b"\r\n")
+    return data.count(b"\r") == crlf and data.count(b"\n") == crlf
+
+
 def _finish(
     message_id: str,
     sender: str,
@@ -344,8 +350,7 @@ def _finish(
     if b"\x00" in data:
         msg = "the message contains a NUL octet, which SMTP cannot carry"
         raise InvalidMessageError(msg)
-    crlf = data.count(b"\r\n")
-    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:  # pragma: no cover
+    if not crlf_only(data):  # pragma: no cover
         msg = "the message contains a bare CR or LF"  # defensive: normalised above
         raise InvalidMessageError(msg)
     # Splitting is done in C; a regex for the long line scans every position.

@@ -48,6 +48,7 @@ from mailstrom_async._exceptions import (
     TLSRequiredError,
     TransientDeliveryError,
 )
+from mailstrom_async._message import crlf_only
 from mailstrom_async._models import RecipientState, SMTPReply
 
 if TYPE_CHECKING:
@@ -220,8 +221,7 @@ def _sendable(address: str) -> bool:
 
 def _encode_body(data: bytes) -> bytes:
     """CRLF line endings, a final CRLF (no dot-stuffing yet)."""
-    crlf = data.count(b"\r\n")
-    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:  # not yet CRLF only
+    if not crlf_only(data):
         data = _LINE_ENDINGS.sub(b"\r\n", data)
     return data if data.endswith(b"\r\n") else data + b"\r\n"
 
