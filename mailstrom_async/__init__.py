@@ -34,6 +34,7 @@ from mailstrom_async._exceptions import (
     DNSTemporaryError,
     InvalidAddressError,
     InvalidMessageError,
+    LiveLeaseError,
     MailstromError,
     NoMailServerError,
     PermanentDeliveryError,
@@ -45,6 +46,7 @@ from mailstrom_async._exceptions import (
     TransientDeliveryError,
     UnknownMessageError,
 )
+from mailstrom_async._leases import LeaseOwner
 from mailstrom_async._message import Attachment, Email, PreparedMessage, prepare
 from mailstrom_async._models import (
     DeliveryEvent,
@@ -53,6 +55,7 @@ from mailstrom_async._models import (
     RecipientStatus,
     SMTPReply,
 )
+from mailstrom_async._owner import Liveness
 from mailstrom_async._statistics import (
     AttemptCounters,
     DestinationStatistics,
@@ -60,6 +63,7 @@ from mailstrom_async._statistics import (
 )
 from mailstrom_async._store import (
     Job,
+    LeaseInfo,
     MemoryStore,
     NewMessage,
     QueueSummary,
@@ -95,7 +99,11 @@ __all__ = [
     "InvalidAddressError",
     "InvalidMessageError",
     "Job",
+    "LeaseInfo",
+    "LeaseOwner",
     "Limits",
+    "LiveLeaseError",
+    "Liveness",
     "MXConfig",
     "MXTLSPolicy",
     "MailstromError",

@@ -356,8 +356,12 @@ class Config:
     limits: Limits = attrs.field(factory=Limits)
     shutdown_grace: float = attrs.field(default=10.0, validator=_non_negative)
     """On close, how long in-flight transactions may run before they are cancelled."""
-    lease_duration: float = attrs.field(default=900.0, validator=_positive)
-    """How long a worker's claim on a recipient lasts; a dead worker's claim expires."""
+    lease_duration: float = attrs.field(default=60.0, validator=_positive)
+    """How long a worker's claim on a recipient lasts unless renewed. A Deliverer
+    renews the claims of the jobs it is working on every third of this; those of
+    a process that died on this host are taken back as soon as a Deliverer
+    starts, and those of a worker on another host run out this long after it
+    stopped."""
     poll_interval: float = attrs.field(default=1.0, validator=_positive)
     """How often the store is polled for due work written by other processes."""
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
-import secrets
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -27,9 +25,11 @@ from mailstrom_async._exceptions import (
     ConfigError,
     DelivererClosedError,
     InvalidMessageError,
+    LiveLeaseError,
     StoreError,
     UnknownMessageError,
 )
+from mailstrom_async._leases import LeaseKeeper, LeaseOwner, lease_owner_info
 from mailstrom_async._message import Email, PreparedMessage, prepare
 from mailstrom_async._models import (
     DeliveryEvent,
@@ -37,6 +37,7 @@ from mailstrom_async._models import (
     RecipientState,
     RecipientStatus,
 )
+from mailstrom_async._owner import Liveness, current_owner
 from mailstrom_async._routes import MXRoute, RelayRoute
 from mailstrom_async._scheduler import Scheduler
 from mailstrom_async._smtp import make_ssl_context, relay_settings
@@ -148,13 +149,14 @@ class Deliverer:
         self._mode = mode
         self._clock = clock
         self._rng = rng or random.Random()
-        self._worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        # Who holds this Deliverer's leases: host, boot, process and start time,
+        # so that a restarted process can tell a dead owner's leases at once.
+        self._worker_id = str(current_owner())
         self._broker = EventBroker()
         self._state: Literal["new", "opening", "open", "closing", "closed"] = "new"
         self._feeders = anyio.CancelScope()
         self._cm: AbstractAsyncContextManager[Self] | None = None
         self._ready: asyncio.Queue[Job] = asyncio.Queue()
-        self._jobs_in_memory = 0
         self._watchers: dict[str, tuple[anyio.Event, int]] = {}
         self._transport = transport
         self._route: Transport | None = None
@@ -166,6 +168,12 @@ class Deliverer:
             self._telemetry = telemetry
         elif telemetry:
             self._telemetry = Telemetry()
+        self._keeper = LeaseKeeper(
+            store=self._store,
+            owner=self._worker_id,
+            clock=clock,
+            lease_duration=config.lease_duration,
+        )
         self._scheduler = Scheduler(
             store=self._store,
             worker_id=self._worker_id,
@@ -219,6 +227,9 @@ class Deliverer:
             await self._store.open()
             if self._mode != "submit":
                 await self._prepare_route()
+                # A process of this host that died left its leases: take them
+                # back now, not a lease later.
+                await self._keeper.reclaim_dead()
             async with anyio.create_task_group() as tg:
                 if self._mode != "submit":
                     tg.start_soon(self._run_feeders, tg, name="mailstrom feeders")
@@ -301,7 +312,7 @@ class Deliverer:
         with self._feeders:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._scheduler.run, name="mailstrom scheduler")
-                tg.start_soon(self._scheduler.renew_leases, name="mailstrom leases")
+                tg.start_soon(self._keeper.run, name="mailstrom leases")
                 tg.start_soon(self._dispatch, workers, name="mailstrom dispatcher")
 
     async def _drain(self) -> None:
@@ -316,7 +327,7 @@ class Deliverer:
             waiting.append(self._ready.get_nowait())
         for job in waiting:
             await self._lanes.release(job)
-            self._job_done()
+            self._job_done(job)
         with anyio.move_on_after(self._config.shutdown_grace):
             await self._lanes.wait_idle()
 
@@ -420,7 +431,7 @@ class Deliverer:
             )
             for p, key in zip(prepared, keys, strict=True)
         ]
-        lease_until = now + timedelta(seconds=self._config.lease_duration)
+        lease_until = self._keeper.lease_until()
         try:
             results = await self._store.add_many(
                 news,
@@ -516,7 +527,7 @@ class Deliverer:
             delivered=counts.get(RecipientState.DELIVERED, 0),
             failed=counts.get(RecipientState.FAILED, 0),
             in_flight=lanes.in_flight if lanes is not None else 0,
-            jobs_in_memory=self._jobs_in_memory,
+            jobs_in_memory=self._keeper.jobs,
             since_start=lanes.counters() if lanes is not None else AttemptCounters(),
             destinations=lanes.destinations() if lanes is not None else {},
         )
@@ -591,7 +602,9 @@ class Deliverer:
             else:
                 self._ready.put_nowait(job)
         for _ in range(dropped):
-            self._job_done()
+            self._keeper.drop(message_id)
+        if dropped:
+            self._scheduler.wake()
         after = await self._store.status(message_id)
         now = self._clock()
         for old, new in zip(before, after, strict=True):
@@ -606,6 +619,58 @@ class Deliverer:
                 )
         self._changed(message_id)
         logger.info("cancelled", extra={"message_id": message_id, "recipients": count})
+        return count
+
+    async def leases(self) -> list[LeaseOwner]:
+        """Who holds leases on unfinished recipients, and whether each owner's
+        process still runs, as far as this host can tell.
+
+        Raises:
+            DelivererClosedError: the Deliverer is not open.
+            StoreError: the store could not be read.
+        """
+        self._check_open()
+        owners = await self._store.lease_owners()
+
+        def describe() -> list[LeaseOwner]:
+            return [lease_owner_info(owner, info) for owner, info in owners.items()]
+
+        return await anyio.to_thread.run_sync(describe)
+
+    async def release_leases(self, owner: str | None = None) -> int:
+        """Release the leases of a worker that is gone, so its mail is delivered
+        now instead of when the leases run out; return how many recipients.
+
+        Without *owner*, every owner on this host whose process is gone (what a
+        starting Deliverer does by itself). With *owner*, that one; a live
+        owner's leases are never broken, and neither are those of an owner this
+        host cannot check (another host): they run out by themselves, at most
+        ``Config.lease_duration`` after that worker stopped renewing them.
+
+        Raises:
+            LiveLeaseError: *owner* runs, or this host cannot tell that it is gone.
+            DelivererClosedError: the Deliverer is not open.
+            StoreError: the store failed.
+        """
+        self._check_open()
+        if owner is None:
+            count = await self._keeper.reclaim_dead()
+        else:
+            info = await anyio.to_thread.run_sync(lease_owner_info, owner, None)
+            if info.liveness is not Liveness.DEAD:
+                msg = (
+                    f"lease owner {owner!r} is {info.liveness.value} here "
+                    f"({info.liveness_reason}); its leases are not broken, they "
+                    "run out by themselves if it has stopped"
+                )
+                raise LiveLeaseError(msg)
+            count = await self._store.release_owner(owner)
+            logger.warning(
+                "released the leases of a worker that is gone",
+                extra={"owner": owner, "recipients": count},
+            )
+        if count and self._mode != "submit":
+            self._scheduler.wake()
         return count
 
     def events(self) -> EventStream:
@@ -652,14 +717,14 @@ class Deliverer:
     # -- delivery plumbing ---------------------------------------------------
 
     def _room(self) -> int:
-        return max(0, self._config.limits.max_jobs_in_memory - self._jobs_in_memory)
+        return max(0, self._config.limits.max_jobs_in_memory - self._keeper.jobs)
 
     def _feed(self, job: Job) -> None:
-        self._jobs_in_memory += 1
+        self._keeper.hold(job.message_id)
         self._ready.put_nowait(job)
 
-    def _job_done(self) -> None:
-        self._jobs_in_memory -= 1
+    def _job_done(self, job: Job) -> None:
+        self._keeper.drop(job.message_id)
         self._scheduler.wake()
 
     async def _dispatch(self, tg: TaskGroup) -> None:
@@ -670,13 +735,28 @@ class Deliverer:
         while True:
             job = await self._ready.get()
             parts: dict[str, list[RecipientStatus]] = {}
-            for r in job.recipients:
-                parts.setdefault(route.destination(r.address), []).append(r)
+            try:
+                for r in job.recipients:
+                    parts.setdefault(route.destination(r.address), []).append(r)
+            except Exception as exc:  # the job boundary, before a lane has it
+                logger.exception(
+                    "could not route a delivery job; its recipients are deferred",
+                    extra={"message_id": job.message_id, "error": str(exc)},
+                )
+                tg.start_soon(self._contain, job, exc)
+                continue
             if len(parts) == 1:
                 [key] = parts
                 lanes.dispatch(job, key, tg)
                 continue
             # One transaction per destination: split the job, each part a job.
-            self._jobs_in_memory += len(parts) - 1
+            self._keeper.hold(job.message_id, len(parts) - 1)
             for key, recipients in parts.items():
                 lanes.dispatch(attrs.evolve(job, recipients=tuple(recipients)), key, tg)
+
+    async def _contain(self, job: Job, error: BaseException) -> None:
+        try:
+            if self._lanes is not None:
+                await self._lanes.contain(job, error)
+        finally:
+            self._job_done(job)

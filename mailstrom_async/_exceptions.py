@@ -8,6 +8,7 @@ The tree, grouped by what a caller can do about it::
     ├── ConfigError(ValueError)                bad configuration; .key names the setting
     ├── DelivererClosedError(RuntimeError)     submit() after close, entered twice, ...
     ├── UnknownMessageError(LookupError)       status() of an id the store does not know
+    ├── LiveLeaseError(RuntimeError)           release_leases() of an owner that may still run
     ├── StoreError                             the store failed; __cause__ is the backend error
     └── DeliveryError                          one delivery attempt failed; .reply, .host
         ├── TransientDeliveryError             -> DEFERRED, retried by the scheduler
@@ -45,6 +46,7 @@ __all__ = [
     "DeliveryTimeoutError",
     "InvalidAddressError",
     "InvalidMessageError",
+    "LiveLeaseError",
     "MailstromError",
     "NoMailServerError",
     "PermanentDeliveryError",
@@ -84,6 +86,10 @@ class ConfigError(MailstromError, ValueError):
 
 class DelivererClosedError(MailstromError, RuntimeError):
     """The Deliverer is not open (not entered yet, or already closed)."""
+
+
+class LiveLeaseError(MailstromError, RuntimeError):
+    """A lease owner may still be running, so its leases are not broken."""
 
 
 class UnknownMessageError(MailstromError, LookupError):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from mailstrom_async._exceptions import StoreError
+from mailstrom_async._leases import FailureLog
 
 if TYPE_CHECKING:
     from mailstrom_async._store import Job, Store
@@ -49,6 +49,7 @@ class Scheduler:
         self._room = room
         self._feed = feed
         self._wakeup = anyio.Event()
+        self._failures = FailureLog("could not claim due work")
 
     def wake(self) -> None:
         """Look at the store again now (new work, a retry time, or free room)."""
@@ -63,30 +64,17 @@ class Scheduler:
             if room > 0:
                 try:
                     if await self._claim(room) == room:
+                        self._failures.succeeded()
                         continue  # maybe more is due; the room check throttles us
                     delay = await self._until_next_due()
-                except StoreError as exc:
-                    # A busy or failing store: try again later, never give up.
-                    logger.error("could not claim due work", extra={"error": str(exc)})
+                except Exception as exc:
+                    # A busy or failing store: try again at the next poll, never
+                    # give up; said at ERROR less and less often while it lasts.
+                    self._failures.failed(exc)
+                else:
+                    self._failures.succeeded()
             with anyio.move_on_after(delay):
                 await self._wakeup.wait()
-
-    async def renew_leases(self) -> None:
-        """Keep this worker's leases alive while it runs, until cancelled.
-
-        A transaction may take longer than a lease (RFC 5321 allows 10 minutes
-        for the final reply alone); renewing every third of the lease means only
-        a dead worker's leases expire.
-        """
-        interval = self._lease.total_seconds() / 3
-        while True:
-            await anyio.sleep(interval)
-            try:
-                await self._store.renew_leases(
-                    worker=self._worker_id, lease_until=self._clock() + self._lease
-                )
-            except StoreError as exc:
-                logger.error("could not renew leases", extra={"error": str(exc)})
 
     async def _claim(self, room: int) -> int:
         now = self._clock()

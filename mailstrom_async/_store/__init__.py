@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
-from mailstrom_async._store._base import Job, NewMessage, QueueSummary, Store
+from mailstrom_async._store._base import (
+    Job,
+    LeaseInfo,
+    NewMessage,
+    QueueSummary,
+    Store,
+)
 from mailstrom_async._store._memory import MemoryStore
 from mailstrom_async._store._sqlite import SQLiteStore
 
-__all__ = ["Job", "MemoryStore", "NewMessage", "QueueSummary", "SQLiteStore", "Store"]
+__all__ = [
+    "Job",
+    "LeaseInfo",
+    "MemoryStore",
+    "NewMessage",
+    "QueueSummary",
+    "SQLiteStore",
+    "Store",
+]

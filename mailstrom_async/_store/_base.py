@@ -21,7 +21,7 @@ import attrs
 if TYPE_CHECKING:
     from mailstrom_async._models import MessageStatus, RecipientState, RecipientStatus
 
-__all__ = ["Job", "NewMessage", "QueueSummary", "Store"]
+__all__ = ["Job", "LeaseInfo", "NewMessage", "QueueSummary", "Store"]
 
 
 @attrs.frozen(kw_only=True)
@@ -55,6 +55,15 @@ class QueueSummary:
 
     by_state: dict[RecipientState, int]
     by_domain: dict[tuple[RecipientState, str], int]
+
+
+@attrs.frozen(kw_only=True)
+class LeaseInfo:
+    """What one lease owner holds: how many unfinished recipients, and until when
+    the last of those leases runs."""
+
+    recipients: int
+    lease_until: datetime
 
 
 @runtime_checkable
@@ -156,13 +165,31 @@ class Store(Protocol):
         """
         ...
 
-    async def renew_leases(self, *, worker: str, lease_until: datetime) -> int:
-        """Extend every lease *worker* holds to *lease_until*; return how many.
+    async def renew_leases(
+        self,
+        *,
+        worker: str,
+        lease_until: datetime,
+        message_ids: Collection[str] | None = None,
+    ) -> int:
+        """Extend *worker*'s leases on unfinished recipients to *lease_until*;
+        return how many.
 
-        A live worker calls this regularly, so a long transaction never outlives
-        its lease (another worker would then deliver the same recipient); a dead
-        worker stops calling it and its leases expire.
+        With *message_ids*, only the leases on those messages' recipients: a
+        worker renews just the jobs it is still working on, so the lease of a
+        job it gave up ends by itself. Without, every lease *worker* holds.
+        A dead worker stops calling this and its leases expire.
         """
+        ...
+
+    async def lease_owners(self) -> dict[str, LeaseInfo]:
+        """Every owner holding a lease on an unfinished recipient (expired or
+        not), with how many such recipients it holds and its latest lease end."""
+        ...
+
+    async def release_owner(self, owner: str) -> int:
+        """End every lease *owner* holds, as if it had released each; return how
+        many recipients were released. Their due times stay as they were."""
         ...
 
     async def next_due_at(self) -> datetime | None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from mailstrom_async._models import RecipientState, RecipientStatus
+from mailstrom_async._store._base import LeaseInfo
 
 if TYPE_CHECKING:
     from mailstrom_async._store._base import NewMessage
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CANCELLED",
     "UNFINISHED",
+    "add_lease",
     "cancelled",
     "check_claim",
     "check_limit",
@@ -139,3 +141,12 @@ def matching(addresses: Sequence[str], address: str) -> list[int]:
 def should_replace(stored: RecipientState, new: RecipientState) -> bool:
     """Whether a recorded status may replace a stored one: finality is sticky."""
     return not (stored.is_final and not new.is_final)
+
+
+def add_lease(info: LeaseInfo | None, lease_until: datetime) -> LeaseInfo:
+    """*info* with one more leased recipient, leased until *lease_until*."""
+    if info is None:
+        return LeaseInfo(recipients=1, lease_until=lease_until)
+    return LeaseInfo(
+        recipients=info.recipients + 1, lease_until=max(info.lease_until, lease_until)
+    )

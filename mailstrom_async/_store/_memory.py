@@ -19,9 +19,10 @@ import attrs
 
 from mailstrom_async._exceptions import StoreError, UnknownMessageError
 from mailstrom_async._models import MessageStatus, RecipientState, RecipientStatus
-from mailstrom_async._store._base import Job, NewMessage, QueueSummary
+from mailstrom_async._store._base import Job, LeaseInfo, NewMessage, QueueSummary
 from mailstrom_async._store._common import (
     UNFINISHED,
+    add_lease,
     cancelled,
     check_claim,
     check_limit,
@@ -339,17 +340,51 @@ class MemoryStore:
             for i in matching(stored_addresses, address):
                 stored.recipients[i].release(worker)
 
-    async def renew_leases(self, *, worker: str, lease_until: datetime) -> int:
-        """Extend every lease *worker* holds; see :meth:`Store.renew_leases`."""
+    async def renew_leases(
+        self,
+        *,
+        worker: str,
+        lease_until: datetime,
+        message_ids: Collection[str] | None = None,
+    ) -> int:
+        """Extend *worker*'s leases; see :meth:`Store.renew_leases`."""
         await self._enter()
         lease_until = utc(lease_until, "lease_until")
+        ids = self._unfinished if message_ids is None else message_ids
         renewed = 0
-        for message_id in self._unfinished:
-            for r in self._messages[message_id].recipients:
-                if r.lease_owner == worker:
+        for message_id in ids:
+            stored = self._messages.get(message_id)
+            if stored is None:
+                continue
+            for r in stored.recipients:
+                if r.lease_owner == worker and r.status.state in UNFINISHED:
                     r.lease_until = lease_until
                     renewed += 1
         return renewed
+
+    async def lease_owners(self) -> dict[str, LeaseInfo]:
+        """Who holds leases on unfinished recipients; see :meth:`Store.lease_owners`."""
+        await self._enter()
+        owners: dict[str, LeaseInfo] = {}
+        for message_id in self._unfinished:
+            for r in self._messages[message_id].recipients:
+                if r.lease_owner is None or r.lease_until is None:
+                    continue
+                owners[r.lease_owner] = add_lease(
+                    owners.get(r.lease_owner), r.lease_until
+                )
+        return owners
+
+    async def release_owner(self, owner: str) -> int:
+        """End every lease of *owner*; see :meth:`Store.release_owner`."""
+        await self._enter()
+        released = 0
+        for message_id in self._unfinished:
+            for r in self._messages[message_id].recipients:
+                if r.lease_owner == owner:
+                    r.release(owner)
+                    released += 1
+        return released
 
     async def next_due_at(self) -> datetime | None:
         """When the next unfinished recipient comes due; see :meth:`Store.next_due_at`."""

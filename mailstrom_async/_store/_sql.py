@@ -21,11 +21,15 @@ __all__ = [
     "INSERT_MESSAGE",
     "INSERT_RECIPIENT",
     "JOB_MESSAGES",
+    "LEASE_OWNERS",
     "LIST_MESSAGES",
     "MIGRATIONS",
     "NEXT_DUE",
     "PURGE",
     "RECORD",
+    "RELEASE_OWNER",
+    "RENEW_ALL",
+    "RENEW_SOME",
     "RETRY_NOW",
     "SCAN_DUE",
     "SCHEMA_VERSION",
@@ -123,6 +127,16 @@ UNLEASE = (
     "UPDATE recipients SET lease_owner = NULL, lease_until = NULL"
     " WHERE message_id = ? AND position = ?"
 )
+RENEW_ALL = """UPDATE recipients SET lease_until = ?
+    WHERE lease_owner = ? AND state IN ('queued', 'deferred')"""
+RENEW_SOME = """UPDATE recipients SET lease_until = ?
+    WHERE lease_owner = ? AND state IN ('queued', 'deferred')
+      AND message_id IN (SELECT value FROM json_each(?))"""
+LEASE_OWNERS = """SELECT lease_owner, COUNT(*), MAX(lease_until) FROM recipients
+    WHERE lease_owner IS NOT NULL AND state IN ('queued', 'deferred')
+    GROUP BY lease_owner ORDER BY lease_owner"""
+RELEASE_OWNER = """UPDATE recipients SET lease_owner = NULL, lease_until = NULL
+    WHERE lease_owner = ?"""
 NEXT_DUE = """SELECT
     (SELECT next_attempt_at FROM recipients
       WHERE state IN ('queued', 'deferred') AND lease_until IS NULL

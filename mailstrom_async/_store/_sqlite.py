@@ -44,7 +44,7 @@ import attrs
 from mailstrom_async._exceptions import StoreError, UnknownMessageError
 from mailstrom_async._models import MessageStatus, RecipientState, RecipientStatus
 from mailstrom_async._store import _sql as sql
-from mailstrom_async._store._base import Job, NewMessage, QueueSummary
+from mailstrom_async._store._base import Job, LeaseInfo, NewMessage, QueueSummary
 from mailstrom_async._store._common import (
     CANCELLED,
     UNFINISHED,
@@ -537,15 +537,40 @@ class SQLiteStore:
 
         await self._write(work)
 
-    async def renew_leases(self, *, worker: str, lease_until: datetime) -> int:
-        """Extend every lease *worker* holds; see :meth:`Store.renew_leases`."""
+    async def renew_leases(
+        self,
+        *,
+        worker: str,
+        lease_until: datetime,
+        message_ids: Collection[str] | None = None,
+    ) -> int:
+        """Extend *worker*'s leases; see :meth:`Store.renew_leases`."""
         until = sql.to_ts(utc(lease_until, "lease_until"))
+        ids = None if message_ids is None else json.dumps(sorted(message_ids))
 
         def work(conn: sqlite3.Connection) -> int:
-            return conn.execute(
-                "UPDATE recipients SET lease_until = ? WHERE lease_owner = ?",
-                (until, worker),
-            ).rowcount
+            if ids is None:
+                return conn.execute(sql.RENEW_ALL, (until, worker)).rowcount
+            return conn.execute(sql.RENEW_SOME, (until, worker, ids)).rowcount
+
+        return await self._write(work)
+
+    async def lease_owners(self) -> dict[str, LeaseInfo]:
+        """Who holds leases on unfinished recipients; see :meth:`Store.lease_owners`."""
+
+        def work(conn: sqlite3.Connection) -> list[Any]:
+            return conn.execute(sql.LEASE_OWNERS).fetchall()
+
+        return {
+            owner: LeaseInfo(recipients=count, lease_until=sql.from_ts(until))
+            for owner, count, until in await self._read(work)
+        }
+
+    async def release_owner(self, owner: str) -> int:
+        """End every lease of *owner*; see :meth:`Store.release_owner`."""
+
+        def work(conn: sqlite3.Connection) -> int:
+            return conn.execute(sql.RELEASE_OWNER, (owner,)).rowcount
 
         return await self._write(work)
 

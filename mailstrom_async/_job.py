@@ -1,0 +1,667 @@
+"""One job's life: from claimed recipients to recorded outcomes, inside one boundary.
+
+A *job* is one message, one destination and the recipients this process leases
+for it. :meth:`JobRunner.run` takes it through its whole life, top to bottom:
+
+1. postpone it while its destination is backed off (never past the retry
+   lifetime: a job at the end of its lifetime is tried at once);
+2. for each batch of at most ``max_recipients_per_transaction`` recipients, one
+   SMTP transaction, whose outcomes are recorded at once (so a job of 100,000
+   recipients that dies half-way never sends the first half again);
+3. whatever the job raises, except cancellation, stops at **one boundary** in
+   :meth:`JobRunner.run`: it is logged at ERROR with its traceback, the
+   recipients without a recorded outcome are DEFERRED with a local reason under
+   the ordinary backoff (or keep the outcome that was known and could not be
+   written), and their lease ends. The lane, the other lanes and the caller go on.
+
+Cancellation (the Deliverer closing past its grace) gives the recipients back
+unattempted, flagged ``possible_duplicate`` where the server may already have the
+message, and is re-raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+import anyio
+import attrs
+
+from mailstrom_async._classify import RecipientOutcome, outcome_from_error
+from mailstrom_async._exceptions import (
+    ConnectError,
+    DeliveryError,
+    DeliveryExpiredError,
+    ProtocolError,
+    StoreError,
+    TransientDeliveryError,
+    UnknownMessageError,
+)
+from mailstrom_async._models import DeliveryEvent, RecipientState, RecipientStatus
+from mailstrom_async._retry import backoff_delay, decide_retry
+from mailstrom_async._routes import NoAddressLeftError
+
+if TYPE_CHECKING:
+    from mailstrom_async._config import Config
+    from mailstrom_async._events import EventBroker
+    from mailstrom_async._store import Job, Store
+    from mailstrom_async._telemetry import AttemptTelemetry, Telemetry
+    from mailstrom_async._transport import Connection, Transport
+
+__all__ = ["JobRunner", "Lane", "Tally"]
+
+logger = logging.getLogger("mailstrom_async.deliverer")
+
+# Cleanup and status writes that must survive cancellation get this long.
+_SHIELDED_DEADLINE = 10.0
+# RFC 5321 §4.5.3.1.10: recipients refused with "too many recipients" are sent
+# again at once in a new transaction; bound how often one recipient is, so that
+# a broken server that refuses every second RCPT cannot keep us in a loop.
+_MAX_RETRY_NOW = 20
+# A known outcome that the store failed to write is written again, waiting a
+# little longer each time (0.05 s, 0.1 s, 0.2 s, ...), for up to a third of the
+# lease; then the job gives it up to the boundary.
+_RECORD_FIRST_WAIT = 0.05
+# A local reason is a one-line summary of the exception, not a traceback.
+_MAX_REASON = 300
+
+
+@attrs.define
+class Lane:
+    """One destination: its queue of jobs, its workers and its backoff."""
+
+    key: str
+    queue: asyncio.Queue[Job] = attrs.field(factory=asyncio.Queue)
+    workers: int = 0
+    idle: int = 0
+    failures: int = 0
+    backoff_until: datetime | None = None
+
+    def is_backing_off(self, now: datetime) -> bool:
+        """True while the destination waits out a failure."""
+        return self.backoff_until is not None and now < self.backoff_until
+
+    def succeeded(self) -> None:
+        """A transaction got through: forget the failures."""
+        self.failures = 0
+        self.backoff_until = None
+
+    def failed(self, config: Config, rng: random.Random, now: datetime) -> None:
+        """A transient failure: back the whole destination off.
+
+        RFC 1123 §5.3.1.1 / Exim: new mail for a dead host waits instead of
+        reconnecting at once.
+        """
+        self.failures += 1
+        delay = backoff_delay(config.retry, self.failures, rng)
+        self.backoff_until = now + timedelta(seconds=delay)
+
+
+@attrs.define
+class Tally:
+    """What this Deliverer recorded since it started: integer increments only."""
+
+    attempts: int = 0
+    delivered: int = 0
+    deferred: int = 0
+    failed: int = 0
+
+    def count(self, statuses: Sequence[RecipientStatus]) -> None:
+        for new in statuses:
+            if new.state is RecipientState.DELIVERED:
+                self.delivered += 1
+            elif new.state is RecipientState.DEFERRED:
+                self.deferred += 1
+            else:  # an attempt leaves no recipient QUEUED
+                self.failed += 1
+
+
+@attrs.define
+class _Progress:
+    """How far a job got: its connection, the batch in flight, what is known."""
+
+    conn: Connection | None
+    job: Job
+    batch: Sequence[str] = ()
+    # The outcomes in the store, and their addresses.
+    recorded: list[RecipientStatus] = attrs.field(factory=list)
+    done: set[str] = attrs.field(factory=set)
+    # Outcomes decided but not (yet) written, by address.
+    unwritten: dict[str, RecipientStatus] = attrs.field(factory=dict)
+    # The job's recipients as claimed, by address.
+    claimed: dict[str, RecipientStatus] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.claimed = {r.address: r for r in self.job.recipients}
+
+
+@attrs.frozen
+class _Where:
+    """Where an attempt went and how."""
+
+    host: str | None
+    ip: str | None = None
+    tls: bool | None = None
+    tls_verified: bool | None = None
+
+
+class JobRunner:
+    """Runs jobs, one at a time per caller, each inside the job boundary."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: Store,
+        broker: EventBroker,
+        worker_id: str,
+        clock: Callable[[], datetime],
+        rng: random.Random,
+        route: Transport,
+        on_recorded: Callable[[str], None],
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._broker = broker
+        self._worker_id = worker_id
+        self._clock = clock
+        self._rng = rng
+        self._route = route
+        self._on_recorded = on_recorded
+        self._telemetry = telemetry
+        self.tally = Tally()
+
+    # -- the boundary ----------------------------------------------------------
+
+    async def run(
+        self, lane: Lane, job: Job, conn: Connection | None
+    ) -> Connection | None:
+        """Deliver *job* over *conn* (or a new connection); return the connection
+        to reuse. Nothing but cancellation escapes."""
+        progress = _Progress(conn=conn, job=job)
+        span: AttemptTelemetry | None = None
+        if self._telemetry is not None:
+            span = self._telemetry.start_attempt(
+                message_id=job.message_id,
+                destination=lane.key,
+                recipients=len(job.recipients),
+            )
+        try:
+            await self._deliver(lane, job, progress)
+        except UnknownMessageError:
+            # Cancelled and purged while in flight: nothing is left to record.
+            logger.info(
+                "message was removed while in flight; its outcome is dropped",
+                extra={"message_id": job.message_id, "destination": lane.key},
+            )
+            if span is not None:
+                span.finish(progress.recorded)
+        except Exception as exc:  # the job boundary: contained here, and only here
+            if span is not None:
+                span.abort(exc)
+            logger.exception(
+                "delivery job failed; its recipients are deferred",
+                extra={
+                    "message_id": job.message_id,
+                    "destination": lane.key,
+                    "recipients": len(job.recipients),
+                    "error": _reason(exc),
+                },
+            )
+            self._drop_connection(progress)
+            await self.contain(job, exc, progress=progress)
+        except BaseException as exc:  # cancelled: shutdown past its grace
+            if span is not None:
+                span.abort(exc)
+            await self._abandon(job, progress)
+            raise
+        else:
+            if span is not None:
+                span.finish(progress.recorded)
+        return progress.conn
+
+    async def contain(
+        self, job: Job, error: BaseException, *, progress: _Progress | None = None
+    ) -> None:
+        """Settle a job that failed with *error*: every recipient without a
+        recorded outcome is written DEFERRED with a local reason (or with the
+        outcome that was known but not written), ending its lease. Never raises
+        but for cancellation; if even that write fails, the lease (no longer
+        renewed) runs out and the recipients are tried again then."""
+        progress = progress or _Progress(conn=None, job=job)
+        now = self._clock()
+        reason = f"local error: {_reason(error)}"
+        flagged = self._maybe_delivered(progress)
+        statuses = []
+        for r in job.recipients:
+            if r.address in progress.done:
+                continue
+            known = progress.unwritten.get(r.address)
+            if known is None:
+                known = self._locally_deferred(
+                    r, reason, now=now, job=job, duplicate=r.address in flagged
+                )
+            statuses.append(known)
+        if not statuses:
+            return
+        try:
+            await self._write(job, statuses, patience=0.0)
+        except UnknownMessageError:
+            return
+        except Exception as exc:
+            logger.error(
+                "could not record the failed job either; its lease runs out by itself",
+                extra={"message_id": job.message_id, "error": _reason(exc)},
+            )
+            return
+        self._publish(progress, statuses, now)
+
+    async def release(self, job: Job) -> None:
+        """Give *job*'s recipients back to the store, unattempted; never raises
+        (the lease then simply expires) and survives cancellation."""
+        addresses = [r.address for r in job.recipients]
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(_SHIELDED_DEADLINE),
+            contextlib.suppress(Exception),  # then the lease simply expires
+        ):
+            await self._store.release(job.message_id, addresses, worker=self._worker_id)
+
+    async def _abandon(self, job: Job, progress: _Progress) -> None:
+        """Cancelled mid-job: write the outcomes known but not yet written, flag
+        what the server may have, give the rest back."""
+        flagged = self._maybe_delivered(progress)
+        self._drop_connection(progress)
+        now = self._clock()
+        statuses = list(progress.unwritten.values())
+        statuses.extend(
+            attrs.evolve(r, possible_duplicate=True, next_attempt_at=now)
+            for r in job.recipients
+            if r.address in flagged and r.address not in progress.done
+        )
+        if statuses:
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(_SHIELDED_DEADLINE),
+                contextlib.suppress(Exception),
+            ):
+                await self._store.record(
+                    job.message_id, statuses, worker=self._worker_id
+                )
+        await self.release(job)
+
+    @staticmethod
+    def _maybe_delivered(progress: _Progress) -> frozenset[str]:
+        """The batch that the server may have taken: the final dot went out and
+        no reply was read."""
+        conn = progress.conn
+        if conn is not None and conn.final_dot_unconfirmed:
+            return frozenset(progress.batch)
+        return frozenset()
+
+    @staticmethod
+    def _drop_connection(progress: _Progress) -> None:
+        # A connection whose exchange was interrupted is never reused.
+        if progress.conn is not None:
+            progress.conn.close_now()
+            progress.conn = None
+
+    # -- the job's life ----------------------------------------------------------
+
+    async def _deliver(self, lane: Lane, job: Job, progress: _Progress) -> None:
+        now = self._clock()
+        if lane.backoff_until is not None and lane.is_backing_off(now):
+            until = min(lane.backoff_until, self._expires_at(job))
+            if until > now:
+                await self._postpone(lane, job, until)
+                return
+            # At the end of its lifetime: the last attempt is made now.
+        pending = [r.address for r in job.recipients]
+        retried: dict[str, int] = {}
+        per_transaction = self._config.limits.max_recipients_per_transaction
+        while pending:
+            batch, pending = pending[:per_transaction], pending[per_transaction:]
+            progress.batch = batch
+            outcomes, where = await self._transaction(lane, job, batch, progress)
+            settled = []
+            for outcome in outcomes:
+                count = retried.get(outcome.address, 0)
+                if outcome.retry_now and count < _MAX_RETRY_NOW:
+                    retried[outcome.address] = count + 1
+                    pending.append(outcome.address)
+                else:
+                    settled.append(outcome)
+            progress.batch = ()
+            await self._record(lane, job, settled, where, progress)
+
+    async def _postpone(self, lane: Lane, job: Job, until: datetime) -> None:
+        logger.debug(
+            "destination backed off, job postponed",
+            extra={
+                "message_id": job.message_id,
+                "destination": lane.key,
+                "recipients": len(job.recipients),
+                "backoff_until": until.isoformat(),
+            },
+        )
+        statuses = [attrs.evolve(r, next_attempt_at=until) for r in job.recipients]
+        await self._write(job, statuses)
+
+    def _expires_at(self, job: Job) -> datetime:
+        return job.submitted_at + timedelta(seconds=self._config.retry.lifetime)
+
+    async def _transaction(
+        self,
+        lane: Lane,
+        job: Job,
+        batch: Sequence[str],
+        progress: _Progress,
+    ) -> tuple[list[RecipientOutcome], _Where]:
+        """One transaction for *batch*; ``progress.conn`` is the connection.
+
+        A pooled connection the server dropped while idle gets one fresh try, not
+        counted as an attempt. For MX hosts, a transient failure on an open
+        connection (421, timeout or hang-up before DATA: nothing was delivered)
+        moves on to the next address in the same attempt (RFC 5321 §5.1).
+        """
+        where = _Where(host=None)
+        failed: set[str] = set()  # addresses that failed in this attempt
+        last_error: DeliveryError | None = None
+        refreshed = False
+        while True:
+            conn = progress.conn
+            reused = conn is not None and conn.is_usable
+            if conn is not None and not conn.is_usable:
+                await conn.aclose()
+                progress.conn = conn = None
+            opened = conn is not None
+            try:
+                if conn is None:
+                    conn = await self._route.connect(lane.key, skip=frozenset(failed))
+                    progress.conn = conn
+                    opened = True
+                where = _Where(conn.host, conn.ip, conn.tls, conn.tls_verified)
+                outcomes = await conn.send(
+                    job.mail_from, batch, job.data, smtputf8=job.smtputf8
+                )
+            except NoAddressLeftError:
+                if last_error is None:  # pragma: no cover - skip was empty
+                    raise
+                exc: DeliveryError = last_error
+            except DeliveryError as error:
+                exc = error
+                if conn is not None:
+                    await conn.aclose()
+                    progress.conn = conn = None
+                stale = isinstance(exc, ProtocolError | ConnectError)
+                if reused and stale and not refreshed:
+                    refreshed = True
+                    continue
+                if (
+                    opened
+                    and self._route.fails_over
+                    and isinstance(exc, TransientDeliveryError)
+                    and where.ip is not None
+                ):
+                    failed.add(where.ip)
+                    last_error = exc
+                    continue
+            else:
+                lane.succeeded()
+                return outcomes, where
+            where = attrs.evolve(
+                where, host=where.host or exc.host, ip=where.ip or exc.ip
+            )
+            if isinstance(exc, TransientDeliveryError):
+                lane.failed(self._config, self._rng, self._clock())
+            logger.info(
+                "delivery attempt failed",
+                extra={
+                    "message_id": job.message_id,
+                    "destination": lane.key,
+                    "host": where.host,
+                    "ip": where.ip,
+                    "code": exc.reply.code if exc.reply else None,
+                    "enhanced_code": exc.reply.enhanced_code if exc.reply else None,
+                    "recipients": len(batch),
+                    "error": str(exc),
+                },
+            )
+            return [outcome_from_error(a, exc) for a in batch], where
+
+    async def _record(
+        self,
+        lane: Lane,
+        job: Job,
+        outcomes: Sequence[RecipientOutcome],
+        where: _Where,
+        progress: _Progress,
+    ) -> None:
+        """Write one transaction's outcomes; then count, log and publish them."""
+        if not outcomes:
+            return
+        now = self._clock()
+        old = progress.claimed
+        statuses = [
+            self._next_status(old[o.address], o, where, now=now, job=job, lane=lane)
+            for o in outcomes
+        ]
+        progress.unwritten.update((s.address, s) for s in statuses)
+        await self._write(job, statuses)
+        for s in statuses:
+            del progress.unwritten[s.address]
+            progress.done.add(s.address)
+        progress.recorded.extend(statuses)
+        self.tally.attempts += 1
+        self.tally.count(statuses)
+        if logger.isEnabledFor(logging.INFO):
+            _log_outcomes(job.message_id, lane.key, statuses)
+        self._publish(progress, statuses, now)
+
+    async def _write(
+        self,
+        job: Job,
+        statuses: Sequence[RecipientStatus],
+        *,
+        patience: float | None = None,
+    ) -> None:
+        """``Store.record`` shielded from cancellation, written again after a
+        failure, a little later each time, for *patience* seconds (default: a
+        third of the lease; 0: one more try); the last failure is raised.
+
+        Writing the same statuses twice is harmless, so a store that wrote and
+        then failed to say so loses nothing either. A message that is gone
+        (UnknownMessageError) is not retried.
+        """
+        if patience is None:
+            patience = self._config.lease_duration / 3
+        wait = _RECORD_FIRST_WAIT
+        give_up_at = anyio.current_time() + patience
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with anyio.CancelScope(shield=True):
+                    with anyio.move_on_after(_SHIELDED_DEADLINE) as scope:
+                        await self._store.record(
+                            job.message_id, statuses, worker=self._worker_id
+                        )
+                    if scope.cancelled_caught:
+                        msg = f"the store did not record in {_SHIELDED_DEADLINE:g} s"
+                        raise StoreError(msg)
+            except UnknownMessageError:
+                raise
+            except Exception as exc:
+                left = give_up_at - anyio.current_time()
+                if attempt > 1 and left <= 0:
+                    raise
+                logger.warning(
+                    "could not record an outcome; trying again",
+                    extra={
+                        "message_id": job.message_id,
+                        "try": attempt,
+                        "error": _reason(exc),
+                    },
+                )
+                await anyio.sleep(max(0.0, min(wait, left)))
+                wait *= 2
+            else:
+                return
+
+    def _publish(
+        self, progress: _Progress, statuses: Sequence[RecipientStatus], now: datetime
+    ) -> None:
+        job, old = progress.job, progress.claimed
+        for new in statuses:
+            self._broker.publish(
+                DeliveryEvent(
+                    message_id=job.message_id,
+                    recipient=new,
+                    previous_state=old[new.address].state,
+                    at=now,
+                )
+            )
+        self._on_recorded(job.message_id)
+
+    def _next_status(
+        self,
+        old: RecipientStatus,
+        outcome: RecipientOutcome,
+        where: _Where,
+        *,
+        now: datetime,
+        job: Job,
+        lane: Lane | None,
+    ) -> RecipientStatus:
+        reply = outcome.reply
+        new = attrs.evolve(
+            old,
+            state=outcome.state,
+            attempts=old.attempts + 1,
+            code=reply.code if reply else None,
+            enhanced_code=reply.enhanced_code if reply else None,
+            message=reply.text if reply else None,
+            host=where.host,
+            ip=where.ip,
+            tls=where.tls,
+            tls_verified=where.tls_verified,
+            first_attempt_at=old.first_attempt_at or now,
+            last_attempt_at=now,
+            next_attempt_at=None,
+            possible_duplicate=old.possible_duplicate or outcome.possible_duplicate,
+        )
+        if outcome.state is not RecipientState.DEFERRED:
+            return new
+        decision = decide_retry(
+            self._config.retry,
+            attempts=new.attempts,
+            queued_at=job.submitted_at,
+            now=now,
+            rng=self._rng,
+            not_before=lane.backoff_until if lane is not None else None,
+        )
+        if decision.next_attempt_at is not None:
+            return attrs.evolve(new, next_attempt_at=decision.next_attempt_at)
+        last = str(reply) if reply else new.message or "no reply"
+        return attrs.evolve(
+            new,
+            state=RecipientState.FAILED,
+            enhanced_code=DeliveryExpiredError.default_enhanced_code,
+            message=f"{decision.reason}; last reply: {last}",
+        )
+
+    def _locally_deferred(
+        self,
+        old: RecipientStatus,
+        reason: str,
+        *,
+        now: datetime,
+        job: Job,
+        duplicate: bool,
+    ) -> RecipientStatus:
+        """*old* after an attempt that failed here, not at a server: DEFERRED
+        under the ordinary backoff (so a failure that repeats ends FAILED at the
+        end of the lifetime, never in a loop), with *reason* and no reply code."""
+        outcome = RecipientOutcome(
+            address=old.address,
+            state=RecipientState.DEFERRED,
+            reply=None,
+            possible_duplicate=duplicate,
+        )
+        status = self._next_status(
+            old, outcome, _Where(old.host, old.ip), now=now, job=job, lane=None
+        )
+        if status.state is RecipientState.DEFERRED:
+            return attrs.evolve(status, message=reason)
+        return attrs.evolve(status, message=f"{status.message}; {reason}")
+
+
+def _reason(exc: BaseException) -> str:
+    text = (
+        f"{type(exc).__name__}: {exc}".splitlines()[0]
+        if str(exc)
+        else type(exc).__name__
+    )
+    return text[:_MAX_REASON]
+
+
+# recipient domain, state, code, enhanced code, attempt, host, ip
+_OutcomeKey = tuple[
+    str, RecipientState, int | None, str | None, int, str | None, str | None
+]
+
+
+def _log_outcomes(
+    message_id: str, destination: str, statuses: Sequence[RecipientStatus]
+) -> None:
+    """One INFO record per recipient domain and outcome of a recorded attempt.
+
+    INFO records never name a recipient, nor quote the reply text (a server may
+    quote the address); DEBUG adds one record per recipient with its address.
+    """
+    groups: dict[_OutcomeKey, int] = {}
+    for s in statuses:
+        key = (s.domain, s.state, s.code, s.enhanced_code, s.attempts, s.host, s.ip)
+        groups[key] = groups.get(key, 0) + 1
+    for (domain, state, code, enhanced, attempt, host, ip), count in groups.items():
+        logger.info(
+            "attempt recorded: %d recipient(s) %s",
+            count,
+            state.value,
+            extra={
+                "message_id": message_id,
+                "recipient_domain": domain,
+                "destination": destination,
+                "host": host,
+                "ip": ip,
+                "code": code,
+                "enhanced_code": enhanced,
+                "attempt": attempt,
+                "state": state.value,
+                "recipients": count,
+            },
+        )
+    if logger.isEnabledFor(logging.DEBUG):
+        for s in statuses:
+            logger.debug(
+                "recipient outcome",
+                extra={
+                    "message_id": message_id,
+                    "recipient": s.address,
+                    "recipient_domain": s.domain,
+                    "destination": destination,
+                    "host": s.host,
+                    "ip": s.ip,
+                    "code": s.code,
+                    "enhanced_code": s.enhanced_code,
+                    "reply": s.message,
+                    "attempt": s.attempts,
+                    "state": s.state.value,
+                },
+            )

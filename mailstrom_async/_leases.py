@@ -1,0 +1,221 @@
+"""The jobs this process holds, and their leases.
+
+A lease lives only with its work. :class:`LeaseKeeper` knows which messages this
+process holds jobs of (claimed, waiting for a connection, or in a transaction)
+and renews the leases of those, and only those, every third of the lease: a job
+that ends, however it ends, is no longer renewed, so a lease the job could not
+hand back (the store failed) runs out within one lease duration instead of
+being kept alive for as long as the process lives.
+
+Leases of dead owners on this host (the owner id says which process on which
+host, see :mod:`._owner`) are released as soon as they are seen: when the
+Deliverer starts and at each renewal round, so a crashed process's mail goes out
+again at once instead of a lease later. Owners on other hosts expire by lease.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+import anyio
+import attrs
+
+from mailstrom_async._owner import Liveness, OwnerId, check, liveness
+
+if TYPE_CHECKING:
+    from mailstrom_async._store import LeaseInfo, Store
+
+__all__ = ["FailureLog", "LeaseKeeper", "LeaseOwner", "lease_owner_info"]
+
+logger = logging.getLogger("mailstrom_async.deliverer")
+
+
+@attrs.frozen(kw_only=True)
+class LeaseOwner:
+    """A worker that holds leases, as ``Deliverer.leases()`` reports it.
+
+    ``liveness`` says whether its process still runs, as far as this host can
+    tell (``UNKNOWN`` for another host: its leases run out by themselves);
+    ``liveness_reason`` says why in a few words.
+    """
+
+    owner: str
+    recipients: int
+    lease_until: datetime | None
+    host: str | None
+    pid: int | None
+    liveness: Liveness
+    liveness_reason: str
+
+    @property
+    def is_dead(self) -> bool:
+        """True when this host knows the owner's process is gone."""
+        return self.liveness is Liveness.DEAD
+
+
+def _dead(owners: list[str]) -> list[str]:
+    """The owners among *owners* whose process is gone (reads ``/proc``)."""
+    return [owner for owner in owners if liveness(owner) is Liveness.DEAD]
+
+
+def lease_owner_info(owner: str, info: LeaseInfo | None) -> LeaseOwner:
+    """What is known of *owner*, holding what *info* says (reads ``/proc``: run
+    it in a worker thread)."""
+    parsed = OwnerId.parse(owner)
+    state, reason = check(owner)
+    return LeaseOwner(
+        owner=owner,
+        recipients=info.recipients if info is not None else 0,
+        lease_until=info.lease_until if info is not None else None,
+        host=parsed.host if parsed is not None else None,
+        pid=parsed.pid if parsed is not None else None,
+        liveness=state,
+        liveness_reason=reason,
+    )
+
+
+@attrs.define
+class FailureLog:
+    """Says at ERROR that something keeps failing, less and less often.
+
+    The first failure is logged at once; while failures go on, the next one is
+    logged after 2, 4, 8 ... seconds (at most every ``longest`` seconds), with
+    how many were not logged in between. The first success after failures is
+    logged at INFO.
+    """
+
+    what: str
+    clock: Callable[[], float] = anyio.current_time
+    longest: float = 300.0
+    failures: int = 0
+    _next_log: float = 0.0
+    _interval: float = 1.0
+    _quiet: int = 0
+
+    def failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        now = self.clock()
+        if self.failures > 1 and now < self._next_log:
+            self._quiet += 1
+            return
+        logger.error(
+            "%s",
+            self.what,
+            extra={
+                "error": f"{type(exc).__name__}: {exc}",
+                "failures": self.failures,
+                "not_logged": self._quiet,
+            },
+        )
+        self._interval = (
+            1.0 if self.failures == 1 else min(self._interval * 2, self.longest)
+        )
+        self._next_log = now + self._interval
+        self._quiet = 0
+
+    def succeeded(self) -> None:
+        if self.failures:
+            logger.info(
+                "store works again",
+                extra={"after": self.what, "failures": self.failures},
+            )
+        self.failures = 0
+        self._quiet = 0
+
+
+class LeaseKeeper:
+    """Counts the jobs this process holds per message, and keeps their leases."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        owner: str,
+        clock: Callable[[], datetime],
+        lease_duration: float,
+    ) -> None:
+        self._store = store
+        self._owner = owner
+        self._clock = clock
+        self._lease = timedelta(seconds=lease_duration)
+        self._held: Counter[str] = Counter()
+        self._jobs = 0
+        self._renewals = FailureLog("could not renew leases")
+
+    @property
+    def jobs(self) -> int:
+        """How many jobs this process holds."""
+        return self._jobs
+
+    def lease_until(self) -> datetime:
+        """When a lease taken now ends."""
+        return self._clock() + self._lease
+
+    def hold(self, message_id: str, jobs: int = 1) -> None:
+        """*jobs* jobs of *message_id* are now in this process's hands."""
+        self._held[message_id] += jobs
+        self._jobs += jobs
+
+    def drop(self, message_id: str) -> None:
+        """One job of *message_id* is over, however it ended."""
+        count = self._held[message_id] - 1
+        if count > 0:
+            self._held[message_id] = count
+        else:
+            del self._held[message_id]
+        self._jobs -= 1
+
+    async def run(self) -> None:
+        """Renew the held jobs' leases, and reclaim dead owners', until cancelled."""
+        interval = self._lease.total_seconds() / 3
+        while True:
+            await anyio.sleep(interval)
+            await self.renew()
+            await self.reclaim_dead()
+
+    async def renew(self) -> None:
+        """Extend the leases of the jobs held now; never raises."""
+        if not self._held:
+            return
+        try:
+            await self._store.renew_leases(
+                worker=self._owner,
+                lease_until=self.lease_until(),
+                message_ids=list(self._held),
+            )
+        except Exception as exc:
+            self._renewals.failed(exc)
+        else:
+            self._renewals.succeeded()
+
+    async def reclaim_dead(self) -> int:
+        """Release the leases of owners on this host whose process is gone;
+        return how many recipients were released. Never raises: a store that
+        fails leaves the leases to expire by themselves."""
+        released = 0
+        try:
+            owners = await self._store.lease_owners()
+            others = [owner for owner in owners if owner != self._owner]
+            dead = await anyio.to_thread.run_sync(_dead, others) if others else []
+            for owner in dead:
+                info = owners[owner]
+                count = await self._store.release_owner(owner)
+                released += count
+                logger.warning(
+                    "released the leases of a worker that is gone",
+                    extra={
+                        "owner": owner,
+                        "recipients": count,
+                        "lease_until": info.lease_until.isoformat(),
+                    },
+                )
+        except Exception as exc:
+            logger.error(
+                "could not reclaim the leases of dead workers; they expire by lease",
+                extra={"error": f"{type(exc).__name__}: {exc}"},
+            )
+        return released
