@@ -21,7 +21,7 @@ import pytest
 
 from mailstrom_async._exceptions import StoreError, UnknownMessageError
 from mailstrom_async._models import MessageStatus, RecipientState, RecipientStatus
-from mailstrom_async._store import Job, NewMessage, Store
+from mailstrom_async._store import Job, LeaseInfo, NewMessage, Store
 
 __all__ = ["T0", "StoreContract", "at", "attempted", "claimed_addresses", "new_message"]
 
@@ -521,6 +521,66 @@ class StoreContract:
         )
         assert claimed_addresses(jobs) == [("m2", "b@x.example"), ("m3", "c@x.example")]
         assert await store.renew_leases(worker="nobody", lease_until=at(100)) == 0
+
+    async def test_renew_leases_of_some_messages(self, store: Store) -> None:
+        """renew_leases(message_ids=...) extends the worker's leases on those
+        messages only; the others run out."""
+        for mid, address in (("m1", "a@x.example"), ("m2", "b@x.example")):
+            await store.add(
+                new_message(mid, address), claim_for="w", lease_until=at(10)
+            )
+        renewed = await store.renew_leases(
+            worker="w", lease_until=at(100), message_ids=["m2", "unknown"]
+        )
+        assert renewed == 1
+        jobs = await store.claim_due(
+            now=at(50), worker="x", lease_until=at(60), limit=5
+        )
+        assert claimed_addresses(jobs) == [("m1", "a@x.example")]
+        assert (
+            await store.renew_leases(worker="w", lease_until=at(200), message_ids=[])
+            == 0
+        )
+
+    async def test_lease_owners(self, store: Store) -> None:
+        """lease_owners() counts each owner's leased unfinished recipients, with
+        its latest lease end, expired leases included."""
+        assert await store.lease_owners() == {}
+        await store.add(
+            new_message("m1", "a@x.example", "b@x.example"),
+            claim_for="w",
+            lease_until=at(10),
+        )
+        await store.add(
+            new_message("m2", "c@x.example"), claim_for="w", lease_until=at(30)
+        )
+        await store.add(
+            new_message("m3", "d@x.example"), claim_for="v", lease_until=at(5)
+        )
+        await store.record("m1", [attempted("b@x.example", DELIVERED)], worker="w")
+        owners = await store.lease_owners()
+        assert owners == {
+            "w": LeaseInfo(recipients=2, lease_until=at(30)),
+            "v": LeaseInfo(recipients=1, lease_until=at(5)),
+        }
+
+    async def test_release_owner(self, store: Store) -> None:
+        """release_owner() ends every lease of one owner at once, and nobody
+        else's; the recipients are claimable again, unattempted."""
+        await store.add(
+            new_message("m1", "a@x.example", "b@x.example"),
+            claim_for="dead",
+            lease_until=at(3600),
+        )
+        await store.add(
+            new_message("m2", "c@x.example"), claim_for="alive", lease_until=at(3600)
+        )
+        assert await store.release_owner("dead") == 2
+        assert await store.release_owner("dead") == 0
+        jobs = await store.claim_due(now=T0, worker="x", lease_until=at(60), limit=5)
+        assert claimed_addresses(jobs) == [("m1", "a@x.example"), ("m1", "b@x.example")]
+        assert all(r.attempts == 0 for job in jobs for r in job.recipients)
+        assert set(await store.lease_owners()) == {"alive", "x"}
 
     async def test_release_unknown_message(self, store: Store) -> None:
         """release() of an unknown message does nothing."""
