@@ -25,11 +25,15 @@ from mailstrom_async._exceptions import (
     ConfigError,
     DelivererClosedError,
     InvalidMessageError,
-    LiveLeaseError,
     StoreError,
     UnknownMessageError,
 )
-from mailstrom_async._leases import LeaseKeeper, LeaseOwner, lease_owner_info
+from mailstrom_async._leases import (
+    LeaseKeeper,
+    LeaseOwner,
+    describe_owners,
+    release_dead_owner,
+)
 from mailstrom_async._message import Email, PreparedMessage, prepare
 from mailstrom_async._models import (
     DeliveryEvent,
@@ -37,7 +41,7 @@ from mailstrom_async._models import (
     RecipientState,
     RecipientStatus,
 )
-from mailstrom_async._owner import Liveness, current_owner
+from mailstrom_async._owner import current_owner
 from mailstrom_async._routes import MXRoute, RelayRoute
 from mailstrom_async._scheduler import Scheduler
 from mailstrom_async._smtp import make_ssl_context, relay_settings
@@ -630,12 +634,7 @@ class Deliverer:
             StoreError: the store could not be read.
         """
         self._check_open()
-        owners = await self._store.lease_owners()
-
-        def describe() -> list[LeaseOwner]:
-            return [lease_owner_info(owner, info) for owner, info in owners.items()]
-
-        return await anyio.to_thread.run_sync(describe)
+        return await describe_owners(self._store)
 
     async def release_leases(self, owner: str | None = None) -> int:
         """Release the leases of a worker that is gone, so its mail is delivered
@@ -656,19 +655,7 @@ class Deliverer:
         if owner is None:
             count = await self._keeper.reclaim_dead()
         else:
-            info = await anyio.to_thread.run_sync(lease_owner_info, owner, None)
-            if info.liveness is not Liveness.DEAD:
-                msg = (
-                    f"lease owner {owner!r} is {info.liveness.value} here "
-                    f"({info.liveness_reason}); its leases are not broken, they "
-                    "run out by themselves if it has stopped"
-                )
-                raise LiveLeaseError(msg)
-            count = await self._store.release_owner(owner)
-            logger.warning(
-                "released the leases of a worker that is gone",
-                extra={"owner": owner, "recipients": count},
-            )
+            count = await release_dead_owner(self._store, owner)
         if count and self._mode != "submit":
             self._scheduler.wake()
         return count

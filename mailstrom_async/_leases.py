@@ -24,12 +24,20 @@ from typing import TYPE_CHECKING
 import anyio
 import attrs
 
+from mailstrom_async._exceptions import LiveLeaseError
 from mailstrom_async._owner import Liveness, OwnerId, check, liveness
 
 if TYPE_CHECKING:
     from mailstrom_async._store import LeaseInfo, Store
 
-__all__ = ["FailureLog", "LeaseKeeper", "LeaseOwner", "lease_owner_info"]
+__all__ = [
+    "FailureLog",
+    "LeaseKeeper",
+    "LeaseOwner",
+    "describe_owners",
+    "lease_owner_info",
+    "release_dead_owner",
+]
 
 logger = logging.getLogger("mailstrom_async.deliverer")
 
@@ -76,6 +84,38 @@ def lease_owner_info(owner: str, info: LeaseInfo | None) -> LeaseOwner:
         liveness=state,
         liveness_reason=reason,
     )
+
+
+async def describe_owners(store: Store) -> list[LeaseOwner]:
+    """Every lease owner in *store*, with what this host can tell of it."""
+    owners = await store.lease_owners()
+
+    def describe() -> list[LeaseOwner]:
+        return [lease_owner_info(owner, info) for owner, info in owners.items()]
+
+    return await anyio.to_thread.run_sync(describe)
+
+
+async def release_dead_owner(store: Store, owner: str) -> int:
+    """Release every lease of *owner*, known to be gone; return how many.
+
+    Raises:
+        LiveLeaseError: *owner* runs, or this host cannot tell that it is gone.
+    """
+    info = await anyio.to_thread.run_sync(lease_owner_info, owner, None)
+    if info.liveness is not Liveness.DEAD:
+        msg = (
+            f"lease owner {owner!r} is {info.liveness.value} here "
+            f"({info.liveness_reason}); its leases are not broken, they "
+            "run out by themselves if it has stopped"
+        )
+        raise LiveLeaseError(msg)
+    count = await store.release_owner(owner)
+    logger.warning(
+        "released the leases of a worker that is gone",
+        extra={"owner": owner, "recipients": count},
+    )
+    return count
 
 
 @attrs.define

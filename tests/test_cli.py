@@ -32,6 +32,7 @@ SUBCOMMANDS = [
     "retry",
     "cancel",
     "purge",
+    "leases",
     "sink",
     "demo",
 ]

@@ -1,7 +1,8 @@
 """The ``mailstrom-async`` command: submit mail, run workers, operate the queue.
 
 One module per family of subcommands: :mod:`._send` (send), :mod:`._queue`
-(status, queue, retry, cancel, purge), :mod:`._run` (worker, sink, demo); shared
+(status, queue, retry, cancel, purge), :mod:`._leases` (leases), :mod:`._run`
+(worker, sink, demo); shared
 options and output in :mod:`._common`. :func:`main` turns every error meant for
 a person into one line on stderr and an exit code, never a traceback.
 """
@@ -12,7 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mailstrom_async._cli import _queue, _run, _send
+from mailstrom_async._cli import _leases, _queue, _run, _send
 from mailstrom_async._cli._common import (
     DEFAULT_STORE_PATH,
     EXIT_ERROR,
@@ -55,6 +56,7 @@ def _parser() -> Parser:
     _send.add_parser(sub)
     _run.add_parsers(sub)
     _queue.add_parsers(sub)
+    _leases.add_parser(sub)
     return parser
 
 
