@@ -21,7 +21,6 @@ message, and is re-raised.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import random
@@ -36,14 +35,20 @@ from mailstrom_async._classify import RecipientOutcome, outcome_from_error
 from mailstrom_async._exceptions import (
     ConnectError,
     DeliveryError,
-    DeliveryExpiredError,
     ProtocolError,
     StoreError,
     TransientDeliveryError,
     UnknownMessageError,
 )
-from mailstrom_async._models import DeliveryEvent, RecipientState, RecipientStatus
-from mailstrom_async._retry import backoff_delay, decide_retry
+from mailstrom_async._lane import Lane, Tally
+from mailstrom_async._models import DeliveryEvent, RecipientStatus
+from mailstrom_async._outcomes import (
+    Where,
+    locally_deferred,
+    log_outcomes,
+    next_status,
+    reason,
+)
 from mailstrom_async._routes import NoAddressLeftError
 
 if TYPE_CHECKING:
@@ -53,7 +58,7 @@ if TYPE_CHECKING:
     from mailstrom_async._telemetry import AttemptTelemetry, Telemetry
     from mailstrom_async._transport import Connection, Transport
 
-__all__ = ["JobRunner", "Lane", "Tally"]
+__all__ = ["JobRunner"]
 
 logger = logging.getLogger("mailstrom_async.deliverer")
 
@@ -67,58 +72,6 @@ _MAX_RETRY_NOW = 20
 # little longer each time (0.05 s, 0.1 s, 0.2 s, ...), for up to a third of the
 # lease; then the job gives it up to the boundary.
 _RECORD_FIRST_WAIT = 0.05
-# A local reason is a one-line summary of the exception, not a traceback.
-_MAX_REASON = 300
-
-
-@attrs.define
-class Lane:
-    """One destination: its queue of jobs, its workers and its backoff."""
-
-    key: str
-    queue: asyncio.Queue[Job] = attrs.field(factory=asyncio.Queue)
-    workers: int = 0
-    idle: int = 0
-    failures: int = 0
-    backoff_until: datetime | None = None
-
-    def is_backing_off(self, now: datetime) -> bool:
-        """True while the destination waits out a failure."""
-        return self.backoff_until is not None and now < self.backoff_until
-
-    def succeeded(self) -> None:
-        """A transaction got through: forget the failures."""
-        self.failures = 0
-        self.backoff_until = None
-
-    def failed(self, config: Config, rng: random.Random, now: datetime) -> None:
-        """A transient failure: back the whole destination off.
-
-        RFC 1123 §5.3.1.1 / Exim: new mail for a dead host waits instead of
-        reconnecting at once.
-        """
-        self.failures += 1
-        delay = backoff_delay(config.retry, self.failures, rng)
-        self.backoff_until = now + timedelta(seconds=delay)
-
-
-@attrs.define
-class Tally:
-    """What this Deliverer recorded since it started: integer increments only."""
-
-    attempts: int = 0
-    delivered: int = 0
-    deferred: int = 0
-    failed: int = 0
-
-    def count(self, statuses: Sequence[RecipientStatus]) -> None:
-        for new in statuses:
-            if new.state is RecipientState.DELIVERED:
-                self.delivered += 1
-            elif new.state is RecipientState.DEFERRED:
-                self.deferred += 1
-            else:  # an attempt leaves no recipient QUEUED
-                self.failed += 1
 
 
 @attrs.define
@@ -138,16 +91,6 @@ class _Progress:
 
     def __attrs_post_init__(self) -> None:
         self.claimed = {r.address: r for r in self.job.recipients}
-
-
-@attrs.frozen
-class _Where:
-    """Where an attempt went and how."""
-
-    host: str | None
-    ip: str | None = None
-    tls: bool | None = None
-    tls_verified: bool | None = None
 
 
 class JobRunner:
@@ -211,7 +154,7 @@ class JobRunner:
                     "message_id": job.message_id,
                     "destination": lane.key,
                     "recipients": len(job.recipients),
-                    "error": _reason(exc),
+                    "error": reason(exc),
                 },
             )
             self._drop_connection(progress)
@@ -236,7 +179,7 @@ class JobRunner:
         renewed) runs out and the recipients are tried again then."""
         progress = progress or _Progress(conn=None, job=job)
         now = self._clock()
-        reason = f"local error: {_reason(error)}"
+        why = f"local error: {reason(error)}"
         flagged = self._maybe_delivered(progress)
         statuses = []
         for r in job.recipients:
@@ -244,8 +187,14 @@ class JobRunner:
                 continue
             known = progress.unwritten.get(r.address)
             if known is None:
-                known = self._locally_deferred(
-                    r, reason, now=now, job=job, duplicate=r.address in flagged
+                known = locally_deferred(
+                    r,
+                    why,
+                    now=now,
+                    submitted_at=job.submitted_at,
+                    policy=self._config.retry,
+                    rng=self._rng,
+                    duplicate=r.address in flagged,
                 )
             statuses.append(known)
         if not statuses:
@@ -257,7 +206,7 @@ class JobRunner:
         except Exception as exc:
             logger.error(
                 "could not record the failed job either; its lease runs out by itself",
-                extra={"message_id": job.message_id, "error": _reason(exc)},
+                extra={"message_id": job.message_id, "error": reason(exc)},
             )
             return
         self._publish(progress, statuses, now)
@@ -362,7 +311,7 @@ class JobRunner:
         job: Job,
         batch: Sequence[str],
         progress: _Progress,
-    ) -> tuple[list[RecipientOutcome], _Where]:
+    ) -> tuple[list[RecipientOutcome], Where]:
         """One transaction for *batch*; ``progress.conn`` is the connection.
 
         A pooled connection the server dropped while idle gets one fresh try, not
@@ -370,7 +319,7 @@ class JobRunner:
         connection (421, timeout or hang-up before DATA: nothing was delivered)
         moves on to the next address in the same attempt (RFC 5321 §5.1).
         """
-        where = _Where(host=None)
+        where = Where(host=None)
         failed: set[str] = set()  # addresses that failed in this attempt
         last_error: DeliveryError | None = None
         refreshed = False
@@ -386,7 +335,7 @@ class JobRunner:
                     conn = await self._route.connect(lane.key, skip=frozenset(failed))
                     progress.conn = conn
                     opened = True
-                where = _Where(conn.host, conn.ip, conn.tls, conn.tls_verified)
+                where = Where(conn.host, conn.ip, conn.tls, conn.tls_verified)
                 outcomes = await conn.send(
                     job.mail_from, batch, job.data, smtputf8=job.smtputf8
                 )
@@ -440,7 +389,7 @@ class JobRunner:
         lane: Lane,
         job: Job,
         outcomes: Sequence[RecipientOutcome],
-        where: _Where,
+        where: Where,
         progress: _Progress,
     ) -> None:
         """Write one transaction's outcomes; then count, log and publish them."""
@@ -449,7 +398,16 @@ class JobRunner:
         now = self._clock()
         old = progress.claimed
         statuses = [
-            self._next_status(old[o.address], o, where, now=now, job=job, lane=lane)
+            next_status(
+                old[o.address],
+                o,
+                where,
+                now=now,
+                submitted_at=job.submitted_at,
+                policy=self._config.retry,
+                rng=self._rng,
+                not_before=lane.backoff_until,
+            )
             for o in outcomes
         ]
         progress.unwritten.update((s.address, s) for s in statuses)
@@ -461,7 +419,7 @@ class JobRunner:
         self.tally.attempts += 1
         self.tally.count(statuses)
         if logger.isEnabledFor(logging.INFO):
-            _log_outcomes(job.message_id, lane.key, statuses)
+            log_outcomes(job.message_id, lane.key, statuses)
         self._publish(progress, statuses, now)
 
     async def _write(
@@ -506,7 +464,7 @@ class JobRunner:
                     extra={
                         "message_id": job.message_id,
                         "try": attempt,
-                        "error": _reason(exc),
+                        "error": reason(exc),
                     },
                 )
                 await anyio.sleep(max(0.0, min(wait, left)))
@@ -528,140 +486,3 @@ class JobRunner:
                 )
             )
         self._on_recorded(job.message_id)
-
-    def _next_status(
-        self,
-        old: RecipientStatus,
-        outcome: RecipientOutcome,
-        where: _Where,
-        *,
-        now: datetime,
-        job: Job,
-        lane: Lane | None,
-    ) -> RecipientStatus:
-        reply = outcome.reply
-        new = attrs.evolve(
-            old,
-            state=outcome.state,
-            attempts=old.attempts + 1,
-            code=reply.code if reply else None,
-            enhanced_code=reply.enhanced_code if reply else None,
-            message=reply.text if reply else None,
-            host=where.host,
-            ip=where.ip,
-            tls=where.tls,
-            tls_verified=where.tls_verified,
-            first_attempt_at=old.first_attempt_at or now,
-            last_attempt_at=now,
-            next_attempt_at=None,
-            possible_duplicate=old.possible_duplicate or outcome.possible_duplicate,
-        )
-        if outcome.state is not RecipientState.DEFERRED:
-            return new
-        decision = decide_retry(
-            self._config.retry,
-            attempts=new.attempts,
-            queued_at=job.submitted_at,
-            now=now,
-            rng=self._rng,
-            not_before=lane.backoff_until if lane is not None else None,
-        )
-        if decision.next_attempt_at is not None:
-            return attrs.evolve(new, next_attempt_at=decision.next_attempt_at)
-        last = str(reply) if reply else new.message or "no reply"
-        return attrs.evolve(
-            new,
-            state=RecipientState.FAILED,
-            enhanced_code=DeliveryExpiredError.default_enhanced_code,
-            message=f"{decision.reason}; last reply: {last}",
-        )
-
-    def _locally_deferred(
-        self,
-        old: RecipientStatus,
-        reason: str,
-        *,
-        now: datetime,
-        job: Job,
-        duplicate: bool,
-    ) -> RecipientStatus:
-        """*old* after an attempt that failed here, not at a server: DEFERRED
-        under the ordinary backoff (so a failure that repeats ends FAILED at the
-        end of the lifetime, never in a loop), with *reason* and no reply code."""
-        outcome = RecipientOutcome(
-            address=old.address,
-            state=RecipientState.DEFERRED,
-            reply=None,
-            possible_duplicate=duplicate,
-        )
-        status = self._next_status(
-            old, outcome, _Where(old.host, old.ip), now=now, job=job, lane=None
-        )
-        if status.state is RecipientState.DEFERRED:
-            return attrs.evolve(status, message=reason)
-        return attrs.evolve(status, message=f"{status.message}; {reason}")
-
-
-def _reason(exc: BaseException) -> str:
-    text = (
-        f"{type(exc).__name__}: {exc}".splitlines()[0]
-        if str(exc)
-        else type(exc).__name__
-    )
-    return text[:_MAX_REASON]
-
-
-# recipient domain, state, code, enhanced code, attempt, host, ip
-_OutcomeKey = tuple[
-    str, RecipientState, int | None, str | None, int, str | None, str | None
-]
-
-
-def _log_outcomes(
-    message_id: str, destination: str, statuses: Sequence[RecipientStatus]
-) -> None:
-    """One INFO record per recipient domain and outcome of a recorded attempt.
-
-    INFO records never name a recipient, nor quote the reply text (a server may
-    quote the address); DEBUG adds one record per recipient with its address.
-    """
-    groups: dict[_OutcomeKey, int] = {}
-    for s in statuses:
-        key = (s.domain, s.state, s.code, s.enhanced_code, s.attempts, s.host, s.ip)
-        groups[key] = groups.get(key, 0) + 1
-    for (domain, state, code, enhanced, attempt, host, ip), count in groups.items():
-        logger.info(
-            "attempt recorded: %d recipient(s) %s",
-            count,
-            state.value,
-            extra={
-                "message_id": message_id,
-                "recipient_domain": domain,
-                "destination": destination,
-                "host": host,
-                "ip": ip,
-                "code": code,
-                "enhanced_code": enhanced,
-                "attempt": attempt,
-                "state": state.value,
-                "recipients": count,
-            },
-        )
-    if logger.isEnabledFor(logging.DEBUG):
-        for s in statuses:
-            logger.debug(
-                "recipient outcome",
-                extra={
-                    "message_id": message_id,
-                    "recipient": s.address,
-                    "recipient_domain": s.domain,
-                    "destination": destination,
-                    "host": s.host,
-                    "ip": s.ip,
-                    "code": s.code,
-                    "enhanced_code": s.enhanced_code,
-                    "reply": s.message,
-                    "attempt": s.attempts,
-                    "state": s.state.value,
-                },
-            )

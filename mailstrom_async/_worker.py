@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskGroup
 
-from mailstrom_async._job import JobRunner, Lane
+from mailstrom_async._job import JobRunner
+from mailstrom_async._lane import Lane
 from mailstrom_async._statistics import AttemptCounters, DestinationStatistics
 
 if TYPE_CHECKING:
