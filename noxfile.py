@@ -1,4 +1,4 @@
-"""Chores, one command each: ``nox -s lint typecheck tests docs demo bench``."""
+"""Chores, one command each: ``nox -s lint typecheck tests docs demo bench soak``."""
 
 from __future__ import annotations
 
@@ -72,3 +72,16 @@ def bench(session: nox.Session) -> None:
     if os.environ.get("BENCH_UVLOOP") == "1":
         session.install("uvloop")
     session.run("python", "-m", "bench", *session.posargs)
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """Kill cycles: SIGKILL a delivering process 200 times, then check the books.
+
+    The harness of tests/test_crash_restart.py's kill-cycle test, longer: prints
+    acked, lost, duplicates (explained or not, flagged or not), the recovery time
+    after the last restart and the 250-to-commit window; exit status 1 on any
+    problem. ``-- --cycles N``, ``--seed N`` (replays a plan), ``--help``.
+    """
+    session.install("-e", ".", *group("tests"))
+    session.run("python", "-m", "tests.kill_cycles", *session.posargs)
