@@ -9,7 +9,8 @@ scheduler sleeps until the earliest due time, the poll interval, or a wake-up.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,7 @@ class Scheduler:
         self._room = room
         self._feed = feed
         self._wakeup = anyio.Event()
+        self._claiming = anyio.Lock()
 
     def wake(self) -> None:
         """Look at the store again now (new work, a retry time, or free room)."""
@@ -71,6 +73,17 @@ class Scheduler:
             with anyio.move_on_after(delay):
                 await self._wakeup.wait()
 
+    @asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """Inside, no claim is under way: every job claimed so far has been fed,
+        and the next claim waits until the block ends.
+
+        An operator's hold runs here, so that no job it holds is claimed before
+        the hold and fed only after the hold looked for such jobs.
+        """
+        async with self._claiming:
+            yield
+
     async def renew_leases(self) -> None:
         """Keep this worker's leases alive while it runs, until cancelled.
 
@@ -89,12 +102,16 @@ class Scheduler:
                 logger.error("could not renew leases", extra={"error": str(exc)})
 
     async def _claim(self, room: int) -> int:
-        now = self._clock()
-        jobs = await self._store.claim_due(
-            now=now, worker=self._worker_id, lease_until=now + self._lease, limit=room
-        )
-        for job in jobs:
-            self._feed(job)
+        async with self._claiming:
+            now = self._clock()
+            jobs = await self._store.claim_due(
+                now=now,
+                worker=self._worker_id,
+                lease_until=now + self._lease,
+                limit=room,
+            )
+            for job in jobs:
+                self._feed(job)
         return len(jobs)
 
     async def _until_next_due(self) -> float:
