@@ -585,10 +585,11 @@ def test_hold_and_release(cli: CLI, tmp_path: Path) -> None:
     assert [(r["state"], r["held"]) for r in data["recipients"]] == [("deferred", True)]
     assert "on hold" not in cli.ok("status", free)
 
-    rows = {line.split()[0]: line.split()[1:] for line in cli.ok("queue").splitlines()}
-    assert rows["example.org"] == ["1", "1", "0", "0", "2", "2"]
-    assert rows["free.example"] == ["1", "0", "0", "0", "1", "0"]
-    assert rows["total"] == ["3", "1", "0", "0", "4", "3"]
+    out = cli.ok("queue")
+    counts = {line.split()[0]: line.split()[1:] for line in out.splitlines()}
+    assert counts["example.org"] == ["1", "1", "0", "0", "2", "2"]
+    assert counts["free.example"] == ["1", "0", "0", "0", "1", "0"]
+    assert counts["total"] == ["3", "1", "0", "0", "4", "3"]
     data = json.loads(cli.ok("queue", "--json"))
     assert data["held"] == 3
     assert data["held_by_domain"] == {"example.org": 2, "other.example": 1}
