@@ -644,22 +644,25 @@ class Deliverer:
                 lowered is None or any(r.domain == lowered for r in job.recipients)
             )
 
+        # Shielded: a job taken out and not given back would keep its lease
+        # (renewed while this process runs) after the mail is released.
         # Paused: a claim that raced the hold has fed its jobs before we look.
-        async with self._scheduler.paused():
-            count = await self._store.hold(message_id=message_id, domain=domain)
-            taken = [] if self._lanes is None else self._lanes.take(wanted)
-            waiting = [self._ready.get_nowait() for _ in range(self._ready.qsize())]
-            for job in waiting:
-                if wanted(job):
-                    taken.append(job)
-                else:
-                    self._ready.put_nowait(job)
-        for job in taken:
-            if self._lanes is not None:
-                # Whole jobs go back: their recipients that are not held (of
-                # another domain, through a relay) are claimed again at once.
-                await self._lanes.release(job)
-            self._job_done()
+        with anyio.CancelScope(shield=True):
+            async with self._scheduler.paused():
+                count = await self._store.hold(message_id=message_id, domain=domain)
+                taken = [] if self._lanes is None else self._lanes.take(wanted)
+                waiting = [self._ready.get_nowait() for _ in range(self._ready.qsize())]
+                for job in waiting:
+                    if wanted(job):
+                        taken.append(job)
+                    else:
+                        self._ready.put_nowait(job)
+            for job in taken:
+                if self._lanes is not None:
+                    # Whole jobs go back: their recipients that are not held (of
+                    # another domain, through a relay) are claimed again at once.
+                    await self._lanes.release(job)
+                self._job_done()
         logger.info(
             "held",
             extra={

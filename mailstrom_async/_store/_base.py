@@ -135,9 +135,9 @@ class Store(Protocol):
 
         A recipient is due when it is QUEUED or DEFERRED, not held,
         ``next_attempt_at <= now``, and it is not leased (or its lease ended at or
-        before *now*). Oldest due
-        first: by ``next_attempt_at``, ties in the order messages were added. Each
-        job holds all of its message's due recipients, in envelope order.
+        before *now*). Oldest due first: by ``next_attempt_at``, ties in the order
+        messages were added. Each job holds all of its message's due recipients,
+        in envelope order.
 
         Raises:
             ValueError: *limit* is less than 1.
@@ -249,9 +249,10 @@ class Store(Protocol):
         Each QUEUED or DEFERRED recipient becomes FAILED with the reason
         ``"cancelled by operator"``, no reply code and no next attempt; its
         attempts and attempt times stay as they were, its lease ends and it is
-        no longer held. A recipient in flight is cancelled too: if its worker then records
-        DELIVERED, that replaces FAILED (a server accepted it: the truth wins);
-        any unfinished outcome it records is ignored, as for every final state.
+        no longer held. A recipient in flight is cancelled too: if its worker then
+        records DELIVERED, that replaces FAILED (a server accepted it: the truth
+        wins); any unfinished outcome it records is ignored, as for every final
+        state.
 
         Raises:
             UnknownMessageError: no such message.
