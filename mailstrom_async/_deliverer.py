@@ -534,6 +534,7 @@ class Deliverer:
             jobs_in_memory=self._keeper.jobs,
             since_start=lanes.counters() if lanes is not None else AttemptCounters(),
             destinations=lanes.destinations() if lanes is not None else {},
+            held=summary.held,
         )
 
     # -- queue operations ----------------------------------------------------
@@ -598,15 +599,9 @@ class Deliverer:
         count = await self._store.cancel(message_id)
         # Jobs of the message that this process claimed and that still wait for
         # a connection are dropped; one already in a transaction goes on.
-        dropped = 0 if self._lanes is None else self._lanes.discard(message_id)
-        waiting = [self._ready.get_nowait() for _ in range(self._ready.qsize())]
-        for job in waiting:
-            if job.message_id == message_id:
-                dropped += 1
-            else:
-                self._ready.put_nowait(job)
-        for _ in range(dropped):
-            self._keeper.drop(message_id)
+        dropped = self._take_waiting(lambda job: job.message_id == message_id)
+        for job in dropped:
+            self._keeper.drop(job.message_id)
         if dropped:
             self._scheduler.wake()
         after = await self._store.status(message_id)
@@ -660,6 +655,103 @@ class Deliverer:
             self._scheduler.wake()
         return count
 
+    async def hold(
+        self, *, message_id: str | None = None, domain: str | None = None
+    ) -> int:
+        """Hold waiting mail, like ``postsuper -h``: none of it is tried until
+        :meth:`release`; return how many recipients were held.
+
+        Holds the QUEUED and DEFERRED recipients of *message_id*, of *domain*
+        (case-insensitive, in every message), or of both (that message's
+        recipients of that domain). They keep their state and next attempt time
+        and show ``held=True`` in :meth:`status`; :meth:`retry_now` skips them,
+        :meth:`cancel` still fails them. Only mail waiting now is held: mail
+        submitted later for the domain is not. Holding does not stop the retry
+        lifetime, which counts from submission (as Postfix's queue lifetime
+        does): nothing expires while held, as no attempt is made, but mail
+        released after its lifetime is given up (FAILED 5.4.7) if its next
+        attempt is deferred. No event is published: no state changes.
+
+        Jobs of the held mail that this Deliverer claimed and that wait for a
+        connection are given back unattempted. A recipient already in an SMTP
+        transaction finishes it; if deferred, it stays held. A worker in another
+        process delivers what it had claimed before the hold.
+
+        Raises:
+            ValueError: neither *message_id* nor *domain* is given (so that a
+                slip cannot hold the whole queue).
+            UnknownMessageError: *message_id* is given and no such message exists.
+            DelivererClosedError: the Deliverer is not open.
+        """
+        self._check_open()
+        lowered = None if domain is None else domain.lower()
+
+        def wanted(job: Job) -> bool:
+            return (message_id is None or job.message_id == message_id) and (
+                lowered is None or any(r.domain == lowered for r in job.recipients)
+            )
+
+        # Shielded: a job taken out and not given back would keep its lease
+        # (renewed while this process runs) after the mail is released.
+        # Paused: a claim that raced the hold has fed its jobs before we look.
+        with anyio.CancelScope(shield=True):
+            async with self._scheduler.paused():
+                count = await self._store.hold(message_id=message_id, domain=domain)
+                taken = self._take_waiting(wanted)
+            for job in taken:
+                if self._lanes is not None:
+                    # Whole jobs go back: their recipients that are not held (of
+                    # another domain, through a relay) are claimed again at once.
+                    await self._lanes.release(job)
+                self._job_done(job)
+        logger.info(
+            "held",
+            extra={
+                "message_id": message_id,
+                "domain": domain,
+                "recipients": count,
+                "jobs_given_back": len(taken),
+            },
+        )
+        return count
+
+    async def release(
+        self,
+        *,
+        message_id: str | None = None,
+        domain: str | None = None,
+        all: bool = False,
+    ) -> int:
+        """Release held mail, like ``postsuper -H``; return how many recipients
+        were released.
+
+        Releases the held recipients of *message_id*, of *domain*
+        (case-insensitive), of both, or with ``all=True`` every held recipient.
+        Each is due again at the next attempt time it had: at once if that has
+        passed (it is then claimed before mail that came due later), else at
+        that time. This Deliverer looks at the store at once; a worker in
+        another process picks the mail up at its next poll.
+
+        Raises:
+            ValueError: no target is given, or ``all=True`` comes with one.
+            UnknownMessageError: *message_id* is given and no such message exists.
+            DelivererClosedError: the Deliverer is not open.
+        """
+        self._check_open()
+        count = await self._store.unhold(message_id=message_id, domain=domain, all=all)
+        if self._mode != "submit":
+            self._scheduler.wake()
+        logger.info(
+            "released",
+            extra={
+                "message_id": message_id,
+                "domain": domain,
+                "all": all,
+                "recipients": count,
+            },
+        )
+        return count
+
     def events(self) -> EventStream:
         """Follow every recipient state change from now on: ``async for e in ...``.
 
@@ -702,6 +794,19 @@ class Deliverer:
             entry[0].set()
 
     # -- delivery plumbing ---------------------------------------------------
+
+    def _take_waiting(self, wanted: Callable[[Job], bool]) -> list[Job]:
+        """Take this process's jobs that *wanted* picks and that wait for a
+        connection (in a lane, or not dispatched yet); the others keep their
+        places. Jobs in a transaction go on."""
+        taken = [] if self._lanes is None else self._lanes.take(wanted)
+        waiting = [self._ready.get_nowait() for _ in range(self._ready.qsize())]
+        for job in waiting:
+            if wanted(job):
+                taken.append(job)
+            else:
+                self._ready.put_nowait(job)
+        return taken
 
     def _room(self) -> int:
         return max(0, self._config.limits.max_jobs_in_memory - self._keeper.jobs)

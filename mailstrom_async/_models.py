@@ -81,6 +81,11 @@ class RecipientStatus:
     ``code``, ``enhanced_code`` and ``message`` hold the last reply (or the reason of
     a failure that had no reply, such as a refused connection); ``host`` and ``ip``
     say where the last attempt went and ``tls``/``tls_verified`` how.
+
+    ``held`` is True while an operator holds the recipient (``Deliverer.hold``):
+    it keeps its state (``QUEUED`` or ``DEFERRED``) and its ``next_attempt_at``,
+    but no attempt is made until it is released. Only unfinished recipients are
+    held; the store owns the flag (it ignores the one in a recorded status).
     """
 
     address: str
@@ -97,6 +102,7 @@ class RecipientStatus:
     last_attempt_at: datetime | None = None
     next_attempt_at: datetime | None = None
     possible_duplicate: bool = False
+    held: bool = False
 
     @property
     def is_final(self) -> bool:

@@ -9,7 +9,8 @@ scheduler sleeps until the earliest due time, the poll interval, or a wake-up.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,7 @@ class Scheduler:
         self._feed = feed
         self._wakeup = anyio.Event()
         self._failures = FailureLog("could not claim due work")
+        self._claiming = anyio.Lock()
 
     def wake(self) -> None:
         """Look at the store again now (new work, a retry time, or free room)."""
@@ -76,13 +78,28 @@ class Scheduler:
             with anyio.move_on_after(delay):
                 await self._wakeup.wait()
 
+    @asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """Inside, no claim is under way: every job claimed so far has been fed,
+        and the next claim waits until the block ends.
+
+        An operator's hold runs here, so that no job it holds is claimed before
+        the hold and fed only after the hold looked for such jobs.
+        """
+        async with self._claiming:
+            yield
+
     async def _claim(self, room: int) -> int:
-        now = self._clock()
-        jobs = await self._store.claim_due(
-            now=now, worker=self._worker_id, lease_until=now + self._lease, limit=room
-        )
-        for job in jobs:
-            self._feed(job)
+        async with self._claiming:
+            now = self._clock()
+            jobs = await self._store.claim_due(
+                now=now,
+                worker=self._worker_id,
+                lease_until=now + self._lease,
+                limit=room,
+            )
+            for job in jobs:
+                self._feed(job)
         return len(jobs)
 
     async def _until_next_due(self) -> float:

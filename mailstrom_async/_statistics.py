@@ -67,3 +67,6 @@ class Statistics:
     """What this Deliverer recorded since it started."""
     destinations: Mapping[str, DestinationStatistics]
     """The active lanes by destination (a lane is reaped when it is idle)."""
+    held: int = 0
+    """Unfinished recipients in the store that an operator holds (counted in
+    ``queued`` or ``deferred`` too)."""

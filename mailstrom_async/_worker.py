@@ -127,21 +127,18 @@ class Lanes:
             if keys is None or key in keys:
                 lane.succeeded()
 
-    def discard(self, message_id: str) -> int:
-        """Drop the waiting (not in-flight) jobs of a cancelled message; return
-        how many were dropped."""
-        dropped = 0
+    def take(self, wanted: Callable[[Job], bool]) -> list[Job]:
+        """Take the waiting (not in-flight) jobs that *wanted* picks out of their
+        lanes and return them; the others keep their places."""
+        taken: list[Job] = []
         for lane in self._lanes.values():
-            kept = []
+            kept: list[Job] = []
             while not lane.queue.empty():
                 job = lane.queue.get_nowait()
-                if job.message_id == message_id:
-                    dropped += 1
-                else:
-                    kept.append(job)
+                (taken if wanted(job) else kept).append(job)
             for job in kept:
                 lane.queue.put_nowait(job)
-        return dropped
+        return taken
 
     def stop(self) -> list[Job]:
         """Stop taking jobs; return those still waiting so they can be released."""

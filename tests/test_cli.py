@@ -33,6 +33,8 @@ SUBCOMMANDS = [
     "cancel",
     "purge",
     "leases",
+    "hold",
+    "release",
     "sink",
     "demo",
 ]
@@ -155,7 +157,17 @@ def test_each_subcommand_has_help(cli: CLI, command: str) -> None:
     assert out.startswith(f"usage: mailstrom-async {command}")
     if command != "demo":
         assert "example" in out
-    if command in {"send", "worker", "status", "queue", "retry", "cancel", "purge"}:
+    if command in {
+        "send",
+        "worker",
+        "status",
+        "queue",
+        "retry",
+        "cancel",
+        "purge",
+        "hold",
+        "release",
+    }:
         assert "--store" in out
         assert "MAILSTROM_STORE" in out
 
@@ -447,10 +459,17 @@ def test_queue_counts_and_lists(cli: CLI, tmp_path: Path) -> None:
 
     out = cli.ok("queue")
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()}
-    assert rows["DOMAIN"] == ["QUEUED", "DEFERRED", "DELIVERED", "FAILED", "TOTAL"]
-    assert rows["example.org"] == ["1", "1", "0", "1", "3"]
-    assert rows["other.example"] == ["1", "0", "0", "0", "1"]
-    assert rows["total"] == ["2", "1", "0", "1", "4"]
+    assert rows["DOMAIN"] == [
+        "QUEUED",
+        "DEFERRED",
+        "DELIVERED",
+        "FAILED",
+        "TOTAL",
+        "HELD",
+    ]
+    assert rows["example.org"] == ["1", "1", "0", "1", "3", "0"]
+    assert rows["other.example"] == ["1", "0", "0", "0", "1", "0"]
+    assert rows["total"] == ["2", "1", "0", "1", "4", "0"]
     assert list(rows)[1] == "example.org"  # busiest first
 
     out = cli.ok("queue", "--json")
@@ -478,7 +497,8 @@ def test_queue_counts_and_lists(cli: CLI, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "text"),
     [
-        (["--state", "queued"], "--state, --domain and --limit go with --list"),
+        (["--state", "queued"], "--state, --domain, --held and --limit go with --list"),
+        (["--held"], "--state, --domain, --held and --limit go with --list"),
         (["--list", "--state", "lost"], "invalid choice: 'lost'"),
         (["--list", "--limit", "0"], "at least 1, not '0'"),
     ],
@@ -531,6 +551,108 @@ def test_retry_and_cancel_unknown_id(cli: CLI) -> None:
     cli.send("--to", "a@example.org")
     assert "no message with id 'nope'" in cli.error("retry", "nope")
     assert "no message with id 'nope'" in cli.error("cancel", "nope")
+
+
+def test_hold_and_release(cli: CLI, tmp_path: Path) -> None:
+    """hold ID / --domain hold waiting recipients and say how many; status,
+    queue and queue --list show them held; retry skips them; release ID /
+    --domain / --all release them; --json for scripts."""
+    store = tmp_path / DEFAULT_STORE_PATH
+    first = cli.send("--to", "a@example.org", "--to", "b@other.example")
+    second = cli.send("--to", "c@Example.org")
+    free = cli.send("--to", "d@free.example")
+    defer(store, second, "c@Example.org", hours=1)
+    assert cli("hold", first) == (0, f"held 2 recipient(s) of {first}\n", "")
+    assert cli.ok("hold", "--domain", "EXAMPLE.org") == (
+        "held 1 recipient(s) of domain example.org\n"
+    )
+    assert json.loads(cli.ok("hold", first, "--json")) == {
+        "held": 0,
+        "message_id": first,
+        "domain": None,
+    }
+
+    out = cli.ok("status", first)
+    rows = [line.split() for line in out.splitlines() if line[1:2] == "@"]
+    assert [r[:4] for r in rows] == [
+        ["a@example.org", "queued", "(held)", "0"],
+        ["b@other.example", "queued", "(held)", "0"],
+    ]
+    assert out.endswith(
+        f"2 recipient(s) on hold: not tried until 'mailstrom-async release {first}'\n"
+    )
+    data = json.loads(cli.ok("status", "--json", second))
+    assert data["held"] is True
+    assert [(r["state"], r["held"]) for r in data["recipients"]] == [("deferred", True)]
+    assert "on hold" not in cli.ok("status", free)
+
+    out = cli.ok("queue")
+    counts = {line.split()[0]: line.split()[1:] for line in out.splitlines()}
+    assert counts["example.org"] == ["1", "1", "0", "0", "2", "2"]
+    assert counts["free.example"] == ["1", "0", "0", "0", "1", "0"]
+    assert counts["total"] == ["3", "1", "0", "0", "4", "3"]
+    data = json.loads(cli.ok("queue", "--json"))
+    assert data["held"] == 3
+    assert data["held_by_domain"] == {"example.org": 2, "other.example": 1}
+
+    lines = cli.ok("queue", "--list").splitlines()
+    assert "a@example.org (queued, held), b@other.example (queued, held)" in lines[1]
+    assert "c@Example.org (deferred, held)" in lines[2]
+    assert "d@free.example (queued)" in lines[3]
+    assert lines[-1] == "3 message(s), 2 with held mail"
+    listed = json.loads(cli.ok("queue", "--list", "--held", "--json"))
+    assert [m["message_id"] for m in listed] == [first, second]
+    assert cli.ok("queue", "--list", "--held", "--domain", "free.example") == (
+        "ID  AGE  FROM  RECIPIENTS\n0 message(s)\n"
+    )
+
+    assert cli.ok("retry", "--all") == "0 recipient(s) made due now\n"
+    assert cli.ok("release", "--domain", "other.example") == (
+        "released 1 recipient(s) of domain other.example\n"
+    )
+    assert cli.ok("release", first) == f"released 1 recipient(s) of {first}\n"
+    assert json.loads(cli.ok("release", "--all", "--json")) == {
+        "released": 1,
+        "message_id": None,
+        "domain": None,
+        "all": True,
+    }
+    assert cli.ok("release", "--all") == "released 0 recipient(s) in the queue\n"
+    assert json.loads(cli.ok("queue", "--json"))["held"] == 0
+    [c] = json.loads(cli.ok("status", "--json", second))["recipients"]
+    assert (c["state"], c["held"]) == ("deferred", False)
+    assert datetime.fromisoformat(c["next_attempt_at"]) > datetime.now(UTC)
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "text"),
+    [
+        ("hold", [], "give exactly one of ID or --domain DOMAIN"),
+        ("hold", ["ID", "--domain", "x.org"], "give exactly one of ID or --domain"),
+        ("hold", ["--all"], "unrecognized arguments: --all"),
+        ("release", [], "give exactly one of ID, --domain DOMAIN or --all"),
+        ("release", ["ID", "--all"], "give exactly one of ID, --domain DOMAIN or"),
+        ("release", ["--domain", "x.org", "--all"], "give exactly one of ID,"),
+        ("release", ["ID", "--domain", "x"], "give exactly one of ID, --domain"),
+    ],
+)
+def test_hold_and_release_need_exactly_one_target(
+    cli: CLI, command: str, args: list[str], text: str
+) -> None:
+    """hold takes exactly one of ID or --domain, release one of ID, --domain or
+    --all: a slip never holds or releases the whole queue."""
+    cli.send("--to", "a@example.org")
+    assert text in cli.error(command, *args, code=2)
+
+
+def test_hold_and_release_unknown_id_or_store(cli: CLI) -> None:
+    """hold and release of an unknown id, or without a store, are one line,
+    exit code 1."""
+    assert "no store at" in cli.error("hold", "--domain", "example.org")
+    assert "no store at" in cli.error("release", "--all")
+    cli.send("--to", "a@example.org")
+    assert "no message with id 'nope'" in cli.error("hold", "nope")
+    assert "no message with id 'nope'" in cli.error("release", "nope")
 
 
 def test_cancel_then_purge(cli: CLI) -> None:

@@ -132,6 +132,49 @@ async def test_worker_delivers_and_stops_cleanly(
     assert recipient["code"] == 250
 
 
+async def test_worker_leaves_mail_held_by_the_cli(
+    smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """Mail held with 'hold' is not sent by a running 'worker' while mail
+    submitted after it is (one connection, oldest first); after 'release' the
+    worker sends it at its next poll."""
+    handler = FaultHandler()
+    server = await smtpd.start(handler)
+    env = relay_env(
+        server,
+        tmp_path / "q.sqlite3",
+        MAILSTROM_LIMITS__CONNECTIONS_PER_DESTINATION="1",
+    )
+
+    async def cli(*args: str) -> str:
+        result = await anyio.run_process([*COMMAND, *args], env=env)
+        return result.stdout.decode().strip()
+
+    send = ["send", "--from", "me@example.com", "--subject", "Hi", "--body", "x"]
+    held = await cli(*send, "--to", "held@example.org")
+    other = await cli(*send, "--to", "other@example.org")
+    assert await cli("hold", held) == f"held 1 recipient(s) of {held}"
+    async with started("worker", env=env) as worker:
+        with anyio.fail_after(30):
+            await handler.received.wait_for(1)
+        assert [m.rcpt_tos for m in server.messages] == [["other@example.org"]]
+        [recipient] = json.loads(await cli("status", "--json", held))["recipients"]
+        assert (recipient["state"], recipient["held"]) == ("queued", True)
+        assert await cli("release", held) == f"released 1 recipient(s) of {held}"
+        with anyio.fail_after(30):
+            await handler.received.wait_for(2)
+        worker.send_signal(signal.SIGTERM)
+        with anyio.fail_after(30):
+            _, err = await read_all(worker)
+            code = await worker.wait()
+    assert code == 0, err
+    assert [m.rcpt_tos for m in server.messages] == [
+        ["other@example.org"],
+        ["held@example.org"],
+    ]
+    assert json.loads(await cli("status", "--json", other))["done"] is True
+
+
 @pytest.mark.parametrize(
     ("replies", "wait", "code", "states"),
     [

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from mailstrom_async._exceptions import StoreError, UnknownMessageError
 from mailstrom_async._models import RecipientState, RecipientStatus
 from mailstrom_async._store import MemoryStore, SQLiteStore, Store
-from mailstrom_async._store._sql import SCHEMA_VERSION
+from mailstrom_async._store import _sql as sql
+from mailstrom_async._store._sql import MIGRATIONS, SCHEMA_VERSION
 from mailstrom_async.testing._store_contract import (
     T0,
     StoreContract,
@@ -254,6 +255,17 @@ _operations = st.one_of(
         st.sampled_from(_WORKERS),
     ),
     st.tuples(st.just("purge"), _times),
+    st.tuples(
+        st.just("hold"),
+        st.one_of(st.none(), _mids),
+        st.sampled_from([None, "x.example", "Y.example"]),
+    ),
+    st.tuples(
+        st.just("unhold"),
+        st.one_of(st.none(), _mids),
+        st.sampled_from([None, "x.example", "Y.example"]),
+        st.booleans(),
+    ),
     st.tuples(st.just("status"), _mids),
     st.just(("views",)),
 )
@@ -285,11 +297,15 @@ async def _apply(store: Store, op: tuple[Any, ...]) -> object:
                 return None
             case ("purge", t):
                 return await store.purge(finished_before=t)
+            case ("hold", mid, domain):
+                return await store.hold(message_id=mid, domain=domain)
+            case ("unhold", mid, domain, everything):
+                return await store.unhold(message_id=mid, domain=domain, all=everything)
             case ("status", mid):
                 return await store.status(mid)
             case _:
                 return (await store.next_due_at(), await store.summary())
-    except (StoreError, UnknownMessageError) as exc:
+    except (StoreError, UnknownMessageError, ValueError) as exc:
         return type(exc)
 
 
@@ -344,6 +360,85 @@ async def test_lease_renewal_uses_an_index(tmp_path: Path) -> None:
         )
     detail = " ".join(str(row[-1]) for row in plan)
     assert "recipients_lease_owner" in detail, detail
+
+
+async def test_claims_skip_held_rows_through_an_index(tmp_path: Path) -> None:
+    """Claims, next_due_at() and retry_now() walk the index of claimable rows
+    (unfinished, not held); unhold() by domain or of all walks the held rows."""
+    async with SQLiteStore(tmp_path / "q.db") as store:
+        await store.open()
+    statements = {
+        sql.SCAN_DUE: {"now": 1.0},
+        sql.NEXT_DUE: {},
+        sql.RETRY_NOW: {"now": 1.0, "message_id": None, "domain": None},
+        sql.UNHOLD_DOMAIN: {"domain": "x.example"},
+        sql.UNHOLD_ALL: {},
+    }
+    plans = []
+    async with aiosqlite.connect(tmp_path / "q.db") as raw:
+        for statement, params in statements.items():
+            rows = await raw.execute_fetchall(f"EXPLAIN QUERY PLAN {statement}", params)
+            plans.append(" ".join(str(row[-1]) for row in rows))
+    scan, next_due, retry, unhold_domain, unhold_all = plans
+    assert "USING INDEX recipients_claimable (next_attempt_at<?)" in scan, scan
+    assert "USING INDEX recipients_claimable" in next_due, next_due
+    assert "USING INDEX recipients_claimable" in retry, retry
+    assert "USING INDEX recipients_held (domain=?)" in unhold_domain, unhold_domain
+    assert "USING INDEX recipients_held" in unhold_all, unhold_all
+
+
+def _held_step() -> int:
+    """The migration step that adds the held column (steps get renumbered)."""
+    [step] = [
+        n
+        for n, statements in enumerate(MIGRATIONS)
+        if any("ADD COLUMN held" in s for s in statements)
+    ]
+    return step
+
+
+async def test_migration_adds_held_to_existing_rows(db_path: Path) -> None:
+    """A database from before holds opens with every recipient not held and the
+    old due index replaced; its waiting mail is claimed and can be held."""
+    step = _held_step()
+    async with aiosqlite.connect(db_path) as raw:
+        for statements in MIGRATIONS[:step]:
+            for statement in statements:
+                await raw.execute(statement)
+        await raw.execute(
+            "INSERT INTO messages VALUES ('m1', 'a@example.org', x'00', 0, ?, NULL)",
+            (T0.timestamp(),),
+        )
+        await raw.executemany(
+            "INSERT INTO recipients (message_id, position, address, domain, state,"
+            " next_attempt_at) VALUES ('m1', ?, ?, ?, ?, ?)",
+            [
+                (0, "a@x.example", "x.example", "deferred", at(5).timestamp()),
+                (1, "b@y.example", "y.example", "delivered", None),
+            ],
+        )
+        await raw.execute(f"PRAGMA user_version = {step}")
+        await raw.commit()
+    async with SQLiteStore(db_path) as store:
+        assert await pragma(store, "user_version") == SCHEMA_VERSION
+        status = await store.status("m1")
+        assert [(r.state, r.held) for r in status] == [
+            (RecipientState.DEFERRED, False),
+            (RecipientState.DELIVERED, False),
+        ]
+        assert await store.next_due_at() == at(5)
+        assert await store.hold(domain="x.example") == 1
+        assert await store.next_due_at() is None
+        assert await store.unhold(all=True) == 1
+        jobs = await store.claim_due(now=at(5), worker="w", lease_until=at(9), limit=1)
+        assert claimed_addresses(jobs) == [("m1", "a@x.example")]
+        assert store._db is not None
+        indexes = await store._db.execute_fetchall(
+            "SELECT name FROM sqlite_master WHERE type = 'index'"
+        )
+    names = {name for (name,) in indexes}
+    assert {"recipients_claimable", "recipients_held"} <= names
+    assert "recipients_due" not in names
 
 
 async def test_write_cancelled_before_its_batch_ran_stores_nothing(

@@ -1,8 +1,8 @@
 """The ``mailstrom-async`` command: submit mail, run workers, operate the queue.
 
 One module per family of subcommands: :mod:`._send` (send), :mod:`._queue`
-(status, queue, retry, cancel, purge), :mod:`._leases` (leases), :mod:`._run`
-(worker, sink, demo); shared
+(status, queue, retry, cancel, purge), :mod:`._hold` (hold, release),
+:mod:`._leases` (leases), :mod:`._run` (worker, sink, demo); shared
 options and output in :mod:`._common`. :func:`main` turns every error meant for
 a person into one line on stderr and an exit code, never a traceback.
 """
@@ -13,7 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mailstrom_async._cli import _leases, _queue, _run, _send
+from mailstrom_async._cli import _hold, _leases, _queue, _run, _send
 from mailstrom_async._cli._common import (
     DEFAULT_STORE_PATH,
     EXIT_ERROR,
@@ -37,6 +37,7 @@ examples:
   mailstrom-async queue --list
   mailstrom-async status ID
   mailstrom-async retry --domain example.org
+  mailstrom-async hold --domain example.org
 
 exit codes: 0 ok, 1 error, 2 usage error, 3 a recipient failed (send --wait),
 4 still pending when send --wait timed out, 130 interrupted.
@@ -57,6 +58,7 @@ def _parser() -> Parser:
     _run.add_parsers(sub)
     _queue.add_parsers(sub)
     _leases.add_parser(sub)
+    _hold.add_parsers(sub)
     return parser
 
 

@@ -293,6 +293,7 @@ def status_json(status: MessageStatus) -> dict[str, Any]:
         "mail_from": status.mail_from,
         "submitted_at": _plain(status.submitted_at),
         "done": status.is_done,
+        "held": any(r.held for r in status),
         "recipients": [recipient_json(r) for r in status],
     }
 

@@ -26,7 +26,7 @@ from mailstrom_async._models import RecipientState
 
 if TYPE_CHECKING:
     from mailstrom_async._cli._common import Parser
-    from mailstrom_async._models import MessageStatus
+    from mailstrom_async._models import MessageStatus, RecipientStatus
     from mailstrom_async._store import QueueSummary, SQLiteStore
 
 __all__ = ["add_parsers"]
@@ -42,7 +42,8 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
         help="show every recipient of one message",
         description="Show each recipient of a message: state, attempts, the last "
         "reply (code, enhanced code, text), the host tried, and the last and "
-        "next attempt times (UTC).",
+        "next attempt times (UTC). A recipient on hold shows '(held)' after its "
+        "state: it is not tried until 'release'.",
         epilog="examples:\n  mailstrom-async status 1732712345.abc@example.com\n"
         "  mailstrom-async status --json ID | jq .recipients",
         formatter_class=_FORMATTER,
@@ -55,10 +56,12 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
         "queue",
         help="count recipients by state and domain, or list waiting messages",
         description="Count recipients by state and by domain, busiest domains "
-        "first (like qshape); with --list, list messages that still have "
-        "recipients waiting, oldest first (like mailq).",
+        "first (like qshape), and how many of the waiting are on hold (HELD); "
+        "with --list, list messages that still have recipients waiting, oldest "
+        "first (like mailq), a held recipient marked 'held'.",
         epilog="examples:\n  mailstrom-async queue\n"
         "  mailstrom-async queue --list --domain example.org --limit 20\n"
+        "  mailstrom-async queue --list --held\n"
         "  mailstrom-async queue --list --state failed --json",
         formatter_class=_FORMATTER,
     )
@@ -71,6 +74,11 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
         "default: queued and deferred)",
     )
     p.add_argument("--domain", help="with --list: only recipients of this domain")
+    p.add_argument(
+        "--held",
+        action="store_true",
+        help="with --list: only messages with a recipient on hold",
+    )
     p.add_argument("--limit", type=_positive_int, help="with --list: at most this many")
     add_store_options(p)
     p.set_defaults(handler=_queue, parser=p)
@@ -174,7 +182,7 @@ def _status(args: argparse.Namespace) -> int:
             [
                 (
                     r.address,
-                    r.state.value,
+                    f"{r.state.value} (held)" if r.held else r.state.value,
                     r.attempts,
                     r.code,
                     r.enhanced_code,
@@ -187,12 +195,19 @@ def _status(args: argparse.Namespace) -> int:
             ],
         )
     )
+    held = sum(r.held for r in status)
+    if held:
+        print()
+        print(
+            f"{held} recipient(s) on hold: not tried until "
+            f"'mailstrom-async release {status.message_id}'"
+        )
     return EXIT_OK
 
 
 def _queue(args: argparse.Namespace) -> int:
-    if not args.list and (args.state or args.domain or args.limit):
-        args.parser.error("--state, --domain and --limit go with --list")
+    if not args.list and (args.state or args.domain or args.limit or args.held):
+        args.parser.error("--state, --domain, --held and --limit go with --list")
     store = _prepare(args)
     if args.list:
         states = None if not args.state else [RecipientState(s) for s in args.state]
@@ -200,7 +215,10 @@ def _queue(args: argparse.Namespace) -> int:
         async def listing() -> list[MessageStatus]:
             async with store:
                 return await store.messages(
-                    states=states, domain=args.domain, limit=args.limit
+                    states=states,
+                    domain=args.domain,
+                    limit=args.limit,
+                    held=True if args.held else None,
                 )
 
         _print_list(anyio.run(listing), args.json)
@@ -227,13 +245,18 @@ def _print_list(messages: list[MessageStatus], as_json: bool) -> None:
                     m.message_id,
                     age(m.submitted_at, now),
                     m.mail_from or "<>",
-                    ", ".join(f"{r.address} ({r.state.value})" for r in m),
+                    ", ".join(_listed(r) for r in m),
                 )
                 for m in messages
             ],
         )
     )
-    print(f"{len(messages)} message(s)")
+    held = sum(any(r.held for r in m) for m in messages)
+    print(f"{len(messages)} message(s)" + (f", {held} with held mail" if held else ""))
+
+
+def _listed(r: RecipientStatus) -> str:
+    return f"{r.address} ({r.state.value}{', held' if r.held else ''})"
 
 
 def _print_summary(summary: QueueSummary, as_json: bool) -> None:
@@ -248,6 +271,8 @@ def _print_summary(summary: QueueSummary, as_json: bool) -> None:
                     d: {s.value: c[s] for s in RecipientState}
                     for d, c in sorted(domains.items())
                 },
+                "held": summary.held,
+                "held_by_domain": dict(sorted(summary.held_by_domain.items())),
             }
         )
         return
@@ -259,9 +284,14 @@ def _print_summary(summary: QueueSummary, as_json: bool) -> None:
     states = list(RecipientState)
     print(
         table(
-            ["DOMAIN", *(s.value.upper() for s in states), "TOTAL"],
+            ["DOMAIN", *(s.value.upper() for s in states), "TOTAL", "HELD"],
             [
-                (domain, *(counts[s] for s in states), counts.total())
+                (
+                    domain,
+                    *(counts[s] for s in states),
+                    counts.total(),
+                    summary.held_by_domain.get(domain, 0),
+                )
                 for domain, counts in order
             ]
             + [
@@ -269,6 +299,7 @@ def _print_summary(summary: QueueSummary, as_json: bool) -> None:
                     "total",
                     *(summary.by_state[s] for s in states),
                     sum(summary.by_state.values()),
+                    summary.held,
                 )
             ],
         )

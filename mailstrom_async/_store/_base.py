@@ -8,6 +8,12 @@ StoreError.
 Work is handed out by *claims*: :meth:`Store.claim_due` marks due recipients as
 leased by one worker until a deadline, so two workers (even in two processes) never
 deliver the same recipient at once; a worker that dies simply lets its lease expire.
+
+An operator can *hold* unfinished recipients (:meth:`Store.hold`, like Postfix's
+``postsuper -h``): a held recipient keeps its state and ``next_attempt_at`` but
+is never claimed until :meth:`Store.unhold` releases it. The flag is the store's
+own: :meth:`Store.record` keeps it for an unfinished outcome and clears it for a
+final one, whatever the recorded status says.
 """
 
 from __future__ import annotations
@@ -51,10 +57,17 @@ class Job:
 
 @attrs.frozen(kw_only=True)
 class QueueSummary:
-    """Recipient counts by state, and by (state, domain)."""
+    """Recipient counts by state, and by (state, domain); and how many are held.
+
+    Held recipients are QUEUED or DEFERRED and are counted in those states too;
+    ``held`` counts them all, ``held_by_domain`` by lower-cased domain (only the
+    domains that have some).
+    """
 
     by_state: dict[RecipientState, int]
     by_domain: dict[tuple[RecipientState, str], int]
+    held: int = 0
+    held_by_domain: dict[str, int] = attrs.field(factory=dict)
 
 
 @attrs.frozen(kw_only=True)
@@ -129,10 +142,11 @@ class Store(Protocol):
     ) -> list[Job]:
         """Lease and return up to *limit* messages' due recipients.
 
-        A recipient is due when it is QUEUED or DEFERRED, ``next_attempt_at <= now``,
-        and it is not leased (or its lease ended at or before *now*). Oldest due
-        first: by ``next_attempt_at``, ties in the order messages were added. Each
-        job holds all of its message's due recipients, in envelope order.
+        A recipient is due when it is QUEUED or DEFERRED, not held,
+        ``next_attempt_at <= now``, and it is not leased (or its lease ended at or
+        before *now*). Oldest due first: by ``next_attempt_at``, ties in the order
+        messages were added. Each job holds all of its message's due recipients,
+        in envelope order.
 
         Raises:
             ValueError: *limit* is less than 1.
@@ -148,7 +162,9 @@ class Store(Protocol):
         case-insensitively), whoever holds the lease, except that a final state
         (DELIVERED/FAILED) is never replaced by an unfinished one. Only *worker*'s
         own leases end: a lease another worker took after this one's expired is
-        kept. Unknown addresses are ignored.
+        kept. Unknown addresses are ignored. A status's ``held`` is ignored: a
+        held recipient stays held when the new status is unfinished, and stops
+        being held when it is final.
 
         Raises:
             UnknownMessageError: no such message.
@@ -193,7 +209,8 @@ class Store(Protocol):
         ...
 
     async def next_due_at(self) -> datetime | None:
-        """The earliest ``next_attempt_at`` of any unfinished recipient, or None.
+        """The earliest ``next_attempt_at`` of any unfinished recipient not held,
+        or None.
 
         Leased recipients count at their lease end, so an expired lease is found.
         """
@@ -201,7 +218,8 @@ class Store(Protocol):
 
     async def summary(self) -> QueueSummary:
         """Count recipients by state (every state, 0 included) and by (state,
-        lower-cased domain) for the pairs that occur."""
+        lower-cased domain) for the pairs that occur; count the held ones in
+        total and by domain."""
         ...
 
     async def purge(self, *, finished_before: datetime) -> int:
@@ -218,10 +236,12 @@ class Store(Protocol):
         states: Collection[RecipientState] | None = None,
         domain: str | None = None,
         limit: int | None = None,
+        held: bool | None = None,
     ) -> list[MessageStatus]:
         """List messages with at least one recipient in one of *states* (default:
         the unfinished ones, QUEUED and DEFERRED), of *domain* if given (compared
-        case-insensitively); oldest submitted first, at most *limit* of them.
+        case-insensitively) and, if *held* is given, held (True) or not held
+        (False); oldest submitted first, at most *limit* of them.
 
         Each message comes with all its recipients, whatever their state.
 
@@ -241,8 +261,9 @@ class Store(Protocol):
 
         Touches QUEUED and DEFERRED recipients whose ``next_attempt_at`` is later
         than *now*, of *message_id* and of *domain* (case-insensitive) when given,
-        and never one leased at *now* (in flight: its worker records the outcome).
-        Recipients already due are left as they are and not counted.
+        and never one leased at *now* (in flight: its worker records the outcome)
+        nor one held (it waits for :meth:`unhold`). Recipients already due are
+        left as they are and not counted.
 
         Raises:
             UnknownMessageError: *message_id* is given and no such message exists.
@@ -254,12 +275,54 @@ class Store(Protocol):
 
         Each QUEUED or DEFERRED recipient becomes FAILED with the reason
         ``"cancelled by operator"``, no reply code and no next attempt; its
-        attempts and attempt times stay as they were and its lease ends. A
-        recipient in flight is cancelled too: if its worker then records
-        DELIVERED, that replaces FAILED (a server accepted it: the truth wins);
-        any unfinished outcome it records is ignored, as for every final state.
+        attempts and attempt times stay as they were, its lease ends and it is
+        no longer held. A recipient in flight is cancelled too: if its worker then
+        records DELIVERED, that replaces FAILED (a server accepted it: the truth
+        wins); any unfinished outcome it records is ignored, as for every final
+        state.
 
         Raises:
             UnknownMessageError: no such message.
+        """
+        ...
+
+    async def hold(
+        self, *, message_id: str | None = None, domain: str | None = None
+    ) -> int:
+        """Hold the unfinished recipients of *message_id* and/or of *domain*
+        (case-insensitive); return how many were not held before.
+
+        Every QUEUED or DEFERRED recipient that matches and is not held yet is
+        held: never claimed, not counted by :meth:`next_due_at`, skipped by
+        :meth:`retry_now`, until :meth:`unhold`. Its state, attempts and
+        ``next_attempt_at`` stay as they are. A recipient leased at the time (in
+        flight) is held too and keeps its lease: its worker records the outcome,
+        and if that outcome is unfinished the recipient stays held. Only mail
+        waiting now is held: recipients added later are not.
+
+        Raises:
+            ValueError: neither *message_id* nor *domain* is given.
+            UnknownMessageError: *message_id* is given and no such message exists.
+        """
+        ...
+
+    async def unhold(
+        self,
+        *,
+        message_id: str | None = None,
+        domain: str | None = None,
+        all: bool = False,
+    ) -> int:
+        """Release the held recipients of *message_id* and/or of *domain*
+        (case-insensitive), or with ``all=True`` every held recipient; return how
+        many were released.
+
+        A released recipient is due again at its ``next_attempt_at``, which the
+        hold left unchanged: at once if that time has passed, and then in claim
+        order by that time (it has waited longest).
+
+        Raises:
+            ValueError: no target is given, or ``all=True`` comes with one.
+            UnknownMessageError: *message_id* is given and no such message exists.
         """
         ...

@@ -28,10 +28,12 @@ __all__ = [
     "add_lease",
     "cancelled",
     "check_claim",
+    "check_hold",
     "check_limit",
     "check_list_limit",
     "check_new_message",
     "check_statuses",
+    "check_unhold",
     "logger",
     "matching",
     "should_replace",
@@ -102,7 +104,37 @@ def cancelled(status: RecipientStatus) -> RecipientStatus:
         enhanced_code=None,
         message=CANCELLED,
         next_attempt_at=None,
+        held=False,
     )
+
+
+def check_hold(message_id: str | None, domain: str | None) -> str | None:
+    """Validate ``hold()``'s target; return the domain lower-cased.
+
+    A hold needs a target, so that a slip (a missing argument) cannot hold the
+    whole queue without a word.
+    """
+    if message_id is None and domain is None:
+        msg = "hold() needs a message_id, a domain or both"
+        raise ValueError(msg)
+    return None if domain is None else domain.lower()
+
+
+def check_unhold(
+    message_id: str | None, domain: str | None, *, everything: bool
+) -> str | None:
+    """Validate ``unhold()``'s target; return the domain lower-cased.
+
+    Releasing every held recipient must be asked for explicitly (``all=True``),
+    and then with no narrower target that would contradict it.
+    """
+    if everything and (message_id is not None or domain is not None):
+        msg = "unhold(all=True) releases every held recipient: give no message_id or domain with it"
+        raise ValueError(msg)
+    if not everything and message_id is None and domain is None:
+        msg = "unhold() needs a message_id, a domain or both, or all=True"
+        raise ValueError(msg)
+    return None if domain is None else domain.lower()
 
 
 def check_statuses(statuses: Iterable[RecipientStatus]) -> list[RecipientStatus]:

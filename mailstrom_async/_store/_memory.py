@@ -25,10 +25,12 @@ from mailstrom_async._store._common import (
     add_lease,
     cancelled,
     check_claim,
+    check_hold,
     check_limit,
     check_list_limit,
     check_new_message,
     check_statuses,
+    check_unhold,
     logger,
     matching,
     should_replace,
@@ -52,9 +54,10 @@ class _Recipient:
     lease_until: datetime | None = None
 
     def due_at(self) -> datetime | None:
-        """When this recipient can next be claimed; None once it is final."""
+        """When this recipient can next be claimed; None once it is final, and
+        while it is held."""
         nxt = self.status.next_attempt_at
-        if self.status.state not in UNFINISHED or nxt is None:
+        if self.status.state not in UNFINISHED or nxt is None or self.status.held:
             return None
         if self.lease_until is not None:
             return max(nxt, self.lease_until)
@@ -213,8 +216,9 @@ class MemoryStore:
         states: Collection[RecipientState] | None = None,
         domain: str | None = None,
         limit: int | None = None,
+        held: bool | None = None,
     ) -> list[MessageStatus]:
-        """List messages by recipient state and domain; see :meth:`Store.messages`."""
+        """List messages by recipient state, domain and hold; see :meth:`Store.messages`."""
         check_list_limit(limit)
         wanted = UNFINISHED if states is None else frozenset(states)
         lowered = None if domain is None else domain.lower()
@@ -225,6 +229,7 @@ class MemoryStore:
             if any(
                 r.status.state in wanted
                 and (lowered is None or r.status.domain == lowered)
+                and (held is None or r.status.held == held)
                 for r in stored.recipients
             )
         ]
@@ -252,6 +257,7 @@ class MemoryStore:
                 nxt = r.status.next_attempt_at
                 if (
                     r.status.state in UNFINISHED
+                    and not r.status.held
                     and nxt is not None
                     and nxt > now
                     and (r.lease_until is None or r.lease_until <= now)
@@ -273,6 +279,43 @@ class MemoryStore:
                 count += 1
         self._unfinished.pop(message_id, None)
         return count
+
+    async def hold(
+        self, *, message_id: str | None = None, domain: str | None = None
+    ) -> int:
+        """Hold unfinished recipients; see :meth:`Store.hold`."""
+        lowered = check_hold(message_id, domain)
+        await self._enter()
+        return self._set_held(True, message_id, lowered)
+
+    async def unhold(
+        self,
+        *,
+        message_id: str | None = None,
+        domain: str | None = None,
+        all: bool = False,
+    ) -> int:
+        """Release held recipients; see :meth:`Store.unhold`."""
+        lowered = check_unhold(message_id, domain, everything=all)
+        await self._enter()
+        return self._set_held(False, message_id, lowered)
+
+    def _set_held(self, held: bool, message_id: str | None, domain: str | None) -> int:
+        """Set the flag of the unfinished recipients that match; count changes."""
+        if message_id is not None:
+            self._get(message_id)
+        ids = list(self._unfinished) if message_id is None else [message_id]
+        changed = 0
+        for mid in ids:
+            for r in self._messages[mid].recipients:
+                if (
+                    r.status.state in UNFINISHED
+                    and r.status.held != held
+                    and (domain is None or r.status.domain == domain)
+                ):
+                    r.status = attrs.evolve(r.status, held=held)
+                    changed += 1
+        return changed
 
     async def claim_due(
         self, *, now: datetime, worker: str, lease_until: datetime, limit: int
@@ -322,7 +365,12 @@ class MemoryStore:
             for i in matching(addresses, status.address):
                 r = stored.recipients[i]
                 if should_replace(r.status.state, status.state):
-                    r.status = attrs.evolve(status, address=r.status.address)
+                    # The hold is the store's: kept while unfinished.
+                    r.status = attrs.evolve(
+                        status,
+                        address=r.status.address,
+                        held=r.status.held and not status.is_final,
+                    )
                 r.release(worker)
         if stored.is_done():
             self._unfinished.pop(message_id, None)
@@ -404,13 +452,21 @@ class MemoryStore:
         await self._enter()
         by_state = dict.fromkeys(RecipientState, 0)
         by_domain: dict[tuple[RecipientState, str], int] = {}
+        held: dict[str, int] = {}
         for stored in self._messages.values():
             for r in stored.recipients:
                 state = r.status.state
                 by_state[state] += 1
                 key = (state, r.status.domain)
                 by_domain[key] = by_domain.get(key, 0) + 1
-        return QueueSummary(by_state=by_state, by_domain=by_domain)
+                if r.status.held:
+                    held[r.status.domain] = held.get(r.status.domain, 0) + 1
+        return QueueSummary(
+            by_state=by_state,
+            by_domain=by_domain,
+            held=sum(held.values()),
+            held_by_domain=held,
+        )
 
     async def purge(self, *, finished_before: datetime) -> int:
         """Delete finished messages older than *finished_before*; return how many."""

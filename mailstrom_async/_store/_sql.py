@@ -4,7 +4,7 @@ Plain strings, kept apart from the connection handling in :mod:`._sqlite`.
 Statements that read or write a recipient's status list its columns in one order:
 ``address, state, attempts, code, enhanced_code, message, host, ip, tls,
 tls_verified, first_attempt_at, last_attempt_at, next_attempt_at,
-possible_duplicate``.
+possible_duplicate, held``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from mailstrom_async._models import RecipientState, RecipientStatus
 __all__ = [
     "CANCEL",
     "CLAIM",
+    "HOLD_DOMAIN",
+    "HOLD_MESSAGE",
     "INSERT_MESSAGE",
     "INSERT_RECIPIENT",
     "JOB_MESSAGES",
@@ -34,6 +36,9 @@ __all__ = [
     "SCAN_DUE",
     "SCHEMA_VERSION",
     "STATUS_QUERY",
+    "UNHOLD_ALL",
+    "UNHOLD_DOMAIN",
+    "UNHOLD_MESSAGE",
     "UNLEASE",
     "domain",
     "from_ts",
@@ -90,6 +95,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE INDEX recipients_lease_owner ON recipients (lease_owner)
             WHERE lease_owner IS NOT NULL""",
     ),
+    (
+        # Version 3: held recipients (Store.hold). A held row is never claimed, so
+        # the due index leaves held rows out (claims and next_due_at walk only
+        # what can be claimed); a small index over the held rows serves unhold()
+        # and the held counts. ADD COLUMN with a constant default rewrites no row.
+        "ALTER TABLE recipients ADD COLUMN held INTEGER NOT NULL DEFAULT 0",
+        "DROP INDEX recipients_due",
+        """CREATE INDEX recipients_claimable ON recipients (next_attempt_at)
+            WHERE state IN ('queued', 'deferred') AND held = 0""",
+        "CREATE INDEX recipients_held ON recipients (domain) WHERE held = 1",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -101,27 +117,31 @@ INSERT_RECIPIENT = """INSERT INTO recipients
     (message_id, position, address, domain, state, next_attempt_at, lease_owner,
      lease_until)
     VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)"""
+# The claimable rows are the partial index recipients_claimable: keep the terms
+# "state IN ('queued', 'deferred') AND held = 0" exactly as the index says them.
 SCAN_DUE = """SELECT message_id FROM recipients
-    WHERE state IN ('queued', 'deferred') AND next_attempt_at <= :now
+    WHERE state IN ('queued', 'deferred') AND held = 0 AND next_attempt_at <= :now
       AND (lease_until IS NULL OR lease_until <= :now)
     ORDER BY next_attempt_at, rowid"""
 CLAIM = """UPDATE recipients SET lease_owner = :worker, lease_until = :until
     WHERE message_id IN (SELECT value FROM json_each(:ids))
-      AND state IN ('queued', 'deferred') AND next_attempt_at <= :now
+      AND state IN ('queued', 'deferred') AND held = 0 AND next_attempt_at <= :now
       AND (lease_until IS NULL OR lease_until <= :now)
     RETURNING message_id, position, address, state, attempts, code, enhanced_code,
       message, host, ip, tls, tls_verified, first_attempt_at, last_attempt_at,
-      next_attempt_at, possible_duplicate"""
+      next_attempt_at, possible_duplicate, held"""
 JOB_MESSAGES = """SELECT id, mail_from, data, smtputf8, submitted_at FROM messages
     WHERE id IN (SELECT value FROM json_each(?))"""
 STATUS_QUERY = """SELECT m.mail_from, m.submitted_at, r.address, r.state, r.attempts,
       r.code, r.enhanced_code, r.message, r.host, r.ip, r.tls, r.tls_verified,
-      r.first_attempt_at, r.last_attempt_at, r.next_attempt_at, r.possible_duplicate
+      r.first_attempt_at, r.last_attempt_at, r.next_attempt_at, r.possible_duplicate,
+      r.held
     FROM messages m LEFT JOIN recipients r ON r.message_id = m.id
     WHERE m.id = ? ORDER BY r.position"""
 RECORD = """UPDATE recipients SET state = ?, attempts = ?, code = ?, enhanced_code = ?,
       message = ?, host = ?, ip = ?, tls = ?, tls_verified = ?, first_attempt_at = ?,
-      last_attempt_at = ?, next_attempt_at = ?, possible_duplicate = ?
+      last_attempt_at = ?, next_attempt_at = ?, possible_duplicate = ?,
+      held = held AND ?
     WHERE message_id = ? AND position = ?"""
 UNLEASE = (
     "UPDATE recipients SET lease_owner = NULL, lease_until = NULL"
@@ -139,10 +159,11 @@ RELEASE_OWNER = """UPDATE recipients SET lease_owner = NULL, lease_until = NULL
     WHERE lease_owner = ?"""
 NEXT_DUE = """SELECT
     (SELECT next_attempt_at FROM recipients
-      WHERE state IN ('queued', 'deferred') AND lease_until IS NULL
+      WHERE state IN ('queued', 'deferred') AND held = 0 AND lease_until IS NULL
       ORDER BY next_attempt_at LIMIT 1),
     (SELECT MIN(MAX(next_attempt_at, lease_until)) FROM recipients
-      WHERE lease_until IS NOT NULL AND state IN ('queued', 'deferred'))"""
+      WHERE lease_until IS NOT NULL AND state IN ('queued', 'deferred')
+        AND held = 0)"""
 PURGE = """DELETE FROM messages WHERE id IN (
     SELECT m.id FROM messages m LEFT JOIN recipients r ON r.message_id = m.id
     GROUP BY m.id
@@ -150,29 +171,44 @@ PURGE = """DELETE FROM messages WHERE id IN (
        AND MAX(COALESCE(r.last_attempt_at, m.submitted_at)) < ?)"""
 
 # Messages with a recipient in one of :states (a JSON list) and, unless :domain is
-# NULL, of :domain; oldest first, at most :limit (-1: all), each with every recipient.
+# NULL, of :domain and, unless :held is NULL, held or not as :held says; oldest
+# first, at most :limit (-1: all), each with every recipient.
 LIST_MESSAGES = """WITH chosen AS (
       SELECT m.id, m.rowid AS seq, m.submitted_at FROM messages m
       WHERE EXISTS (
         SELECT 1 FROM recipients r WHERE r.message_id = m.id
           AND r.state IN (SELECT value FROM json_each(:states))
-          AND (:domain IS NULL OR r.domain = :domain))
+          AND (:domain IS NULL OR r.domain = :domain)
+          AND (:held IS NULL OR r.held = :held))
       ORDER BY m.submitted_at, m.rowid LIMIT :limit)
     SELECT m.id, m.mail_from, m.submitted_at, r.address, r.state, r.attempts,
       r.code, r.enhanced_code, r.message, r.host, r.ip, r.tls, r.tls_verified,
-      r.first_attempt_at, r.last_attempt_at, r.next_attempt_at, r.possible_duplicate
+      r.first_attempt_at, r.last_attempt_at, r.next_attempt_at, r.possible_duplicate,
+      r.held
     FROM chosen c JOIN messages m ON m.id = c.id
       JOIN recipients r ON r.message_id = m.id
     ORDER BY c.submitted_at, c.seq, r.position"""
 RETRY_NOW = """UPDATE recipients SET next_attempt_at = :now
-    WHERE state IN ('queued', 'deferred') AND next_attempt_at > :now
+    WHERE state IN ('queued', 'deferred') AND held = 0 AND next_attempt_at > :now
       AND (lease_until IS NULL OR lease_until <= :now)
       AND (:message_id IS NULL OR message_id = :message_id)
       AND (:domain IS NULL OR domain = :domain)"""
 CANCEL = """UPDATE recipients SET state = 'failed', code = NULL, enhanced_code = NULL,
       message = :reason, next_attempt_at = NULL, lease_owner = NULL,
-      lease_until = NULL
+      lease_until = NULL, held = 0
     WHERE message_id = :message_id AND state IN ('queued', 'deferred')"""
+# Hold and unhold, by message (the primary key leads) or by domain alone (hold
+# walks the claimable index; unhold the held index); unhold of all held rows too.
+HOLD_MESSAGE = """UPDATE recipients SET held = 1
+    WHERE message_id = :message_id AND state IN ('queued', 'deferred') AND held = 0
+      AND (:domain IS NULL OR domain = :domain)"""
+HOLD_DOMAIN = """UPDATE recipients SET held = 1
+    WHERE state IN ('queued', 'deferred') AND held = 0 AND domain = :domain"""
+UNHOLD_MESSAGE = """UPDATE recipients SET held = 0
+    WHERE message_id = :message_id AND held = 1
+      AND (:domain IS NULL OR domain = :domain)"""
+UNHOLD_DOMAIN = "UPDATE recipients SET held = 0 WHERE held = 1 AND domain = :domain"
+UNHOLD_ALL = "UPDATE recipients SET held = 0 WHERE held = 1"
 
 
 def to_ts(value: datetime | None) -> float | None:
@@ -196,9 +232,9 @@ def domain(address: str) -> str:
 
 
 def status_from_row(row: Sequence[Any]) -> RecipientStatus:
-    """A status from ``address, state, attempts, ..., possible_duplicate``."""
+    """A status from ``address, state, attempts, ..., possible_duplicate, held``."""
     (address, state, attempts, code, enhanced_code, message, host, ip, tls,
-     tls_verified, first, last, nxt, duplicate) = row  # fmt: skip
+     tls_verified, first, last, nxt, duplicate, held) = row  # fmt: skip
     return RecipientStatus(
         address=address,
         state=RecipientState(state),
@@ -214,11 +250,13 @@ def status_from_row(row: Sequence[Any]) -> RecipientStatus:
         last_attempt_at=_from_ts_or_none(last),
         next_attempt_at=_from_ts_or_none(nxt),
         possible_duplicate=bool(duplicate),
+        held=bool(held),
     )
 
 
 def status_params(s: RecipientStatus) -> tuple[Any, ...]:
-    """The values for ``state, attempts, ..., possible_duplicate`` from *s*."""
+    """The values for ``state, attempts, ..., possible_duplicate`` from *s*
+    (``held`` is not among them: the store keeps its own)."""
     return (
         s.state.value,
         s.attempts,

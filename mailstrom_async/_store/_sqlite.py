@@ -49,10 +49,12 @@ from mailstrom_async._store._common import (
     CANCELLED,
     UNFINISHED,
     check_claim,
+    check_hold,
     check_limit,
     check_list_limit,
     check_new_message,
     check_statuses,
+    check_unhold,
     logger,
     matching,
     should_replace,
@@ -359,14 +361,16 @@ class SQLiteStore:
         states: Collection[RecipientState] | None = None,
         domain: str | None = None,
         limit: int | None = None,
+        held: bool | None = None,
     ) -> list[MessageStatus]:
-        """List messages by recipient state and domain; see :meth:`Store.messages`."""
+        """List messages by recipient state, domain and hold; see :meth:`Store.messages`."""
         check_list_limit(limit)
         wanted = UNFINISHED if states is None else states
         params = {
             "states": json.dumps(sorted(RecipientState(s).value for s in wanted)),
             "domain": None if domain is None else domain.lower(),
             "limit": -1 if limit is None else limit,
+            "held": None if held is None else int(held),
         }
 
         def work(conn: sqlite3.Connection) -> list[Any]:
@@ -415,6 +419,42 @@ class SQLiteStore:
             _check_exists(conn, message_id)
             params = {"message_id": message_id, "reason": CANCELLED}
             return conn.execute(sql.CANCEL, params).rowcount
+
+        return await self._write(work)
+
+    async def hold(
+        self, *, message_id: str | None = None, domain: str | None = None
+    ) -> int:
+        """Hold unfinished recipients; see :meth:`Store.hold`."""
+        lowered = check_hold(message_id, domain)
+        params = {"message_id": message_id, "domain": lowered}
+
+        def work(conn: sqlite3.Connection) -> int:
+            if message_id is None:
+                return conn.execute(sql.HOLD_DOMAIN, params).rowcount
+            _check_exists(conn, message_id)
+            return conn.execute(sql.HOLD_MESSAGE, params).rowcount
+
+        return await self._write(work)
+
+    async def unhold(
+        self,
+        *,
+        message_id: str | None = None,
+        domain: str | None = None,
+        all: bool = False,
+    ) -> int:
+        """Release held recipients; see :meth:`Store.unhold`."""
+        lowered = check_unhold(message_id, domain, everything=all)
+        params = {"message_id": message_id, "domain": lowered}
+
+        def work(conn: sqlite3.Connection) -> int:
+            if message_id is not None:
+                _check_exists(conn, message_id)
+                return conn.execute(sql.UNHOLD_MESSAGE, params).rowcount
+            if lowered is not None:
+                return conn.execute(sql.UNHOLD_DOMAIN, params).rowcount
+            return conn.execute(sql.UNHOLD_ALL).rowcount
 
         return await self._write(work)
 
@@ -499,8 +539,14 @@ class SQLiteStore:
                     position = stored[i][0]
                     if should_replace(states[i], status.state):
                         states[i] = status.state
+                        keep_held = not status.is_final  # the hold is the store's
                         updates.append(
-                            (*sql.status_params(status), message_id, position)
+                            (
+                                *sql.status_params(status),
+                                keep_held,
+                                message_id,
+                                position,
+                            )
                         )
                     if stored[i][3] == worker:
                         unlease.add(position)
@@ -591,17 +637,26 @@ class SQLiteStore:
 
         def work(conn: sqlite3.Connection) -> list[Any]:
             return conn.execute(
-                "SELECT state, domain, COUNT(*) FROM recipients GROUP BY state, domain"
+                "SELECT state, domain, COUNT(*), SUM(held) FROM recipients"
+                " GROUP BY state, domain"
             ).fetchall()
 
         rows = await self._read(work)
         by_state = dict.fromkeys(RecipientState, 0)
         by_domain: dict[tuple[RecipientState, str], int] = {}
-        for state_value, domain, count in rows:
+        held: dict[str, int] = {}
+        for state_value, domain, count, held_count in rows:
             state = RecipientState(state_value)
             by_state[state] += count
             by_domain[state, domain] = count
-        return QueueSummary(by_state=by_state, by_domain=by_domain)
+            if held_count:
+                held[domain] = held.get(domain, 0) + held_count
+        return QueueSummary(
+            by_state=by_state,
+            by_domain=by_domain,
+            held=sum(held.values()),
+            held_by_domain=held,
+        )
 
     async def purge(self, *, finished_before: datetime) -> int:
         """Delete finished messages older than *finished_before*; return how many."""

@@ -30,7 +30,9 @@ except ImportError as exc:  # pragma: no cover - tested in a subprocess
     raise ImportError(msg, name=exc.name) from exc
 
 # Plain asserts in the contract suite report the values compared, as in a test file.
-pytest.register_assert_rewrite("mailstrom_async.testing._store_contract")
+pytest.register_assert_rewrite(
+    "mailstrom_async.testing._store_contract", "mailstrom_async.testing._hold_contract"
+)
 
 from mailstrom_async.testing._capture import FAST_RETRY, OutboxMessage  # noqa: E402
 from mailstrom_async.testing._outbox import Outbox, OutboxConnection  # noqa: E402

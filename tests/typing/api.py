@@ -260,3 +260,18 @@ async def queue_operation_types(
     listed = await store.messages(states={m.RecipientState.DEFERRED}, limit=10)
     assert_type(listed, list[m.MessageStatus])
     m.SQLiteStore("q.sqlite3", busy_timeout=0.5)
+
+
+async def hold_types(deliverer: m.Deliverer, store: m.Store) -> None:
+    assert_type(await deliverer.hold(message_id="id"), int)
+    assert_type(await deliverer.hold(domain="example.org"), int)
+    assert_type(await deliverer.release(message_id="id", domain="example.org"), int)
+    assert_type(await deliverer.release(all=True), int)
+    await deliverer.hold("id")  # type: ignore[call-arg]  # keyword-only
+    assert_type(await store.hold(domain="example.org"), int)
+    assert_type(await store.unhold(all=True), int)
+    held = await store.messages(held=True)
+    assert_type(held[0].recipients[0].held, bool)
+    summary = await store.summary()
+    assert_type(summary.held, int)
+    assert_type(summary.held_by_domain, dict[str, int])
