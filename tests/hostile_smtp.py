@@ -6,9 +6,10 @@ EHLO/HELO, MAIL, RCPT, DATA and the final dot, RSET, NOOP, QUIT) and, with
 probability *probability* at each step, misbehaves instead: a random 4xx/5xx
 reply (421 then hangs up), an unparsable line, a reply whose text is invalid
 UTF-8 or longer than 1,000 bytes (sometimes longer than aiosmtplib's 8,192-byte
-limit), a short delay, a disconnect, or a stall until the client gives up. After
-the final dot it may also hang up without replying, or "lose" its 250: the
-message is accepted but the reply never leaves.
+limit), a short delay, a disconnect, or a stall until the client gives up. It
+may hang up while the message is being sent; after the final dot it may also
+hang up without replying, or "lose" its 250: the message is accepted but the
+reply never leaves.
 
 Recipients for which :attr:`HostileSMTP.rejected` says so are refused with
 ``550 5.1.1`` at RCPT, faults or not: mail that must end FAILED. When calm
@@ -237,6 +238,9 @@ class HostileSMTP:
             conv, rng, "DATA", 354, "end data with <CR><LF>.<CR><LF>"
         ):
             return
+        if self._strikes(rng) and rng.random() < 0.3:
+            self.faults["body/hangup"] += 1
+            raise Hangup  # while the client sends the message: before the dot
         body = await conv.read_data()
         if body is None:
             raise Hangup  # the client hung up before the final dot
