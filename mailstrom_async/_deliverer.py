@@ -26,7 +26,6 @@ from mailstrom_async._exceptions import (
     DelivererClosedError,
     InvalidMessageError,
     StoreError,
-    UnknownMessageError,
 )
 from mailstrom_async._leases import (
     LeaseKeeper,
@@ -444,7 +443,7 @@ class Deliverer:
             )
         except StoreError as exc:
             for new in news:
-                if await self._exists(new.message_id):
+                if await self._stored_before(new):
                     msg = (
                         f"a message with Message-ID <{new.message_id}> is already "
                         "in the store; give each message its own Message-ID, or "
@@ -492,12 +491,14 @@ class Deliverer:
             extra={"message_id": new.message_id, "recipients": len(recipients)},
         )
 
-    async def _exists(self, message_id: str) -> bool:
+    async def _stored_before(self, new: NewMessage) -> bool:
+        """Whether another message with *new*'s id was in the store already (not
+        *new* itself, written by a store that then failed to say so)."""
         try:
-            await self._store.status(message_id)
-        except UnknownMessageError:
+            stored = await self._store.status(new.message_id)
+        except Exception:  # unknown, or the store fails: not known to be taken
             return False
-        return True
+        return stored.submitted_at != new.submitted_at
 
     # -- status and events ---------------------------------------------------
 
@@ -601,7 +602,7 @@ class Deliverer:
         # a connection are dropped; one already in a transaction goes on.
         dropped = self._take_waiting(lambda job: job.message_id == message_id)
         for job in dropped:
-            self._keeper.drop(job.message_id)
+            self._keeper.drop(job)
         if dropped:
             self._scheduler.wake()
         after = await self._store.status(message_id)
@@ -812,11 +813,14 @@ class Deliverer:
         return max(0, self._config.limits.max_jobs_in_memory - self._keeper.jobs)
 
     def _feed(self, job: Job) -> None:
-        self._keeper.hold(job.message_id)
-        self._ready.put_nowait(job)
+        part = self._keeper.new_part(job)
+        if part is None:
+            return  # every recipient is in a job of ours already
+        self._keeper.hold(part)
+        self._ready.put_nowait(part)
 
     def _job_done(self, job: Job) -> None:
-        self._keeper.drop(job.message_id)
+        self._keeper.drop(job)
         self._scheduler.wake()
 
     async def _dispatch(self, tg: TaskGroup) -> None:
@@ -842,9 +846,11 @@ class Deliverer:
                 lanes.dispatch(job, key, tg)
                 continue
             # One transaction per destination: split the job, each part a job.
-            self._keeper.hold(job.message_id, len(parts) - 1)
+            self._keeper.drop(job)
             for key, recipients in parts.items():
-                lanes.dispatch(attrs.evolve(job, recipients=tuple(recipients)), key, tg)
+                part = attrs.evolve(job, recipients=tuple(recipients))
+                self._keeper.hold(part)
+                lanes.dispatch(part, key, tg)
 
     async def _contain(self, job: Job, error: BaseException) -> None:
         try:

@@ -28,7 +28,7 @@ from mailstrom_async._exceptions import LiveLeaseError
 from mailstrom_async._owner import Liveness, OwnerId, check, liveness
 
 if TYPE_CHECKING:
-    from mailstrom_async._store import LeaseInfo, Store
+    from mailstrom_async._store import Job, LeaseInfo, Store
 
 __all__ = [
     "FailureLog",
@@ -182,7 +182,8 @@ class LeaseKeeper:
         self._owner = owner
         self._clock = clock
         self._lease = timedelta(seconds=lease_duration)
-        self._held: Counter[str] = Counter()
+        # Per message, how many held jobs name each recipient address.
+        self._held: dict[str, Counter[str]] = {}
         self._jobs = 0
         self._renewals = FailureLog("could not renew leases")
 
@@ -195,18 +196,41 @@ class LeaseKeeper:
         """When a lease taken now ends."""
         return self._clock() + self._lease
 
-    def hold(self, message_id: str, jobs: int = 1) -> None:
-        """*jobs* jobs of *message_id* are now in this process's hands."""
-        self._held[message_id] += jobs
-        self._jobs += jobs
+    def new_part(self, job: Job) -> Job | None:
+        """*job* without the recipients that a job held here already covers, or
+        None when it covers them all.
 
-    def drop(self, message_id: str) -> None:
-        """One job of *message_id* is over, however it ended."""
-        count = self._held[message_id] - 1
-        if count > 0:
-            self._held[message_id] = count
-        else:
-            del self._held[message_id]
+        A claim can return recipients this process still works on: their lease
+        ran out because renewing it failed, and the claim took it again for the
+        same owner. Two jobs for one recipient would deliver it twice.
+        """
+        held = self._held.get(job.message_id)
+        if not held:
+            return job
+        fresh = tuple(r for r in job.recipients if r.address not in held)
+        if not fresh:
+            return None
+        return (
+            attrs.evolve(job, recipients=fresh)
+            if len(fresh) < len(job.recipients)
+            else job
+        )
+
+    def hold(self, job: Job) -> None:
+        """*job* is now in this process's hands."""
+        held = self._held.setdefault(job.message_id, Counter())
+        held.update(r.address for r in job.recipients)
+        self._jobs += 1
+
+    def drop(self, job: Job) -> None:
+        """*job* is over, however it ended."""
+        held = self._held.get(job.message_id)
+        if held is not None:
+            held.subtract(r.address for r in job.recipients)
+            for address in [a for a, n in held.items() if n <= 0]:
+                del held[address]
+            if not held:
+                del self._held[job.message_id]
         self._jobs -= 1
 
     async def run(self) -> None:
