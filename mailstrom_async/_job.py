@@ -157,8 +157,11 @@ class JobRunner:
                     "error": reason(exc),
                 },
             )
-            self._drop_connection(progress)
-            await self.contain(job, exc, progress=progress)
+            try:
+                await self.contain(job, exc, progress=progress)
+            finally:
+                # Whatever state the exchange was left in, it is not reused.
+                self._drop_connection(progress)
         except BaseException as exc:  # cancelled: shutdown past its grace
             if span is not None:
                 span.abort(exc)
