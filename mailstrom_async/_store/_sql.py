@@ -2,8 +2,8 @@
 
 Plain strings, kept apart from the connection handling in :mod:`._sqlite`.
 Statements that read or write a recipient's status list its columns in one order:
-``address, state, attempts, code, enhanced_code, message, host, ip, tls,
-tls_verified, first_attempt_at, last_attempt_at, next_attempt_at,
+``address, state, attempts, code, enhanced_code, message, raw_message, host, ip,
+tls, tls_verified, first_attempt_at, last_attempt_at, next_attempt_at,
 possible_duplicate``.
 """
 
@@ -86,6 +86,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE INDEX recipients_lease_owner ON recipients (lease_owner)
             WHERE lease_owner IS NOT NULL""",
     ),
+    (
+        # Version 3: the exact bytes of the last reply text when they are not what
+        # ``message`` shows (not UTF-8, or cut at 4 KiB); NULL otherwise.
+        "ALTER TABLE recipients ADD COLUMN raw_message BLOB",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -106,18 +111,20 @@ CLAIM = """UPDATE recipients SET lease_owner = :worker, lease_until = :until
       AND state IN ('queued', 'deferred') AND next_attempt_at <= :now
       AND (lease_until IS NULL OR lease_until <= :now)
     RETURNING message_id, position, address, state, attempts, code, enhanced_code,
-      message, host, ip, tls, tls_verified, first_attempt_at, last_attempt_at,
-      next_attempt_at, possible_duplicate"""
+      message, raw_message, host, ip, tls, tls_verified, first_attempt_at,
+      last_attempt_at, next_attempt_at, possible_duplicate"""
 JOB_MESSAGES = """SELECT id, mail_from, data, smtputf8, submitted_at FROM messages
     WHERE id IN (SELECT value FROM json_each(?))"""
 STATUS_QUERY = """SELECT m.mail_from, m.submitted_at, r.address, r.state, r.attempts,
-      r.code, r.enhanced_code, r.message, r.host, r.ip, r.tls, r.tls_verified,
-      r.first_attempt_at, r.last_attempt_at, r.next_attempt_at, r.possible_duplicate
+      r.code, r.enhanced_code, r.message, r.raw_message, r.host, r.ip, r.tls,
+      r.tls_verified, r.first_attempt_at, r.last_attempt_at, r.next_attempt_at,
+      r.possible_duplicate
     FROM messages m LEFT JOIN recipients r ON r.message_id = m.id
     WHERE m.id = ? ORDER BY r.position"""
 RECORD = """UPDATE recipients SET state = ?, attempts = ?, code = ?, enhanced_code = ?,
-      message = ?, host = ?, ip = ?, tls = ?, tls_verified = ?, first_attempt_at = ?,
-      last_attempt_at = ?, next_attempt_at = ?, possible_duplicate = ?
+      message = ?, raw_message = ?, host = ?, ip = ?, tls = ?, tls_verified = ?,
+      first_attempt_at = ?, last_attempt_at = ?, next_attempt_at = ?,
+      possible_duplicate = ?
     WHERE message_id = ? AND position = ?"""
 UNLEASE = (
     "UPDATE recipients SET lease_owner = NULL, lease_until = NULL"
@@ -145,8 +152,9 @@ LIST_MESSAGES = """WITH chosen AS (
           AND (:domain IS NULL OR r.domain = :domain))
       ORDER BY m.submitted_at, m.rowid LIMIT :limit)
     SELECT m.id, m.mail_from, m.submitted_at, r.address, r.state, r.attempts,
-      r.code, r.enhanced_code, r.message, r.host, r.ip, r.tls, r.tls_verified,
-      r.first_attempt_at, r.last_attempt_at, r.next_attempt_at, r.possible_duplicate
+      r.code, r.enhanced_code, r.message, r.raw_message, r.host, r.ip, r.tls,
+      r.tls_verified, r.first_attempt_at, r.last_attempt_at, r.next_attempt_at,
+      r.possible_duplicate
     FROM chosen c JOIN messages m ON m.id = c.id
       JOIN recipients r ON r.message_id = m.id
     ORDER BY c.submitted_at, c.seq, r.position"""
@@ -156,8 +164,8 @@ RETRY_NOW = """UPDATE recipients SET next_attempt_at = :now
       AND (:message_id IS NULL OR message_id = :message_id)
       AND (:domain IS NULL OR domain = :domain)"""
 CANCEL = """UPDATE recipients SET state = 'failed', code = NULL, enhanced_code = NULL,
-      message = :reason, next_attempt_at = NULL, lease_owner = NULL,
-      lease_until = NULL
+      message = :reason, raw_message = NULL, next_attempt_at = NULL,
+      lease_owner = NULL, lease_until = NULL
     WHERE message_id = :message_id AND state IN ('queued', 'deferred')"""
 
 
@@ -183,8 +191,8 @@ def domain(address: str) -> str:
 
 def status_from_row(row: Sequence[Any]) -> RecipientStatus:
     """A status from ``address, state, attempts, ..., possible_duplicate``."""
-    (address, state, attempts, code, enhanced_code, message, host, ip, tls,
-     tls_verified, first, last, nxt, duplicate) = row  # fmt: skip
+    (address, state, attempts, code, enhanced_code, message, raw_message, host, ip,
+     tls, tls_verified, first, last, nxt, duplicate) = row  # fmt: skip
     return RecipientStatus(
         address=address,
         state=RecipientState(state),
@@ -192,6 +200,7 @@ def status_from_row(row: Sequence[Any]) -> RecipientStatus:
         code=code,
         enhanced_code=enhanced_code,
         message=message,
+        raw_message=raw_message,
         host=host,
         ip=ip,
         tls=_bool_or_none(tls),
@@ -204,13 +213,17 @@ def status_from_row(row: Sequence[Any]) -> RecipientStatus:
 
 
 def status_params(s: RecipientStatus) -> tuple[Any, ...]:
-    """The values for ``state, attempts, ..., possible_duplicate`` from *s*."""
+    """The values for ``state, attempts, ..., possible_duplicate`` from *s*.
+
+    *s* has passed :func:`~._common.check_statuses`, so its text is valid Unicode.
+    """
     return (
         s.state.value,
         s.attempts,
         s.code,
         s.enhanced_code,
         s.message,
+        s.raw_message,
         s.host,
         s.ip,
         s.tls,
