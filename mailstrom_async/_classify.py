@@ -42,6 +42,7 @@ __all__ = [
 # detail 1-3 digits. It must be followed by whitespace or end the text.
 _ENHANCED_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 _TOO_MANY_RE = re.compile(r"too\s+many\s+recipients", re.IGNORECASE)
+_BLANK = " \t\r\n"
 
 
 def parse_enhanced_code(text: str) -> tuple[str | None, str]:
@@ -50,13 +51,15 @@ def parse_enhanced_code(text: str) -> tuple[str | None, str]:
     Returns ``(code, rest)``; *code* is ``None`` when the text does not start with
     one. In a multi-line reply each line usually repeats the code: it is removed from
     every line that starts with the same code, and lines are joined with ``"\\n"``.
+    Only ASCII spaces, tabs, CR and LF are stripped, so the rest keeps the server's
+    bytes exactly (also when they are surrogate-escaped).
 
     >>> parse_enhanced_code("5.1.1 No such user")
     ('5.1.1', 'No such user')
     >>> parse_enhanced_code("OK")
     (None, 'OK')
     """
-    lines = [line.strip() for line in text.strip().splitlines()]
+    lines = [line.strip(_BLANK) for line in text.strip(_BLANK).split("\n")]
     match = _ENHANCED_RE.match(lines[0]) if lines else None
     if match is None:
         return None, "\n".join(lines)
@@ -64,13 +67,18 @@ def parse_enhanced_code(text: str) -> tuple[str | None, str]:
     rest = []
     for line in lines:
         if line.startswith(code) and _ENHANCED_RE.match(line):
-            line = line[len(code) :].strip()
+            line = line[len(code) :].strip(_BLANK)
         rest.append(line)
-    return code, "\n".join(rest).strip()
+    return code, "\n".join(rest).strip(_BLANK)
 
 
 def make_reply(code: int, text: str) -> SMTPReply:
-    """Build an :class:`SMTPReply` from a reply code and its raw text."""
+    """Build an :class:`SMTPReply` from a reply code and its text off the wire.
+
+    *text* may carry lone surrogates (aiosmtplib's ``surrogateescape`` decoding of
+    bytes that are not UTF-8): the reply's ``text`` is then the display form and
+    ``raw_text`` the exact bytes (see :class:`SMTPReply`).
+    """
     enhanced, rest = parse_enhanced_code(text)
     return SMTPReply(code=code, text=rest, enhanced_code=enhanced)
 

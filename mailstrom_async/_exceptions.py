@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mailstrom_async._text import clean
+
 if TYPE_CHECKING:
     from mailstrom_async._models import SMTPReply
 
@@ -109,6 +111,8 @@ class DeliveryError(MailstromError):
 
     ``reply`` is the SMTP reply that said so, if there was one; ``host`` the server
     (``None`` when no server was chosen) and ``ip`` the address tried, if known.
+    The message is valid Unicode even when it quotes a server's bytes that are not
+    UTF-8 (they show as ``\\xNN``), so it can be logged and stored as is.
     """
 
     #: RFC 3463 enhanced code used when the error carries no reply of its own.
@@ -122,9 +126,9 @@ class DeliveryError(MailstromError):
         host: str | None = None,
         ip: str | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(clean(message))
         self.reply = reply
-        self.host = host
+        self.host = None if host is None else clean(host)
         self.ip = ip
 
 

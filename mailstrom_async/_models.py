@@ -1,6 +1,6 @@
 """Immutable value types shared by every layer: replies, states and statuses.
 
-This module is a leaf: it imports nothing from the package.
+It imports only the leaf :mod:`._text` (what a server's bytes become).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from datetime import datetime
 
 import attrs
+
+from mailstrom_async._text import clean, reply_text, wire_bytes
 
 __all__ = [
     "DeliveryEvent",
@@ -44,11 +46,31 @@ class RecipientState(enum.Enum):
 
 @attrs.frozen
 class SMTPReply:
-    """One SMTP reply: code, RFC 3463 enhanced status code (if any) and text."""
+    """One SMTP reply: code, RFC 3463 enhanced status code (if any) and text.
+
+    ``text`` is always valid Unicode, whatever bytes the server sent: a byte that
+    is not UTF-8 shows as ``\\xNN`` (Python's ``backslashreplace``), and only the
+    first 4 KiB of a long reply are kept (the text then ends with
+    ``" [truncated, N more bytes]"``). ``raw_text`` holds the exact bytes kept
+    when they differ from ``text`` (``None`` when the text is valid UTF-8 and
+    whole). Text built with lone surrogates (what aiosmtplib makes of invalid
+    bytes) is turned into this form when the reply is made.
+    """
 
     code: int
     text: str = ""
     enhanced_code: str | None = None
+    raw_text: bytes | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.raw_text is None:
+            text, raw = reply_text(self.text)
+        else:
+            text, raw = clean(self.text), self.raw_text
+        if raw is not self.raw_text or text is not self.text:
+            # The normalised form, set once while the instance is being built.
+            object.__setattr__(self, "text", text)
+            object.__setattr__(self, "raw_text", raw)
 
     @property
     def is_positive(self) -> bool:
@@ -86,6 +108,13 @@ class RecipientStatus:
     it keeps its state (``QUEUED`` or ``DEFERRED``) and its ``next_attempt_at``,
     but no attempt is made until it is released. Only unfinished recipients are
     held; the store owns the flag (it ignores the one in a recorded status).
+    ``message`` is the reply's display text (:attr:`SMTPReply.text`: valid
+    Unicode, at most 4 KiB of the server's bytes); ``raw_message`` keeps the
+    exact bytes of that reply text when they differ from it (bytes that are not
+    UTF-8, or a cut reply), else ``None``. :attr:`message_bytes` gives the exact
+    bytes either way. A recipient that ran out of retries has a local
+    ``message`` that quotes the last reply, and ``raw_message`` still holds
+    that reply's exact bytes.
     """
 
     address: str
@@ -94,6 +123,7 @@ class RecipientStatus:
     code: int | None = None
     enhanced_code: str | None = None
     message: str | None = None
+    raw_message: bytes | None = None
     host: str | None = None
     ip: str | None = None
     tls: bool | None = None
@@ -113,6 +143,14 @@ class RecipientStatus:
     def domain(self) -> str:
         """The domain part of the address (lower-cased)."""
         return self.address.rpartition("@")[2].lower()
+
+    @property
+    def message_bytes(self) -> bytes | None:
+        """``raw_message`` when it is kept, else ``message`` in UTF-8 (``None``
+        without either): the exact bytes the server sent, either way."""
+        if self.raw_message is not None:
+            return self.raw_message
+        return None if self.message is None else wire_bytes(self.message)
 
 
 @attrs.frozen(kw_only=True)

@@ -62,6 +62,7 @@ def next_status(
         code=reply.code if reply else None,
         enhanced_code=reply.enhanced_code if reply else None,
         message=reply.text if reply else None,
+        raw_message=reply.raw_text if reply else None,
         host=where.host,
         ip=where.ip,
         tls=where.tls,

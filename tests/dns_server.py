@@ -32,7 +32,7 @@ import typing
 from collections.abc import AsyncIterator
 
 import pytest
-from dnslib import AAAA, CNAME, MX, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord
+from dnslib import AAAA, CNAME, MX, QTYPE, RCODE, RR, SOA, TXT, A, DNSLabel, DNSRecord
 
 __all__ = ["DNSServer", "Fault", "Zone", "dns_server_fixture", "running_dns_server"]
 
@@ -69,9 +69,9 @@ class Zone:
         )
 
     def add_mx(
-        self, name: str, preference: int, exchange: str, *, ttl: int = 0
+        self, name: str, preference: int, exchange: str | DNSLabel, *, ttl: int = 0
     ) -> None:
-        """Add ``name MX preference exchange``."""
+        """Add ``name MX preference exchange`` (a DNSLabel for labels of any bytes)."""
         self._add(name, "MX", MX(exchange, preference), ttl)
 
     def null_mx(self, name: str, *, ttl: int = 0) -> None:

@@ -376,9 +376,9 @@ class Conversation:
         """0 for the first connection to the server, 1 for the next, ..."""
         self._receive = BufferedByteReceiveStream(stream)
 
-    async def send(self, *lines: str) -> None:
-        """Send each line followed by CRLF."""
-        await self.stream.send(b"".join(line.encode() + b"\r\n" for line in lines))
+    async def send(self, *lines: str | bytes) -> None:
+        """Send each line followed by CRLF (a str in UTF-8, bytes as they are)."""
+        await self.stream.send(b"".join(_wire(line) + b"\r\n" for line in lines))
 
     async def send_raw(self, data: bytes) -> None:
         await self.stream.send(data)
@@ -424,23 +424,29 @@ class Conversation:
 Script = Callable[[Conversation], Awaitable[None]]
 
 
+def _wire(line: str | bytes) -> bytes:
+    return line.encode() if isinstance(line, str) else line
+
+
 async def mini_esmtp(
     conv: Conversation,
     *,
-    greeting: str = "220 bytes.test ESMTP",
-    extensions: Sequence[str] = ("PIPELINING", "8BITMIME", "STARTTLS"),
-    replies: Mapping[str, str] | None = None,
+    greeting: str | bytes = "220 bytes.test ESMTP",
+    extensions: Sequence[str | bytes] = ("PIPELINING", "8BITMIME", "STARTTLS"),
+    replies: Mapping[str, str | bytes] | None = None,
     stall_at: str | None = None,
 ) -> None:
     """A tiny ESMTP server: *replies* overrides the reply to a verb (``"STARTTLS"``).
 
+    Greeting, extensions and replies are lines without CRLF: a str is sent in
+    UTF-8, bytes as they are (for replies that are not UTF-8).
     A greeting or reply starting with 421 closes the connection after it is sent.
     ``stall_at`` a verb (or ``"DATA-END"``, after the final dot): no reply, wait for
     the client to hang up. Messages land in ``server.messages``.
     """
     replies = replies or {}
     await conv.send(greeting)
-    if greeting.startswith("421"):
+    if _wire(greeting).startswith(b"421"):
         return
     while (line := await conv.readline()) is not None:
         verb = line.split(" ", 1)[0].upper()
@@ -449,11 +455,11 @@ async def mini_esmtp(
             return
         if verb in replies:
             await conv.send(replies[verb])
-            if replies[verb].startswith("421"):
+            if _wire(replies[verb]).startswith(b"421"):
                 return
         elif verb == "EHLO":
-            ehlo = ["bytes.test", *extensions]
-            await conv.send(*[f"250-{x}" for x in ehlo[:-1]], f"250 {ehlo[-1]}")
+            ehlo = [b"bytes.test", *map(_wire, extensions)]
+            await conv.send(*[b"250-" + x for x in ehlo[:-1]], b"250 " + ehlo[-1])
         elif verb == "DATA":
             await conv.send("354 go ahead")
             body = await conv.read_data()

@@ -1,7 +1,8 @@
 """Hypothesis strategies for addresses and messages.
 
 Everything generated here is *valid* for mailstrom_async: dot-atom local parts,
-host names of two or more labels with an alphabetic top-level label.
+host names of two or more labels with an alphabetic top-level label. The one
+exception is :func:`any_text`, the worst a str can hold.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from mailstrom_async._message import Email
 
 __all__ = [
     "addresses",
+    "any_text",
     "display_names",
     "domains",
     "emails",
@@ -94,3 +96,15 @@ def emails(draw: st.DrawFn) -> Email:
         subject=draw(header_texts()),
         text=draw(st.text(st.characters(exclude_categories=["Cs"]), max_size=300)),
     )
+
+
+def any_text(max_size: int = 40) -> st.SearchStrategy[str]:
+    """Any str at all, and often the worst: lone surrogates (those aiosmtplib makes of
+    bytes that are not UTF-8, and others), NUL, controls, astral characters."""
+    nasty = st.one_of(
+        st.characters(min_codepoint=0xDC80, max_codepoint=0xDCFF, categories=["Cs"]),
+        st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF, categories=["Cs"]),
+        st.sampled_from("\x00\r\n\t\x7f\\\U0001f4e7\ufeff"),
+    )
+    chars = st.one_of(st.characters(exclude_categories=()), nasty)
+    return st.text(alphabet=chars, max_size=max_size)

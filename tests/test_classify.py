@@ -73,6 +73,32 @@ def test_make_reply_keeps_code_enhanced_code_and_text() -> None:
     assert make_reply(250, "OK") == SMTPReply(code=250, text="OK")
 
 
+def test_make_reply_keeps_the_exact_bytes_of_text_that_is_not_utf8() -> None:
+    """Text as aiosmtplib decodes it (surrogateescape) becomes valid display text,
+    and raw_text is the exact bytes after the codes, across lines."""
+    wire = b"5.1.1 Empf\xe4nger\n5.1.1 unbekannt \xff"
+    reply = make_reply(550, wire.decode("utf-8", "surrogateescape"))
+    assert reply.enhanced_code == "5.1.1"
+    assert reply.text == "Empf\\xe4nger\nunbekannt \\xff"
+    assert reply.raw_text == b"Empf\xe4nger\nunbekannt \xff"
+
+
+@given(
+    st.sampled_from([b"", b"5.1.1 ", b" 4.2.0\t"]),
+    st.binary(max_size=200).filter(lambda b: b"\n" not in b),
+)
+def test_make_reply_text_is_valid_unicode(code: bytes, text: bytes) -> None:
+    """Whatever bytes a one-line reply holds, its text is valid Unicode and its
+    exact bytes are the reply's bytes after the enhanced code, stripped."""
+    reply = make_reply(550, (code + text).decode("utf-8", "surrogateescape"))
+    reply.text.encode("utf-8")
+    exact = reply.raw_text if reply.raw_text is not None else reply.text.encode()
+    expected = (code + text).strip(b" \t\r")
+    if reply.enhanced_code is not None:
+        expected = expected[len(reply.enhanced_code) :].strip(b" \t\r")
+    assert exact == expected
+
+
 @pytest.mark.parametrize("code", [250, 251, 252])
 def test_rcpt_2xx_is_accepted(code: int) -> None:
     """A 2xx reply to RCPT means the recipient was accepted: no outcome yet."""

@@ -247,3 +247,10 @@ def test_all_exceptions_are_exported_from_package() -> None:
     for name in _exceptions.__all__:
         assert getattr(mailstrom_async, name) is getattr(_exceptions, name)
         assert name in mailstrom_async.__all__
+
+
+def test_delivery_error_message_is_valid_unicode() -> None:
+    """A message quoting a server's bytes that are not UTF-8 is valid Unicode."""
+    error = ProtocolError("garbled reply: \udce4\udcff", host="mx\udce4.test")
+    assert str(error) == "garbled reply: \\xe4\\xff"
+    assert error.host == "mx\\xe4.test"

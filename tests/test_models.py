@@ -108,7 +108,42 @@ def test_smtp_reply_equality() -> None:
     assert SMTPReply(250, "OK") != SMTPReply(250, "Ok")
 
 
+def test_smtp_reply_text_is_always_valid_unicode() -> None:
+    """Text with surrogate-escaped bytes becomes its display form, the bytes kept."""
+    reply = SMTPReply(550, "Empf\udce4nger unbekannt", "5.1.1")
+    assert reply.text == "Empf\\xe4nger unbekannt"
+    assert reply.raw_text == b"Empf\xe4nger unbekannt"
+    assert str(reply) == "550 5.1.1 Empf\\xe4nger unbekannt"
+    assert SMTPReply(250, "OK").raw_text is None
+    assert SMTPReply(250, "schön").raw_text is None
+
+
+def test_smtp_reply_keeps_given_raw_text() -> None:
+    """Given raw_text is kept as is; the text is still made valid Unicode."""
+    reply = SMTPReply(550, "x\udcff", raw_text=b"x\xff")
+    assert (reply.text, reply.raw_text) == ("x\\xff", b"x\xff")
+    assert SMTPReply(550, "x\\xff", raw_text=b"x\xff") == reply
+
+
+def test_smtp_reply_long_text_is_cut() -> None:
+    """A reply text over 4 KiB is cut; the text says so, raw_text has what is kept."""
+    reply = SMTPReply(550, "x" * 5000)
+    assert reply.raw_text == b"x" * 4096
+    assert reply.text == "x" * 4096 + " [truncated, 904 more bytes]"
+
+
 # RecipientStatus
+
+
+def test_recipient_status_message_bytes() -> None:
+    """message_bytes is raw_message when kept, else the message in UTF-8."""
+    kept = RecipientStatus(
+        address="a@example.com", message="Empf\\xe4nger", raw_message=b"Empf\xe4nger"
+    )
+    assert kept.message_bytes == b"Empf\xe4nger"
+    plain = RecipientStatus(address="a@example.com", message="Empfänger")
+    assert plain.message_bytes == "Empfänger".encode()
+    assert RecipientStatus(address="a@example.com").message_bytes is None
 
 
 def test_recipient_status_defaults() -> None:
@@ -119,6 +154,7 @@ def test_recipient_status_defaults() -> None:
     assert r.code is None
     assert r.enhanced_code is None
     assert r.message is None
+    assert r.raw_message is None
     assert r.host is None
     assert r.ip is None
     assert r.tls is None

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 import pytest
+from dnslib import DNSLabel
 
 from mailstrom_async import (
     Config,
@@ -30,12 +31,15 @@ from mailstrom_async import (
     RecipientState,
     RecipientStatus,
     RetryPolicy,
+    SQLiteStore,
     SubmitHandle,
     Timeouts,
 )
 from tests.smtpd import free_port, mini_esmtp
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import trustme
 
     from mailstrom_async import EventStream
@@ -657,6 +661,29 @@ async def test_idn_domain_goes_out_as_a_label(
     assert_delivered(r, MX1, IP1)
     assert rcpts(mx) == [["user@xn--bcher-kva.test"]]
     assert_asked(zone, ("xn--bcher-kva.test", "MX"))
+
+
+async def test_mx_name_with_a_byte_that_is_not_ascii(
+    dns_server: DNSServer, zone: Zone, smtpd: SMTPDServers, port: int, tmp_path: Path
+) -> None:
+    """An MX name holding a byte that is not ASCII reaches the status as printable
+    text (c-ares shows the byte as ``\\228``), which the SQLite store writes; no
+    address can be looked up for such a name, so the recipient FAILS 5.4.4."""
+    odd = DNSLabel([b"mx\xe4", b"example", b"test"])
+    zone.add_mx("example.test", 10, odd)
+    zone.add_a(str(odd), IP1)
+    mx = await smtpd.start(host=IP1, port=port)
+    path = tmp_path / "q.db"
+    async with Deliverer(mx_config(dns_server, port), store=SQLiteStore(path)) as d:
+        status = await done(await d.submit(email("a@example.test")))
+    [r] = status.recipients
+    assert r.state is FAILED
+    assert (r.code, r.enhanced_code) == (550, "5.4.4")
+    assert r.message is not None
+    assert "(mx\\228.example.test)" in r.message
+    assert mx.connections.value == 0
+    async with SQLiteStore(path) as store:
+        assert await store.status(status.message_id) == status
 
 
 # -- where each attempt went ---------------------------------------------------------

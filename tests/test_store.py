@@ -15,10 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailstrom_async._exceptions import StoreError, UnknownMessageError
-from mailstrom_async._models import RecipientState, RecipientStatus
+from mailstrom_async._models import MessageStatus, RecipientState, RecipientStatus
 from mailstrom_async._store import MemoryStore, SQLiteStore, Store
 from mailstrom_async._store import _sql as sql
 from mailstrom_async._store._sql import MIGRATIONS, SCHEMA_VERSION
+from mailstrom_async._text import clean, wire_bytes
 from mailstrom_async.testing._store_contract import (
     T0,
     StoreContract,
@@ -27,6 +28,7 @@ from mailstrom_async.testing._store_contract import (
     claimed_addresses,
     new_message,
 )
+from tests.strategies import any_text
 
 
 class TestStoreContract(StoreContract):
@@ -483,3 +485,79 @@ async def test_busy_timeout_bounds_the_wait_for_a_lock(db_path: Path) -> None:
         await store.add(new_message("m1"))
     with pytest.raises(ValueError, match="busy_timeout"):
         SQLiteStore(db_path, busy_timeout=-1)
+
+
+# -- no str can make a write fail ----------------------------------------------------
+
+
+@st.composite
+def _nasty_status(draw: st.DrawFn) -> RecipientStatus:
+    final = draw(st.booleans())
+    return RecipientStatus(
+        address=draw(any_text(12)) + "@x.example",
+        state=RecipientState.FAILED if final else RecipientState.DEFERRED,
+        attempts=1,
+        code=draw(st.sampled_from([None, 451, 550])),
+        enhanced_code=draw(st.one_of(st.none(), any_text(8))),
+        message=draw(st.one_of(st.none(), any_text())),
+        raw_message=draw(st.one_of(st.none(), st.binary(max_size=40))),
+        host=draw(st.one_of(st.none(), any_text())),
+        ip=draw(st.one_of(st.none(), any_text())),
+        last_attempt_at=T0,
+        next_attempt_at=None if final else at(60),
+    )
+
+
+def _check_stored(back: MessageStatus, mail_from: str, status: RecipientStatus) -> None:
+    """*back* holds what was written: each str itself, or its display form when it
+    is not valid Unicode, and a message's exact bytes."""
+    assert back.mail_from == clean(mail_from)
+    [r] = back.recipients
+    assert r.address == clean(status.address)
+    assert r.state is status.state
+    for name in ("enhanced_code", "message", "host", "ip"):
+        sent = getattr(status, name)
+        assert getattr(r, name) == (None if sent is None else clean(sent)), name
+    if status.raw_message is not None:
+        assert r.raw_message == status.raw_message
+    elif status.message is not None:
+        assert r.message_bytes == wire_bytes(status.message)
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=60)
+@given(
+    mail_from=any_text(),
+    key=st.one_of(st.none(), any_text()),
+    status=_nasty_status(),
+)
+def test_any_text_round_trips_through_sqlite(
+    tmp_path_factory: pytest.TempPathFactory,
+    mail_from: str,
+    key: str | None,
+    status: RecipientStatus,
+) -> None:
+    """Any str in a message or a status (lone surrogates, NUL, ...) is written by a
+    real SQLiteStore (and a MemoryStore) without an exception and read back as
+    itself, or its display form when it is not valid Unicode; a message's exact
+    bytes are kept, and the idempotency key still finds its message."""
+    path = tmp_path_factory.mktemp("any") / "q.db"
+    message = attrs.evolve(
+        new_message("m1", status.address, key=key), mail_from=mail_from
+    )
+    again = attrs.evolve(message, message_id="m2")
+    expected = ("m1", False) if key is not None else ("m2", True)
+
+    async def main() -> None:
+        async with MemoryStore() as memory:
+            await memory.add(message)
+            await memory.record("m1", [status], worker="w")
+            _check_stored(await memory.status("m1"), mail_from, status)
+            assert await memory.add(again) == expected
+        async with SQLiteStore(path, synchronous="OFF") as store:
+            await store.add(message)
+            await store.record("m1", [status], worker="w")
+        async with SQLiteStore(path, synchronous="OFF") as store:
+            _check_stored(await store.status("m1"), mail_from, status)
+            assert await store.add(again) == expected
+
+    anyio.run(main)

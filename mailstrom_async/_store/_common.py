@@ -1,10 +1,18 @@
 """Rules shared by every store, so that all of them behave exactly alike.
 
 Input checks (aware datetimes, claim arguments, statuses that could never come due),
-normalisation to UTC, case-insensitive address matching, and the one rule of
+normalisation to UTC and to valid Unicode, case-insensitive address matching, and
+the one rule of
 :meth:`~mailstrom_async._store._base.Store.record` that is not a plain overwrite: a
 recipient that is final (``DELIVERED``/``FAILED``) is never moved back to an
 unfinished state, so a worker that reports late cannot undo another's outcome.
+
+Valid Unicode: every text a store is given passes :func:`~mailstrom_async._text.clean`
+on the way in (:func:`check_new_message`, :func:`check_statuses`, :func:`matching`),
+so that no string, whatever path it came by (a lone surrogate from a server's
+bytes, say), can make a database write fail: sqlite3 refuses to encode a lone
+surrogate. Such a string is stored in its display form (``\\xNN``); a status
+``message`` keeps its exact bytes in ``raw_message``.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import attrs
 
 from mailstrom_async._models import RecipientState, RecipientStatus
 from mailstrom_async._store._base import LeaseInfo
+from mailstrom_async._text import clean, is_clean, wire_bytes
 
 if TYPE_CHECKING:
     from mailstrom_async._store._base import NewMessage
@@ -72,9 +81,22 @@ def check_claim(
     return claim_for, utc(lease_until, "lease_until")
 
 
+def _clean_or_none(value: str | None) -> str | None:
+    return None if value is None else clean(value)
+
+
 def check_new_message(message: NewMessage) -> NewMessage:
-    """Return *message* with ``submitted_at`` in UTC."""
-    return attrs.evolve(message, submitted_at=utc(message.submitted_at, "submitted_at"))
+    """Return *message* with ``submitted_at`` in UTC and its text valid Unicode."""
+    recipients = message.recipients
+    if not "".join(recipients).isascii():  # one C-level pass in the common case
+        recipients = tuple(clean(r) for r in recipients)
+    return attrs.evolve(
+        message,
+        submitted_at=utc(message.submitted_at, "submitted_at"),
+        mail_from=clean(message.mail_from),
+        recipients=recipients,
+        idempotency_key=_clean_or_none(message.idempotency_key),
+    )
 
 
 def check_limit(limit: int) -> None:
@@ -103,6 +125,7 @@ def cancelled(status: RecipientStatus) -> RecipientStatus:
         code=None,
         enhanced_code=None,
         message=CANCELLED,
+        raw_message=None,
         next_attempt_at=None,
         held=False,
     )
@@ -137,9 +160,18 @@ def check_unhold(
     return None if domain is None else domain.lower()
 
 
-def check_statuses(statuses: Iterable[RecipientStatus]) -> list[RecipientStatus]:
-    """Return *statuses* with every datetime in UTC.
+def _safe_message(status: RecipientStatus) -> tuple[str | None, bytes | None]:
+    message, raw = status.message, status.raw_message
+    if message is None or is_clean(message):
+        return message, (None if raw is None else bytes(raw))
+    return clean(message), (wire_bytes(message) if raw is None else bytes(raw))
 
+
+def check_statuses(statuses: Iterable[RecipientStatus]) -> list[RecipientStatus]:
+    """Return *statuses* with every datetime in UTC and all text valid Unicode.
+
+    A ``message`` that is not valid Unicode becomes its display form, its exact
+    bytes ``raw_message`` (unless the status has them already).
     An unfinished status without ``next_attempt_at`` would never come due again, so it
     is refused (ValueError) before anything is written.
     """
@@ -151,9 +183,16 @@ def check_statuses(statuses: Iterable[RecipientStatus]) -> list[RecipientStatus]
                 "needs next_attempt_at"
             )
             raise ValueError(msg)
+        message, raw_message = _safe_message(status)
         result.append(
             attrs.evolve(
                 status,
+                address=clean(status.address),
+                enhanced_code=_clean_or_none(status.enhanced_code),
+                message=message,
+                raw_message=raw_message,
+                host=_clean_or_none(status.host),
+                ip=_clean_or_none(status.ip),
                 first_attempt_at=utc_or_none(
                     status.first_attempt_at, "first_attempt_at"
                 ),
@@ -165,8 +204,9 @@ def check_statuses(statuses: Iterable[RecipientStatus]) -> list[RecipientStatus]
 
 
 def matching(addresses: Sequence[str], address: str) -> list[int]:
-    """Indexes of *addresses* equal to *address*, compared case-insensitively."""
-    wanted = address.casefold()
+    """Indexes of *addresses* equal to *address*, compared case-insensitively
+    (and as stored: in valid Unicode)."""
+    wanted = clean(address).casefold()
     return [i for i, a in enumerate(addresses) if a.casefold() == wanted]
 
 

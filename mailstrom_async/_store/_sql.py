@@ -2,8 +2,8 @@
 
 Plain strings, kept apart from the connection handling in :mod:`._sqlite`.
 Statements that read or write a recipient's status list its columns in one order:
-``address, state, attempts, code, enhanced_code, message, host, ip, tls,
-tls_verified, first_attempt_at, last_attempt_at, next_attempt_at,
+``address, state, attempts, code, enhanced_code, message, raw_message, host, ip,
+tls, tls_verified, first_attempt_at, last_attempt_at, next_attempt_at,
 possible_duplicate, held``.
 """
 
@@ -106,6 +106,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             WHERE state IN ('queued', 'deferred') AND held = 0""",
         "CREATE INDEX recipients_held ON recipients (domain) WHERE held = 1",
     ),
+    (
+        # Version 4: the exact bytes of the last reply text when they are not what
+        # ``message`` shows (not UTF-8, or cut at 4 KiB); NULL otherwise.
+        "ALTER TABLE recipients ADD COLUMN raw_message BLOB",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -128,20 +133,20 @@ CLAIM = """UPDATE recipients SET lease_owner = :worker, lease_until = :until
       AND state IN ('queued', 'deferred') AND held = 0 AND next_attempt_at <= :now
       AND (lease_until IS NULL OR lease_until <= :now)
     RETURNING message_id, position, address, state, attempts, code, enhanced_code,
-      message, host, ip, tls, tls_verified, first_attempt_at, last_attempt_at,
-      next_attempt_at, possible_duplicate, held"""
+      message, raw_message, host, ip, tls, tls_verified, first_attempt_at,
+      last_attempt_at, next_attempt_at, possible_duplicate, held"""
 JOB_MESSAGES = """SELECT id, mail_from, data, smtputf8, submitted_at FROM messages
     WHERE id IN (SELECT value FROM json_each(?))"""
 STATUS_QUERY = """SELECT m.mail_from, m.submitted_at, r.address, r.state, r.attempts,
-      r.code, r.enhanced_code, r.message, r.host, r.ip, r.tls, r.tls_verified,
-      r.first_attempt_at, r.last_attempt_at, r.next_attempt_at, r.possible_duplicate,
-      r.held
+      r.code, r.enhanced_code, r.message, r.raw_message, r.host, r.ip, r.tls,
+      r.tls_verified, r.first_attempt_at, r.last_attempt_at, r.next_attempt_at,
+      r.possible_duplicate, r.held
     FROM messages m LEFT JOIN recipients r ON r.message_id = m.id
     WHERE m.id = ? ORDER BY r.position"""
 RECORD = """UPDATE recipients SET state = ?, attempts = ?, code = ?, enhanced_code = ?,
-      message = ?, host = ?, ip = ?, tls = ?, tls_verified = ?, first_attempt_at = ?,
-      last_attempt_at = ?, next_attempt_at = ?, possible_duplicate = ?,
-      held = held AND ?
+      message = ?, raw_message = ?, host = ?, ip = ?, tls = ?, tls_verified = ?,
+      first_attempt_at = ?, last_attempt_at = ?, next_attempt_at = ?,
+      possible_duplicate = ?, held = held AND ?
     WHERE message_id = ? AND position = ?"""
 UNLEASE = (
     "UPDATE recipients SET lease_owner = NULL, lease_until = NULL"
@@ -182,9 +187,9 @@ LIST_MESSAGES = """WITH chosen AS (
           AND (:held IS NULL OR r.held = :held))
       ORDER BY m.submitted_at, m.rowid LIMIT :limit)
     SELECT m.id, m.mail_from, m.submitted_at, r.address, r.state, r.attempts,
-      r.code, r.enhanced_code, r.message, r.host, r.ip, r.tls, r.tls_verified,
-      r.first_attempt_at, r.last_attempt_at, r.next_attempt_at, r.possible_duplicate,
-      r.held
+      r.code, r.enhanced_code, r.message, r.raw_message, r.host, r.ip, r.tls,
+      r.tls_verified, r.first_attempt_at, r.last_attempt_at, r.next_attempt_at,
+      r.possible_duplicate, r.held
     FROM chosen c JOIN messages m ON m.id = c.id
       JOIN recipients r ON r.message_id = m.id
     ORDER BY c.submitted_at, c.seq, r.position"""
@@ -194,8 +199,8 @@ RETRY_NOW = """UPDATE recipients SET next_attempt_at = :now
       AND (:message_id IS NULL OR message_id = :message_id)
       AND (:domain IS NULL OR domain = :domain)"""
 CANCEL = """UPDATE recipients SET state = 'failed', code = NULL, enhanced_code = NULL,
-      message = :reason, next_attempt_at = NULL, lease_owner = NULL,
-      lease_until = NULL, held = 0
+      message = :reason, raw_message = NULL, next_attempt_at = NULL,
+      lease_owner = NULL, lease_until = NULL, held = 0
     WHERE message_id = :message_id AND state IN ('queued', 'deferred')"""
 # Hold and unhold, by message (the primary key leads) or by domain alone (hold
 # walks the claimable index; unhold the held index); unhold of all held rows too.
@@ -233,8 +238,8 @@ def domain(address: str) -> str:
 
 def status_from_row(row: Sequence[Any]) -> RecipientStatus:
     """A status from ``address, state, attempts, ..., possible_duplicate, held``."""
-    (address, state, attempts, code, enhanced_code, message, host, ip, tls,
-     tls_verified, first, last, nxt, duplicate, held) = row  # fmt: skip
+    (address, state, attempts, code, enhanced_code, message, raw_message, host, ip,
+     tls, tls_verified, first, last, nxt, duplicate, held) = row  # fmt: skip
     return RecipientStatus(
         address=address,
         state=RecipientState(state),
@@ -242,6 +247,7 @@ def status_from_row(row: Sequence[Any]) -> RecipientStatus:
         code=code,
         enhanced_code=enhanced_code,
         message=message,
+        raw_message=raw_message,
         host=host,
         ip=ip,
         tls=_bool_or_none(tls),
@@ -256,13 +262,17 @@ def status_from_row(row: Sequence[Any]) -> RecipientStatus:
 
 def status_params(s: RecipientStatus) -> tuple[Any, ...]:
     """The values for ``state, attempts, ..., possible_duplicate`` from *s*
-    (``held`` is not among them: the store keeps its own)."""
+    (``held`` is not among them: the store keeps its own).
+
+    *s* has passed :func:`~._common.check_statuses`, so its text is valid Unicode.
+    """
     return (
         s.state.value,
         s.attempts,
         s.code,
         s.enhanced_code,
         s.message,
+        s.raw_message,
         s.host,
         s.ip,
         s.tls,

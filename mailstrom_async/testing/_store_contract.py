@@ -382,6 +382,65 @@ class StoreContract(HoldContract):
         )
         assert job.recipients == (deferred,)
 
+    async def test_raw_message_round_trip(self, store: Store) -> None:
+        """``raw_message`` comes back byte for byte (every byte value, NUL too) from
+        status(), claim_due() and messages(); a later status without it clears it,
+        and so does cancel()."""
+        await store.add(new_message("m1", "a@x.example", "b@x.example"))
+        every_byte = bytes(range(256)) * 16  # 4 KiB, the most a reply keeps
+        deferred = RecipientStatus(
+            address="a@x.example",
+            state=DEFERRED,
+            attempts=1,
+            code=451,
+            enhanced_code="4.3.0",
+            message=every_byte.decode("utf-8", "backslashreplace"),
+            raw_message=every_byte,
+            last_attempt_at=T0,
+            next_attempt_at=at(300),
+        )
+        failed = RecipientStatus(
+            address="b@x.example",
+            state=FAILED,
+            attempts=1,
+            code=550,
+            enhanced_code="5.1.1",
+            message="Empf\\xe4nger unbekannt",
+            raw_message=b"Empf\xe4nger unbekannt",
+            last_attempt_at=T0,
+        )
+        await store.record("m1", [deferred, failed], worker="w")
+        status = await store.status("m1")
+        assert status.recipients == (deferred, failed)
+        assert [r.message_bytes for r in status] == [
+            every_byte,
+            b"Empf\xe4nger unbekannt",
+        ]
+        [listed] = await store.messages()
+        assert listed.recipients == (deferred, failed)
+        [job] = await store.claim_due(
+            now=at(300), worker="w", lease_until=at(360), limit=1
+        )
+        assert job.recipients == (deferred,)
+        plain = RecipientStatus(
+            address="a@x.example",
+            state=DEFERRED,
+            attempts=2,
+            code=451,
+            message="try again later",
+            last_attempt_at=at(300),
+            next_attempt_at=at(600),
+        )
+        await store.record("m1", [plain], worker="w")
+        again = (await store.status("m1")).recipient("a@x.example")
+        assert again.raw_message is None
+        assert again.message_bytes == b"try again later"
+        await store.record("m1", [deferred], worker="w")
+        assert await store.cancel("m1") == 1
+        cancelled = (await store.status("m1")).recipient("a@x.example")
+        assert cancelled.message == "cancelled by operator"
+        assert cancelled.raw_message is None
+
     async def test_record_matches_case_insensitively(self, store: Store) -> None:
         """A status matches its recipient ignoring case; the stored address is kept."""
         await store.add(new_message("m1", "Alice@Example.COM"))

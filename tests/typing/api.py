@@ -96,6 +96,9 @@ def status_types(status: m.MessageStatus, at: datetime) -> None:
         assert_type(recipient.domain, str)
         assert_type(recipient.attempts, int)
         assert_type(recipient.code, int | None)
+        assert_type(recipient.message, str | None)
+        assert_type(recipient.raw_message, bytes | None)
+        assert_type(recipient.message_bytes, bytes | None)
         assert_type(recipient.next_attempt_at, datetime | None)
 
     status.recipient(5)  # type: ignore[arg-type]
@@ -116,6 +119,7 @@ def reply_types(reply: m.SMTPReply) -> None:
     assert_type(reply.code, int)
     assert_type(reply.text, str)
     assert_type(reply.enhanced_code, str | None)
+    assert_type(reply.raw_text, bytes | None)
     assert_type(reply.is_positive, bool)
     assert_type(reply.is_transient, bool)
     assert_type(reply.is_permanent, bool)
