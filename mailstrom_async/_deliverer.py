@@ -27,6 +27,7 @@ from mailstrom_async._exceptions import (
     InvalidMessageError,
     StoreError,
 )
+from mailstrom_async._job import JobRunner
 from mailstrom_async._leases import (
     LeaseKeeper,
     LeaseOwner,
@@ -276,7 +277,7 @@ class Deliverer:
             self._route = self._transport
         else:
             self._route = await self._network_route()
-        self._lanes = Lanes(
+        runner = JobRunner(
             config=config,
             store=self._store,
             broker=self._broker,
@@ -285,8 +286,10 @@ class Deliverer:
             rng=self._rng,
             route=self._route,
             on_recorded=self._changed,
-            on_job_done=self._job_done,
             telemetry=self._telemetry,
+        )
+        self._lanes = Lanes(
+            config=config, clock=self._clock, runner=runner, on_job_done=self._job_done
         )
 
     async def _network_route(self) -> Transport:

@@ -11,7 +11,6 @@ and the boundary that contains its failures, is :mod:`._job`'s.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Collection
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -19,16 +18,14 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskGroup
 
-from mailstrom_async._job import JobRunner
 from mailstrom_async._lane import Lane
 from mailstrom_async._statistics import AttemptCounters, DestinationStatistics
 
 if TYPE_CHECKING:
     from mailstrom_async._config import Config
-    from mailstrom_async._events import EventBroker
-    from mailstrom_async._store import Job, Store
-    from mailstrom_async._telemetry import Telemetry
-    from mailstrom_async._transport import Connection, Transport
+    from mailstrom_async._job import JobRunner
+    from mailstrom_async._store import Job
+    from mailstrom_async._transport import Connection
 
 __all__ = ["Lanes"]
 
@@ -42,30 +39,14 @@ class Lanes:
         self,
         *,
         config: Config,
-        store: Store,
-        broker: EventBroker,
-        worker_id: str,
         clock: Callable[[], datetime],
-        rng: random.Random,
-        route: Transport,
-        on_recorded: Callable[[str], None],
+        runner: JobRunner,
         on_job_done: Callable[[Job], None],
-        telemetry: Telemetry | None = None,
     ) -> None:
         self._config = config
         self._clock = clock
+        self._runner = runner
         self._on_job_done = on_job_done
-        self._runner = JobRunner(
-            config=config,
-            store=store,
-            broker=broker,
-            worker_id=worker_id,
-            clock=clock,
-            rng=rng,
-            route=route,
-            on_recorded=on_recorded,
-            telemetry=telemetry,
-        )
         self._lanes: dict[str, Lane] = {}
         self._limiter = anyio.CapacityLimiter(config.limits.max_connections)
         self._in_flight = 0
