@@ -175,6 +175,27 @@ async def test_large_file_cut_where_no_probe_reads(tmp_path: Path) -> None:
     assert_refusal(info.value, path, "cut")
 
 
+def garbage_in_the_middle(path: Path) -> None:
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        f.seek(size // 2 // PAGE * PAGE)
+        f.write(os.urandom(4 * PAGE))
+
+
+async def test_damage_deep_inside_is_reported_when_reached(tmp_path: Path) -> None:
+    """Damage in the middle of a large file, where the probe does not read, opens;
+    the query that reaches it raises the same StoreError with the way out."""
+    path = tmp_path / "q.db"
+    await make_store(path, large=True)
+    await anyio.to_thread.run_sync(garbage_in_the_middle, path)
+    async with SQLiteStore(path) as store:
+        with pytest.raises(StoreError) as info:
+            await store.claim_due(
+                now=at(999), worker="w2", lease_until=at(999), limit=99
+            )
+    assert_refusal(info.value, path, "deep")
+
+
 async def test_pending_log_is_no_false_alarm(tmp_path: Path) -> None:
     """While another connection holds the file with pages still in the
     write-ahead log, a large store opens: no false alarm."""
