@@ -346,7 +346,7 @@ def test_store_that_is_not_sqlite(cli: CLI, tmp_path: Path) -> None:
     """A file that is not a SQLite database is one error line."""
     (tmp_path / "junk").write_bytes(b"this is not a database" * 100)
     line = cli.error("queue", "--store", "junk")
-    assert "SQLite store 'junk' failed" in line
+    assert "SQLite store 'junk' is not a SQLite database" in line
 
 
 async def test_store_locked_by_another_process(tmp_path: Path) -> None:
