@@ -7,6 +7,7 @@ test's own event loop run ``python -m mailstrom_async`` as a subprocess.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -205,6 +206,32 @@ def test_send_then_status(cli: CLI, tmp_path: Path) -> None:
     ]
 
 
+def test_status_shows_a_reply_that_is_not_utf8(cli: CLI, tmp_path: Path) -> None:
+    """A reply with bytes that are not UTF-8 shows in its display form; --json
+    also gives its exact bytes, base64-encoded."""
+    message_id = cli.send("--to", "a@example.org")
+
+    async def record() -> None:
+        async with SQLiteStore(tmp_path / DEFAULT_STORE_PATH) as store:
+            failed = RecipientStatus(
+                address="a@example.org",
+                state=RecipientState.FAILED,
+                attempts=1,
+                code=550,
+                enhanced_code="5.1.1",
+                message="Empf\\xe4nger unbekannt",
+                raw_message=b"Empf\xe4nger unbekannt",
+                last_attempt_at=datetime.now(UTC),
+            )
+            await store.record(message_id, [failed], worker="test")
+
+    anyio.run(record)
+    assert "Empf\\xe4nger unbekannt" in cli.ok("status", message_id)
+    [r] = json.loads(cli.ok("status", "--json", message_id))["recipients"]
+    assert r["message"] == "Empf\\xe4nger unbekannt"
+    assert base64.b64decode(r["raw_message"]) == b"Empf\xe4nger unbekannt"
+
+
 def test_send_builds_body_attachments_and_bcc(cli: CLI, tmp_path: Path) -> None:
     """--body-file and --attach end up in the stored bytes; --bcc is an envelope
     recipient but not a header; --json reports the id; a repeated
@@ -359,7 +386,7 @@ def test_store_that_is_not_sqlite(cli: CLI, tmp_path: Path) -> None:
     """A file that is not a SQLite database is one error line."""
     (tmp_path / "junk").write_bytes(b"this is not a database" * 100)
     line = cli.error("queue", "--store", "junk")
-    assert "SQLite store 'junk' failed" in line
+    assert "SQLite store 'junk' is not a SQLite database" in line
 
 
 async def test_store_locked_by_another_process(tmp_path: Path) -> None:

@@ -126,6 +126,34 @@ async def test_migrates_from_version_zero(db_path: Path) -> None:
         assert (await store.status("m1")).message_id == "m1"
 
 
+async def test_migrates_version_two_keeping_its_rows(db_path: Path) -> None:
+    """A version 2 database (before raw_message) keeps its rows when migrated, and
+    then stores a reply's exact bytes."""
+    async with aiosqlite.connect(db_path) as raw:
+        for step in MIGRATIONS[:2]:
+            for statement in step:
+                await raw.execute(statement)
+        await raw.execute(
+            "INSERT INTO messages VALUES ('m1', 's@x.example', x'00', 0, 0.0, NULL)"
+        )
+        await raw.execute(
+            "INSERT INTO recipients (message_id, position, address, domain, state,"
+            " message, next_attempt_at) VALUES ('m1', 0, 'a@x.example', 'x.example',"
+            " 'deferred', 'later', 60.0)"
+        )
+        await raw.execute("PRAGMA user_version = 2")
+        await raw.commit()
+    async with SQLiteStore(db_path) as store:
+        assert await pragma(store, "user_version") == SCHEMA_VERSION
+        [r] = (await store.status("m1")).recipients
+        assert (r.message, r.raw_message) == ("later", None)
+        failed = attrs.evolve(
+            r, state=RecipientState.FAILED, message="\\xff", raw_message=b"\xff"
+        )
+        await store.record("m1", [failed], worker="w")
+        assert (await store.status("m1")).recipients == (failed,)
+
+
 async def test_refuses_newer_schema(db_path: Path) -> None:
     """A database written by a newer schema raises StoreError and stays untouched."""
     async with aiosqlite.connect(db_path) as raw:

@@ -7,6 +7,7 @@ Errors meant for the person at the terminal are :class:`CLIError` (or a
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import os
@@ -276,6 +277,8 @@ def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
 def _plain(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.astimezone(UTC).isoformat()
+    if isinstance(value, bytes):  # raw_message: the exact bytes, for JSON
+        return base64.b64encode(value).decode("ascii")
     if hasattr(value, "value"):  # an enum
         return value.value
     return value

@@ -22,6 +22,7 @@ __all__ = [
     "HOLD_MESSAGE",
     "INSERT_MESSAGE",
     "INSERT_RECIPIENT",
+    "INTEGRITY_PROBES",
     "JOB_MESSAGES",
     "LEASE_OWNERS",
     "LIST_MESSAGES",
@@ -113,6 +114,27 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+
+#: The cheap integrity check of a large file (see ``SQLiteStore.open``): for each
+#: b-tree (a table or an index, by name), a query that reads its first and last
+#: entries, the leftmost and rightmost paths from its root, as the store's own
+#: queries do. A b-tree the file does not have (an older schema) is skipped. Every
+#: index a migration adds needs its probe here (a test checks that each probe's
+#: plan uses its b-tree, and that every b-tree of the schema has one).
+INTEGRITY_PROBES: tuple[tuple[str, str], ...] = (
+    ("messages", "SELECT * FROM messages WHERE rowid = (SELECT MIN(rowid) FROM messages)"),
+    ("messages", "SELECT * FROM messages WHERE rowid = (SELECT MAX(rowid) FROM messages)"),
+    ("recipients", "SELECT * FROM recipients WHERE rowid = (SELECT MIN(rowid) FROM recipients)"),
+    ("recipients", "SELECT * FROM recipients WHERE rowid = (SELECT MAX(rowid) FROM recipients)"),
+    ("sqlite_autoindex_messages_1", "SELECT (SELECT MIN(id) FROM messages), (SELECT MAX(id) FROM messages)"),
+    ("sqlite_autoindex_messages_2", "SELECT (SELECT MIN(idempotency_key) FROM messages), (SELECT MAX(idempotency_key) FROM messages)"),
+    ("sqlite_autoindex_recipients_1", "SELECT (SELECT MIN(message_id) FROM recipients), (SELECT MAX(message_id) FROM recipients)"),
+    ("recipients_due", "SELECT (SELECT MIN(next_attempt_at) FROM recipients WHERE state IN ('queued', 'deferred')), (SELECT MAX(next_attempt_at) FROM recipients WHERE state IN ('queued', 'deferred'))"),
+    ("recipients_leased", "SELECT (SELECT MIN(lease_until) FROM recipients WHERE lease_until IS NOT NULL), (SELECT MAX(lease_until) FROM recipients WHERE lease_until IS NOT NULL)"),
+    ("recipients_lease_owner", "SELECT (SELECT MIN(lease_owner) FROM recipients WHERE lease_owner IS NOT NULL), (SELECT MAX(lease_owner) FROM recipients WHERE lease_owner IS NOT NULL)"),
+    ("recipients_claimable", "SELECT (SELECT MIN(next_attempt_at) FROM recipients WHERE state IN ('queued', 'deferred') AND held = 0), (SELECT MAX(next_attempt_at) FROM recipients WHERE state IN ('queued', 'deferred') AND held = 0)"),
+    ("recipients_held", "SELECT (SELECT MIN(domain) FROM recipients WHERE held = 1), (SELECT MAX(domain) FROM recipients WHERE held = 1)"),
+)  # fmt: skip
 
 
 INSERT_MESSAGE = """INSERT INTO messages
