@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 
 from bench._common import SENDER, Row, Target, recipient, settle
+from bench.scenarios import _remove_db
 from mailstrom_async import (
     Config,
     Deliverer,
@@ -126,7 +127,9 @@ def _raw(count: int, token: str, body_bytes: int) -> tuple[bytes, list[str]]:
         + ",\r\n ".join(shown)
         + f"\r\nSubject: loop lag, {count} recipients\r\n\r\n"
     )
-    return head.encode() + body[:body_bytes], [recipient(i, token) for i in range(count)]
+    return head.encode() + body[:body_bytes], [
+        recipient(i, token) for i in range(count)
+    ]
 
 
 Submit = Callable[[Deliverer], Awaitable[Any]]
@@ -148,8 +151,8 @@ def _make(case: str, token: str) -> Submit:
             data, rcpts = _raw(_count(size), token, 2048)
         return lambda d: d.submit(data, mail_from=SENDER, rcpt_to=rcpts)
     if kind == "many":
-        messages, _, rcpts = size.partition("x")
-        batch = [_email(_count(rcpts), f"{token}m{i}") for i in range(_count(messages))]
+        number, _, each = size.partition("x")
+        batch = [_email(_count(each), f"{token}m{i}") for i in range(_count(number))]
         return lambda d: d.submit_many(batch)
     megabytes = int(size.removesuffix("m"))
     if kind == "text":
@@ -167,6 +170,7 @@ class _Probe:
     def __init__(self) -> None:
         self.worst = 0.0
         self.ticks = 0
+        self._waiting: list[tuple[int, anyio.Event]] = []
 
     async def run(self) -> None:
         while True:
@@ -174,12 +178,16 @@ class _Probe:
             await anyio.sleep(_TICK)
             self.worst = max(self.worst, time.perf_counter() - start - _TICK)
             self.ticks += 1
+            for due, event in self._waiting:
+                if self.ticks >= due:
+                    event.set()
+            self._waiting = [(d, e) for d, e in self._waiting if not e.is_set()]
 
     async def settle(self) -> None:
         """Wait until the probe has woken twice more, so a late stall counts."""
-        seen = self.ticks
-        while self.ticks < seen + 2:
-            await anyio.sleep(_TICK)
+        event = anyio.Event()
+        self._waiting.append((self.ticks + 2, event))
+        await event.wait()
 
 
 async def _measure(
@@ -228,14 +236,14 @@ async def loop_lag(params: dict[str, Any]) -> dict[str, Any]:
                 settle()
                 results[case] = await _measure(deliverer, probe, submit, repetitions)
             tg.cancel_scope.cancel()
-    if path is not None:
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
+    _remove_db(path)
     return {"store": params["store"], "idle_stall_ms": idle, "cases": results}
 
 
 def _worst(runs: list[dict[str, Any]], case: str, metric: str) -> float:
-    values = [r["cases"][case][metric] for r in runs if case in r.get("cases", {})]
+    values = [
+        float(r["cases"][case][metric]) for r in runs if case in r.get("cases", {})
+    ]
     if not values:
         return math.nan
     return max(values)

@@ -37,13 +37,13 @@ __all__ = [
     "recipient_key",
 ]
 
-#: Characters that end a line somewhere: CR and LF for SMTP, the rest for
-#: ``str.splitlines()``, which the email package uses when it writes headers.
 # Load the IDNA codec (and its stringprep tables) at import, not on first use, which
 # might be inside the event loop.
 codecs.lookup("idna")
 
-_LINE_BREAKS = frozenset("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+#: NUL, and the characters that end a line somewhere: CR and LF for SMTP, the rest
+#: for ``str.splitlines()``, which the email package uses when it writes headers.
+_BAD_TEXT = re.compile("[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\x00]")
 _ATEXT = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~."
 )
@@ -88,8 +88,9 @@ def check_text(value: str, what: str, *, address: bool = False) -> None:
         InvalidMessageError: (``InvalidAddressError`` when *address*) the value
             contains CR, LF, NUL or another line-breaking character.
     """
-    bad = next((c for c in value if c in _LINE_BREAKS or c == "\x00"), None)
-    if bad is not None:
+    found = _BAD_TEXT.search(value)
+    if found is not None:
+        bad = found.group()
         msg = f"{what} must not contain {bad!r} (CR, LF or NUL), not {value!r}"
         if address:
             raise InvalidAddressError(msg, value)

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from email.headerregistry import Address, Group
 from email.message import EmailMessage, Message
 from email.parser import Parser
-from email.policy import SMTP, SMTPUTF8
+from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
 from typing import cast
 
@@ -33,18 +33,20 @@ from mailstrom_async._address import (
     parse_address,
     recipient_key,
 )
-from mailstrom_async._builder import (
-    LINE_BREAK,
-    Attachment,
-    Email,
-    address_groups,
-    addresses,
-    pre_encode_unstructured,
-    set_policy,
-    str_tuple,
-)
+from mailstrom_async._builder import Attachment, Email, build_with_groups, str_tuple
 from mailstrom_async._config import Config
 from mailstrom_async._exceptions import InvalidMessageError
+from mailstrom_async._headers import (
+    LINE_BREAK,
+    RENDER_SMTP,
+    RENDER_SMTPUTF8,
+    address_groups,
+    addresses,
+    fold_addresses,
+    pre_encode_unstructured,
+    replace_raw,
+    set_policy,
+)
 
 __all__ = [
     "Attachment",
@@ -109,8 +111,9 @@ def _envelope(
     seen: set[tuple[str, str]] = set()
     recipients: list[str] = []
     for r in candidates:
-        if recipient_key(r) not in seen:
-            seen.add(recipient_key(r))
+        key = recipient_key(r)
+        if key not in seen:
+            seen.add(key)
             recipients.append(r)
     if not recipients:
         msg = "the message has no recipients (no To, Cc or Bcc, and no rcpt_to)"
@@ -191,29 +194,31 @@ def prepare(
     """
     config = _DEFAULT_CONFIG if config is None else config
     if isinstance(message, Email):
-        built: Message = message.build()
+        built: Message
+        built, groups = build_with_groups(message)
     elif isinstance(message, Message):
         built = _copy_tree(message)
         set_policy(built, SMTP)
+        groups = address_groups(built)
     elif isinstance(message, bytes | bytearray | memoryview):
         return _prepare_bytes(bytes(message), mail_from, rcpt_to, config)
     else:
         kind = type(message).__name__  # type: ignore[unreachable]
         msg = f"prepare() takes an Email, an EmailMessage or bytes, not {kind}"
         raise TypeError(msg)
-    groups = address_groups(built)
     sender, recipients = _envelope(groups, mail_from, rcpt_to)
-    utf8_headers = False
+    shown = [key for key in groups if key != "bcc"]
+    utf8_headers = any(not a.username.isascii() for a in addresses(groups, *shown))
     for key, gs in groups.items():
         name = next(n for n in built if n.lower() == key)
         if key == "bcc":
             del built[name]
             continue
         if any(not a.domain.isascii() for g in gs for a in g.addresses):
-            built.replace_header(
-                name, ", ".join(map(str, map(_with_ascii_domains, gs)))
-            )
-        utf8_headers |= any(not a.username.isascii() for g in gs for a in g.addresses)
+            ascii_groups = tuple(map(_with_ascii_domains, gs))
+            if ascii_groups != gs:
+                value = fold_addresses(name, ascii_groups, utf8=utf8_headers)
+                replace_raw(built, name, value)
     message_id = _message_id(built)
     if not message_id:
         del built["Message-ID"]
@@ -224,7 +229,7 @@ def prepare(
     pre_encode_unstructured(built)
     _reencode_long_lines(built)
     try:
-        data = built.as_bytes(policy=SMTPUTF8 if utf8_headers else SMTP)
+        data = built.as_bytes(policy=RENDER_SMTPUTF8 if utf8_headers else RENDER_SMTP)
     except Exception as exc:  # the email package fails in many ways on bad input
         msg = f"the message cannot be rendered: {exc}"
         raise InvalidMessageError(msg) from exc
