@@ -47,6 +47,7 @@ from mailstrom_async._headers import (
     replace_raw,
     set_policy,
 )
+from mailstrom_async._render import crlf_only, has_long_line, long_line, render, to_crlf
 
 __all__ = [
     "Attachment",
@@ -59,7 +60,6 @@ __all__ = [
 
 _DEFAULT_CONFIG = Config()
 _MAX_LINE = 998  # octets, without the CRLF (RFC 5322 §2.1.1, RFC 5321 §4.5.3.1.6)
-_LINE_BREAK_BYTES = re.compile(rb"\r\n|\r|\n")
 _FIELD_LINE = re.compile(rb"[!-9;-~]+:")
 _MSG_ID = re.compile(r"<[^<>\s]+>")
 
@@ -229,7 +229,7 @@ def prepare(
     pre_encode_unstructured(built)
     _reencode_long_lines(built)
     try:
-        data = built.as_bytes(policy=RENDER_SMTPUTF8 if utf8_headers else RENDER_SMTP)
+        data = render(built, RENDER_SMTPUTF8 if utf8_headers else RENDER_SMTP)
     except Exception as exc:  # the email package fails in many ways on bad input
         msg = f"the message cannot be rendered: {exc}"
         raise InvalidMessageError(msg) from exc
@@ -263,10 +263,7 @@ def _reencode_long_lines(message: Message) -> None:
         payload = part.get_payload()
         if part.is_multipart() or not isinstance(payload, str):
             continue
-        lines = LINE_BREAK.split(payload)
-        if "\x00" not in payload and all(
-            len(line.encode("utf-8", "surrogateescape")) <= _MAX_LINE for line in lines
-        ):
+        if "\x00" not in payload and not has_long_line(payload, _MAX_LINE):
             continue
         raw = cast("bytes", part.get_payload(decode=True))
         if part.get_content_maintype() == "text":
@@ -288,15 +285,19 @@ def _prepare_bytes(
     if mail_from is None or rcpt_to is None:
         msg = "raw bytes need an explicit envelope: pass mail_from= and rcpt_to="
         raise InvalidMessageError(msg)
-    data = _LINE_BREAK_BYTES.sub(b"\r\n", raw)  # RFC 5321 §2.3.8: no bare CR or LF
+    data = to_crlf(raw)  # RFC 5321 §2.3.8: no bare CR or LF
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
+    # The body is a view: copying 25 MB holds the GIL (see _render).
+    body: bytes | memoryview
     if data.startswith(b"\r\n"):
-        head, body = b"", data[2:]
+        head, body = b"", memoryview(data)[2:]
     else:
-        head, blank, body = data.partition(b"\r\n\r\n")
-        if not blank:  # headers only, no body
+        end = data.find(b"\r\n\r\n")
+        if end == -1:  # headers only, no body
             head, body = data[:-2], b""
+        else:
+            head, body = data[:end], memoryview(data)[end + 4 :]
     fields: list[list[bytes]] = []
     for number, line in enumerate(head.split(b"\r\n") if head else (), start=1):
         if line[:1] in (b" ", b"\t") and fields:
@@ -333,15 +334,8 @@ def _prepare_bytes(
         if field[0].partition(b":")[0].lower() not in drop
         for line in field
     )
-    return _finish(
-        message_id, sender, recipients, added + kept + b"\r\n" + body, config
-    )
-
-
-def crlf_only(data: bytes) -> bool:
-    """True when every CR and LF in *data* is part of a CRLF pair."""
-    crlf = data.count(b"\r\n")
-    return data.count(b"\r") == crlf and data.count(b"\n") == crlf
+    data = b"".join((added, kept, b"\r\n", body))
+    return _finish(message_id, sender, recipients, data, config)
 
 
 def _finish(
@@ -358,9 +352,8 @@ def _finish(
     if not crlf_only(data):  # pragma: no cover
         msg = "the message contains a bare CR or LF"  # defensive: normalised above
         raise InvalidMessageError(msg)
-    # Splitting is done in C; a regex for the long line scans every position.
-    if len(data) > _MAX_LINE and max(map(len, data.split(b"\r\n"))) > _MAX_LINE:
-        snippet = next(x for x in data.split(b"\r\n") if len(x) > _MAX_LINE)[:40]
+    if len(data) > _MAX_LINE and (line := long_line(data, _MAX_LINE)) is not None:
+        snippet = line[:40]
         msg = (
             f"a line starting {snippet!r} is longer than {_MAX_LINE} octets and cannot "
             "be re-encoded (RFC 5322 §2.1.1)"
@@ -372,7 +365,8 @@ def _finish(
             f"(limits.max_message_size) is {config.limits.max_message_size}"
         )
         raise InvalidMessageError(msg)
-    head = data.partition(b"\r\n\r\n")[0]
+    end = data.find(b"\r\n\r\n")
+    head = data if end == -1 else data[:end]
     if not head.isascii():
         try:
             head.decode("utf-8")
