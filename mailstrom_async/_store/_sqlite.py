@@ -48,6 +48,7 @@ from mailstrom_async._store._base import Job, NewMessage, QueueSummary
 from mailstrom_async._store._common import (
     CANCELLED,
     UNFINISHED,
+    address_index,
     check_claim,
     check_limit,
     check_list_limit,
@@ -491,11 +492,11 @@ class SQLiteStore:
             ).fetchall()
             if not stored:
                 _check_exists(conn, message_id)
-            addresses = [row[1] for row in stored]
+            index = address_index(row[1] for row in stored)
             states = [RecipientState(row[2]) for row in stored]
             updates, unlease = [], set()
             for status in statuses:
-                for i in matching(addresses, status.address):
+                for i in matching(index, status.address):
                     position = stored[i][0]
                     if should_replace(states[i], status.state):
                         states[i] = status.state
@@ -524,11 +525,9 @@ class SQLiteStore:
                 " WHERE message_id = ? AND lease_owner = ?",
                 (message_id, worker),
             ).fetchall()
-            leased_addresses = [row[1] for row in leased]
+            index = address_index(row[1] for row in leased)
             positions = {
-                leased[i][0]
-                for address in addresses
-                for i in matching(leased_addresses, address)
+                leased[i][0] for address in addresses for i in matching(index, address)
             }
             if positions:
                 conn.executemany(
