@@ -211,11 +211,11 @@ def parse_address_header(name: str, value: str) -> tuple[Group, ...]:
 
 def _parse_whole(value: str) -> tuple[Group, ...]:
     """Parse *value* in one go (one element, or the fallback of the split)."""
-    plain = _PLAIN_ADDRESS.fullmatch(value.strip(" \t"))
-    if plain is not None:
-        local, domain = plain.groups()
-        _check_mailbox(local, domain, plain.group())
-        return (Group(None, (Address(username=local, domain=domain),)),)
+    fast = _fast_groups(value.strip(" \t"))
+    if fast is not None:
+        [address] = fast[0].addresses
+        _check_mailbox(address.username, address.domain, address.addr_spec)
+        return fast
     try:
         header = SMTP.header_factory("to", value)
         groups: tuple[Group, ...] = header.groups
@@ -232,22 +232,35 @@ def _parse_whole(value: str) -> tuple[Group, ...]:
     return groups
 
 
+def _fast_groups(stripped: str) -> tuple[Group, ...] | None:
+    """The parser's Group for the common forms of one mailbox, found by a regex.
+
+    ``addr@example.com``, ``Name Words <addr@example.com>`` and
+    ``"Any, Name" <addr@example.com>`` (printable ASCII, single spaces between
+    words): what the header parser gives for them, unchecked; None for anything
+    else, or for text with an encoded word (``=?``) the parser would decode.
+    """
+    plain = _PLAIN_ADDRESS.fullmatch(stripped)
+    if plain is not None:
+        local, domain = plain.groups()
+        return (Group(None, (Address(username=local, domain=domain),)),)
+    if "=?" in stripped:
+        return None
+    named = _NAMED_ADDRESS.fullmatch(stripped) or _QUOTED_ADDRESS.fullmatch(stripped)
+    if named is None:
+        return None
+    display, local, domain = named.groups()
+    return (Group(None, (Address(display, local, domain),)),)
+
+
 def _parse_piece(piece: str) -> tuple[Group, ...] | None:
     """Groups of one list element, unchecked; None if the parser finds a fault."""
     stripped = piece.strip(" \t")
     if not stripped:
         return ()  # an empty element: obsolete syntax the parser accepts
-    plain = _PLAIN_ADDRESS.fullmatch(stripped)
-    if plain is not None:
-        local, domain = plain.groups()
-        return (Group(None, (Address(username=local, domain=domain),)),)
-    if "=?" not in stripped:  # else the parser may decode an encoded word
-        named = _NAMED_ADDRESS.fullmatch(stripped) or _QUOTED_ADDRESS.fullmatch(
-            stripped
-        )
-        if named is not None:
-            display, local, domain = named.groups()
-            return (Group(None, (Address(display, local, domain),)),)
+    fast = _fast_groups(stripped)
+    if fast is not None:
+        return fast
     try:
         header = SMTP.header_factory("to", piece)
         groups: tuple[Group, ...] = header.groups
