@@ -38,7 +38,7 @@ def _slices(data: bytes) -> Iterator[bytes]:
     start = 0
     while start < len(data):
         end = min(start + _SLICE, len(data))
-        if end < len(data) and data[end - 1 : end] == b"\r":
+        if data[end - 1 : end + 1] == b"\r\n":
             end += 1
         yield data[start:end]
         start = end

@@ -1295,9 +1295,9 @@ def test_prepare_ten_thousand_recipients() -> None:
     assert list(prepared.rcpt_to) == expected
     assert b"\r\nbcc:" not in header_block(prepared.data).lower()
     assert b"b17@" not in prepared.data
-    for name, given in ((b"To", to), (b"Cc", cc)):
+    for name, mailboxes in ((b"To", to), (b"Cc", cc)):
         shown = _address.parse_address_header("x", _header_value(prepared.data, name))
-        assert [str(g.addresses[0]) for g in shown] == given
+        assert [str(g.addresses[0]) for g in shown] == mailboxes
     address_lines = [
         line
         for line in lines(header_block(prepared.data) + b"\r\n")
@@ -1371,7 +1371,7 @@ def test_prepare_big_message_renders_like_the_email_package() -> None:
     msg.set_content(body.encode("latin-1").decode("ascii", "surrogateescape") + "\n")
     reference = msg.as_bytes(policy=email.policy.SMTP)
     prepared = prepare(msg)
-    head, _, rest = prepared.data.partition(b"\r\n\r\n")
+    rest = prepared.data.partition(b"\r\n\r\n")[2]
     assert rest == reference.partition(b"\r\n\r\n")[2]
 
 
