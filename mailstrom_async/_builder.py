@@ -230,11 +230,7 @@ def build_with_groups(
     message = EmailMessage(policy=_BUILD_POLICY)
     for name, key, _ in _ADDRESS_FIELDS:
         if key in known:
-            try:
-                message.set_raw(name, fold_addresses(name, known[key], utf8=utf8))
-            except UnicodeError as exc:
-                msg = f"the {name} header cannot be encoded: {exc}"
-                raise InvalidMessageError(msg) from exc
+            message.set_raw(name, fold_addresses(name, known[key], utf8=utf8))
     fields: list[tuple[str, str]] = [("Subject", email.subject)]
     if email.list_unsubscribe is not None:
         value = email.list_unsubscribe.strip()

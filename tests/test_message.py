@@ -1384,3 +1384,13 @@ def test_prepare_big_message_with_a_non_ascii_payload_is_refused() -> None:
         msg.set_payload(("é" * 50 + "\n") * count)
         with pytest.raises(InvalidMessageError, match="cannot be rendered"):
             prepare(msg)
+
+
+def test_prepare_rewrites_idn_domains_inside_a_group() -> None:
+    """A group keeps its name and members when its domains become A-labels."""
+    msg = message("From: a@example.com\nTo: Team Ä: x@münchen.de, y@example.org;")
+    prepared = prepare(msg)
+    assert prepared.rcpt_to == ("x@xn--mnchen-3ya.de", "y@example.org")
+    [group] = parse(prepared)["To"].groups
+    assert group.display_name == "Team Ä"
+    assert [a.addr_spec for a in group.addresses] == list(prepared.rcpt_to)

@@ -81,7 +81,8 @@ def _message(body: str) -> EmailMessage:
     msg["From"] = "a@example.com"
     msg["To"] = "b@example.org"
     msg.set_content("intro\n")
-    msg.add_attachment(body, subtype="plain", cte="8bit")
+    msg.add_attachment("", subtype="plain", cte="8bit")
+    next(msg.iter_attachments()).set_payload(body)  # line ends as they are
     for n, part in enumerate(msg.walk()):
         if part.is_multipart():
             part.set_boundary(f"boundary-{n}")
@@ -90,9 +91,12 @@ def _message(body: str) -> EmailMessage:
 
 @pytest.mark.parametrize("size", [100, 2 * SLICE + 1])
 def test_render_writes_bodies_as_the_generator_does(size: int) -> None:
-    """A big body written by render() is byte for byte what the generator writes."""
+    """A big body written by render() is byte for byte what the generator writes:
+    every line end CRLF, one split by a slice boundary and a CR at the end too."""
     unit = "line\nnext\r\nbare\rend "
     body = (unit * (size // len(unit) + 1))[:size]
+    if size > SLICE:
+        body = body[: SLICE - 1] + "\r\n" + body[SLICE + 1 :] + "\udce9"
     msg = _message(body + "\r")
     expected = copy.deepcopy(msg).as_bytes(policy=RENDER_SMTP)
     assert _render.render(msg, RENDER_SMTP) == expected
