@@ -226,7 +226,10 @@ def build_with_groups(
                 Group(None, (header_address(parse_mailbox(v)),))
                 for v in ((values,) if isinstance(values, str) else values)
             )
-    utf8 = any(not a.username.isascii() for a in addresses(known, *known))
+    # Raw UTF-8 display names only where the shown headers need SMTPUTF8 anyway:
+    # prepare() strips Bcc and writes ASCII headers when only a Bcc needs it.
+    shown = [key for key in known if key != "bcc"]
+    utf8 = any(not a.username.isascii() for a in addresses(known, *shown))
     message = EmailMessage(policy=_BUILD_POLICY)
     for name, key, _ in _ADDRESS_FIELDS:
         if key in known:

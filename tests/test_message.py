@@ -1394,3 +1394,11 @@ def test_prepare_rewrites_idn_domains_inside_a_group() -> None:
     [group] = parse(prepared)["To"].groups
     assert group.display_name == "Team Ä"
     assert [a.addr_spec for a in group.addresses] == list(prepared.rcpt_to)
+
+
+def test_prepare_utf8_bcc_with_non_ascii_display_name_in_to() -> None:
+    """A Bcc that needs SMTPUTF8 leaves the shown headers ASCII, names encoded."""
+    prepared = prepare(simple(to=["Jörg <j@example.org>"], bcc=["jörg@example.org"]))
+    assert prepared.smtputf8 is True
+    assert prepared.data.isascii()
+    assert parse(prepared)["To"].addresses[0].display_name == "Jörg"
