@@ -21,7 +21,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bench import RESULTS_SCHEMA, baselines, mx
+from bench import RESULTS_SCHEMA, baselines, looplag, mx
 from bench._common import Row, Target, median, out, uvloop_available
 from bench._procs import (
     ChildError,
@@ -126,7 +126,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         help="comma-separated keys to run: "
-        "source,pool,single,1,2,3,4,5,6 (baselines A/B/C are needed for ratios)",
+        "source,pool,single,1,2,3,4,5,6,7 (baselines A/B/C are needed for ratios)",
     )
     p.add_argument(
         "--json",
@@ -354,6 +354,34 @@ class Bench:
                 self._child("throughput", "6", soft_every=20, **soft),
             )
 
+        if self.wants("7"):
+            quick = self.args.quick
+            lag = {"port": port, "repetitions": 1 if quick else 3}
+            self._add(
+                "7",
+                "loop stall during submit, SQLite store",
+                self._child(
+                    "loop_lag",
+                    "7",
+                    store="sqlite",
+                    cases=looplag.cases(quick),
+                    **lag,
+                ),
+            )
+            self._add(
+                "7m",
+                "loop stall during submit, memory store",
+                self._child(
+                    "loop_lag",
+                    "7m",
+                    store="memory",
+                    cases=["email-1k"]
+                    if quick
+                    else ["email-10k", "many-1000x1", "attach-25m"],
+                    **lag,
+                ),
+            )
+
     def _deep_path(self, key: str) -> Path:
         return self.tmpdir / f"deep-{key}.sqlite3"
 
@@ -578,6 +606,10 @@ class Bench:
             targets.append(
                 Target("scenario 6 all delivered", float(every), "all DELIVERED", every)
             )
+        for key in ("7", "7m"):
+            if key in ms:
+                rows.extend(looplag.report_rows(key, ms[key].runs))
+                targets.extend(looplag.report_targets(key, ms[key].runs))
         return rows, targets
 
     def results(
@@ -649,6 +681,9 @@ def _brief(result: dict[str, Any]) -> str:
             if "all_delivered" in result and not result["all_delivered"]:
                 text += f", NOT ALL DELIVERED: {result['final_states']}"
             return text
+    if "cases" in result:
+        worst = max((c["stall_ms"] for c in result["cases"].values()), default=0.0)
+        return f"largest loop stall {worst:.1f} ms over {len(result['cases'])} cases"
     if "peak_rss_mib" in result:
         return (
             f"first delivery {result['first_delivery_s'] * 1000:.0f} ms, "

@@ -37,13 +37,13 @@ __all__ = [
     "recipient_key",
 ]
 
-#: Characters that end a line somewhere: CR and LF for SMTP, the rest for
-#: ``str.splitlines()``, which the email package uses when it writes headers.
 # Load the IDNA codec (and its stringprep tables) at import, not on first use, which
 # might be inside the event loop.
 codecs.lookup("idna")
 
-_LINE_BREAKS = frozenset("\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+#: NUL, and the characters that end a line somewhere: CR and LF for SMTP, the rest
+#: for ``str.splitlines()``, which the email package uses when it writes headers.
+_BAD_TEXT = re.compile("[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\x00]")
 _ATEXT = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~."
 )
@@ -56,6 +56,23 @@ _PLAIN_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _PLAIN_ADDRESS = re.compile(
     rf"({_PLAIN_ATOM}(?:\.{_PLAIN_ATOM})*)@({_PLAIN_LABEL}(?:\.{_PLAIN_LABEL})+)"
 )
+_PLAIN_LOCAL = re.compile(rf"{_PLAIN_ATOM}(?:\.{_PLAIN_ATOM})*")
+# Valid domains seen so far and their A-labels (only valid ones are kept).
+_A_LABELS: dict[str, str] = {}
+_A_LABEL_CACHE = 4096
+# "Display Name <addr-spec>" with atoms and single spaces: also the parser's Group.
+_NAMED_ADDRESS = re.compile(
+    rf"({_PLAIN_ATOM}(?: {_PLAIN_ATOM})*) <({_PLAIN_ATOM}(?:\.{_PLAIN_ATOM})*)@"
+    rf"({_PLAIN_LABEL}(?:\.{_PLAIN_LABEL})+)>"
+)
+# '"Display, Name" <addr-spec>': printable ASCII quoted without escapes.
+_QUOTED_ADDRESS = re.compile(
+    rf'"([ !#-\[\]-~]*)" <({_PLAIN_ATOM}(?:\.{_PLAIN_ATOM})*)@'
+    rf"({_PLAIN_LABEL}(?:\.{_PLAIN_LABEL})+)>"
+)
+# What cutting an address list at its commas must look at (see _split_list).
+_LIST_SPECIAL = re.compile(r'[\\"()\[\]<>:;,]')
+_MAX_ENCODED_WORD = 200  # longer spans are not worth the risk: parse the whole
 # Parser defects that only note obsolete (but unambiguous) syntax, or UTF-8 that we
 # check ourselves; any other defect means the parser had to guess.
 _HARMLESS_DEFECTS = (
@@ -71,8 +88,9 @@ def check_text(value: str, what: str, *, address: bool = False) -> None:
         InvalidMessageError: (``InvalidAddressError`` when *address*) the value
             contains CR, LF, NUL or another line-breaking character.
     """
-    bad = next((c for c in value if c in _LINE_BREAKS or c == "\x00"), None)
-    if bad is not None:
+    found = _BAD_TEXT.search(value)
+    if found is not None:
+        bad = found.group()
         msg = f"{what} must not contain {bad!r} (CR, LF or NUL), not {value!r}"
         if address:
             raise InvalidAddressError(msg, value)
@@ -93,6 +111,18 @@ def ascii_domain(domain: str, original: str | None = None) -> str:
     original = domain if original is None else original
     if domain.startswith("["):
         return _check_literal(domain, original)
+    # Thousands of recipients share a few domains: convert each once.
+    known = _A_LABELS.get(domain)
+    if known is not None:
+        return known
+    ascii_form = _a_label(domain, original)
+    if len(_A_LABELS) >= _A_LABEL_CACHE:
+        _A_LABELS.clear()
+    _A_LABELS[domain] = ascii_form
+    return ascii_form
+
+
+def _a_label(domain: str, original: str) -> str:
     try:
         # RFC 5890: non-ASCII labels go on the wire as "xn--" A-labels.
         ascii_form = domain.encode("idna").decode("ascii")
@@ -135,9 +165,10 @@ def _check_mailbox(local: str, domain: str, original: str) -> str:
     if not _DOT_ATOM.fullmatch(local):
         reason = "the local part must be dot-separated words (no empty ones)"
         raise _invalid(original, reason)
-    for c in local:
-        if c not in _ATEXT and (c.isascii() or not c.isprintable() or c.isspace()):
-            raise _invalid(original, f"the local part must not contain {c!r}")
+    if not _PLAIN_LOCAL.fullmatch(local):  # else every character is atext
+        for c in local:
+            if c not in _ATEXT and (c.isascii() or not c.isprintable() or c.isspace()):
+                raise _invalid(original, f"the local part must not contain {c!r}")
     if len(local.encode()) > 64:
         raise _invalid(original, "the local part is longer than 64 octets")
     ascii_form = ascii_domain(domain, original)
@@ -150,17 +181,41 @@ def parse_address_header(name: str, value: str) -> tuple[Group, ...]:
     """Parse an address-list header value into groups of validated addresses.
 
     A plain address comes back as a ``Group`` whose ``display_name`` is ``None``.
+    Linear in the length of *value*: the list is cut at its top-level commas and
+    each element parsed on its own (the stdlib parser copies the rest of the
+    value at every token, which is quadratic on a list of thousands). The
+    outcome is exactly that of parsing the whole value at once: where the cut
+    could differ from the parser's own reading (an encoded word that spans a
+    special character, an element the parser finds fault with), the whole value
+    is parsed as before.
 
     Raises:
         InvalidAddressError: the value does not parse cleanly, or an address in it
             is invalid.
     """
     check_text(value, f"the {name} header", address=True)
-    plain = _PLAIN_ADDRESS.fullmatch(value.strip(" \t"))
-    if plain is not None:
-        local, domain = plain.groups()
-        _check_mailbox(local, domain, plain.group())
-        return (Group(None, (Address(username=local, domain=domain),)),)
+    pieces = _split_list(value)
+    if pieces is None or len(pieces) == 1:
+        return _parse_whole(value)
+    groups: list[Group] = []
+    for piece in pieces:
+        parsed = _parse_piece(piece)
+        if parsed is None:
+            return _parse_whole(value)  # let the whole value speak for itself
+        groups.extend(parsed)
+    for group in groups:
+        for a in group.addresses:
+            _check_mailbox(a.username, a.domain, a.addr_spec)
+    return tuple(groups)
+
+
+def _parse_whole(value: str) -> tuple[Group, ...]:
+    """Parse *value* in one go (one element, or the fallback of the split)."""
+    fast = _fast_groups(value.strip(" \t"))
+    if fast is not None:
+        [address] = fast[0].addresses
+        _check_mailbox(address.username, address.domain, address.addr_spec)
+        return fast
     try:
         header = SMTP.header_factory("to", value)
         groups: tuple[Group, ...] = header.groups
@@ -175,6 +230,117 @@ def parse_address_header(name: str, value: str) -> tuple[Group, ...]:
         for a in group.addresses:
             _check_mailbox(a.username, a.domain, a.addr_spec)
     return groups
+
+
+def _fast_groups(stripped: str) -> tuple[Group, ...] | None:
+    """The parser's Group for the common forms of one mailbox, found by a regex.
+
+    ``addr@example.com``, ``Name Words <addr@example.com>`` and
+    ``"Any, Name" <addr@example.com>`` (printable ASCII, single spaces between
+    words): what the header parser gives for them, unchecked; None for anything
+    else, or for text with an encoded word (``=?``) the parser would decode.
+    """
+    plain = _PLAIN_ADDRESS.fullmatch(stripped)
+    if plain is not None:
+        local, domain = plain.groups()
+        return (Group(None, (Address(username=local, domain=domain),)),)
+    if "=?" in stripped:
+        return None
+    named = _NAMED_ADDRESS.fullmatch(stripped) or _QUOTED_ADDRESS.fullmatch(stripped)
+    if named is None:
+        return None
+    display, local, domain = named.groups()
+    return (Group(None, (Address(display, local, domain),)),)
+
+
+def _parse_piece(piece: str) -> tuple[Group, ...] | None:
+    """Groups of one list element, unchecked; None if the parser finds a fault."""
+    stripped = piece.strip(" \t")
+    if not stripped:
+        return ()  # an empty element: obsolete syntax the parser accepts
+    fast = _fast_groups(stripped)
+    if fast is not None:
+        return fast
+    try:
+        header = SMTP.header_factory("to", piece)
+        groups: tuple[Group, ...] = header.groups
+    except Exception:
+        return None
+    if any(not isinstance(d, _HARMLESS_DEFECTS) for d in header.defects):
+        return None
+    return groups
+
+
+def _split_list(value: str) -> list[str] | None:
+    """Cut an address list at its top-level commas; None when unsure where.
+
+    Commas inside quoted strings, comments, domain literals, angle brackets
+    (obsolete routes) and groups (``name: a, b;``) do not cut; a backslash
+    escapes the next character everywhere. An encoded word is opaque to the
+    stdlib parser (it may hide a quote or a comma), so a value in which one
+    could cover one of those characters is not cut at all.
+    """
+    if "=?" in value and not _encoded_words_are_plain(value):
+        return None
+    pieces: list[str] = []
+    start = skip = 0
+    comment = 0
+    quoted = literal = angle = group = False
+    for match in _LIST_SPECIAL.finditer(value):
+        i = match.start()
+        if i < skip:
+            continue  # escaped by a backslash
+        c = value[i]
+        if c == "\\":
+            skip = i + 2
+        elif quoted:
+            quoted = c != '"'
+        elif comment:
+            comment += {"(": 1, ")": -1}.get(c, 0)
+        elif literal:
+            literal = c != "]"
+        elif c == '"':
+            quoted = True
+        elif c == "(":
+            comment = 1
+        elif c == "[":
+            literal = True
+        elif angle:
+            angle = c != ">"
+        elif c == "<":
+            angle = True
+        elif c == ":":
+            group = True
+        elif c == ";":
+            group = False
+        elif c == "," and not group:
+            pieces.append(value[start:i])
+            start = i + 1
+    pieces.append(value[start:])
+    return pieces
+
+
+def _encoded_words_are_plain(value: str) -> bool:
+    """True if no text the parser may read as one encoded word holds a special.
+
+    The parser takes ``=?`` up to the next ``?=`` as an encoded word, or up to
+    the one after it when fewer than two ``?`` came between (CPython's
+    ``get_encoded_word``); whether it then decodes or not, a span free of the
+    characters the list is cut on reads the same either way.
+    """
+    start = value.find("=?")
+    while start != -1:
+        first = value.find("?=", start + 2)
+        if first == -1:
+            return True  # no encoded word can start here or later
+        end = first + 2
+        if value.count("?", start + 2, first) < 2:
+            second = value.find("?=", end)
+            end = len(value) if second == -1 else second + 2
+        if end - start > _MAX_ENCODED_WORD or _LIST_SPECIAL.search(value, start, end):
+            return False
+        start = value.find("=?", start + 2)
+    return True
 
 
 def parse_mailbox(value: str) -> Address:

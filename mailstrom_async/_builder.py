@@ -1,52 +1,52 @@
-"""The :class:`Email` builder, and header checks shared with :func:`prepare`.
+"""The :class:`Email` builder.
 
-Pure and synchronous: no I/O.
+Every address is parsed once, here; the address headers are written from the
+parsed mailboxes (:func:`~mailstrom_async._headers.fold_addresses`) and the
+groups are handed on to :func:`prepare` with the message
+(:func:`build_with_groups`), so nothing is parsed twice. Pure and synchronous:
+no I/O.
 """
 
 from __future__ import annotations
 
+import base64
 import mimetypes
 import re
 from collections.abc import Iterable, Mapping
-from email.header import Header
-from email.headerregistry import Address, Group, UnstructuredHeader
-from email.message import EmailMessage, Message, MIMEPart
-from email.policy import SMTP, SMTPUTF8, EmailPolicy
+from email.headerregistry import Group
+from email.message import EmailMessage, MIMEPart
+from email.policy import SMTP, SMTPUTF8
 from pathlib import PurePath
 from types import MappingProxyType
-from typing import Any
+from typing import cast
 
 import attrs
 
-from mailstrom_async._address import (
-    check_text,
-    header_address,
-    parse_address_header,
-    parse_mailbox,
-)
+from mailstrom_async._address import check_text, header_address, parse_mailbox
 from mailstrom_async._exceptions import InvalidMessageError
+from mailstrom_async._headers import (
+    address_groups,
+    addresses,
+    check_name,
+    fold_addresses,
+    pre_encode_unstructured,
+    set_policy,
+)
 
-__all__ = [
-    "LINE_BREAK",
-    "Attachment",
-    "Email",
-    "address_groups",
-    "addresses",
-    "check_field",
-    "pre_encode_unstructured",
-    "set_policy",
-    "str_tuple",
-]
+__all__ = ["Attachment", "Email", "build_with_groups", "str_tuple"]
 
 # Bodies are written 7-bit clean (quoted-printable or base64), so no 8BITMIME needed.
 _BUILD_POLICY = SMTP.clone(cte_type="7bit")
-_FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 §3.6.8 ftext
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 2045 token
 _CONTENT_ID = re.compile(r"[!-;=?-~]+")  # printable ASCII without "<", ">"
-LINE_BREAK = re.compile(r"\r\n|\r|\n")
-_ADDRESS_HEADERS = ("from", "sender", "reply-to", "to", "cc", "bcc")
-# RFC 5322 §3.6: fields that may appear at most once.
-_SINGLETONS = frozenset({*_ADDRESS_HEADERS, "date", "message-id", "subject"})
+# The address fields of an Email: header name, key of the groups, attribute.
+_ADDRESS_FIELDS = (
+    ("From", "from", "sender"),
+    ("To", "to", "to"),
+    ("Cc", "cc", "cc"),
+    ("Bcc", "bcc", "bcc"),
+    ("Reply-To", "reply-to", "reply_to"),
+)
 # Email.headers must not set what a field or the MIME structure sets.
 _RESERVED = {
     "from": "sender",
@@ -167,51 +167,7 @@ class Email:
             InvalidMessageError: no recipients, a CR, LF or NUL in a header value,
                 a bad header name, or a bad attachment.
         """
-        if not (self.to or self.cc or self.bcc):
-            msg = "an Email needs at least one recipient in to, cc or bcc"
-            raise InvalidMessageError(msg)
-        message = EmailMessage(policy=_BUILD_POLICY)
-        message["From"] = header_address(parse_mailbox(self.sender))
-        for name, values in (
-            ("To", self.to),
-            ("Cc", self.cc),
-            ("Bcc", self.bcc),
-            ("Reply-To", self.reply_to),
-        ):
-            if values:
-                message[name] = [header_address(parse_mailbox(v)) for v in values]
-        fields: list[tuple[str, str]] = [("Subject", self.subject)]
-        if self.list_unsubscribe is not None:
-            value = self.list_unsubscribe.strip()
-            fields.append(("List-Unsubscribe", value if "<" in value else f"<{value}>"))
-        if self.precedence is not None:
-            fields.append(("Precedence", self.precedence))
-        for name, value in self.headers.items():
-            if name.lower() in _RESERVED:
-                field = _RESERVED[name.lower()]
-                msg = f"set the {name!r} header with {field}, not headers="
-                raise InvalidMessageError(msg)
-            fields.append((name, value))
-        for name, value in fields:
-            _check_name(name)
-            check_text(value, f"the {name} header")
-            try:
-                message[name] = value
-            except Exception as exc:  # the stdlib parsers fail in assorted ways
-                msg = f"the {name!r} header cannot be set to {value!r}: {exc}"
-                raise InvalidMessageError(msg) from exc
-        try:
-            self._set_body(message)
-        except InvalidMessageError:
-            raise
-        except (UnicodeError, ValueError, TypeError) as exc:
-            msg = f"the Email's body or attachments cannot be encoded: {exc}"
-            raise InvalidMessageError(msg) from exc
-        pre_encode_unstructured(message)
-        groups = address_groups(message)
-        utf8 = any(not a.username.isascii() for a in addresses(groups, *groups))
-        set_policy(message, SMTPUTF8 if utf8 else SMTP)
-        return message
+        return build_with_groups(self)[0]
 
     def _set_body(self, message: EmailMessage) -> None:
         with_html = self.html is not None
@@ -230,23 +186,103 @@ class Email:
         for a in related:  # shown within the HTML, so always inline
             maintype, subtype, _, cid = _attachment_options(a)
             html_part.add_related(
-                a.content,
+                b"",
                 maintype,
                 subtype,
                 filename=a.filename,
                 disposition="inline",
                 cid=cid,
             )
+            _set_base64(html_part, a.content)
         for a in mixed:
             maintype, subtype, disposition, cid = _attachment_options(a)
             message.add_attachment(
-                a.content,
+                b"",
                 maintype,
                 subtype,
                 filename=a.filename,
                 disposition=disposition,
                 cid=cid,
             )
+            _set_base64(message, a.content)
+
+
+def build_with_groups(
+    email: Email,
+) -> tuple[EmailMessage, dict[str, tuple[Group, ...]]]:
+    """:meth:`Email.build`, with the parsed groups of every address header.
+
+    The keys are lower-cased header names, as in
+    :func:`~mailstrom_async._headers.address_groups`.
+    """
+    if not (email.to or email.cc or email.bcc):
+        msg = "an Email needs at least one recipient in to, cc or bcc"
+        raise InvalidMessageError(msg)
+    known: dict[str, tuple[Group, ...]] = {}
+    for _, key, field in _ADDRESS_FIELDS:
+        values = getattr(email, field)
+        if values:
+            known[key] = tuple(
+                Group(None, (header_address(parse_mailbox(v)),))
+                for v in ((values,) if isinstance(values, str) else values)
+            )
+    # Raw UTF-8 display names only where the shown headers need SMTPUTF8 anyway:
+    # prepare() strips Bcc and writes ASCII headers when only a Bcc needs it.
+    shown = [key for key in known if key != "bcc"]
+    utf8 = any(not a.username.isascii() for a in addresses(known, *shown))
+    message = EmailMessage(policy=_BUILD_POLICY)
+    for name, key, _ in _ADDRESS_FIELDS:
+        if key in known:
+            message.set_raw(name, fold_addresses(name, known[key], utf8=utf8))
+    fields: list[tuple[str, str]] = [("Subject", email.subject)]
+    if email.list_unsubscribe is not None:
+        value = email.list_unsubscribe.strip()
+        fields.append(("List-Unsubscribe", value if "<" in value else f"<{value}>"))
+    if email.precedence is not None:
+        fields.append(("Precedence", email.precedence))
+    for name, value in email.headers.items():
+        if name.lower() in _RESERVED:
+            field = _RESERVED[name.lower()]
+            msg = f"set the {name!r} header with {field}, not headers="
+            raise InvalidMessageError(msg)
+        fields.append((name, value))
+    for name, value in fields:
+        check_name(name)
+        check_text(value, f"the {name} header")
+        try:
+            message[name] = value
+        except Exception as exc:  # the stdlib parsers fail in assorted ways
+            msg = f"the {name!r} header cannot be set to {value!r}: {exc}"
+            raise InvalidMessageError(msg) from exc
+    try:
+        email._set_body(message)
+    except InvalidMessageError:
+        raise
+    except (UnicodeError, ValueError, TypeError) as exc:
+        msg = f"the Email's body or attachments cannot be encoded: {exc}"
+        raise InvalidMessageError(msg) from exc
+    pre_encode_unstructured(message)
+    groups = address_groups(message, known)
+    utf8 = any(not a.username.isascii() for a in addresses(groups, *groups))
+    set_policy(message, SMTPUTF8 if utf8 else SMTP)
+    return message, groups
+
+
+def _set_base64(container: MIMEPart, content: bytes) -> None:
+    """Give the part just attached to *container* *content* in base64.
+
+    What ``add_attachment(content, ...)`` writes (lines of 76 characters), but
+    joined a slice at a time: the email package joins one string per line in
+    one call, which on 25 MB holds the GIL for a tenth of a second.
+    """
+    part = cast("list[MIMEPart]", container.get_payload())[-1]
+    step = 57 * 16_384  # 57 octets make one line of 76 characters
+    part.set_payload(
+        "".join(
+            base64.encodebytes(content[i : i + step]).decode("ascii")
+            for i in range(0, len(content), step)
+        )
+    )
 
 
 def _text_cte(text: str) -> str | None:
@@ -272,72 +308,3 @@ def _attachment_options(a: Attachment) -> tuple[str, str, str, str | None]:
             raise InvalidMessageError(msg)
         cid = f"<{cid}>"
     return maintype, subtype, "inline" if a.inline else "attachment", cid
-
-
-def _check_name(name: str) -> None:
-    if not _FIELD_NAME.fullmatch(name):
-        msg = (
-            f"a header name must be printable ASCII without ':' or spaces, not {name!r}"
-        )
-        raise InvalidMessageError(msg)
-
-
-def check_field(name: str, value: str) -> None:
-    """Check a header field's name and (unfolded or folded) value."""
-    _check_name(name)
-    # A line break is only allowed as folding: followed by a space or tab and text.
-    first, *rest = LINE_BREAK.split(value)
-    for line in rest:
-        if line[:1] not in (" ", "\t") or not line.strip(" \t"):
-            msg = f"the {name} header must not contain CR or LF, not {value!r}"
-            raise InvalidMessageError(msg)
-    check_text(first + "".join(rest), f"the {name} header")
-
-
-def pre_encode_unstructured(message: Message) -> None:
-    """Encode non-ASCII unstructured header values as RFC 2047 words ourselves.
-
-    CPython gh-144156 (not fixed in 3.11): the folder can drop the space between
-    two encoded words. ``email.header.Header`` encodes the spaces inside the words.
-    """
-    items = list(message.raw_items())
-    if not any(_is_non_ascii_unstructured(v) for _, v in items):
-        return
-    for name in {n for n, _ in items}:
-        del message[name]
-    for name, value in items:
-        if _is_non_ascii_unstructured(value):
-            value = Header(str(value), "utf-8", header_name=name).encode(linesep="\r\n")
-        message.set_raw(name, value)
-
-
-def _is_non_ascii_unstructured(value: object) -> bool:
-    return isinstance(value, UnstructuredHeader) and not str(value).isascii()
-
-
-def set_policy(message: Message, policy: EmailPolicy[Any]) -> None:
-    """Give *message* and all its parts *policy*."""
-    for part in message.walk():
-        part.policy = policy
-
-
-def address_groups(message: Message) -> dict[str, tuple[Group, ...]]:
-    """Check every header; parse the address headers (lower-cased name -> groups)."""
-    counts: dict[str, int] = {}
-    groups: dict[str, tuple[Group, ...]] = {}
-    for part in message.walk():
-        for name, value in part.raw_items():
-            check_field(name, str(value))
-    for name, value in message.raw_items():
-        key = name.lower()
-        counts[key] = counts.get(key, 0) + 1
-        if key in _SINGLETONS and counts[key] > 1:
-            msg = f"the {name} header may appear only once (RFC 5322 §3.6)"
-            raise InvalidMessageError(msg)
-        if key in _ADDRESS_HEADERS:
-            groups[key] = parse_address_header(name, LINE_BREAK.sub("", str(value)))
-    return groups
-
-
-def addresses(groups: dict[str, tuple[Group, ...]], *keys: str) -> list[Address]:
-    return [a for k in keys for g in groups.get(k, ()) for a in g.addresses]

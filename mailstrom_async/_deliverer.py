@@ -27,6 +27,7 @@ from mailstrom_async._exceptions import (
     InvalidMessageError,
     StoreError,
 )
+from mailstrom_async._intake import prepare_batch, prepare_one
 from mailstrom_async._job import JobRunner
 from mailstrom_async._leases import (
     LeaseKeeper,
@@ -34,7 +35,6 @@ from mailstrom_async._leases import (
     describe_owners,
     release_dead_owner,
 )
-from mailstrom_async._message import Email, PreparedMessage, prepare
 from mailstrom_async._models import (
     DeliveryEvent,
     MessageStatus,
@@ -51,6 +51,7 @@ from mailstrom_async._telemetry import Telemetry
 from mailstrom_async._worker import Lanes
 
 if TYPE_CHECKING:
+    from mailstrom_async._message import Email, PreparedMessage
     from mailstrom_async._transport import Transport
 
 __all__ = ["DEFAULT_STORE_PATH", "Deliverer", "DelivererMode", "SubmitHandle"]
@@ -371,12 +372,9 @@ class Deliverer:
             StoreError: the store could not commit the message.
         """
         self._check_open()
-        if isinstance(message, PreparedMessage):
-            prepared = message
-        else:
-            prepared = prepare(
-                message, mail_from=mail_from, rcpt_to=rcpt_to, config=self._config
-            )
+        prepared = await prepare_one(
+            message, mail_from=mail_from, rcpt_to=rcpt_to, config=self._config
+        )
         [handle] = await self._accept([prepared], [idempotency_key])
         return handle
 
@@ -406,17 +404,7 @@ class Deliverer:
         if keys is not None and len(keys) != len(batch):
             msg = f"got {len(keys)} idempotency keys for {len(batch)} messages"
             raise ValueError(msg)
-        prepared = []
-        for index, message in enumerate(batch):
-            try:
-                prepared.append(
-                    message
-                    if isinstance(message, PreparedMessage)
-                    else prepare(message, config=self._config)
-                )
-            except InvalidMessageError as exc:
-                exc.add_note(f"message #{index} of the batch given to submit_many()")
-                raise
+        prepared = await prepare_batch(batch, config=self._config)
         return await self._accept(prepared, keys or [None] * len(prepared))
 
     async def _accept(

@@ -87,6 +87,9 @@ class EventBroker:
         self._max_buffer = max_buffer
         # Weak: a stream its owner dropped without closing unsubscribes itself.
         self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
+        # What publish() walks: one call per recipient, so a message of 10,000
+        # publishes 10,000 events at once; rebuilt when a subscriber comes or goes.
+        self._targets: tuple[weakref.ref[EventStream], ...] = ()
         self._closed = False
 
     def subscribe(self) -> EventStream:
@@ -96,18 +99,25 @@ class EventBroker:
             stream._end()
         else:
             self._streams.add(stream)
+            self._refresh()
         return stream
 
     def unsubscribe(self, stream: EventStream) -> None:
         self._streams.discard(stream)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._targets = tuple(weakref.ref(s) for s in self._streams)
 
     @property
     def subscriber_count(self) -> int:
         return len(self._streams)
 
     def publish(self, event: DeliveryEvent) -> None:
-        for stream in list(self._streams):
-            stream._push(event)
+        for target in self._targets:
+            stream = target()
+            if stream is not None:  # else dropped unclosed: gone at the next refresh
+                stream._push(event)
 
     def close(self) -> None:
         """End every stream (after it has read what is buffered)."""
@@ -115,3 +125,4 @@ class EventBroker:
         for stream in list(self._streams):
             stream._end()
         self._streams.clear()
+        self._targets = ()

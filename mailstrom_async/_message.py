@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from email.headerregistry import Address, Group
 from email.message import EmailMessage, Message
 from email.parser import Parser
-from email.policy import SMTP, SMTPUTF8
+from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
 from typing import cast
 
@@ -33,18 +33,21 @@ from mailstrom_async._address import (
     parse_address,
     recipient_key,
 )
-from mailstrom_async._builder import (
-    LINE_BREAK,
-    Attachment,
-    Email,
-    address_groups,
-    addresses,
-    pre_encode_unstructured,
-    set_policy,
-    str_tuple,
-)
+from mailstrom_async._builder import Attachment, Email, build_with_groups, str_tuple
 from mailstrom_async._config import Config
 from mailstrom_async._exceptions import InvalidMessageError
+from mailstrom_async._headers import (
+    LINE_BREAK,
+    RENDER_SMTP,
+    RENDER_SMTPUTF8,
+    address_groups,
+    addresses,
+    fold_addresses,
+    pre_encode_unstructured,
+    replace_raw,
+    set_policy,
+)
+from mailstrom_async._render import crlf_only, has_long_line, long_line, render, to_crlf
 
 __all__ = [
     "Attachment",
@@ -57,7 +60,6 @@ __all__ = [
 
 _DEFAULT_CONFIG = Config()
 _MAX_LINE = 998  # octets, without the CRLF (RFC 5322 §2.1.1, RFC 5321 §4.5.3.1.6)
-_LINE_BREAK_BYTES = re.compile(rb"\r\n|\r|\n")
 _FIELD_LINE = re.compile(rb"[!-9;-~]+:")
 _MSG_ID = re.compile(r"<[^<>\s]+>")
 
@@ -109,8 +111,9 @@ def _envelope(
     seen: set[tuple[str, str]] = set()
     recipients: list[str] = []
     for r in candidates:
-        if recipient_key(r) not in seen:
-            seen.add(recipient_key(r))
+        key = recipient_key(r)
+        if key not in seen:
+            seen.add(key)
             recipients.append(r)
     if not recipients:
         msg = "the message has no recipients (no To, Cc or Bcc, and no rcpt_to)"
@@ -191,29 +194,31 @@ def prepare(
     """
     config = _DEFAULT_CONFIG if config is None else config
     if isinstance(message, Email):
-        built: Message = message.build()
+        built: Message
+        built, groups = build_with_groups(message)
     elif isinstance(message, Message):
         built = _copy_tree(message)
         set_policy(built, SMTP)
+        groups = address_groups(built)
     elif isinstance(message, bytes | bytearray | memoryview):
         return _prepare_bytes(bytes(message), mail_from, rcpt_to, config)
     else:
         kind = type(message).__name__  # type: ignore[unreachable]
         msg = f"prepare() takes an Email, an EmailMessage or bytes, not {kind}"
         raise TypeError(msg)
-    groups = address_groups(built)
     sender, recipients = _envelope(groups, mail_from, rcpt_to)
-    utf8_headers = False
+    shown = [key for key in groups if key != "bcc"]
+    utf8_headers = any(not a.username.isascii() for a in addresses(groups, *shown))
     for key, gs in groups.items():
         name = next(n for n in built if n.lower() == key)
         if key == "bcc":
             del built[name]
             continue
         if any(not a.domain.isascii() for g in gs for a in g.addresses):
-            built.replace_header(
-                name, ", ".join(map(str, map(_with_ascii_domains, gs)))
-            )
-        utf8_headers |= any(not a.username.isascii() for g in gs for a in g.addresses)
+            ascii_groups = tuple(map(_with_ascii_domains, gs))
+            if ascii_groups != gs:
+                value = fold_addresses(name, ascii_groups, utf8=utf8_headers)
+                replace_raw(built, name, value)
     message_id = _message_id(built)
     if not message_id:
         del built["Message-ID"]
@@ -224,7 +229,7 @@ def prepare(
     pre_encode_unstructured(built)
     _reencode_long_lines(built)
     try:
-        data = built.as_bytes(policy=SMTPUTF8 if utf8_headers else SMTP)
+        data = render(built, RENDER_SMTPUTF8 if utf8_headers else RENDER_SMTP)
     except Exception as exc:  # the email package fails in many ways on bad input
         msg = f"the message cannot be rendered: {exc}"
         raise InvalidMessageError(msg) from exc
@@ -258,10 +263,7 @@ def _reencode_long_lines(message: Message) -> None:
         payload = part.get_payload()
         if part.is_multipart() or not isinstance(payload, str):
             continue
-        lines = LINE_BREAK.split(payload)
-        if "\x00" not in payload and all(
-            len(line.encode("utf-8", "surrogateescape")) <= _MAX_LINE for line in lines
-        ):
+        if "\x00" not in payload and not has_long_line(payload, _MAX_LINE):
             continue
         raw = cast("bytes", part.get_payload(decode=True))
         if part.get_content_maintype() == "text":
@@ -283,15 +285,19 @@ def _prepare_bytes(
     if mail_from is None or rcpt_to is None:
         msg = "raw bytes need an explicit envelope: pass mail_from= and rcpt_to="
         raise InvalidMessageError(msg)
-    data = _LINE_BREAK_BYTES.sub(b"\r\n", raw)  # RFC 5321 §2.3.8: no bare CR or LF
+    data = to_crlf(raw)  # RFC 5321 §2.3.8: no bare CR or LF
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
+    # The body is a view: copying 25 MB holds the GIL (see _render).
+    body: bytes | memoryview
     if data.startswith(b"\r\n"):
-        head, body = b"", data[2:]
+        head, body = b"", memoryview(data)[2:]
     else:
-        head, blank, body = data.partition(b"\r\n\r\n")
-        if not blank:  # headers only, no body
+        end = data.find(b"\r\n\r\n")
+        if end == -1:  # headers only, no body
             head, body = data[:-2], b""
+        else:
+            head, body = data[:end], memoryview(data)[end + 4 :]
     fields: list[list[bytes]] = []
     for number, line in enumerate(head.split(b"\r\n") if head else (), start=1):
         if line[:1] in (b" ", b"\t") and fields:
@@ -328,15 +334,8 @@ def _prepare_bytes(
         if field[0].partition(b":")[0].lower() not in drop
         for line in field
     )
-    return _finish(
-        message_id, sender, recipients, added + kept + b"\r\n" + body, config
-    )
-
-
-def crlf_only(data: bytes) -> bool:
-    """True when every CR and LF in *data* is part of a CRLF pair."""
-    crlf = data.count(b"\r\n")
-    return data.count(b"\r") == crlf and data.count(b"\n") == crlf
+    data = b"".join((added, kept, b"\r\n", body))
+    return _finish(message_id, sender, recipients, data, config)
 
 
 def _finish(
@@ -353,9 +352,8 @@ def _finish(
     if not crlf_only(data):  # pragma: no cover
         msg = "the message contains a bare CR or LF"  # defensive: normalised above
         raise InvalidMessageError(msg)
-    # Splitting is done in C; a regex for the long line scans every position.
-    if len(data) > _MAX_LINE and max(map(len, data.split(b"\r\n"))) > _MAX_LINE:
-        snippet = next(x for x in data.split(b"\r\n") if len(x) > _MAX_LINE)[:40]
+    if len(data) > _MAX_LINE and (line := long_line(data, _MAX_LINE)) is not None:
+        snippet = line[:40]
         msg = (
             f"a line starting {snippet!r} is longer than {_MAX_LINE} octets and cannot "
             "be re-encoded (RFC 5322 §2.1.1)"
@@ -367,7 +365,8 @@ def _finish(
             f"(limits.max_message_size) is {config.limits.max_message_size}"
         )
         raise InvalidMessageError(msg)
-    head = data.partition(b"\r\n\r\n")[0]
+    end = data.find(b"\r\n\r\n")
+    head = data if end == -1 else data[:end]
     if not head.isascii():
         try:
             head.decode("utf-8")

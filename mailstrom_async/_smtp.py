@@ -48,8 +48,8 @@ from mailstrom_async._exceptions import (
     TLSRequiredError,
     TransientDeliveryError,
 )
-from mailstrom_async._message import crlf_only
 from mailstrom_async._models import RecipientState, SMTPReply
+from mailstrom_async._render import crlf_only
 
 if TYPE_CHECKING:
     from mailstrom_async._config import Config

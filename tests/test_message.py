@@ -1260,3 +1260,145 @@ def test_plain_address_fast_path_agrees_with_the_header_parser(
         assert fast[0] == "invalid"
     else:
         assert fast == slow
+
+
+# --- many recipients and big messages -----------------------------------------------
+
+
+def _header_value(data: bytes, name: bytes) -> str:
+    """The unfolded value of header *name* in *data*."""
+    head = header_block(data).decode("utf-8")
+    found = re.search(
+        rf"^{name.decode()}: ([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)",
+        head,
+        re.MULTILINE | re.IGNORECASE,
+    )
+    assert found is not None
+    return re.sub(r"\r\n(?=[ \t])", "", found.group(1))
+
+
+def test_prepare_ten_thousand_recipients() -> None:
+    """An Email of 10,000 recipients: envelope in order and deduplicated, Bcc
+    stripped, To and Cc folded at 78 and naming exactly the given mailboxes."""
+    to = [
+        f"Name {i} <r{i}@d{i % 9}.example>" if i % 3 else f"r{i}@d{i % 9}.example"
+        for i in range(5000)
+    ]
+    cc = [f'"Last, {i}" <c{i}@d{i % 9}.example>' for i in range(2500)]
+    bcc = [f"b{i}@d{i % 9}.example" for i in range(2500)] + ["r3@D3.EXAMPLE"]
+    prepared = prepare(simple(to=to, cc=cc, bcc=bcc))
+    expected = (
+        [f"r{i}@d{i % 9}.example" for i in range(5000)]
+        + [f"c{i}@d{i % 9}.example" for i in range(2500)]
+        + [f"b{i}@d{i % 9}.example" for i in range(2500)]
+    )
+    assert list(prepared.rcpt_to) == expected
+    assert b"\r\nbcc:" not in header_block(prepared.data).lower()
+    assert b"b17@" not in prepared.data
+    for name, mailboxes in ((b"To", to), (b"Cc", cc)):
+        shown = _address.parse_address_header("x", _header_value(prepared.data, name))
+        assert [str(g.addresses[0]) for g in shown] == mailboxes
+    address_lines = [
+        line
+        for line in lines(header_block(prepared.data) + b"\r\n")
+        if not line.startswith((b"Subject", b"Message-ID", b"Date"))
+    ]
+    assert max(map(len, address_lines)) <= 78
+
+
+def test_prepare_many_recipients_email_message_and_bytes() -> None:
+    """The same 1,000 recipients from an EmailMessage (IDN domains rewritten in
+    place) and from raw bytes give the same envelope."""
+    to = [f"Name {i} <r{i}@münchen.de>" for i in range(1000)]
+    msg = EmailMessage()
+    msg["From"] = "a@example.com"
+    msg["To"] = ", ".join(to)
+    msg["Subject"] = "many"
+    prepared = prepare(msg)
+    wanted = tuple(f"r{i}@xn--mnchen-3ya.de" for i in range(1000))
+    assert prepared.rcpt_to == wanted
+    block = header_block(prepared.data)
+    assert block.isascii()
+    assert block.index(b"\r\nTo: ") < block.index(b"\r\nSubject: many")
+    shown = _address.parse_address_header("x", _header_value(prepared.data, b"To"))
+    assert [g.addresses[0].addr_spec for g in shown] == list(wanted)
+    raw = prepared.data.replace(b"Subject: many", b"Bcc: x@example.net\r\nSubject: m")
+    again = prepare(raw, mail_from="a@example.com", rcpt_to=list(wanted) * 2)
+    assert again.rcpt_to == wanted
+    assert b"Bcc" not in again.data
+
+
+def test_prepare_folds_long_and_non_ascii_display_names() -> None:
+    """Display names too long for a line are folded; non-ASCII ones are encoded
+    (or kept raw with SMTPUTF8); all parse back to the same mailboxes."""
+    long_name = " ".join(["Wordy"] * 30)
+    to = [
+        f"{long_name} <long@example.org>",
+        "Jörg Müller <j@example.org>",
+        '"Back\\\\slash \\"quoted\\"" <q@example.org>',
+        "=?utf-8?q?not_really?= <ew@example.org>",
+        f"x{'y' * 60}@example.org",
+    ]
+    prepared = prepare(simple(to=to))
+    assert prepared.data.isascii()
+    assert max(map(len, lines(header_block(prepared.data) + b"\r\n"))) <= 78
+    parsed = parse(prepared)["To"].addresses
+    assert [a.display_name for a in parsed] == [
+        long_name,
+        "Jörg Müller",
+        'Back\\slash "quoted"',
+        "not really",
+        "",
+    ]
+    utf8 = prepare(simple(to=["Jörg <jörg@example.org>"]))
+    assert "To: Jörg <jörg@example.org>\r\n".encode() in utf8.data
+
+
+def test_prepare_big_message_renders_like_the_email_package() -> None:
+    """Bodies over 64 KiB are written by prepare itself: the bytes are those
+    the email package's generator writes, line ends made CRLF."""
+    body = "".join(
+        ("line\n", "x" * 70 + "\r\n", "bare\r", "z" * 40)[i % 4] for i in range(20_000)
+    )
+    content = bytes(range(256)) * 1000
+    e = simple(text=body, html="<p>hi</p>\n" * 10_000, attachments=[("a.bin", content)])
+    prepared = prepare(e)
+    parsed = parse(prepared)
+    parts = list(parsed.walk())
+    assert text_of(parts[2]) == re.sub(r"\r\n|\r", "\n", body) + "\n"
+    assert parts[-1].get_content() == content
+    msg = message("From: a@example.com\nTo: b@example.org")
+    msg.set_content(body.encode("latin-1").decode("ascii", "surrogateescape") + "\n")
+    reference = msg.as_bytes(policy=email.policy.SMTP)
+    prepared = prepare(msg)
+    rest = prepared.data.partition(b"\r\n\r\n")[2]
+    assert rest == reference.partition(b"\r\n\r\n")[2]
+
+
+def test_prepare_big_message_with_a_non_ascii_payload_is_refused() -> None:
+    """A big raw payload of non-ASCII text cannot be rendered, as with a small one."""
+    for count in (1, 2000):
+        msg = EmailMessage(policy=email.policy.compat32)
+        msg["From"] = "a@example.com"
+        msg["To"] = "b@example.org"
+        msg.set_payload(("é" * 50 + "\n") * count)
+        with pytest.raises(InvalidMessageError, match="cannot be rendered"):
+            prepare(msg)
+
+
+def test_prepare_rewrites_idn_domains_inside_a_group() -> None:
+    """A group keeps its name and members when its domains become A-labels."""
+    msg = message("From: a@example.com\nTo: Team Ä: x@münchen.de, y@example.org;")
+    prepared = prepare(msg)
+    assert prepared.rcpt_to == ("x@xn--mnchen-3ya.de", "y@example.org")
+    [group] = parse(prepared)["To"].groups
+    assert group.display_name == "Team Ä"
+    assert [a.addr_spec for a in group.addresses] == list(prepared.rcpt_to)
+
+
+def test_prepare_utf8_bcc_with_non_ascii_display_name_in_to() -> None:
+    """A Bcc that needs SMTPUTF8 leaves the shown headers ASCII, names encoded."""
+    prepared = prepare(simple(to=["Jörg <j@example.org>"], bcc=["jörg@example.org"]))
+    assert prepared.smtputf8 is True
+    assert prepared.data.isascii()
+    assert parse(prepared)["To"].addresses[0].display_name == "Jörg"

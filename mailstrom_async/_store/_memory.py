@@ -23,6 +23,7 @@ from mailstrom_async._store._base import Job, LeaseInfo, NewMessage, QueueSummar
 from mailstrom_async._store._common import (
     UNFINISHED,
     add_lease,
+    address_index,
     cancelled,
     check_claim,
     check_hold,
@@ -163,6 +164,9 @@ class MemoryStore:
         """Store several messages at once; see :meth:`Store.add_many`."""
         checked = [check_new_message(m) for m in messages]
         claim = check_claim(claim_for, lease_until)
+        # Built before the atomic part, a slice at a time, so that a message of
+        # 100,000 recipients does not stop the event loop for all of them at once.
+        built = [await _recipients(m, claim) for m in checked]
         await self._enter()
         keys: dict[str, str] = {}
         new_ids: set[str] = set()
@@ -180,25 +184,17 @@ class MemoryStore:
                     keys[key] = mid
             plan.append((message, existing))
         results = []
-        for message, existing in plan:
+        for (message, existing), recipients in zip(plan, built, strict=True):
             if existing is not None:
                 results.append((existing, False))
             else:
-                self._insert(message, claim)
+                self._insert(message, recipients)
                 results.append((message.message_id, True))
         return results
 
-    def _insert(self, message: NewMessage, claim: tuple[str, datetime] | None) -> None:
-        owner, until = claim if claim is not None else (None, None)
-        recipients = [
-            _Recipient(
-                RecipientStatus(address=address, next_attempt_at=message.submitted_at),
-                next(self._seq),
-                owner,
-                until,
-            )
-            for address in message.recipients
-        ]
+    def _insert(self, message: NewMessage, recipients: list[_Recipient]) -> None:
+        for r in recipients:  # claim order among equal due times: submission
+            r.seq = next(self._seq)
         self._messages[message.message_id] = _Message(message, recipients)
         if message.idempotency_key is not None:
             self._keys[message.idempotency_key] = message.message_id
@@ -360,9 +356,9 @@ class MemoryStore:
         statuses = check_statuses(statuses)
         await self._enter()
         stored = self._get(message_id)
-        addresses = stored.addresses()
+        index = address_index(stored.addresses())
         for status in statuses:
-            for i in matching(addresses, status.address):
+            for i in matching(index, status.address):
                 r = stored.recipients[i]
                 if should_replace(r.status.state, status.state):
                     # The hold is the store's: kept while unfinished.
@@ -383,9 +379,9 @@ class MemoryStore:
         stored = self._messages.get(message_id)
         if stored is None:
             return
-        stored_addresses = stored.addresses()
+        index = address_index(stored.addresses())
         for address in addresses:
-            for i in matching(stored_addresses, address):
+            for i in matching(index, address):
                 stored.recipients[i].release(worker)
 
     async def renew_leases(
@@ -484,6 +480,27 @@ class MemoryStore:
             if key is not None:
                 del self._keys[key]
         return len(doomed)
+
+
+_SLICE = 2_000  # recipients built between two checkpoints
+
+
+async def _recipients(
+    message: NewMessage, claim: tuple[str, datetime] | None
+) -> list[_Recipient]:
+    """The new message's recipients, QUEUED and due at once, leased if claimed."""
+    owner, until = claim if claim is not None else (None, None)
+    due = message.submitted_at
+    result: list[_Recipient] = []
+    addresses = message.recipients
+    for start in range(0, len(addresses), _SLICE):
+        if start:
+            await anyio.lowlevel.checkpoint()
+        result.extend(
+            _Recipient(RecipientStatus(address=a, next_attempt_at=due), 0, owner, until)
+            for a in addresses[start : start + _SLICE]
+        )
+    return result
 
 
 def _status(stored: _Message) -> MessageStatus:

@@ -59,6 +59,7 @@ from mailstrom_async._store._base import Job, LeaseInfo, NewMessage, QueueSummar
 from mailstrom_async._store._common import (
     CANCELLED,
     UNFINISHED,
+    address_index,
     check_claim,
     check_hold,
     check_limit,
@@ -380,21 +381,25 @@ class SQLiteStore:
     async def status(self, message_id: str) -> MessageStatus:
         """Return the message's status; see :meth:`Store.status`."""
 
-        def work(conn: sqlite3.Connection) -> list[Any]:
-            return conn.execute(sql.STATUS_QUERY, (message_id,)).fetchall()
+        def work(conn: sqlite3.Connection) -> MessageStatus | None:
+            rows = conn.execute(sql.STATUS_QUERY, (message_id,)).fetchall()
+            if not rows:
+                return None
+            # Converted here, on the connection's thread: 100,000 recipients
+            # would take the event loop half a second.
+            return MessageStatus(
+                message_id=message_id,
+                recipients=tuple(
+                    sql.status_from_row(row[2:]) for row in rows if row[2] is not None
+                ),
+                submitted_at=sql.from_ts(rows[0][1]),
+                mail_from=rows[0][0],
+            )
 
-        rows = await self._read(work)
-        if not rows:
+        status = await self._read(work)
+        if status is None:
             raise UnknownMessageError(message_id)
-        mail_from, submitted_at = rows[0][0], rows[0][1]
-        return MessageStatus(
-            message_id=message_id,
-            recipients=tuple(
-                sql.status_from_row(row[2:]) for row in rows if row[2] is not None
-            ),
-            submitted_at=sql.from_ts(submitted_at),
-            mail_from=mail_from,
-        )
+        return status
 
     async def messages(
         self,
@@ -572,11 +577,11 @@ class SQLiteStore:
             ).fetchall()
             if not stored:
                 _check_exists(conn, message_id)
-            addresses = [row[1] for row in stored]
+            index = address_index(row[1] for row in stored)
             states = [RecipientState(row[2]) for row in stored]
             updates, unlease = [], set()
             for status in statuses:
-                for i in matching(addresses, status.address):
+                for i in matching(index, status.address):
                     position = stored[i][0]
                     if should_replace(states[i], status.state):
                         states[i] = status.state
@@ -611,11 +616,9 @@ class SQLiteStore:
                 " WHERE message_id = ? AND lease_owner = ?",
                 (message_id, worker),
             ).fetchall()
-            leased_addresses = [row[1] for row in leased]
+            index = address_index(row[1] for row in leased)
             positions = {
-                leased[i][0]
-                for address in addresses
-                for i in matching(leased_addresses, address)
+                leased[i][0] for address in addresses for i in matching(index, address)
             }
             if positions:
                 conn.executemany(

@@ -39,6 +39,17 @@ DELIVERED = RecipientState.DELIVERED
 FAILED = RecipientState.FAILED
 
 
+_MANY = 20_000
+
+
+def _many_addresses() -> list[str]:
+    """20,000 addresses over 7 domains; every 1,000th also once more in upper case."""
+    addresses = [f"r{i}@x{i % 7}.example" for i in range(_MANY)]
+    for i in range(0, _MANY, 1000):
+        addresses.insert(i + i // 1000 + 1, f"R{i}@X{i % 7}.EXAMPLE")
+    return addresses
+
+
 @pytest.mark.anyio
 class StoreContract(HoldContract):
     """The contract suite; subclasses provide a ``store`` fixture (open, empty).
@@ -601,6 +612,76 @@ class StoreContract(HoldContract):
     async def test_release_unknown_message(self, store: Store) -> None:
         """release() of an unknown message does nothing."""
         await store.release("nope", ["a@x.example"], worker="w")
+
+    # -- one message with very many recipients ----------------------------------
+    # Correctness at a size where matching each status against every recipient
+    # would be quadratic: 20,000 recipients, 20 of them twice (in other case).
+
+    async def test_many_recipients_claim_and_status(self, store: Store) -> None:
+        """A claim hands out every due recipient of a big message, in order."""
+        addresses = _many_addresses()
+        await store.add(new_message("big", *addresses))
+        await store.add(new_message("small", "s@x.example", submitted_at=at(1)))
+        [job] = await store.claim_due(
+            now=at(1), worker="a", lease_until=at(60), limit=1
+        )
+        assert job.message_id == "big"
+        assert [r.address for r in job.recipients] == addresses
+        status = await store.status("big")
+        assert [r.address for r in status] == addresses
+        assert all(r.state is QUEUED for r in status)
+        [job] = await store.claim_due(
+            now=at(1), worker="b", lease_until=at(60), limit=5
+        )
+        assert job.message_id == "small"
+
+    async def test_many_recipients_record_and_release(self, store: Store) -> None:
+        """record() and release() on 20,000 recipients touch exactly the rows named.
+
+        Matching ignores case and takes every duplicate; a final state stays
+        final; only the calling worker's leases end.
+        """
+        addresses = _many_addresses()
+        n = _MANY
+        await store.add(new_message("big", *addresses))
+        await store.claim_due(now=T0, worker="a", lease_until=at(60), limit=1)
+        # Worker a: every even recipient delivered (named in upper case), and the
+        # odd ones of the first half released.
+        delivered = [
+            attempted(f"R{i}@X{i % 7}.EXAMPLE", DELIVERED) for i in range(0, n, 2)
+        ]
+        await store.record("big", delivered, worker="a")
+        await store.release(
+            "big", [f"r{i}@x{i % 7}.example" for i in range(1, n // 2, 2)], worker="a"
+        )
+        status = await store.status("big")
+        assert [r.address for r in status] == addresses
+        for r in status:
+            i = int(r.address[1:].partition("@")[0])
+            assert r.state is (DELIVERED if i % 2 == 0 else QUEUED), r
+        # The released ones, and only they, can be claimed by another worker.
+        [job] = await store.claim_due(now=T0, worker="b", lease_until=at(60), limit=1)
+        released = [f"r{i}@x{i % 7}.example" for i in range(1, n // 2, 2)]
+        assert [r.address for r in job.recipients] == released
+        # A late DEFERRED never undoes DELIVERED; b recording a's recipients
+        # writes their status but leaves a's lease in place.
+        late = [
+            attempted(f"r{i}@x{i % 7}.example", DEFERRED, next_at=T0) for i in range(n)
+        ]
+        await store.record("big", late, worker="b")
+        status = await store.status("big")
+        for r in status:
+            i = int(r.address[1:].partition("@")[0])
+            assert r.state is (DELIVERED if i % 2 == 0 else DEFERRED), r
+        # b's own leases ended with its record; a's (the second half) did not.
+        [job] = await store.claim_due(now=T0, worker="c", lease_until=at(99), limit=1)
+        assert [r.address for r in job.recipients] == released
+        [job] = await store.claim_due(
+            now=at(60), worker="d", lease_until=at(120), limit=1
+        )
+        assert [r.address for r in job.recipients] == [
+            f"r{i}@x{i % 7}.example" for i in range(n // 2 + 1, n, 2)
+        ]
 
     # -- queue views -------------------------------------------------------------
 
