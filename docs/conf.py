@@ -59,6 +59,7 @@ copybutton_prompt_is_regexp = True
 # so -n would flag them; they are listed here, and nothing of ours is.
 nitpick_ignore = [
     ("py:class", "collections.abc.Callable"),
+    ("py:class", "collections.abc.Collection"),
     ("py:class", "collections.abc.Iterable"),
     ("py:class", "collections.abc.Mapping"),
     ("py:class", "collections.abc.Sequence"),
