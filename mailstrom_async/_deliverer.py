@@ -48,6 +48,7 @@ from mailstrom_async._smtp import make_ssl_context, relay_settings
 from mailstrom_async._statistics import AttemptCounters, Statistics
 from mailstrom_async._store import Job, NewMessage, SQLiteStore, Store
 from mailstrom_async._telemetry import Telemetry
+from mailstrom_async._watchers import Watchers
 from mailstrom_async._worker import Lanes
 
 if TYPE_CHECKING:
@@ -162,7 +163,7 @@ class Deliverer:
         self._feeders = anyio.CancelScope()
         self._cm: AbstractAsyncContextManager[Self] | None = None
         self._ready: asyncio.Queue[Job] = asyncio.Queue()
-        self._watchers: dict[str, tuple[anyio.Event, int]] = {}
+        self._watchers = Watchers()
         self._transport = transport
         self._route: Transport | None = None
         self._lanes: Lanes | None = None
@@ -259,8 +260,7 @@ class Deliverer:
         finally:
             self._state = "closed"
             self._broker.close()
-            for event, _ in self._watchers.values():
-                event.set()
+            self._watchers.close()
             with anyio.CancelScope(shield=True):
                 if self._route is not None:
                     await self._route.aclose()
@@ -286,7 +286,7 @@ class Deliverer:
             clock=self._clock,
             rng=self._rng,
             route=self._route,
-            on_recorded=self._changed,
+            on_recorded=self._watchers.changed,
             telemetry=self._telemetry,
         )
         self._lanes = Lanes(
@@ -608,7 +608,7 @@ class Deliverer:
                         at=now,
                     )
                 )
-        self._changed(message_id)
+        self._watchers.changed(message_id)
         logger.info("cancelled", extra={"message_id": message_id, "recipients": count})
         return count
 
@@ -754,36 +754,9 @@ class Deliverer:
         return self._broker.subscribe()
 
     async def _wait_done(self, message_id: str) -> MessageStatus:
-        while True:
-            event = self._watch(message_id)
-            try:
-                status = await self.status(message_id)
-                if status.is_done:
-                    return status
-                # Another process may deliver it (submit-only mode): poll too.
-                with anyio.move_on_after(self._config.poll_interval):
-                    await event.wait()
-            finally:
-                self._unwatch(message_id)
-
-    def _watch(self, message_id: str) -> anyio.Event:
-        event, count = self._watchers.get(message_id, (anyio.Event(), 0))
-        self._watchers[message_id] = (event, count + 1)
-        return event
-
-    def _unwatch(self, message_id: str) -> None:
-        entry = self._watchers.get(message_id)
-        if entry is not None:
-            event, count = entry
-            if count <= 1:
-                del self._watchers[message_id]
-            else:
-                self._watchers[message_id] = (event, count - 1)
-
-    def _changed(self, message_id: str) -> None:
-        entry = self._watchers.pop(message_id, None)
-        if entry is not None:
-            entry[0].set()
+        return await self._watchers.wait_done(
+            message_id, self.status, poll_interval=self._config.poll_interval
+        )
 
     # -- delivery plumbing ---------------------------------------------------
 
