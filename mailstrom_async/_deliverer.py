@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import socket
@@ -15,10 +14,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import anyio
-import attrs
 from anyio.abc import TaskGroup
 
 from mailstrom_async._config import Config
+from mailstrom_async._dispatch import Dispatcher
 from mailstrom_async._dns import Resolver
 from mailstrom_async._events import EventBroker, EventStream
 from mailstrom_async._exceptions import (
@@ -43,7 +42,6 @@ from mailstrom_async._models import (
 )
 from mailstrom_async._owner import current_owner
 from mailstrom_async._routes import MXRoute, RelayRoute
-from mailstrom_async._scheduler import Scheduler
 from mailstrom_async._smtp import make_ssl_context, relay_settings
 from mailstrom_async._statistics import AttemptCounters, Statistics
 from mailstrom_async._store import Job, NewMessage, SQLiteStore, Store
@@ -162,11 +160,8 @@ class Deliverer:
         self._state: Literal["new", "opening", "open", "closing", "closed"] = "new"
         self._feeders = anyio.CancelScope()
         self._cm: AbstractAsyncContextManager[Self] | None = None
-        self._ready: asyncio.Queue[Job] = asyncio.Queue()
         self._watchers = Watchers()
         self._transport = transport
-        self._route: Transport | None = None
-        self._lanes: Lanes | None = None
         # Off by default (None: the engine never calls into OpenTelemetry);
         # True uses the global OpenTelemetry providers.
         self._telemetry: Telemetry | None = None
@@ -180,15 +175,14 @@ class Deliverer:
             clock=clock,
             lease_duration=config.lease_duration,
         )
-        self._scheduler = Scheduler(
+        self._dispatcher = Dispatcher(
+            config=config,
             store=self._store,
             worker_id=self._worker_id,
             clock=clock,
-            lease_duration=config.lease_duration,
-            poll_interval=config.poll_interval,
-            room=self._room,
-            feed=self._feed,
+            keeper=self._keeper,
         )
+        self._scheduler = self._dispatcher.scheduler
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -262,8 +256,8 @@ class Deliverer:
             self._broker.close()
             self._watchers.close()
             with anyio.CancelScope(shield=True):
-                if self._route is not None:
-                    await self._route.aclose()
+                if self._dispatcher.route is not None:
+                    await self._dispatcher.route.aclose()
                 await self._store.aclose()
             logger.info("deliverer stopped", extra={"worker": self._worker_id})
 
@@ -275,9 +269,9 @@ class Deliverer:
     async def _prepare_route(self) -> None:
         config = self._config
         if self._transport is not None:
-            self._route = self._transport
+            route = self._transport
         else:
-            self._route = await self._network_route()
+            route = await self._network_route()
         runner = JobRunner(
             config=config,
             store=self._store,
@@ -285,13 +279,17 @@ class Deliverer:
             worker_id=self._worker_id,
             clock=self._clock,
             rng=self._rng,
-            route=self._route,
+            route=route,
             on_recorded=self._watchers.changed,
             telemetry=self._telemetry,
         )
-        self._lanes = Lanes(
-            config=config, clock=self._clock, runner=runner, on_job_done=self._job_done
+        lanes = Lanes(
+            config=config,
+            clock=self._clock,
+            runner=runner,
+            on_job_done=self._dispatcher.job_done,
         )
+        self._dispatcher.attach(route, lanes)
 
     async def _network_route(self) -> Transport:
         """The relay or MX route that the configuration describes."""
@@ -320,23 +318,16 @@ class Deliverer:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._scheduler.run, name="mailstrom scheduler")
                 tg.start_soon(self._keeper.run, name="mailstrom leases")
-                tg.start_soon(self._dispatch, workers, name="mailstrom dispatcher")
+                tg.start_soon(
+                    self._dispatcher.run, workers, name="mailstrom dispatcher"
+                )
 
     async def _drain(self) -> None:
         """Stop intake; give back queued jobs; let in-flight ones finish in time."""
         # The scheduler and dispatcher stop first, so nothing new is claimed; a
         # job a cancelled dispatcher was about to take stays in the ready queue.
         self._feeders.cancel()
-        if self._lanes is None:
-            return
-        waiting = self._lanes.stop()
-        while not self._ready.empty():
-            waiting.append(self._ready.get_nowait())
-        for job in waiting:
-            await self._lanes.release(job)
-            self._job_done(job)
-        with anyio.move_on_after(self._config.shutdown_grace):
-            await self._lanes.wait_idle()
+        await self._dispatcher.drain()
 
     # -- intake --------------------------------------------------------------
 
@@ -412,7 +403,7 @@ class Deliverer:
     ) -> list[SubmitHandle]:
         """Store prepared messages in one transaction, then queue and announce them."""
         now = self._clock()
-        claim = self._mode == "both" and self._room() >= len(prepared)
+        claim = self._mode == "both" and self._dispatcher.room() >= len(prepared)
         news = [
             NewMessage(
                 message_id=p.message_id.strip("<>"),
@@ -467,7 +458,7 @@ class Deliverer:
                 )
             )
         if claimed:
-            self._feed(
+            self._dispatcher.feed(
                 Job(
                     message_id=new.message_id,
                     mail_from=new.mail_from,
@@ -516,7 +507,7 @@ class Deliverer:
         self._check_open()
         summary = await self._store.summary()
         counts = summary.by_state
-        lanes = self._lanes
+        lanes = self._dispatcher.lanes
         return Statistics(
             queued=counts.get(RecipientState.QUEUED, 0),
             deferred=counts.get(RecipientState.DEFERRED, 0),
@@ -549,7 +540,7 @@ class Deliverer:
         """
         self._check_open()
         keys: set[str] | None = None
-        route = self._route
+        route = self._dispatcher.route
         if route is not None and message_id is not None:
             status = await self._store.status(message_id)
             keys = {
@@ -562,8 +553,8 @@ class Deliverer:
         count = await self._store.retry_now(
             now=self._clock(), message_id=message_id, domain=domain
         )
-        if self._lanes is not None:
-            self._lanes.forgive(keys)
+        if self._dispatcher.lanes is not None:
+            self._dispatcher.lanes.forgive(keys)
         if self._mode != "submit":
             self._scheduler.wake()
         logger.info(
@@ -591,7 +582,9 @@ class Deliverer:
         count = await self._store.cancel(message_id)
         # Jobs of the message that this process claimed and that still wait for
         # a connection are dropped; one already in a transaction goes on.
-        dropped = self._take_waiting(lambda job: job.message_id == message_id)
+        dropped = self._dispatcher.take_waiting(
+            lambda job: job.message_id == message_id
+        )
         for job in dropped:
             self._keeper.drop(job)
         if dropped:
@@ -689,13 +682,10 @@ class Deliverer:
         with anyio.CancelScope(shield=True):
             async with self._scheduler.paused():
                 count = await self._store.hold(message_id=message_id, domain=domain)
-                taken = self._take_waiting(wanted)
-            for job in taken:
-                if self._lanes is not None:
-                    # Whole jobs go back: their recipients that are not held (of
-                    # another domain, through a relay) are claimed again at once.
-                    await self._lanes.release(job)
-                self._job_done(job)
+                taken = self._dispatcher.take_waiting(wanted)
+            # Whole jobs go back: their recipients that are not held (of
+            # another domain, through a relay) are claimed again at once.
+            await self._dispatcher.give_back(taken)
         logger.info(
             "held",
             extra={
@@ -757,68 +747,3 @@ class Deliverer:
         return await self._watchers.wait_done(
             message_id, self.status, poll_interval=self._config.poll_interval
         )
-
-    # -- delivery plumbing ---------------------------------------------------
-
-    def _take_waiting(self, wanted: Callable[[Job], bool]) -> list[Job]:
-        """Take this process's jobs that *wanted* picks and that wait for a
-        connection (in a lane, or not dispatched yet); the others keep their
-        places. Jobs in a transaction go on."""
-        taken = [] if self._lanes is None else self._lanes.take(wanted)
-        waiting = [self._ready.get_nowait() for _ in range(self._ready.qsize())]
-        for job in waiting:
-            if wanted(job):
-                taken.append(job)
-            else:
-                self._ready.put_nowait(job)
-        return taken
-
-    def _room(self) -> int:
-        return max(0, self._config.limits.max_jobs_in_memory - self._keeper.jobs)
-
-    def _feed(self, job: Job) -> None:
-        part = self._keeper.new_part(job)
-        if part is None:
-            return  # every recipient is in a job of ours already
-        self._keeper.hold(part)
-        self._ready.put_nowait(part)
-
-    def _job_done(self, job: Job) -> None:
-        self._keeper.drop(job)
-        self._scheduler.wake()
-
-    async def _dispatch(self, tg: TaskGroup) -> None:
-        if self._route is None or self._lanes is None:  # pragma: no cover
-            msg = "unreachable"
-            raise AssertionError(msg)
-        route, lanes = self._route, self._lanes
-        while True:
-            job = await self._ready.get()
-            parts: dict[str, list[RecipientStatus]] = {}
-            try:
-                for r in job.recipients:
-                    parts.setdefault(route.destination(r.address), []).append(r)
-            except Exception as exc:  # the job boundary, before a lane has it
-                logger.exception(
-                    "could not route a delivery job; its recipients are deferred",
-                    extra={"message_id": job.message_id, "error": str(exc)},
-                )
-                tg.start_soon(self._contain, job, exc)
-                continue
-            if len(parts) == 1:
-                [key] = parts
-                lanes.dispatch(job, key, tg)
-                continue
-            # One transaction per destination: split the job, each part a job.
-            self._keeper.drop(job)
-            for key, recipients in parts.items():
-                part = attrs.evolve(job, recipients=tuple(recipients))
-                self._keeper.hold(part)
-                lanes.dispatch(part, key, tg)
-
-    async def _contain(self, job: Job, error: BaseException) -> None:
-        try:
-            if self._lanes is not None:
-                await self._lanes.contain(job, error)
-        finally:
-            self._job_done(job)
