@@ -23,10 +23,8 @@ from mailstrom_async._events import EventBroker, EventStream
 from mailstrom_async._exceptions import (
     ConfigError,
     DelivererClosedError,
-    InvalidMessageError,
-    StoreError,
 )
-from mailstrom_async._intake import prepare_batch, prepare_one
+from mailstrom_async._intake import Intake, prepare_batch, prepare_one
 from mailstrom_async._job import JobRunner
 from mailstrom_async._leases import (
     LeaseKeeper,
@@ -38,13 +36,12 @@ from mailstrom_async._models import (
     DeliveryEvent,
     MessageStatus,
     RecipientState,
-    RecipientStatus,
 )
 from mailstrom_async._owner import current_owner
 from mailstrom_async._routes import MXRoute, RelayRoute
 from mailstrom_async._smtp import make_ssl_context, relay_settings
 from mailstrom_async._statistics import AttemptCounters, Statistics
-from mailstrom_async._store import Job, NewMessage, SQLiteStore, Store
+from mailstrom_async._store import Job, SQLiteStore, Store
 from mailstrom_async._telemetry import Telemetry
 from mailstrom_async._watchers import Watchers
 from mailstrom_async._worker import Lanes
@@ -183,6 +180,15 @@ class Deliverer:
             keeper=self._keeper,
         )
         self._scheduler = self._dispatcher.scheduler
+        self._intake = Intake(
+            store=self._store,
+            mode=mode,
+            worker_id=self._worker_id,
+            clock=clock,
+            broker=self._broker,
+            keeper=self._keeper,
+            dispatcher=self._dispatcher,
+        )
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -401,86 +407,8 @@ class Deliverer:
     async def _accept(
         self, prepared: Sequence[PreparedMessage], keys: Sequence[str | None]
     ) -> list[SubmitHandle]:
-        """Store prepared messages in one transaction, then queue and announce them."""
-        now = self._clock()
-        claim = self._mode == "both" and self._dispatcher.room() >= len(prepared)
-        news = [
-            NewMessage(
-                message_id=p.message_id.strip("<>"),
-                mail_from=p.mail_from,
-                recipients=p.rcpt_to,
-                data=p.data,
-                smtputf8=p.smtputf8,
-                submitted_at=now,
-                idempotency_key=key,
-            )
-            for p, key in zip(prepared, keys, strict=True)
-        ]
-        lease_until = self._keeper.lease_until()
-        try:
-            results = await self._store.add_many(
-                news,
-                claim_for=self._worker_id if claim else None,
-                lease_until=lease_until if claim else None,
-            )
-        except StoreError as exc:
-            for new in news:
-                if await self._stored_before(new):
-                    msg = (
-                        f"a message with Message-ID <{new.message_id}> is already "
-                        "in the store; give each message its own Message-ID, or "
-                        "pass an idempotency_key to make repeated submits safe"
-                    )
-                    raise InvalidMessageError(msg) from exc
-            raise
-        handles = []
-        for new, (stored_id, created) in zip(news, results, strict=True):
-            handles.append(SubmitHandle(self, stored_id, created=created))
-            if created:
-                self._announce(new, claimed=claim)
-        if not claim and self._mode != "submit":
-            self._scheduler.wake()
-        return handles
-
-    def _announce(self, new: NewMessage, *, claimed: bool) -> None:
-        """Publish a new message's "queued" events; hand it to the lanes if ours."""
-        recipients = tuple(
-            RecipientStatus(address=a, next_attempt_at=new.submitted_at)
-            for a in new.recipients
-        )
-        for status in recipients:
-            self._broker.publish(
-                DeliveryEvent(
-                    message_id=new.message_id,
-                    recipient=status,
-                    previous_state=None,
-                    at=new.submitted_at,
-                )
-            )
-        if claimed:
-            self._dispatcher.feed(
-                Job(
-                    message_id=new.message_id,
-                    mail_from=new.mail_from,
-                    recipients=recipients,
-                    data=new.data,
-                    smtputf8=new.smtputf8,
-                    submitted_at=new.submitted_at,
-                )
-            )
-        logger.debug(
-            "message accepted",
-            extra={"message_id": new.message_id, "recipients": len(recipients)},
-        )
-
-    async def _stored_before(self, new: NewMessage) -> bool:
-        """Whether another message with *new*'s id was in the store already (not
-        *new* itself, written by a store that then failed to say so)."""
-        try:
-            stored = await self._store.status(new.message_id)
-        except Exception:  # unknown, or the store fails: not known to be taken
-            return False
-        return stored.submitted_at != new.submitted_at
+        results = await self._intake.accept(prepared, keys)
+        return [SubmitHandle(self, i, created=created) for i, created in results]
 
     # -- status and events ---------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Prepare what ``submit`` and ``submit_many`` are given, off the event loop when big.
+"""The submit path: prepare what ``submit`` and ``submit_many`` are given, off
+the event loop when big, then store it and announce it (:class:`Intake`).
 
 :func:`prepare` is linear in the number of addresses and in the size of the
 message, but a message of thousands of recipients or megabytes still takes tens
@@ -10,22 +11,31 @@ thread hop would cost more than it saves, and the message is prepared in place.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from email.message import EmailMessage, Message
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
 
-from mailstrom_async._exceptions import InvalidMessageError
+from mailstrom_async._exceptions import InvalidMessageError, StoreError
 from mailstrom_async._headers import ADDRESS_HEADERS
 from mailstrom_async._message import Email, PreparedMessage, prepare
+from mailstrom_async._models import DeliveryEvent, RecipientStatus
+from mailstrom_async._store import Job, NewMessage
 
 if TYPE_CHECKING:
     from mailstrom_async._config import Config
+    from mailstrom_async._dispatch import Dispatcher
+    from mailstrom_async._events import EventBroker
+    from mailstrom_async._leases import LeaseKeeper
+    from mailstrom_async._store import Store
 
 __all__ = [
     "THREAD_ADDRESSES",
     "THREAD_OCTETS",
+    "Intake",
     "in_thread",
     "prepare_batch",
     "prepare_one",
@@ -38,6 +48,8 @@ THREAD_ADDRESSES = 100
 #: More octets than this (bodies, attachments, raw bytes) go to a thread: about
 #: 2 to 4 ms of encoding, rendering and checking, 30 to 60 µs a KiB.
 THREAD_OCTETS = 64 * 1024
+
+logger = logging.getLogger("mailstrom_async.deliverer")
 
 _Input = Email | EmailMessage | bytes | PreparedMessage
 
@@ -123,3 +135,114 @@ async def prepare_batch(
     if not in_thread(messages):
         return work()
     return await anyio.to_thread.run_sync(work)
+
+
+class Intake:
+    """Stores prepared messages durably, then announces and queues them.
+
+    In mode ``"both"``, with room in memory, a batch is claimed as it is stored
+    and goes to the lanes at once; else the scheduler finds it in the store
+    (unless this process only submits).
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        mode: str,
+        worker_id: str,
+        clock: Callable[[], datetime],
+        broker: EventBroker,
+        keeper: LeaseKeeper,
+        dispatcher: Dispatcher,
+    ) -> None:
+        self._store = store
+        self._mode = mode
+        self._worker_id = worker_id
+        self._clock = clock
+        self._broker = broker
+        self._keeper = keeper
+        self._dispatcher = dispatcher
+
+    async def accept(
+        self, prepared: Sequence[PreparedMessage], keys: Sequence[str | None]
+    ) -> list[tuple[str, bool]]:
+        """Store prepared messages in one transaction, then queue and announce
+        them; return each one's stored id and whether it was created."""
+        now = self._clock()
+        claim = self._mode == "both" and self._dispatcher.room() >= len(prepared)
+        news = [
+            NewMessage(
+                message_id=p.message_id.strip("<>"),
+                mail_from=p.mail_from,
+                recipients=p.rcpt_to,
+                data=p.data,
+                smtputf8=p.smtputf8,
+                submitted_at=now,
+                idempotency_key=key,
+            )
+            for p, key in zip(prepared, keys, strict=True)
+        ]
+        lease_until = self._keeper.lease_until()
+        try:
+            results = await self._store.add_many(
+                news,
+                claim_for=self._worker_id if claim else None,
+                lease_until=lease_until if claim else None,
+            )
+        except StoreError as exc:
+            for new in news:
+                if await self._stored_before(new):
+                    msg = (
+                        f"a message with Message-ID <{new.message_id}> is already "
+                        "in the store; give each message its own Message-ID, or "
+                        "pass an idempotency_key to make repeated submits safe"
+                    )
+                    raise InvalidMessageError(msg) from exc
+            raise
+        for new, (_, created) in zip(news, results, strict=True):
+            if created:
+                self._announce(new, claimed=claim)
+        if not claim and self._mode != "submit":
+            self._dispatcher.scheduler.wake()
+        return results
+
+    def _announce(self, new: NewMessage, *, claimed: bool) -> None:
+        """Publish a new message's "queued" events; hand it to the lanes if ours."""
+        recipients = tuple(
+            RecipientStatus(address=a, next_attempt_at=new.submitted_at)
+            for a in new.recipients
+        )
+        for status in recipients:
+            self._broker.publish(
+                DeliveryEvent(
+                    message_id=new.message_id,
+                    recipient=status,
+                    previous_state=None,
+                    at=new.submitted_at,
+                )
+            )
+        if claimed:
+            self._dispatcher.feed(
+                Job(
+                    message_id=new.message_id,
+                    mail_from=new.mail_from,
+                    recipients=recipients,
+                    data=new.data,
+                    smtputf8=new.smtputf8,
+                    submitted_at=new.submitted_at,
+                )
+            )
+        logger.debug(
+            "message accepted",
+            extra={"message_id": new.message_id, "recipients": len(recipients)},
+        )
+
+    async def _stored_before(self, new: NewMessage) -> bool:
+        """Whether another message with *new*'s id was in the store already (not
+        *new* itself, written by a store that then failed to say so)."""
+        try:
+            stored = await self._store.status(new.message_id)
+        except Exception:  # unknown, or the store fails: not known to be taken
+            return False
+        return stored.submitted_at != new.submitted_at
