@@ -26,22 +26,14 @@ from mailstrom_async._exceptions import (
 )
 from mailstrom_async._intake import Intake, prepare_batch, prepare_one
 from mailstrom_async._job import JobRunner
-from mailstrom_async._leases import (
-    LeaseKeeper,
-    LeaseOwner,
-    describe_owners,
-    release_dead_owner,
-)
-from mailstrom_async._models import (
-    DeliveryEvent,
-    MessageStatus,
-    RecipientState,
-)
+from mailstrom_async._leases import LeaseKeeper, LeaseOwner
+from mailstrom_async._models import MessageStatus, RecipientState
+from mailstrom_async._operations import QueueOperations
 from mailstrom_async._owner import current_owner
 from mailstrom_async._routes import MXRoute, RelayRoute
 from mailstrom_async._smtp import make_ssl_context, relay_settings
 from mailstrom_async._statistics import AttemptCounters, Statistics
-from mailstrom_async._store import Job, SQLiteStore, Store
+from mailstrom_async._store import SQLiteStore, Store
 from mailstrom_async._telemetry import Telemetry
 from mailstrom_async._watchers import Watchers
 from mailstrom_async._worker import Lanes
@@ -179,7 +171,15 @@ class Deliverer:
             clock=clock,
             keeper=self._keeper,
         )
-        self._scheduler = self._dispatcher.scheduler
+        self._operations = QueueOperations(
+            store=self._store,
+            mode=mode,
+            clock=clock,
+            broker=self._broker,
+            keeper=self._keeper,
+            dispatcher=self._dispatcher,
+            watchers=self._watchers,
+        )
         self._intake = Intake(
             store=self._store,
             mode=mode,
@@ -320,13 +320,12 @@ class Deliverer:
             return MXRoute(config, resolver, helo_name=helo, ssl_context=context)
 
     async def _run_feeders(self, workers: TaskGroup) -> None:
+        dispatcher = self._dispatcher
         with self._feeders:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._scheduler.run, name="mailstrom scheduler")
+                tg.start_soon(dispatcher.scheduler.run, name="mailstrom scheduler")
                 tg.start_soon(self._keeper.run, name="mailstrom leases")
-                tg.start_soon(
-                    self._dispatcher.run, workers, name="mailstrom dispatcher"
-                )
+                tg.start_soon(dispatcher.run, workers, name="mailstrom dispatcher")
 
     async def _drain(self) -> None:
         """Stop intake; give back queued jobs; let in-flight ones finish in time."""
@@ -467,29 +466,7 @@ class Deliverer:
             DelivererClosedError: the Deliverer is not open.
         """
         self._check_open()
-        keys: set[str] | None = None
-        route = self._dispatcher.route
-        if route is not None and message_id is not None:
-            status = await self._store.status(message_id)
-            keys = {
-                route.destination(r.address)
-                for r in status
-                if not r.is_final and (domain is None or r.domain == domain.lower())
-            }
-        elif route is not None and domain is not None:
-            keys = {route.destination(f"postmaster@{domain}")}
-        count = await self._store.retry_now(
-            now=self._clock(), message_id=message_id, domain=domain
-        )
-        if self._dispatcher.lanes is not None:
-            self._dispatcher.lanes.forgive(keys)
-        if self._mode != "submit":
-            self._scheduler.wake()
-        logger.info(
-            "retry now",
-            extra={"message_id": message_id, "domain": domain, "recipients": count},
-        )
-        return count
+        return await self._operations.retry_now(message_id=message_id, domain=domain)
 
     async def cancel(self, message_id: str) -> int:
         """Give up every unfinished recipient of a message; return how many.
@@ -506,32 +483,7 @@ class Deliverer:
             DelivererClosedError: the Deliverer is not open.
         """
         self._check_open()
-        before = await self._store.status(message_id)
-        count = await self._store.cancel(message_id)
-        # Jobs of the message that this process claimed and that still wait for
-        # a connection are dropped; one already in a transaction goes on.
-        dropped = self._dispatcher.take_waiting(
-            lambda job: job.message_id == message_id
-        )
-        for job in dropped:
-            self._keeper.drop(job)
-        if dropped:
-            self._scheduler.wake()
-        after = await self._store.status(message_id)
-        now = self._clock()
-        for old, new in zip(before, after, strict=True):
-            if old.state is not new.state:
-                self._broker.publish(
-                    DeliveryEvent(
-                        message_id=message_id,
-                        recipient=new,
-                        previous_state=old.state,
-                        at=now,
-                    )
-                )
-        self._watchers.changed(message_id)
-        logger.info("cancelled", extra={"message_id": message_id, "recipients": count})
-        return count
+        return await self._operations.cancel(message_id)
 
     async def leases(self) -> list[LeaseOwner]:
         """Who holds leases on unfinished recipients, and whether each owner's
@@ -542,7 +494,7 @@ class Deliverer:
             StoreError: the store could not be read.
         """
         self._check_open()
-        return await describe_owners(self._store)
+        return await self._operations.leases()
 
     async def release_leases(self, owner: str | None = None) -> int:
         """Release the leases of a worker that is gone, so its mail is delivered
@@ -560,13 +512,7 @@ class Deliverer:
             StoreError: the store failed.
         """
         self._check_open()
-        if owner is None:
-            count = await self._keeper.reclaim_dead()
-        else:
-            count = await release_dead_owner(self._store, owner)
-        if count and self._mode != "submit":
-            self._scheduler.wake()
-        return count
+        return await self._operations.release_leases(owner)
 
     async def hold(
         self, *, message_id: str | None = None, domain: str | None = None
@@ -597,33 +543,7 @@ class Deliverer:
             DelivererClosedError: the Deliverer is not open.
         """
         self._check_open()
-        lowered = None if domain is None else domain.lower()
-
-        def wanted(job: Job) -> bool:
-            return (message_id is None or job.message_id == message_id) and (
-                lowered is None or any(r.domain == lowered for r in job.recipients)
-            )
-
-        # Shielded: a job taken out and not given back would keep its lease
-        # (renewed while this process runs) after the mail is released.
-        # Paused: a claim that raced the hold has fed its jobs before we look.
-        with anyio.CancelScope(shield=True):
-            async with self._scheduler.paused():
-                count = await self._store.hold(message_id=message_id, domain=domain)
-                taken = self._dispatcher.take_waiting(wanted)
-            # Whole jobs go back: their recipients that are not held (of
-            # another domain, through a relay) are claimed again at once.
-            await self._dispatcher.give_back(taken)
-        logger.info(
-            "held",
-            extra={
-                "message_id": message_id,
-                "domain": domain,
-                "recipients": count,
-                "jobs_given_back": len(taken),
-            },
-        )
-        return count
+        return await self._operations.hold(message_id=message_id, domain=domain)
 
     async def release(
         self,
@@ -648,19 +568,9 @@ class Deliverer:
             DelivererClosedError: the Deliverer is not open.
         """
         self._check_open()
-        count = await self._store.unhold(message_id=message_id, domain=domain, all=all)
-        if self._mode != "submit":
-            self._scheduler.wake()
-        logger.info(
-            "released",
-            extra={
-                "message_id": message_id,
-                "domain": domain,
-                "all": all,
-                "recipients": count,
-            },
+        return await self._operations.release(
+            message_id=message_id, domain=domain, all=all
         )
-        return count
 
     def events(self) -> EventStream:
         """Follow every recipient state change from now on: ``async for e in ...``.
