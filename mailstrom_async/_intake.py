@@ -18,6 +18,7 @@ from email.message import EmailMessage, Message
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
+import attrs
 
 from mailstrom_async._exceptions import InvalidMessageError, StoreError
 from mailstrom_async._headers import ADDRESS_HEADERS
@@ -137,6 +138,7 @@ async def prepare_batch(
     return await anyio.to_thread.run_sync(work)
 
 
+@attrs.define(kw_only=True)
 class Intake:
     """Stores prepared messages durably, then announces and queues them.
 
@@ -145,24 +147,13 @@ class Intake:
     (unless this process only submits).
     """
 
-    def __init__(
-        self,
-        *,
-        store: Store,
-        mode: str,
-        worker_id: str,
-        clock: Callable[[], datetime],
-        broker: EventBroker,
-        keeper: LeaseKeeper,
-        dispatcher: Dispatcher,
-    ) -> None:
-        self._store = store
-        self._mode = mode
-        self._worker_id = worker_id
-        self._clock = clock
-        self._broker = broker
-        self._keeper = keeper
-        self._dispatcher = dispatcher
+    _store: Store
+    _mode: str
+    _worker_id: str
+    _clock: Callable[[], datetime]
+    _broker: EventBroker
+    _keeper: LeaseKeeper
+    _dispatcher: Dispatcher
 
     async def accept(
         self, prepared: Sequence[PreparedMessage], keys: Sequence[str | None]
