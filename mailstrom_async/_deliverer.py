@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-import socket
-import ssl
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
@@ -18,7 +16,6 @@ from anyio.abc import TaskGroup
 
 from mailstrom_async._config import Config
 from mailstrom_async._dispatch import Dispatcher
-from mailstrom_async._dns import Resolver
 from mailstrom_async._events import EventBroker, EventStream
 from mailstrom_async._exceptions import (
     ConfigError,
@@ -30,8 +27,7 @@ from mailstrom_async._leases import LeaseKeeper, LeaseOwner
 from mailstrom_async._models import MessageStatus, RecipientState
 from mailstrom_async._operations import QueueOperations
 from mailstrom_async._owner import current_owner
-from mailstrom_async._routes import MXRoute, RelayRoute
-from mailstrom_async._smtp import make_ssl_context, relay_settings
+from mailstrom_async._routes import network_route
 from mailstrom_async._statistics import AttemptCounters, Statistics
 from mailstrom_async._store import SQLiteStore, Store
 from mailstrom_async._telemetry import Telemetry
@@ -51,11 +47,6 @@ DEFAULT_STORE_PATH = "mailstrom-queue.sqlite3"
 
 DelivererMode = Literal["both", "submit", "deliver"]
 _MODES = ("both", "submit", "deliver")
-
-
-def _local_fqdn() -> str:
-    # May query DNS: run in a worker thread, once per Deliverer.
-    return socket.getfqdn()
 
 
 def _utcnow() -> datetime:
@@ -277,7 +268,7 @@ class Deliverer:
         if self._transport is not None:
             route = self._transport
         else:
-            route = await self._network_route()
+            route = await network_route(config, self._rng)
         runner = JobRunner(
             config=config,
             store=self._store,
@@ -296,28 +287,6 @@ class Deliverer:
             on_job_done=self._dispatcher.job_done,
         )
         self._dispatcher.attach(route, lanes)
-
-    async def _network_route(self) -> Transport:
-        """The relay or MX route that the configuration describes."""
-        config = self._config
-        helo = config.helo_name
-        if helo is None:
-            helo = await anyio.to_thread.run_sync(_local_fqdn)
-        relay = config.relay
-        if relay is not None:
-            context: ssl.SSLContext | None = None
-            if relay.tls != "none":
-                # Loading CA files is disk I/O: once, at start, off the event loop.
-                context = await anyio.to_thread.run_sync(
-                    make_ssl_context, relay.verify, relay.ca_file
-                )
-            return RelayRoute(relay_settings(config, helo, context))
-        else:
-            # Opportunistic and required TLS try a verified session first and
-            # record whether they had one (system CAs, loaded once off the loop).
-            context = await anyio.to_thread.run_sync(make_ssl_context, True, None)
-            resolver = Resolver(config.mx, config.timeouts, rng=self._rng)
-            return MXRoute(config, resolver, helo_name=helo, ssl_context=context)
 
     async def _run_feeders(self, workers: TaskGroup) -> None:
         dispatcher = self._dispatcher

@@ -12,17 +12,27 @@ Only when every address failed does the attempt fail, with one error whose
 from __future__ import annotations
 
 import logging
+import random
+import socket
 import ssl
 from typing import TYPE_CHECKING
 
+import anyio
+
+from mailstrom_async._dns import Resolver
 from mailstrom_async._exceptions import ConnectError, TransientDeliveryError
-from mailstrom_async._smtp import ConnectionSettings, SMTPConnection, mx_settings
+from mailstrom_async._smtp import (
+    ConnectionSettings,
+    SMTPConnection,
+    make_ssl_context,
+    mx_settings,
+    relay_settings,
+)
 
 if TYPE_CHECKING:
     from mailstrom_async._config import Config
-    from mailstrom_async._dns import Resolver
 
-__all__ = ["MXRoute", "NoAddressLeftError", "RelayRoute"]
+__all__ = ["MXRoute", "NoAddressLeftError", "RelayRoute", "network_route"]
 
 logger = logging.getLogger("mailstrom_async.deliverer")
 
@@ -111,3 +121,30 @@ class MXRoute:
 
     async def aclose(self) -> None:
         await self._resolver.aclose()
+
+
+def _local_fqdn() -> str:
+    # May query DNS: run in a worker thread, once per Deliverer.
+    return socket.getfqdn()
+
+
+async def network_route(config: Config, rng: random.Random) -> RelayRoute | MXRoute:
+    """The relay or MX route that *config* describes, with its TLS context and
+    HELO name made off the event loop (they may read files or query DNS)."""
+    helo = config.helo_name
+    if helo is None:
+        helo = await anyio.to_thread.run_sync(_local_fqdn)
+    relay = config.relay
+    if relay is not None:
+        context: ssl.SSLContext | None = None
+        if relay.tls != "none":
+            # Loading CA files is disk I/O: once, at start, off the event loop.
+            context = await anyio.to_thread.run_sync(
+                make_ssl_context, relay.verify, relay.ca_file
+            )
+        return RelayRoute(relay_settings(config, helo, context))
+    # Opportunistic and required TLS try a verified session first and record
+    # whether they had one (system CAs, loaded once off the loop).
+    context = await anyio.to_thread.run_sync(make_ssl_context, True, None)
+    resolver = Resolver(config.mx, config.timeouts, rng=rng)
+    return MXRoute(config, resolver, helo_name=helo, ssl_context=context)
