@@ -68,6 +68,11 @@ _SHIELDED_DEADLINE = 10.0
 # again at once in a new transaction; bound how often one recipient is, so that
 # a broken server that refuses every second RCPT cannot keep us in a loop.
 _MAX_RETRY_NOW = 20
+# Outcomes are written after each transaction, but a job of many transactions
+# writes them every few, so that it makes at most about this many writes: each
+# write reads the message's rows, and a write per transaction would make a job of
+# 100,000 recipients quadratic. A crash mid-job re-sends at most that share.
+_MAX_WRITES_PER_JOB = 20
 # A known outcome that the store failed to write is written again, waiting a
 # little longer each time (0.05 s, 0.1 s, 0.2 s, ...), for up to a third of the
 # lease; then the job gives it up to the boundary.
@@ -277,6 +282,9 @@ class JobRunner:
         pending = [r.address for r in job.recipients]
         retried: dict[str, int] = {}
         per_transaction = self._config.limits.max_recipients_per_transaction
+        transactions = -(-len(pending) // per_transaction)
+        every = -(-transactions // _MAX_WRITES_PER_JOB)
+        unwritten = 0  # transactions decided since the last write
         while pending:
             batch, pending = pending[:per_transaction], pending[per_transaction:]
             progress.batch = batch
@@ -290,7 +298,11 @@ class JobRunner:
                 else:
                     settled.append(outcome)
             progress.batch = ()
-            await self._record(lane, job, settled, where, progress)
+            self._decide(lane, job, settled, where, progress)
+            unwritten += 1
+            if unwritten >= every or not pending:
+                await self._record(lane, job, progress)
+                unwritten = 0
 
     async def _postpone(self, lane: Lane, job: Job, until: datetime) -> None:
         logger.debug(
@@ -387,7 +399,7 @@ class JobRunner:
             )
             return [outcome_from_error(a, exc) for a in batch], where
 
-    async def _record(
+    def _decide(
         self,
         lane: Lane,
         job: Job,
@@ -395,35 +407,41 @@ class JobRunner:
         where: Where,
         progress: _Progress,
     ) -> None:
-        """Write one transaction's outcomes; then count, log and publish them."""
-        if not outcomes:
-            return
+        """One transaction's outcomes become the recipients' next statuses, to be
+        written by the next :meth:`_record`."""
+        self.tally.attempts += 1
         now = self._clock()
         old = progress.claimed
-        statuses = [
-            next_status(
-                old[o.address],
-                o,
-                where,
-                now=now,
-                submitted_at=job.submitted_at,
-                policy=self._config.retry,
-                rng=self._rng,
-                not_before=lane.backoff_until,
+        progress.unwritten.update(
+            (
+                o.address,
+                next_status(
+                    old[o.address],
+                    o,
+                    where,
+                    now=now,
+                    submitted_at=job.submitted_at,
+                    policy=self._config.retry,
+                    rng=self._rng,
+                    not_before=lane.backoff_until,
+                ),
             )
             for o in outcomes
-        ]
-        progress.unwritten.update((s.address, s) for s in statuses)
+        )
+
+    async def _record(self, lane: Lane, job: Job, progress: _Progress) -> None:
+        """Write the outcomes decided so far; then count, log and publish them."""
+        statuses = list(progress.unwritten.values())
+        if not statuses:
+            return
         await self._write(job, statuses)
-        for s in statuses:
-            del progress.unwritten[s.address]
-            progress.done.add(s.address)
+        progress.unwritten.clear()
+        progress.done.update(s.address for s in statuses)
         progress.recorded.extend(statuses)
-        self.tally.attempts += 1
         self.tally.count(statuses)
         if logger.isEnabledFor(logging.INFO):
             log_outcomes(job.message_id, lane.key, statuses)
-        self._publish(progress, statuses, now)
+        self._publish(progress, statuses, self._clock())
 
     async def _write(
         self,
