@@ -126,10 +126,9 @@ class _DNSProtocol(asyncio.DatagramProtocol):
             self.transport.sendto(reply, addr)
 
 
-def _lane_count(deliverer: object) -> int | None:
-    # Private state, read only to show that lanes are reaped; None if it moved.
-    lanes = getattr(getattr(deliverer, "_lanes", None), "_lanes", None)
-    return len(lanes) if isinstance(lanes, dict) else None
+async def _lane_count(deliverer: Deliverer) -> int:
+    """The destinations with an active lane, from the public statistics."""
+    return len((await deliverer.statistics()).destinations)
 
 
 async def mx_lanes(params: dict[str, Any]) -> dict[str, Any]:
@@ -165,7 +164,7 @@ async def mx_lanes(params: dict[str, Any]) -> dict[str, Any]:
             async def sample() -> None:
                 nonlocal lanes_max, rss_max_during
                 while True:
-                    lanes_max = max(lanes_max, _lane_count(deliverer) or 0)
+                    lanes_max = max(lanes_max, await _lane_count(deliverer))
                     rss_max_during = max(rss_max_during, vm_status_kib()["VmRSS"])
                     await anyio.sleep(0.05)
 
@@ -193,7 +192,7 @@ async def mx_lanes(params: dict[str, Any]) -> dict[str, Any]:
                 clock.stop()
                 # Every lane's workers end after idle_timeout; then it is reaped.
                 await anyio.sleep(idle + 0.5)
-                lanes_after_idle = _lane_count(deliverer)
+                lanes_after_idle = await _lane_count(deliverer)
                 tg.cancel_scope.cancel()
     finally:
         transport.close()
