@@ -40,6 +40,7 @@ __all__ = [
     "duration",
     "load_config",
     "non_negative_seconds",
+    "one_target",
     "open_store",
     "positive_seconds",
     "print_json",
@@ -156,6 +157,17 @@ def duration(text: str) -> timedelta:
 
 
 # -- store and config -----------------------------------------------------------
+
+
+def one_target(args: argparse.Namespace, *, allow_all: bool = True) -> None:
+    """Refuse (a usage error) unless exactly one of ID, --domain (and --all)
+    names what a queue command acts on."""
+    given = [args.message_id is not None, args.domain is not None]
+    if allow_all:
+        given.append(bool(args.all))
+    if sum(given) != 1:
+        what = "ID, --domain DOMAIN or --all" if allow_all else "ID or --domain DOMAIN"
+        args.parser.error(f"give exactly one of {what}")
 
 
 def store_path(args: argparse.Namespace) -> Path:

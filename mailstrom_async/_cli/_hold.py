@@ -11,6 +11,7 @@ from mailstrom_async._cli._common import (
     EXIT_OK,
     add_store_options,
     load_config,
+    one_target,
     open_store,
     print_json,
 )
@@ -80,8 +81,7 @@ def _target(args: argparse.Namespace) -> str:
 
 
 def _hold(args: argparse.Namespace) -> int:
-    if (args.message_id is None) == (args.domain is None):
-        args.parser.error("give exactly one of ID or --domain DOMAIN")
+    one_target(args, allow_all=False)
     store = _store(args)
 
     async def run() -> int:
@@ -99,9 +99,7 @@ def _hold(args: argparse.Namespace) -> int:
 
 
 def _release(args: argparse.Namespace) -> int:
-    chosen = sum((args.message_id is not None, args.domain is not None, bool(args.all)))
-    if chosen != 1:
-        args.parser.error("give exactly one of ID, --domain DOMAIN or --all")
+    one_target(args)
     store = _store(args)
 
     async def run() -> int:

@@ -15,6 +15,7 @@ from mailstrom_async._cli._common import (
     age,
     duration,
     load_config,
+    one_target,
     open_store,
     print_json,
     status_json,
@@ -307,9 +308,7 @@ def _print_summary(summary: QueueSummary, as_json: bool) -> None:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    chosen = sum((args.message_id is not None, args.domain is not None, bool(args.all)))
-    if chosen != 1:
-        args.parser.error("give exactly one of ID, --domain DOMAIN or --all")
+    one_target(args)
     store = _prepare(args)
 
     async def run() -> int:
