@@ -24,7 +24,7 @@ _ELEMENTS = [
     "=?utf-8?q?J=C3=B6rg?= <j@x.com>",
     '"=?utf-8?q?a"b?=" <q@x.com>',
     "<@r,@s:t@u.com>",
-    "v@[1.2.3.4]",
+    "v@[127.0.0.1]",
     "w\\,x@y.com",
     "undisclosed:;",
     "",
