@@ -37,6 +37,7 @@ __all__ = [
     "describe_owners",
     "lease_owner_info",
     "release_dead_owner",
+    "release_dead_owners",
 ]
 
 logger = logging.getLogger("mailstrom_async.deliverer")
@@ -96,6 +97,31 @@ async def describe_owners(store: Store) -> list[LeaseOwner]:
     return await anyio.to_thread.run_sync(describe)
 
 
+async def release_dead_owners(store: Store, *, keep: str | None = None) -> int:
+    """Release the leases of every owner in *store* (but *keep*) whose process
+    this host knows is gone; return how many recipients were released."""
+    owners = await store.lease_owners()
+    others = [owner for owner in owners if owner != keep]
+    dead = await anyio.to_thread.run_sync(_dead, others) if others else []
+    released = 0
+    for owner in dead:
+        count = await store.release_owner(owner)
+        released += count
+        _log_released(owner, count, owners[owner].lease_until)
+    return released
+
+
+def _log_released(owner: str, count: int, lease_until: datetime | None) -> None:
+    logger.warning(
+        "released the leases of a worker that is gone",
+        extra={
+            "owner": owner,
+            "recipients": count,
+            "lease_until": None if lease_until is None else lease_until.isoformat(),
+        },
+    )
+
+
 async def release_dead_owner(store: Store, owner: str) -> int:
     """Release every lease of *owner*, known to be gone; return how many.
 
@@ -111,10 +137,7 @@ async def release_dead_owner(store: Store, owner: str) -> int:
         )
         raise LiveLeaseError(msg)
     count = await store.release_owner(owner)
-    logger.warning(
-        "released the leases of a worker that is gone",
-        extra={"owner": owner, "recipients": count},
-    )
+    _log_released(owner, count, None)
     return count
 
 
@@ -260,26 +283,11 @@ class LeaseKeeper:
         """Release the leases of owners on this host whose process is gone;
         return how many recipients were released. Never raises: a store that
         fails leaves the leases to expire by themselves."""
-        released = 0
         try:
-            owners = await self._store.lease_owners()
-            others = [owner for owner in owners if owner != self._owner]
-            dead = await anyio.to_thread.run_sync(_dead, others) if others else []
-            for owner in dead:
-                info = owners[owner]
-                count = await self._store.release_owner(owner)
-                released += count
-                logger.warning(
-                    "released the leases of a worker that is gone",
-                    extra={
-                        "owner": owner,
-                        "recipients": count,
-                        "lease_until": info.lease_until.isoformat(),
-                    },
-                )
+            return await release_dead_owners(self._store, keep=self._owner)
         except Exception as exc:
             logger.error(
                 "could not reclaim the leases of dead workers; they expire by lease",
                 extra={"error": f"{type(exc).__name__}: {exc}"},
             )
-        return released
+            return 0

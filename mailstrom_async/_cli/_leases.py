@@ -16,7 +16,11 @@ from mailstrom_async._cli._common import (
     table,
     timestamp,
 )
-from mailstrom_async._leases import describe_owners, release_dead_owner
+from mailstrom_async._leases import (
+    describe_owners,
+    release_dead_owner,
+    release_dead_owners,
+)
 
 if TYPE_CHECKING:
     from mailstrom_async._cli._common import Parser
@@ -77,10 +81,7 @@ def _leases(args: argparse.Namespace) -> int:
             if args.release is not None:
                 released = await release_dead_owner(store, args.release)
             elif args.release_dead:
-                released = 0
-                for owner in await describe_owners(store):
-                    if owner.is_dead:
-                        released += await release_dead_owner(store, owner.owner)
+                released = await release_dead_owners(store)
             return await describe_owners(store), released
 
     owners, released = anyio.run(run)
