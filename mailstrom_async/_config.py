@@ -170,7 +170,10 @@ class Timeouts:
     data_end: float = attrs.field(default=600.0, validator=_positive)
     """The reply after the final dot."""
     dns: float = attrs.field(default=10.0, validator=_positive)
-    """One DNS lookup."""
+    """One DNS lookup (a host's A and AAAA lookups run side by side)."""
+    dns_attempt: float = attrs.field(default=30.0, validator=_positive)
+    """All the DNS lookups of one walk over a domain's MX hosts: the MX lookup
+    and the address lookups of the hosts it reaches (direct MX delivery)."""
 
 
 DEFAULT_TIMEOUTS = Timeouts()
@@ -300,6 +303,9 @@ class MXConfig:
     )
     max_addresses: int = attrs.field(default=5, validator=_positive_int)
     """How many addresses to try per attempt (RFC 5321 §5.1)."""
+    max_hosts: int = attrs.field(default=5, validator=_positive_int)
+    """How many MX hosts to look up per attempt, in preference order, each only
+    when the attempt reaches it."""
 
 
 @attrs.frozen(kw_only=True)

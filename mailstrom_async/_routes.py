@@ -2,15 +2,18 @@
 
 A route is a :class:`~mailstrom_async.Transport`: it names the *destination*
 (lane) of each recipient and opens connections to it. For direct delivery it walks
-the MX hosts in the order the resolver gives (RFC 5321 §5.1) and tries their
-addresses in turn; an address that refuses the connection, times out, greets with
-4xx/5xx or fails TLS is skipped for the next.
+the MX hosts in the order the resolver gives (RFC 5321 §5.1), which looks each one
+up only when the walk reaches it, and tries their addresses in turn; an address
+that refuses the connection, times out, greets with 4xx/5xx or fails TLS is
+skipped for the next. An address literal (``user@[192.0.2.1]``) is its own
+destination and its one address.
 Only when every address failed does the attempt fail, with one error whose
 ``__cause__`` is the group of all the failures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import socket
@@ -18,8 +21,9 @@ import ssl
 from typing import TYPE_CHECKING
 
 import anyio
+import attrs
 
-from mailstrom_async._dns import Resolver
+from mailstrom_async._dns import MXHost, Resolver, literal_destination
 from mailstrom_async._exceptions import ConnectError, TransientDeliveryError
 from mailstrom_async._smtp import (
     ConnectionSettings,
@@ -82,45 +86,63 @@ class MXRoute:
         self._ssl_context = ssl_context
 
     def destination(self, address: str) -> str:
-        # The envelope already carries A-labels (prepare() converted IDNs).
-        return address.rpartition("@")[2].lower()
+        # The envelope already carries A-labels (prepare() converted IDNs); an
+        # address literal has one spelling per address, so one lane.
+        domain = address.rpartition("@")[2]
+        return literal_destination(domain) or domain.lower()
 
     async def connect(
         self, destination: str, *, skip: frozenset[str] = frozenset()
     ) -> SMTPConnection:
-        route = await self._resolver.route(destination)
         failures: list[TransientDeliveryError] = []
-        for target in route.targets:
-            settings = mx_settings(
-                self._config, target.host, self._helo_name, self._ssl_context
-            )
-            for ip in target.addresses:
+        # Each MX host is looked up only when the hosts before it have failed.
+        async with contextlib.aclosing(self._resolver.walk(destination)) as walk:
+            async for host, ip in walk:
                 if ip in skip:
                     continue
                 try:
-                    return await SMTPConnection.open(settings, ip=ip)
+                    return await SMTPConnection.open(self._settings(host), ip=ip)
                 except TransientDeliveryError as exc:
                     failures.append(exc)
                     logger.info(
                         "MX address failed, trying the next",
                         extra={
                             "destination": destination,
-                            "host": target.host,
+                            "host": host.name,
                             "ip": ip,
                             "error": str(exc),
                         },
                     )
-        if not failures:  # the resolver never returns a route without addresses
+        if not failures:  # the walk raises when it has no address at all
             msg = f"every MX address of {destination} was tried in this attempt"
             raise NoAddressLeftError(msg)
-        last = failures[-1]
-        tried = "; ".join(str(f) for f in failures)
-        msg = f"all {len(failures)} MX addresses of {destination} failed: {tried}"
-        error = type(last)(msg, reply=last.reply, host=last.host, ip=last.ip)
-        raise error from ExceptionGroup(msg, failures)
+        raise _all_failed(destination, failures)
+
+    def _settings(self, host: MXHost) -> ConnectionSettings:
+        settings = mx_settings(
+            self._config, host.name, self._helo_name, self._ssl_context
+        )
+        if host.literal is not None:
+            # No host name to check a certificate against: only the IP address
+            # itself (a certificate naming it verifies; otherwise unverified TLS).
+            settings = attrs.evolve(settings, server_hostname=host.literal)
+        return settings
 
     async def aclose(self) -> None:
         await self._resolver.aclose()
+
+
+def _all_failed(
+    destination: str, failures: list[TransientDeliveryError]
+) -> TransientDeliveryError:
+    """One error for an attempt in which every address failed; its ``__cause__``
+    is the group of all the failures."""
+    last = failures[-1]
+    tried = "; ".join(str(f) for f in failures)
+    msg = f"all {len(failures)} MX addresses of {destination} failed: {tried}"
+    error = type(last)(msg, reply=last.reply, host=last.host, ip=last.ip)
+    error.__cause__ = ExceptionGroup(msg, failures)
+    return error
 
 
 def _local_fqdn() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import socket
@@ -14,7 +15,7 @@ import pytest
 
 from mailstrom_async import _dns
 from mailstrom_async._config import MXConfig, Timeouts
-from mailstrom_async._dns import MXTarget, Resolver, Route
+from mailstrom_async._dns import MXHost, Resolver, Route
 from mailstrom_async._exceptions import (
     ConfigError,
     DNSTemporaryError,
@@ -61,7 +62,13 @@ def zone(dns_server: DNSServer) -> Zone:
 
 
 def hosts(route: Route) -> list[str]:
-    return [t.host for t in route.targets]
+    return [h.name for h in route.hosts]
+
+
+async def walk(resolver: Resolver, domain: str) -> list[tuple[str, str]]:
+    """Every ``(host, address)`` the resolver's walk over *domain* yields."""
+    async with contextlib.aclosing(resolver.walk(domain)) as addresses:
+        return [(host.name, ip) async for host, ip in addresses]
 
 
 def address_queries(zone: Zone) -> int:
@@ -71,25 +78,32 @@ def address_queries(zone: Zone) -> int:
 async def test_mx_hosts_sorted_by_preference(
     zone: Zone, make_resolver: MakeResolver
 ) -> None:
-    """MX hosts come back lowest preference first, each with its addresses."""
+    """MX hosts come back lowest preference first, and are walked in that order."""
     zone.add_mx("example.test", 20, "mx2.example.test")
     zone.add_mx("example.test", 10, "mx1.example.test")
     zone.add_mx("example.test", 30, "mx3.example.test")
     for n in (1, 2, 3):
         zone.add_a(f"mx{n}.example.test", f"127.0.0.{n + 1}")
 
-    route = await make_resolver().route("example.test")
+    resolver = make_resolver()
+    route = await resolver.route("example.test")
 
     assert route == Route(
         "example.test",
         (
-            MXTarget("mx1.example.test", 10, ("127.0.0.2",)),
-            MXTarget("mx2.example.test", 20, ("127.0.0.3",)),
-            MXTarget("mx3.example.test", 30, ("127.0.0.4",)),
+            MXHost("mx1.example.test", 10),
+            MXHost("mx2.example.test", 20),
+            MXHost("mx3.example.test", 30),
         ),
         implicit=False,
     )
     assert zone.count("example.test", "MX") == 1
+    assert address_queries(zone) == 0  # route() looks up no address
+    assert await walk(resolver, "example.test") == [
+        ("mx1.example.test", "127.0.0.2"),
+        ("mx2.example.test", "127.0.0.3"),
+        ("mx3.example.test", "127.0.0.4"),
+    ]
 
 
 async def test_equal_preferences_are_shuffled(
@@ -126,13 +140,14 @@ async def test_implicit_mx_on_nodata(zone: Zone, make_resolver: MakeResolver) ->
     zone.add_a("example.test", "127.0.0.2")
     zone.add_aaaa("example.test", "::1")
 
-    route = await make_resolver().route("Example.TEST.")
+    resolver = make_resolver()
+    route = await resolver.route("Example.TEST.")
 
-    assert route == Route(
-        "example.test",
-        (MXTarget("example.test", 0, ("127.0.0.2", "::1")),),
-        implicit=True,
-    )
+    assert route == Route("example.test", (MXHost("example.test", 0),), implicit=True)
+    assert await walk(resolver, "Example.TEST.") == [
+        ("example.test", "127.0.0.2"),
+        ("example.test", "::1"),
+    ]
 
 
 async def test_no_implicit_mx_when_mx_records_exist(
@@ -143,10 +158,11 @@ async def test_no_implicit_mx_when_mx_records_exist(
     zone.add_a("mx.example.test", "127.0.0.2")
     zone.add_a("example.test", "127.0.0.9")
 
-    route = await make_resolver().route("example.test")
+    resolver = make_resolver()
+    route = await resolver.route("example.test")
 
     assert hosts(route) == ["mx.example.test"]
-    assert route.targets[0].addresses == ("127.0.0.2",)
+    assert await walk(resolver, "example.test") == [("mx.example.test", "127.0.0.2")]
     assert not route.implicit
     assert zone.count("example.test", "A") == zone.count("example.test", "AAAA") == 0
 
@@ -175,9 +191,11 @@ async def test_null_mx_beside_real_mx_is_ignored(
     zone.add_mx("example.test", 10, "mx.example.test")
     zone.add_a("mx.example.test", "127.0.0.2")
 
-    route = await make_resolver().route("example.test")
+    resolver = make_resolver()
+    route = await resolver.route("example.test")
 
     assert hosts(route) == ["mx.example.test"]
+    assert await walk(resolver, "example.test") == [("mx.example.test", "127.0.0.2")]
 
 
 async def test_nxdomain_fails_with_5_1_2(
@@ -243,8 +261,7 @@ async def test_silent_server_times_out_then_recovers(
     assert address_queries(zone) == 0
 
     zone.heal("example.test")
-    route = await resolver.route("example.test")
-    assert route.targets == (MXTarget("mx.example.test", 10, ("127.0.0.2",)),)
+    assert await walk(resolver, "example.test") == [("mx.example.test", "127.0.0.2")]
 
 
 async def test_unreachable_nameserver_defers() -> None:
@@ -262,14 +279,14 @@ async def test_unreachable_nameserver_defers() -> None:
 async def test_target_with_ipv4_and_ipv6(
     zone: Zone, make_resolver: MakeResolver
 ) -> None:
-    """A target's IPv4 addresses come before its IPv6 addresses."""
+    """A host's IPv4 addresses come before its IPv6 addresses."""
     zone.add_mx("example.test", 10, "mx.example.test")
     zone.add_aaaa("mx.example.test", "::1")
     zone.add_a("mx.example.test", "127.0.0.2", "127.0.0.3")
 
-    route = await make_resolver().route("example.test")
+    found = await walk(make_resolver(), "example.test")
 
-    assert route.targets[0].addresses == ("127.0.0.2", "127.0.0.3", "::1")
+    assert [ip for _, ip in found] == ["127.0.0.2", "127.0.0.3", "::1"]
 
 
 async def test_target_behind_cname(zone: Zone, make_resolver: MakeResolver) -> None:
@@ -278,9 +295,9 @@ async def test_target_behind_cname(zone: Zone, make_resolver: MakeResolver) -> N
     zone.add_cname("mail.example.test", "real.example.test")
     zone.add_a("real.example.test", "127.0.0.2")
 
-    route = await make_resolver().route("example.test")
+    found = await walk(make_resolver(), "example.test")
 
-    assert route.targets == (MXTarget("mail.example.test", 10, ("127.0.0.2",)),)
+    assert found == [("mail.example.test", "127.0.0.2")]
 
 
 async def test_nxdomain_target_is_skipped(
@@ -291,9 +308,9 @@ async def test_nxdomain_target_is_skipped(
     zone.add_mx("example.test", 20, "mx.example.test")
     zone.add_a("mx.example.test", "127.0.0.2")
 
-    route = await make_resolver().route("example.test")
+    found = await walk(make_resolver(), "example.test")
 
-    assert hosts(route) == ["mx.example.test"]
+    assert found == [("mx.example.test", "127.0.0.2")]
     assert zone.count("gone.example.test", "A") == 1
 
 
@@ -307,22 +324,22 @@ async def test_temporarily_failing_target_is_skipped(
     zone.add_a("mx2.example.test", "127.0.0.3")
     zone.servfail("mx1.example.test")
 
-    route = await make_resolver().route("example.test")
+    found = await walk(make_resolver(), "example.test")
 
-    assert hosts(route) == ["mx2.example.test"]
+    assert found == [("mx2.example.test", "127.0.0.3")]
 
 
 async def test_partial_target_failure_keeps_other_family(
     zone: Zone, make_resolver: MakeResolver
 ) -> None:
-    """A target whose AAAA lookup fails keeps its IPv4 addresses."""
+    """A host whose AAAA lookup fails keeps its IPv4 addresses."""
     zone.add_mx("example.test", 10, "mx.example.test")
     zone.add_a("mx.example.test", "127.0.0.2")
     zone.servfail("mx.example.test", "AAAA")
 
-    route = await make_resolver().route("example.test")
+    found = await walk(make_resolver(), "example.test")
 
-    assert route.targets == (MXTarget("mx.example.test", 10, ("127.0.0.2",)),)
+    assert found == [("mx.example.test", "127.0.0.2")]
 
 
 async def test_all_targets_failing_temporarily_defers(
@@ -335,7 +352,7 @@ async def test_all_targets_failing_temporarily_defers(
     zone.servfail("mx1.example.test")
 
     with pytest.raises(DNSTemporaryError, match=r"mx1\.example\.test"):
-        await make_resolver().route("example.test")
+        await walk(make_resolver(), "example.test")
 
 
 async def test_mx_hosts_without_addresses_fail(
@@ -347,7 +364,7 @@ async def test_mx_hosts_without_addresses_fail(
     zone.add_txt("txt.example.test", "no address here")
 
     with pytest.raises(NoMailServerError, match=r"gone\.example\.test") as info:
-        await make_resolver().route("example.test")
+        await walk(make_resolver(), "example.test")
 
     assert info.value.reply is not None
     assert (info.value.reply.code, info.value.reply.enhanced_code) == (550, "5.4.4")
@@ -360,7 +377,7 @@ async def test_implicit_mx_without_address_fails(
     zone.add_txt("example.test", "v=spf1 -all")
 
     with pytest.raises(NoMailServerError, match="no MX records") as info:
-        await make_resolver().route("example.test")
+        await walk(make_resolver(), "example.test")
 
     assert info.value.reply is not None
     assert info.value.reply.enhanced_code == "5.1.2"
@@ -369,19 +386,21 @@ async def test_implicit_mx_without_address_fails(
 async def test_max_addresses_across_targets(
     zone: Zone, make_resolver: MakeResolver
 ) -> None:
-    """At most MXConfig.max_addresses addresses are returned, in order, once each."""
+    """At most MXConfig.max_addresses addresses are yielded, in order, once each."""
     for n in (1, 2, 3):
         zone.add_mx("example.test", n * 10, f"mx{n}.example.test")
     zone.add_a("mx1.example.test", "127.0.0.2", "127.0.0.3")
     zone.add_a("mx2.example.test", "127.0.0.3", "127.0.0.4", "127.0.0.5")
     zone.add_a("mx3.example.test", "127.0.0.6")
 
-    route = await make_resolver(max_addresses=3).route("example.test")
+    found = await walk(make_resolver(max_addresses=3), "example.test")
 
-    assert route.targets == (
-        MXTarget("mx1.example.test", 10, ("127.0.0.2", "127.0.0.3")),
-        MXTarget("mx2.example.test", 20, ("127.0.0.4",)),
-    )
+    assert found == [
+        ("mx1.example.test", "127.0.0.2"),
+        ("mx1.example.test", "127.0.0.3"),
+        ("mx2.example.test", "127.0.0.4"),
+    ]
+    assert zone.count("mx3.example.test") == 0  # never reached, never looked up
 
 
 async def test_later_targets_resolved_when_first_ones_fail(
@@ -392,9 +411,9 @@ async def test_later_targets_resolved_when_first_ones_fail(
     zone.add_mx("example.test", 20, "mx.example.test")
     zone.add_a("mx.example.test", "127.0.0.2")
 
-    route = await make_resolver(max_addresses=1).route("example.test")
+    found = await walk(make_resolver(max_addresses=1), "example.test")
 
-    assert route.targets == (MXTarget("mx.example.test", 20, ("127.0.0.2",)),)
+    assert found == [("mx.example.test", "127.0.0.2")]
 
 
 @pytest.mark.parametrize(
@@ -412,11 +431,12 @@ async def test_local_addresses_refused(
     zone.add_a("outside.example.test", PUBLIC_V4)
     zone.add_aaaa("outside.example.test", PUBLIC_V6)
 
-    route = await make_resolver(allow_local=False).route("example.test")
+    found = await walk(make_resolver(allow_local=False), "example.test")
 
-    assert route.targets == (
-        MXTarget("outside.example.test", 20, (PUBLIC_V4, PUBLIC_V6)),
-    )
+    assert found == [
+        ("outside.example.test", PUBLIC_V4),
+        ("outside.example.test", PUBLIC_V6),
+    ]
 
 
 async def test_only_local_addresses_defer(
@@ -430,7 +450,7 @@ async def test_only_local_addresses_defer(
         caplog.at_level(logging.WARNING, logger="mailstrom_async.dns"),
         pytest.raises(DNSTemporaryError, match=r"127\.0\.0\.1.*allow_local") as info,
     ):
-        await make_resolver(allow_local=False).route("example.test")
+        await walk(make_resolver(allow_local=False), "example.test")
 
     assert info.value.reply is not None
     assert (info.value.reply.code, info.value.reply.enhanced_code) == (451, "4.4.4")
@@ -448,7 +468,7 @@ async def test_implicit_mx_local_address_defers(
     with pytest.raises(
         DNSTemporaryError, match=r"the domain 'example\.test' resolves only"
     ):
-        await make_resolver(allow_local=False).route("example.test")
+        await walk(make_resolver(allow_local=False), "example.test")
 
 
 async def test_local_addresses_allowed_when_configured(
@@ -458,22 +478,22 @@ async def test_local_addresses_allowed_when_configured(
     zone.add_mx("example.test", 10, "mx.example.test")
     zone.add_a("mx.example.test", "127.0.0.1")
 
-    route = await make_resolver(allow_local=True).route("example.test")
+    found = await walk(make_resolver(allow_local=True), "example.test")
 
-    assert route.targets == (MXTarget("mx.example.test", 10, ("127.0.0.1",)),)
+    assert found == [("mx.example.test", "127.0.0.1")]
 
 
 async def test_answers_cached_for_their_ttl(
     zone: Zone, make_resolver: MakeResolver
 ) -> None:
-    """With TTL 30, a second route() is answered from the cache without a query."""
+    """With TTL 30, a second walk is answered from the cache without a query."""
     zone.add_mx("example.test", 10, "mx.example.test", ttl=30)
     zone.add_a("mx.example.test", "127.0.0.2", ttl=30)
     zone.add_aaaa("mx.example.test", "::1", ttl=60)
     resolver = make_resolver()
 
-    first = await resolver.route("example.test")
-    second = await resolver.route("example.test")
+    first = await walk(resolver, "example.test")
+    second = await walk(resolver, "example.test")
 
     assert first == second
     assert sum(zone.queries.values()) == 3
@@ -482,17 +502,16 @@ async def test_answers_cached_for_their_ttl(
 
 
 async def test_ttl_zero_not_cached(zone: Zone, make_resolver: MakeResolver) -> None:
-    """With TTL 0, every route() asks the server again."""
+    """With TTL 0, every walk asks the server again."""
     zone.add_mx("example.test", 10, "mx.example.test")
     zone.add_a("mx.example.test", "127.0.0.2")
     resolver = make_resolver()
 
-    await resolver.route("example.test")
+    await walk(resolver, "example.test")
     zone.remove("mx.example.test")
     zone.add_a("mx.example.test", "127.0.0.3")
-    route = await resolver.route("example.test")
 
-    assert route.targets[0].addresses == ("127.0.0.3",)
+    assert await walk(resolver, "example.test") == [("mx.example.test", "127.0.0.3")]
     assert zone.count("example.test", "MX") == 2
     assert zone.count("mx.example.test", "A") == 2
     assert resolver.statistics().cache_hits == 0
@@ -508,13 +527,13 @@ async def test_cache_expires_by_injected_clock(
     now = 1000.0
     resolver = make_resolver(clock=lambda: now)
 
-    await resolver.route("example.test")
+    await walk(resolver, "example.test")
     now += 29.9
-    await resolver.route("example.test")
+    await walk(resolver, "example.test")
     assert resolver.statistics().lookups == 3
 
     now += 0.2
-    await resolver.route("example.test")
+    await walk(resolver, "example.test")
     # Asked again (c-ares may still answer from its own, real-time cache).
     stats = resolver.statistics()
     assert (stats.lookups, stats.cache_hits) == (6, 3)
@@ -545,15 +564,15 @@ async def test_cache_size_is_bounded(
         zone.add_a(f"d{n}.test", f"127.0.0.{n + 2}", ttl=10 * (n + 1))
         zone.add_aaaa(f"d{n}.test", "::1")
 
-    await resolver.route("d0.test")  # caches d0 A (expires at 10)
-    await resolver.route("d1.test")  # caches d1 A (20)
+    await walk(resolver, "d0.test")  # caches d0 A (expires at 10)
+    await walk(resolver, "d1.test")  # caches d1 A (20)
     now = 15.0
-    await resolver.route("d2.test")  # d0 expired and dropped
+    await walk(resolver, "d2.test")  # d0 expired and dropped
     assert resolver.statistics().cached == 2
-    await resolver.route("d0.test")  # full of live entries: d1 (oldest) dropped
+    await walk(resolver, "d0.test")  # full of live entries: d1 (oldest) dropped
     assert resolver.statistics().cached == 2
     hits = resolver.statistics().cache_hits
-    await resolver.route("d2.test")
+    await walk(resolver, "d2.test")
     assert resolver.statistics().cache_hits == hits + 1
 
 
@@ -605,7 +624,148 @@ async def test_concurrent_routes_share_one_resolver(
         for _ in range(5):
             tg.start_soon(route)
 
-    expected = Route(
-        "example.test", (MXTarget("example.test", 0, ("127.0.0.2",)),), implicit=True
-    )
+    expected = Route("example.test", (MXHost("example.test", 0),), implicit=True)
     assert routes == [expected] * 5
+
+
+# -- bounded DNS work: lazy, at most max_hosts hosts, one deadline per walk -------------
+
+
+def many_mx(zone: Zone, count: int, *, preference: int | None = None) -> list[str]:
+    """Give example.test *count* MX hosts h0, h1, ... (preference i, or the one
+    given) and return their names, best first; the zone knows none of them."""
+    names = [f"h{i}.example.test" for i in range(count)]
+    for i, name in enumerate(names):
+        zone.add_mx("example.test", i if preference is None else preference, name)
+    return names
+
+
+def asked(zone: Zone) -> set[tuple[str, str]]:
+    """Every distinct ``(name, type)`` the server was asked (c-ares may resend)."""
+    return set(zone.queries)
+
+
+def address_lookups(*names: str) -> set[tuple[str, str]]:
+    return {(name, qtype) for name in names for qtype in ("A", "AAAA")}
+
+
+async def test_walk_looks_up_a_host_only_when_it_is_reached(
+    zone: Zone, make_resolver: MakeResolver
+) -> None:
+    """A caller that stops after the first host's address never makes the others
+    be looked up."""
+    for n in (1, 2, 3):
+        zone.add_mx("example.test", n * 10, f"mx{n}.example.test")
+        zone.add_a(f"mx{n}.example.test", f"127.0.0.{n + 1}")
+    resolver = make_resolver()
+
+    async with contextlib.aclosing(resolver.walk("example.test")) as addresses:
+        host, ip = await anext(addresses)
+
+    assert (host.name, ip) == ("mx1.example.test", "127.0.0.2")
+    assert asked(zone) == {("example.test", "MX")} | address_lookups("mx1.example.test")
+    assert resolver.statistics().lookups == 3
+
+
+async def test_hosts_that_never_answer_cost_at_most_max_hosts_lookups(
+    zone: Zone, make_resolver: MakeResolver
+) -> None:
+    """100 MX hosts whose lookups time out: 5 hosts are looked up (1 + 5 x 2
+    lookups) and the walk defers, saying so."""
+    names = many_mx(zone, 100)
+    for name in names:
+        zone.silent(name)
+    resolver = make_resolver(timeouts=Timeouts(dns=0.05, dns_attempt=30))
+
+    with pytest.raises(DNSTemporaryError, match="5 of 100 MX hosts") as info:
+        await walk(resolver, "example.test")
+
+    assert "timed out" in str(info.value)
+    assert info.value.default_enhanced_code == "4.4.3"
+    assert asked(zone) == {("example.test", "MX")} | address_lookups(*names[:5])
+    assert resolver.statistics().lookups == 11
+
+
+@pytest.mark.parametrize(
+    ("preference", "error", "code"),
+    [
+        (10, DNSTemporaryError, (451, "4.4.4")),  # others as good may come next time
+        (None, NoMailServerError, (550, "5.4.4")),  # the best five are always these
+    ],
+)
+async def test_nxdomain_hosts_cost_at_most_max_hosts_lookups(
+    zone: Zone,
+    make_resolver: MakeResolver,
+    preference: int | None,
+    error: type[Exception],
+    code: tuple[int, str],
+) -> None:
+    """1,000 MX hosts that do not exist: 11 lookups; deferred when equally
+    preferred hosts were left out, failed when only less preferred ones were."""
+    names = many_mx(zone, 1000, preference=preference)
+    resolver = make_resolver()
+
+    with pytest.raises(
+        error, match=r"5 of 1000 MX hosts .*MXConfig\.max_hosts"
+    ) as info:
+        await walk(resolver, "example.test")
+
+    reply = getattr(info.value, "reply", None)
+    assert reply is not None
+    assert (reply.code, reply.enhanced_code) == code
+
+    assert resolver.statistics().lookups == 11
+    queried = {name for name, qtype in asked(zone) if qtype != "MX"}
+    assert len(queried) == 5
+    if preference is None:
+        assert queried == set(names[:5])
+
+
+async def test_max_hosts_is_configurable(
+    zone: Zone, make_resolver: MakeResolver
+) -> None:
+    """MXConfig.max_hosts sets how many hosts one walk looks up."""
+    names = many_mx(zone, 10)
+
+    with pytest.raises(NoMailServerError, match="2 of 10 MX hosts"):
+        await walk(make_resolver(max_hosts=2), "example.test")
+
+    assert asked(zone) == {("example.test", "MX")} | address_lookups(*names[:2])
+
+
+async def test_third_host_reached_after_two_that_do_not_exist(
+    zone: Zone, make_resolver: MakeResolver
+) -> None:
+    """Lazy lookups still move on: two NXDOMAIN hosts, then the third resolves;
+    the hosts after it are not looked up."""
+    names = many_mx(zone, 5)
+    zone.add_a(names[2], "127.0.0.4")
+    resolver = make_resolver()
+
+    async with contextlib.aclosing(resolver.walk("example.test")) as addresses:
+        host, ip = await anext(addresses)
+
+    assert (host.name, ip) == (names[2], "127.0.0.4")
+    assert asked(zone) == {("example.test", "MX")} | address_lookups(*names[:3])
+
+
+async def test_dns_attempt_bounds_all_lookups_of_a_walk(
+    zone: Zone, make_resolver: MakeResolver
+) -> None:
+    """When the walk's DNS time (Timeouts.dns_attempt) is used up, no further
+    host is looked up: with 0.25 s and lookups that each wait 0.1 s, at most
+    three hosts are."""
+    names = many_mx(zone, 100)
+    for name in names:
+        zone.silent(name)
+    resolver = make_resolver(timeouts=Timeouts(dns=0.1, dns_attempt=0.25))
+
+    with pytest.raises(DNSTemporaryError, match=r"Timeouts\.dns_attempt") as info:
+        await walk(resolver, "example.test")
+
+    assert info.value.default_enhanced_code == "4.4.3"
+    # Every host that was looked up waited its full 0.1 s (or what was left).
+    looked_up = {name for name, qtype in asked(zone) if qtype != "MX"}
+    assert 1 <= len(looked_up) <= 3
+    assert looked_up == set(names[: len(looked_up)])
+    assert resolver.statistics().lookups == 1 + 2 * len(looked_up)

@@ -87,6 +87,7 @@ def mx_config(
     tls: str = "opportunistic",
     allow_local: bool = True,
     retry: RetryPolicy = FAST_RETRY,
+    timeouts: Timeouts = TIMEOUTS,
 ) -> Config:
     """Direct delivery, asking only the loopback DNS server, to MX hosts on *port*."""
     mx = MXConfig(
@@ -96,7 +97,7 @@ def mx_config(
         tls=tls,
     )
     return Config(
-        helo_name="client.test", relay=None, mx=mx, timeouts=TIMEOUTS, retry=retry
+        helo_name="client.test", relay=None, mx=mx, timeouts=timeouts, retry=retry
     )
 
 
@@ -743,3 +744,48 @@ async def test_421_to_mail_tries_next_mx_in_same_attempt(
     assert mx1.messages == []
     assert_delivered(status.recipient("a@example.test"), MX2, IP2)
     assert rcpts(mx2) == [["a@example.test"]]
+
+
+# -- bounded DNS work ---------------------------------------------------------------------
+
+
+def address_lookups(*names: str) -> set[tuple[str, str]]:
+    return {(name, qtype) for name in names for qtype in ("A", "AAAA")}
+
+
+async def test_mx_hosts_that_never_answer_cost_five_lookups(
+    dns_server: DNSServer, zone: Zone, port: int
+) -> None:
+    """100 MX hosts whose lookups never answer: one attempt looks up five of them
+    (the MX query, then A and AAAA of five hosts) and defers 4.4.3."""
+    names = [f"h{i}.example.test" for i in range(100)]
+    for i, name in enumerate(names):
+        zone.add_mx("example.test", i, name)
+        zone.silent(name)
+    timeouts = Timeouts(connect=2, command=2, data_start=2, data_end=2, dns=0.05)
+    config = mx_config(dns_server, port, retry=NO_RETRY_SOON, timeouts=timeouts)
+    status = await first_attempt(config, "a@example.test")
+    r = status.recipient("a@example.test")
+    assert r.state is DEFERRED
+    assert (r.code, r.enhanced_code, r.attempts) == (451, "4.4.3", 1)
+    assert r.message is not None
+    assert "5 of 100 MX hosts" in r.message
+    assert r.host is None
+    # c-ares may resend a query that gets no answer: count what was asked.
+    assert set(zone.queries) == {("example.test", "MX")} | address_lookups(*names[:5])
+
+
+async def test_third_mx_delivered_after_two_that_do_not_exist(
+    dns_server: DNSServer, zone: Zone, smtpd: SMTPDServers, port: int
+) -> None:
+    """The first two MX hosts do not exist (NXDOMAIN), the third accepts; the hosts
+    after it are never looked up."""
+    names = [f"h{i}.example.test" for i in range(5)]
+    for i, name in enumerate(names):
+        zone.add_mx("example.test", i, name)
+    zone.add_a(names[2], IP1)
+    mx = await smtpd.start(host=IP1, port=port)
+    status = await deliver(mx_config(dns_server, port), "a@example.test")
+    assert_delivered(status.recipient("a@example.test"), names[2], IP1)
+    assert rcpts(mx) == [["a@example.test"]]
+    assert set(zone.queries) == {("example.test", "MX")} | address_lookups(*names[:3])
