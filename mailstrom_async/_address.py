@@ -146,17 +146,59 @@ def _a_label(domain: str, original: str) -> str:
 
 
 def _check_literal(domain: str, original: str) -> str:
-    # RFC 5321 §4.1.3: "[" IPv4 "]" or "[IPv6:" IPv6 "]".
-    inner = domain[1:-1] if domain.endswith("]") else ""
+    """Validate an address literal (RFC 5321 §4.1.3); return it as given.
+
+    ``[IPv4]`` is a dotted quad of decimal octets without leading zeros (``010``
+    reads as octal to some software); ``[IPv6:address]`` (the tag in any case) is
+    an IPv6 address in one of RFC 5321's forms, without a zone (``%eth0``).
+    General address literals (``[tag:content]``) name no address we can reach.
+    """
+    inner = domain[1:-1] if domain.endswith("]") else domain[1:]
+    tag, colon, content = inner.partition(":")
+    if colon and tag.lower() != "ipv6":
+        reason = (
+            f"the general address literal {domain!r} is not supported: only "
+            "[IPv4] and [IPv6:address] literals can be delivered"
+        )
+        raise _invalid(original, reason)
+    if not domain.endswith("]"):
+        raise _invalid(original, f"the address literal {domain!r} lacks its ']'")
+    if colon:
+        problem = _ipv6_literal_problem(content)
+        if problem is not None:
+            reason = (
+                f"the address literal {domain!r} is not a valid IPv6 address: {problem}"
+            )
+            raise _invalid(original, reason)
+        return domain
     try:
-        if inner[:5].lower() == "ipv6:":
-            ipaddress.IPv6Address(inner[5:])
-        else:
-            ipaddress.IPv4Address(inner)
-    except ValueError:
-        reason = "an address literal must be [IPv4] or [IPv6:address]"
+        ipaddress.IPv4Address(inner)
+    except ValueError as exc:
+        reason = (
+            f"the address literal {domain!r} is not a dotted-quad IPv4 address "
+            f"(four decimal octets 0-255, no leading zeros): {exc}"
+        )
         raise _invalid(original, reason) from None
     return domain
+
+
+def _ipv6_literal_problem(text: str) -> str | None:
+    """Why *text* is not an RFC 5321 IPv6 address literal, or None."""
+    if "%" in text:
+        return "a zone index ('%...') has no meaning in an address"
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError as exc:
+        return str(exc)
+    if "::" in text:
+        # RFC 5321 §4.1.3: "::" stands for at least two groups of zeros, so at
+        # most 6 groups (4 with a trailing IPv4 address) may stand beside it.
+        head, _, v4 = text.rpartition(":") if "." in text else (text, "", "")
+        groups = [g for g in head.split(":") if g]
+        most = 4 if v4 else 6
+        if len(groups) > most:
+            return f"'::' must stand for two or more groups ({most} others at most)"
+    return None
 
 
 def _check_mailbox(local: str, domain: str, original: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from email.headerregistry import Address, Group
 
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailstrom_async import _address
+from mailstrom_async import Email, _address, prepare
 from mailstrom_async._exceptions import InvalidAddressError
 
 # Elements that exercise every reason not to cut a list at a comma: quoted
@@ -156,3 +157,55 @@ def test_named_fast_paths_agree_with_the_header_parser(
     fast = _address._parse_whole(value)
     slow = _address._parse_whole(value + " (x)")  # a comment defeats the fast path
     assert fast == slow
+
+
+# -- address literals (RFC 5321 §4.1.3) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "u@[127.0.0.1]",
+        "u@[192.0.2.255]",
+        "u@[IPv6:::1]",
+        "u@[ipv6:2001:db8::1]",
+        "u@[IPv6:2001:db8:0:0:0:0:0:1]",
+        "u@[IPv6:1:2:3:4:5:6::]",
+        "u@[IPv6:::ffff:192.0.2.1]",
+        "u@[IPv6:1:2:3:4::192.0.2.1]",
+    ],
+)
+def test_address_literal_accepted_at_prepare(address: str) -> None:
+    """IPv4 dotted quads and IPv6 literals in RFC 5321's forms pass prepare() and
+    go into the envelope as given."""
+    prepared = prepare(Email(sender="s@example.test", to=[address], text="x\n"))
+    assert prepared.rcpt_to == (address,)
+
+
+@pytest.mark.parametrize(
+    ("literal", "reason"),
+    [
+        ("[tag:content]", "general address literal '[tag:content]' is not supported"),
+        ("[x-smtp:host]", "general address literal"),
+        ("[01.2.3.4]", "leading zeros"),
+        ("[127.000.0.1]", "leading zeros"),
+        ("[256.1.1.1]", "is not a dotted-quad IPv4 address"),
+        ("[1.2.3]", "is not a dotted-quad IPv4 address"),
+        ("[1.2.3.4.5]", "is not a dotted-quad IPv4 address"),
+        ("[0x7f.0.0.1]", "is not a dotted-quad IPv4 address"),
+        ("[IPv6:fe80::1%eth0]", "zone index"),
+        ("[IPv6:1:2:3:4:5:6:7::]", "'::' must stand for two or more groups"),
+        ("[IPv6:1:2:3:4:5::192.0.2.1]", "'::' must stand for two or more groups"),
+        ("[IPv6:1::2::3]", "is not a valid IPv6 address"),
+        ("[IPv6:127.0.0.1]", "is not a valid IPv6 address"),
+        ("[IPv6:]", "is not a valid IPv6 address"),
+    ],
+)
+def test_bad_address_literal_refused_at_prepare(literal: str, reason: str) -> None:
+    """A general address literal, or an IPv4/IPv6 literal that is not strictly
+    valid, is an InvalidAddressError naming the address and the reason."""
+    address = f"u@{literal}"
+    with pytest.raises(InvalidAddressError, match=re.escape(reason)) as info:
+        prepare(Email(sender="s@example.test", to=[address], text="x\n"))
+    assert info.value.address == address
+    assert repr(address) in str(info.value)
