@@ -769,3 +769,73 @@ async def test_dns_attempt_bounds_all_lookups_of_a_walk(
     assert 1 <= len(looked_up) <= 3
     assert looked_up == set(names[: len(looked_up)])
     assert resolver.statistics().lookups == 1 + 2 * len(looked_up)
+
+
+# -- address literals: their own host and address, no DNS ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("literal", "ip"),
+    [("[127.0.0.1]", "127.0.0.1"), ("[ipv6:::1]", "::1"), ("[IPv6:0:0::1]", "::1")],
+)
+async def test_address_literal_walks_to_its_address_without_dns(
+    zone: Zone, make_resolver: MakeResolver, literal: str, ip: str
+) -> None:
+    """An address literal is its own single host, used without any lookup."""
+    resolver = make_resolver()
+
+    route = await resolver.route(literal)
+
+    assert route == Route(
+        literal.lower(), (MXHost(literal.lower(), 0, literal=ip),), implicit=False
+    )
+    assert await walk(resolver, literal) == [(literal.lower(), ip)]
+    assert zone.queries == {}
+    assert resolver.statistics().lookups == 0
+
+
+async def test_local_address_literal_refused(
+    zone: Zone, make_resolver: MakeResolver
+) -> None:
+    """Without allow_local a loopback literal defers 451 4.4.4, as local MX hosts do;
+    a public one is walked to."""
+    resolver = make_resolver(allow_local=False)
+
+    with pytest.raises(DNSTemporaryError, match=r"local address.*allow_local") as info:
+        await walk(resolver, "[127.0.0.1]")
+
+    assert info.value.reply is not None
+    assert (info.value.reply.code, info.value.reply.enhanced_code) == (451, "4.4.4")
+    public = f"[{PUBLIC_V4}]"
+    assert await walk(resolver, public) == [(public, PUBLIC_V4)]
+    assert zone.queries == {}
+
+
+@pytest.mark.parametrize("literal", ["[1.2.3]", "[tag:x]", "[ipv6:fe80::1%eth0]", "["])
+async def test_invalid_address_literal_fails(
+    zone: Zone, make_resolver: MakeResolver, literal: str
+) -> None:
+    """A literal that prepare() would refuse fails 5.1.3 if it reaches routing."""
+    with pytest.raises(NoMailServerError, match="not a valid address literal") as info:
+        await make_resolver().route(literal)
+
+    assert info.value.reply is not None
+    assert info.value.reply.enhanced_code == "5.1.3"
+    assert zone.queries == {}
+
+
+@pytest.mark.parametrize(
+    ("domain", "key"),
+    [
+        ("[127.0.0.1]", "[127.0.0.1]"),
+        ("[IPv6:::1]", "[ipv6:::1]"),
+        ("[IPV6:0:0:0:0:0:0:0:1]", "[ipv6:::1]"),
+        ("[ipv6:2001:DB8::A]", "[ipv6:2001:db8::a]"),
+        ("[IPv6:::ffff:192.0.2.1]", "[ipv6:::ffff:c000:201]"),
+        ("Example.TEST", None),
+        ("[1.2.3]", None),
+    ],
+)
+def test_literal_destination_is_canonical(domain: str, key: str | None) -> None:
+    """Every spelling of one literal's address is one destination (lane)."""
+    assert _dns.literal_destination(domain) == key

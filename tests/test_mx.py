@@ -789,3 +789,112 @@ async def test_third_mx_delivered_after_two_that_do_not_exist(
     assert_delivered(status.recipient("a@example.test"), names[2], IP1)
     assert rcpts(mx) == [["a@example.test"]]
     assert set(zone.queries) == {("example.test", "MX")} | address_lookups(*names[:3])
+
+
+# -- address literals (RFC 5321 §4.1.3, §5.1) -----------------------------------------
+
+LOOPBACK = "127.0.0.1"
+
+
+def ipv6_loopback_port() -> int | None:
+    """A free TCP port on ::1, or None when this machine has no IPv6 loopback."""
+    try:
+        return free_port("::1")
+    except OSError:
+        return None
+
+
+async def test_ipv4_literal_delivered_to_its_address_without_dns(
+    dns_server: DNSServer, zone: Zone, smtpd: SMTPDServers
+) -> None:
+    """user@[127.0.0.1] goes to 127.0.0.1 on MXConfig.port, one lane for the
+    literal beside the MX domain's, and no DNS query is made for it."""
+    port = free_port(LOOPBACK)
+    server = await smtpd.start(host=LOOPBACK, port=port)
+    status = await deliver(
+        mx_config(dns_server, port), "a@[127.0.0.1]", "b@[127.0.0.1]"
+    )
+    for address in ("a@[127.0.0.1]", "b@[127.0.0.1]"):
+        assert_delivered(status.recipient(address), "[127.0.0.1]", LOOPBACK)
+    assert rcpts(server) == [["a@[127.0.0.1]", "b@[127.0.0.1]"]]
+    assert zone.queries == {}
+
+
+async def test_literal_is_its_own_destination(
+    dns_server: DNSServer, zone: Zone, smtpd: SMTPDServers
+) -> None:
+    """A literal recipient and an MX-domain recipient of one message get one
+    transaction each, each to its own server."""
+    port = free_port(LOOPBACK)
+    literal = await smtpd.start(host=LOOPBACK, port=port)
+    mx_zone(zone, "example.test", (10, MX1, IP1))
+    mx = await smtpd.start(host=IP1, port=port)
+    status = await deliver(
+        mx_config(dns_server, port), "a@[127.0.0.1]", "b@example.test"
+    )
+    assert_delivered(status.recipient("a@[127.0.0.1]"), "[127.0.0.1]", LOOPBACK)
+    assert_delivered(status.recipient("b@example.test"), MX1, IP1)
+    assert rcpts(literal) == [["a@[127.0.0.1]"]]
+    assert rcpts(mx) == [["b@example.test"]]
+    assert set(zone.queries) == {("example.test", "MX"), (MX1, "A"), (MX1, "AAAA")}
+
+
+async def test_ipv6_literal_delivered_to_its_address(
+    dns_server: DNSServer, zone: Zone, smtpd: SMTPDServers
+) -> None:
+    """user@[IPv6:::1] goes to ::1 (when this machine has an IPv6 loopback)."""
+    port = ipv6_loopback_port()
+    if port is None:
+        pytest.skip("no IPv6 loopback (::1) on this machine")
+    server = await smtpd.start(host="::1", port=port)
+    status = await deliver(mx_config(dns_server, port), "a@[IPv6:0::1]")
+    # The destination, and so the host recorded, is the literal's canonical form.
+    assert_delivered(status.recipient("a@[IPv6:0::1]"), "[ipv6:::1]", "::1")
+    assert rcpts(server) == [["a@[IPv6:0::1]"]]
+    assert zone.queries == {}
+
+
+async def test_local_literal_refused_unless_allowed(
+    dns_server: DNSServer, zone: Zone, smtpd: SMTPDServers
+) -> None:
+    """Without allow_local a loopback literal is DEFERRED 451 4.4.4, as a loopback
+    MX host is, and nothing is connected to."""
+    port = free_port(LOOPBACK)
+    server = await smtpd.start(host=LOOPBACK, port=port)
+    config = mx_config(dns_server, port, allow_local=False, retry=NO_RETRY_SOON)
+    status = await first_attempt(config, "a@[127.0.0.1]")
+    r = status.recipient("a@[127.0.0.1]")
+    assert r.state is DEFERRED
+    assert (r.code, r.enhanced_code) == (451, "4.4.4")
+    assert r.message is not None
+    assert "address literal [127.0.0.1] is a local address" in r.message
+    assert "allow_local" in r.message
+    assert r.ip is None
+    assert server.connections.value == 0
+    assert zone.queries == {}
+
+
+@pytest.mark.parametrize(
+    ("certificate_for", "verified"), [(LOOPBACK, True), (MX1, False)]
+)
+async def test_literal_tls_verified_only_by_a_certificate_for_the_ip(
+    dns_server: DNSServer,
+    smtpd: SMTPDServers,
+    tls_ca: trustme.CA,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    certificate_for: str,
+    verified: bool,
+) -> None:
+    """With the CA trusted, a literal's TLS session is verified when the
+    certificate names its IP address, and encrypted but unverified otherwise."""
+    ca_file = tmp_path / "ca.pem"
+    tls_ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))  # the "system" CAs
+    port = free_port(LOOPBACK)
+    context = server_context(tls_ca, certificate_for)
+    await smtpd.start(host=LOOPBACK, port=port, starttls_context=context)
+    status = await deliver(mx_config(dns_server, port), "a@[127.0.0.1]")
+    r = status.recipient("a@[127.0.0.1]")
+    assert_delivered(r, "[127.0.0.1]", LOOPBACK)
+    assert (r.tls, r.tls_verified) == (True, verified)
