@@ -237,6 +237,18 @@ def test_mx_max_addresses_positive() -> None:
     assert info.value.key == "mx.max_addresses"
 
 
+def test_mx_max_hosts_and_dns_attempt_positive() -> None:
+    """max_hosts below 1 and a DNS time per attempt of 0 are ConfigErrors; both
+    default to bounded values (#11)."""
+    assert (MXConfig().max_hosts, Timeouts().dns_attempt) == (5, 30.0)
+    with pytest.raises(ConfigError) as info:
+        MXConfig(max_hosts=0)
+    assert info.value.key == "mx.max_hosts"
+    with pytest.raises(ConfigError) as info:
+        Timeouts(dns_attempt=0)
+    assert info.value.key == "timeouts.dns_attempt"
+
+
 # Value validation on direct construction
 
 
