@@ -7,22 +7,23 @@ more strictly than the parser does:
 - the local part is a dot-atom (RFC 5322 §3.2.3) of at most 64 octets; UTF-8 is
   allowed (RFC 6531) but then the message needs SMTPUTF8; quoted local parts that
   need their quotes (``"john doe"@example.com``) are refused;
-- the domain is a host name of at least two labels whose A-label form (IDNA 2003,
-  the stdlib ``idna`` codec) has labels of letters, digits and inner hyphens, at
-  most 63 octets each and 253 in all, and a top-level label that is not all digits;
-  or an address literal, ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``;
+- the domain is a host name of at least two labels whose A-label form (IDNA 2008
+  with the UTS #46 non-transitional mapping, see :mod:`._domain`) has labels of
+  letters, digits and inner hyphens, at most 63 octets each and 253 in all, and a
+  top-level label that is not all digits; or an address literal, ``[192.0.2.1]``
+  or ``[IPv6:2001:db8::1]``;
 - the whole address is at most 254 octets (RFC 5321 §4.5.3.1.3, less the brackets).
 """
 
 from __future__ import annotations
 
-import codecs
 import ipaddress
 import re
 from email import errors as email_errors
 from email.headerregistry import Address, Group
 from email.policy import SMTP
 
+from mailstrom_async._domain import DomainError, a_label, recipient_key
 from mailstrom_async._exceptions import InvalidAddressError, InvalidMessageError
 
 __all__ = [
@@ -37,10 +38,6 @@ __all__ = [
     "recipient_key",
 ]
 
-# Load the IDNA codec (and its stringprep tables) at import, not on first use, which
-# might be inside the event loop.
-codecs.lookup("idna")
-
 #: NUL, and the characters that end a line somewhere: CR and LF for SMTP, the rest
 #: for ``str.splitlines()``, which the email package uses when it writes headers.
 _BAD_TEXT = re.compile("[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029\x00]")
@@ -48,7 +45,6 @@ _ATEXT = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~."
 )
 _DOT_ATOM = re.compile(r"[^.]+(?:\.[^.]+)*")
-_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
 # A bare ASCII addr-spec with a dot-atom local part and a host name: the common
 # case, which needs no header parser (the parser gives the same Group for it).
 _PLAIN_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -57,9 +53,6 @@ _PLAIN_ADDRESS = re.compile(
     rf"({_PLAIN_ATOM}(?:\.{_PLAIN_ATOM})*)@({_PLAIN_LABEL}(?:\.{_PLAIN_LABEL})+)"
 )
 _PLAIN_LOCAL = re.compile(rf"{_PLAIN_ATOM}(?:\.{_PLAIN_ATOM})*")
-# Valid domains seen so far and their A-labels (only valid ones are kept).
-_A_LABELS: dict[str, str] = {}
-_A_LABEL_CACHE = 4096
 # "Display Name <addr-spec>" with atoms and single spaces: also the parser's Group.
 _NAMED_ADDRESS = re.compile(
     rf"({_PLAIN_ATOM}(?: {_PLAIN_ATOM})*) <({_PLAIN_ATOM}(?:\.{_PLAIN_ATOM})*)@"
@@ -104,43 +97,24 @@ def _invalid(value: str, reason: str) -> InvalidAddressError:
 def ascii_domain(domain: str, original: str | None = None) -> str:
     """Return *domain* validated, in A-label form (address literals unchanged).
 
+    The conversion is IDNA 2008 with the UTS #46 non-transitional mapping
+    (``faß.de`` is ``xn--fa-hia.de``); ASCII host names keep their case.
+
     Raises:
-        InvalidAddressError: not a valid host name or address literal; ``.address``
-            is *original* (or *domain*).
+        InvalidAddressError: not a valid host name or address literal (IDNA 2008
+            refuses a label, say); ``.address`` is *original* (or *domain*).
     """
     original = domain if original is None else original
     if domain.startswith("["):
         return _check_literal(domain, original)
-    # Thousands of recipients share a few domains: convert each once.
-    known = _A_LABELS.get(domain)
-    if known is not None:
-        return known
-    ascii_form = _a_label(domain, original)
-    if len(_A_LABELS) >= _A_LABEL_CACHE:
-        _A_LABELS.clear()
-    _A_LABELS[domain] = ascii_form
-    return ascii_form
-
-
-def _a_label(domain: str, original: str) -> str:
     try:
-        # RFC 5890: non-ASCII labels go on the wire as "xn--" A-labels.
-        ascii_form = domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        reason = f"the domain {domain!r} cannot be converted to an IDNA A-label"
-        raise _invalid(original, reason) from None
-    labels = ascii_form.split(".")
-    if len(ascii_form) > 253 or not all(_LABEL.fullmatch(x) for x in labels):
-        reason = (
-            f"the domain {domain!r} is not a host name (labels of letters, digits "
-            "and inner hyphens, at most 63 octets each and 253 in all)"
-        )
-        raise _invalid(original, reason)
-    if len(labels) < 2:
+        # RFC 5890: non-ASCII labels go on the wire as "xn--" A-labels; the
+        # conversion is cached (thousands of recipients share a few domains).
+        ascii_form = a_label(domain)
+    except DomainError as exc:
+        raise _invalid(original, str(exc)) from None
+    if "." not in ascii_form:
         reason = f"the domain {domain!r} must have at least two labels (a dot)"
-        raise _invalid(original, reason)
-    if labels[-1].isdigit():
-        reason = f"an IP address must be written as a literal, e.g. '[{domain}]'"
         raise _invalid(original, reason)
     return ascii_form
 
@@ -441,12 +415,3 @@ def header_address(address: Address) -> Address:
     if address.domain.isascii() or not address.username.isascii():
         return address
     return Address(address.display_name, address.username, ascii_domain(address.domain))
-
-
-def recipient_key(address: str) -> tuple[str, str]:
-    """The identity of an envelope address: local part as is, domain lower-cased.
-
-    RFC 5321 §2.4: the local part may be case-sensitive, the domain is not.
-    """
-    local, _, domain = address.rpartition("@")
-    return local, domain.lower()

@@ -4,6 +4,12 @@ Durations are float seconds. Defaults follow RFC 5321 §4.5.3.2 (timeouts) and
 Postfix (retries, within RFC 5321 §4.5.4.1). ``Config.from_mapping`` and
 ``Config.from_toml`` read the same structure from plain data, and every wrong key,
 type or value raises :class:`ConfigError` naming the key.
+
+Secrets (:data:`SECRET_KEYS`: the relay password) are never echoed: an error about
+one names the key and the type of the value, never the value, and reprs leave
+them out. Domain names that go on the wire (``helo_name``, ``message_id_domain``,
+an internationalised ``relay.host``) are checked as host names and kept in their
+IDNA 2008 A-label form (:mod:`._domain`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any, Self
 
 import attrs
 
+from mailstrom_async._domain import DomainError, a_label
 from mailstrom_async._exceptions import ConfigError
 
 __all__ = [
@@ -27,6 +34,7 @@ __all__ = [
     "DEFAULT_TIMEOUTS",
     "ENV_IGNORED",
     "ENV_PREFIX",
+    "SECRET_KEYS",
     "Config",
     "Limits",
     "MXConfig",
@@ -37,6 +45,16 @@ __all__ = [
     "Timeouts",
     "read_toml",
 ]
+
+#: The settings whose values are secrets: an error names their key and the type
+#: of the value, never the value itself.
+SECRET_KEYS = frozenset({"relay.password"})
+
+
+def _shown(key: str, value: object) -> str:
+    """How an error message shows *value*, the value of *key*: its repr, or for a
+    secret only its type."""
+    return type(value).__name__ if key in SECRET_KEYS else repr(value)
 
 
 class RelayTLS(enum.StrEnum):
@@ -68,7 +86,7 @@ _DEFAULT_RELAY_PORTS = {
 
 def _check(condition: bool, key: str, expected: str, value: object) -> None:
     if not condition:
-        msg = f"{key} must be {expected}, not {value!r}"
+        msg = f"{key} must be {expected}, not {_shown(key, value)}"
         raise ConfigError(msg, key)
 
 
@@ -80,7 +98,7 @@ def _to_enum(cls: type[_E], key: str, value: object) -> _E:
         return cls(value)
     except ValueError:
         allowed = ", ".join(repr(m.value) for m in cls)
-        msg = f"{key} must be one of {allowed}, not {value!r}"
+        msg = f"{key} must be one of {allowed}, not {_shown(key, value)}"
         raise ConfigError(msg, key) from None
 
 
@@ -97,6 +115,32 @@ _SECTIONS = {
 
 def _key(inst: object, attribute: attrs.Attribute[Any]) -> str:
     return _SECTIONS.get(type(inst).__name__, "") + attribute.name
+
+
+def _optional_string(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    _check(
+        value is None or isinstance(value, str),
+        _key(inst, attribute),
+        "a string",
+        value,
+    )
+
+
+def _relay_host(value: str) -> str:
+    """An internationalised relay host name in A-label form (what DNS and the TLS
+    server name need); other values as given, checked after conversion."""
+    if not str(value).isascii():
+        return _domain_setting("relay.host", str(value), "a host name or address")
+    return value
+
+
+def _domain_setting(key: str, value: str, expected: str) -> str:
+    """*value* as an A-label host name, or ConfigError naming *key* and the reason."""
+    try:
+        return a_label(value)
+    except DomainError as exc:
+        msg = f"{key} must be {expected}, not {value!r}: {exc}"
+        raise ConfigError(msg, key) from None
 
 
 def _relay_tls(value: RelayTLS | str) -> RelayTLS:
@@ -230,14 +274,19 @@ class RelayConfig:
     never appears in reprs or logs.
     """
 
-    host: str
+    host: str = attrs.field(converter=_relay_host)
+    """A host name (an internationalised one is kept in A-label form), or an IP
+    address."""
     tls: RelayTLS = attrs.field(
         default=RelayTLS.STARTTLS,
         converter=_relay_tls,
     )
     port: int = attrs.field(validator=_port)
-    username: str | None = None
-    password: str | None = attrs.field(default=None, repr=False)
+    username: str | None = attrs.field(default=None, validator=_optional_string)
+    password: str | None = attrs.field(
+        default=None, repr=False, validator=_optional_string
+    )
+    """Never shown: not in reprs, logs or error messages (those name its type)."""
     verify: bool = True
     """Verify the relay's certificate (against the system CAs or ``ca_file``)."""
     ca_file: str | None = None
@@ -331,16 +380,42 @@ class Limits:
     """Largest rendered message ``submit`` accepts, in bytes."""
 
 
-def _helo_name(inst: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None:
-        _check(
-            isinstance(value, str)
-            and bool(value)
-            and all(c.isascii() and (c.isalnum() or c in ".-[]:") for c in value),
-            "helo_name",
-            "a host name (letters, digits, '.', '-') or an address literal",
-            value,
-        )
+_HELO_EXPECTED = "a host name (letters, digits, '.', '-') or an address literal"
+_MESSAGE_ID_EXPECTED = "a domain name (letters, digits, '.', '-')"
+
+
+def _helo_name(value: Any) -> str | None:
+    """The EHLO name: a host name in A-label form, or an address literal
+    (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``; RFC 5321 §4.1.3)."""
+    if value is None:
+        return None
+    _check(isinstance(value, str) and bool(value), "helo_name", _HELO_EXPECTED, value)
+    if value.startswith("[") and value.endswith("]"):
+        inner = value[1:-1]
+        try:
+            if inner[:5].lower() == "ipv6:":
+                ipaddress.IPv6Address(inner[5:])
+            else:
+                ipaddress.IPv4Address(inner)
+        except ValueError:
+            msg = f"helo_name must be {_HELO_EXPECTED}, not {value!r}: the literal is not [IPv4] or [IPv6:address]"
+            raise ConfigError(msg, "helo_name") from None
+        return str(value)
+    return _domain_setting("helo_name", value, _HELO_EXPECTED)
+
+
+def _message_id_domain(value: Any) -> str | None:
+    """The right side of generated Message-IDs: a domain name in A-label form, so
+    that nothing but a domain can follow the ``@`` (no ``>``, no spaces)."""
+    if value is None:
+        return None
+    _check(
+        isinstance(value, str) and bool(value),
+        "message_id_domain",
+        _MESSAGE_ID_EXPECTED,
+        value,
+    )
+    return _domain_setting("message_id_domain", value, _MESSAGE_ID_EXPECTED)
 
 
 @attrs.frozen(kw_only=True)
@@ -351,10 +426,15 @@ class Config:
     straight to each recipient domain's MX hosts, as ``mx`` says.
     """
 
-    helo_name: str | None = attrs.field(default=None, validator=_helo_name)
-    """The name to give in EHLO/HELO; ``None``: this host's FQDN, looked up once."""
-    message_id_domain: str | None = None
-    """Domain of generated Message-IDs; ``None``: the sender's domain."""
+    helo_name: str | None = attrs.field(default=None, converter=_helo_name)
+    """The name to give in EHLO/HELO: a host name (an internationalised one is
+    kept in A-label form) or an address literal; ``None``: this host's FQDN,
+    looked up once."""
+    message_id_domain: str | None = attrs.field(
+        default=None, converter=_message_id_domain
+    )
+    """Domain of generated Message-IDs (a host name, kept in A-label form);
+    ``None``: the sender's domain."""
     relay: RelayConfig | None = None
     mx: MXConfig = attrs.field(factory=MXConfig)
     retry: RetryPolicy = attrs.field(factory=RetryPolicy)
@@ -430,7 +510,9 @@ class Config:
             for section in path[:-1]:
                 inner = target.setdefault(section, {})
                 if not isinstance(inner, dict):
-                    msg = f"{section} must be a table (mapping), not {inner!r}"
+                    # Only the type: the value may hold a secret (a URL with
+                    # a password, say).
+                    msg = f"{section} must be a table (mapping), not {type(inner).__name__}"
                     raise ConfigError(msg, section)
                 target = inner
             target[path[-1]] = value
@@ -527,7 +609,9 @@ def _from_env_string(hint: Any, raw: str, key: str, name: str) -> Any:
         if inner is float:
             return float(text)
     except ValueError:
-        msg = f"{key} must be {_TYPE_NAMES[inner]}, not {raw!r} (from {name})"
+        msg = (
+            f"{key} must be {_TYPE_NAMES[inner]}, not {_shown(key, raw)} (from {name})"
+        )
         raise ConfigError(msg, key) from None
     if typing.get_origin(inner) is tuple:
         return [item.strip() for item in text.split(",") if item.strip()]
@@ -546,7 +630,8 @@ def _structure(cls: type[Any], data: Any, prefix: str) -> Any:
     """Build the attrs class *cls* from *data*, naming the dotted key on any error."""
     where = prefix.rstrip(".") or "the configuration"
     if not isinstance(data, Mapping):
-        msg = f"{where} must be a table (mapping), not {data!r}"
+        # Only the type: the value may hold a secret (a URL with a password, say).
+        msg = f"{where} must be a table (mapping), not {type(data).__name__}"
         raise ConfigError(msg, prefix.rstrip(".") or None)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in attrs.fields(cls)}
@@ -583,14 +668,14 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         allowed = [m.value for m in hint]
         if value not in allowed:
-            msg = f"{key} must be one of {', '.join(map(repr, allowed))}, not {value!r}"
+            msg = f"{key} must be one of {', '.join(map(repr, allowed))}, not {_shown(key, value)}"
             raise ConfigError(msg, key)
         return hint(value)
     if origin is tuple:
         if not isinstance(value, list | tuple) or not all(
             isinstance(v, str) for v in value
         ):
-            msg = f"{key} must be a list of strings, not {value!r}"
+            msg = f"{key} must be a list of strings, not {_shown(key, value)}"
             raise ConfigError(msg, key)
         return tuple(value)
     ok = (
@@ -598,6 +683,6 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         and not (hint in (int, float) and isinstance(value, bool))
     ) or (hint is float and isinstance(value, int) and not isinstance(value, bool))
     if not ok:
-        msg = f"{key} must be {_TYPE_NAMES.get(hint, hint)}, not {value!r}"
+        msg = f"{key} must be {_TYPE_NAMES.get(hint, hint)}, not {_shown(key, value)}"
         raise ConfigError(msg, key)
     return float(value) if hint is float else value

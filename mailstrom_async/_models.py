@@ -1,6 +1,7 @@
 """Immutable value types shared by every layer: replies, states and statuses.
 
-It imports only the leaf :mod:`._text` (what a server's bytes become).
+It imports only the leaves :mod:`._text` (what a server's bytes become) and
+:mod:`._domain` (how recipient addresses compare).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from datetime import datetime
 
 import attrs
 
+from mailstrom_async._domain import domain_key, recipient_key
 from mailstrom_async._text import clean, reply_text, wire_bytes
 
 __all__ = [
@@ -141,8 +143,9 @@ class RecipientStatus:
 
     @property
     def domain(self) -> str:
-        """The domain part of the address (lower-cased)."""
-        return self.address.rpartition("@")[2].lower()
+        """The domain part of the address, lower-cased (an internationalised one
+        in its A-label form)."""
+        return domain_key(self.address.rpartition("@")[2])
 
     @property
     def message_bytes(self) -> bytes | None:
@@ -176,14 +179,16 @@ class MessageStatus:
         return iter(self.recipients)
 
     def recipient(self, address: str) -> RecipientStatus:
-        """Return the status of *address* (compared case-insensitively).
+        """Return the status of *address*: the local part compared exactly, the
+        domain case-insensitively (and by its A-label), as every layer compares
+        recipients.
 
         Raises:
             KeyError: *address* is not a recipient of this message.
         """
-        wanted = address.casefold()
+        wanted = recipient_key(address)
         for r in self.recipients:
-            if r.address.casefold() == wanted:
+            if recipient_key(r.address) == wanted:
                 return r
         raise KeyError(address)
 

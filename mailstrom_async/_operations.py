@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import anyio
 import attrs
 
+from mailstrom_async._domain import domain_key
 from mailstrom_async._leases import describe_owners, release_dead_owner
 from mailstrom_async._models import DeliveryEvent
 
@@ -55,7 +56,7 @@ class QueueOperations:
             keys = {
                 route.destination(r.address)
                 for r in status
-                if not r.is_final and (domain is None or r.domain == domain.lower())
+                if not r.is_final and (domain is None or r.domain == domain_key(domain))
             }
         elif route is not None and domain is not None:
             keys = {route.destination(f"postmaster@{domain}")}
@@ -112,7 +113,7 @@ class QueueOperations:
         return count
 
     async def hold(self, *, message_id: str | None, domain: str | None) -> int:
-        lowered = None if domain is None else domain.lower()
+        lowered = None if domain is None else domain_key(domain)
 
         def wanted(job: Job) -> bool:
             return (message_id is None or job.message_id == message_id) and (

@@ -44,6 +44,8 @@ import pytest
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from mailstrom_async._address import recipient_key
+
 __all__ = [
     "SMTP_SINK",
     "Conversation",
@@ -118,7 +120,9 @@ class FaultHandler:
 
     mail_reply: str | None = None
     rcpt_replies: dict[str, str] = field(default_factory=dict)
-    """Reply per recipient address (compared case-insensitively)."""
+    """Reply per recipient address: the local part compared exactly, the domain
+    case-insensitively (the library's ``recipient_key``), as a real server whose
+    mailboxes are case-sensitive does."""
     data_reply: str | None = None
     """Reply to the final dot (default ``250 2.0.0 OK``)."""
     drop_after_dot: bool = False
@@ -184,8 +188,8 @@ class FaultHandler:
         rcpt_options: list[str],
     ) -> str:
         await self._stall("RCPT")
-        replies = {k.lower(): v for k, v in self.rcpt_replies.items()}
-        reply = replies.get(address.lower())
+        replies = {recipient_key(k): v for k, v in self.rcpt_replies.items()}
+        reply = replies.get(recipient_key(address))
         if reply is not None:
             if reply.startswith("421"):
                 return await self._reply_and_close(server, reply)

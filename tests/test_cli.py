@@ -813,3 +813,53 @@ def test_errors_inside_exception_groups_are_one_line() -> None:
     assert _reason(group) == "bad input"
     assert _reason(ExceptionGroup("tasks", [ValueError("bug")])) is None
     assert _reason(ValueError("bug")) is None
+
+
+# -- issue 11: IDNA 2008 domains and secrets in the CLI --------------------------------
+
+
+def test_config_errors_about_the_password_never_show_it(
+    cli: CLI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad relay password in the config file or the environment: the error line
+    names the setting and the type, never the value."""
+    (tmp_path / "c.toml").write_text(
+        "[mailstrom.relay]\nhost = 'r'\nusername = 'u'\npassword = 91827364\n"
+    )
+    code, out, err = cli("queue", "--config", "c.toml")
+    assert code == 1
+    assert err == "mailstrom-async: error: relay.password must be a string, not int\n"
+    assert "91827364" not in out + err
+    secret = "hunter2-very-secret"
+    monkeypatch.setenv("MAILSTROM_RELAY__HOST", "smtp.example.com")
+    monkeypatch.setenv("MAILSTROM_RELAY__PASSWORD", secret)
+    for command in (
+        ["queue"],
+        ["send", "--from", "a@b.example", "--to", "c@d.example"],
+    ):
+        code, out, err = cli(*command)
+        assert code == 1
+        assert "relay.username and relay.password must be set together" in err
+        assert secret not in out + err
+    monkeypatch.setenv("MAILSTROM_RELAY__USERNAME", "u")
+    monkeypatch.setenv("MAILSTROM_RELAY__TLS", "none")
+    code, out, err = cli("worker")
+    assert code == 1
+    assert "relay.tls is 'none' but credentials are set" in err
+    assert secret not in out + err
+
+
+def test_idn_domains_in_send_and_hold(cli: CLI) -> None:
+    """send queues an IDN recipient under its IDNA 2008 A-label, refuses one IDNA
+    2008 refuses naming the address, and hold --domain takes the Unicode form."""
+    message_id = cli.send("--to", "a@faß.example")
+    out = cli.ok("status", message_id)
+    assert "a@xn--fa-hia.example" in out
+    assert cli.ok("hold", "--domain", "FAß.example") == (
+        "held 1 recipient(s) of domain xn--fa-hia.example\n"
+    )
+    line = cli.error(
+        "send", "--from", "me@example.com", "--body", "x", "--to", "b@a\u200db.example"
+    )
+    assert "'b@a\\u200db.example'" in line
+    assert "IDNA 2008" in line

@@ -298,13 +298,46 @@ def test_helo_name_valid(name: str | None) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["", "two words", "bad_name", "exämple.com", "a\r\nb", 5]
+    "name",
+    [
+        "",
+        "two words",
+        "bad_name",
+        "a\r\nb",
+        5,
+        # what the old character check let through
+        "-",
+        "a..b",
+        "-a.example",
+        "1.2.3.4",  # an IP address must be a literal
+        "[300.1.1.1]",
+        "[IPv6:nope]",
+        "[[x]]",
+        "client.test]",
+        # refused by IDNA 2008
+        "a\u200db.example",
+        "\U0001f4a9.example",
+        "xn--ls8h.example",
+    ],
 )
 def test_helo_name_invalid(name: Any) -> None:
-    """Anything but letters, digits, '.', '-' and address-literal characters is a ConfigError."""
+    """What is neither a host name (IDNA 2008 for non-ASCII labels) nor an
+    address literal is a ConfigError naming helo_name."""
     with pytest.raises(ConfigError) as info:
         Config(helo_name=name)
     assert info.value.key == "helo_name"
+    assert "helo_name" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "wire"),
+    [("exämple.com", "xn--exmple-cua.com"), ("Faß.Example", "xn--fa-hia.example")],
+)
+def test_helo_name_idn_kept_as_a_label(name: str, wire: str) -> None:
+    """An internationalised helo_name is kept in its IDNA 2008 A-label form, the
+    only form EHLO may carry."""
+    assert Config(helo_name=name).helo_name == wire
+    assert Config.from_mapping({"helo_name": name}).helo_name == wire
 
 
 def test_limits_reject_zero() -> None:
@@ -622,3 +655,193 @@ def test_retry_durations_have_an_upper_bound(field: str) -> None:
     with pytest.raises(ConfigError) as info:
         RetryPolicy(**{field: 1e13})  # type: ignore[arg-type]
     assert info.value.key == f"retry.{field}"
+
+
+# -- message_id_domain (issue 11) -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "x.test> <evil@evil.test",
+        "x.test>",
+        "a b.test",
+        "x.test\r\nBcc: y@z.test",
+        "",
+        "-x.test",
+        "x..test",
+        "bad_name.test",
+        "1.2.3.4",
+        "[127.0.0.1]",
+        "a\u200db.test",
+        "xn--zca-.test",
+        5,
+    ],
+)
+def test_message_id_domain_must_be_a_domain(value: Any) -> None:
+    """message_id_domain is checked as a domain name when the Config is made: a
+    value that could put anything but a domain after the '@' of a Message-ID is a
+    ConfigError naming the key."""
+    with pytest.raises(ConfigError) as info:
+        Config(message_id_domain=value)
+    assert info.value.key == "message_id_domain"
+    assert "message_id_domain" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        Config.from_mapping({"message_id_domain": value})
+    assert info.value.key == "message_id_domain"
+
+
+@pytest.mark.parametrize(
+    ("value", "wire"),
+    [
+        ("mail.example.net", "mail.example.net"),
+        ("localhost", "localhost"),
+        ("Mail.Example.NET", "Mail.Example.NET"),
+        ("faß.test", "xn--fa-hia.test"),
+        ("ＭＡＩＬ．example", "mail.example"),  # noqa: RUF001
+    ],
+)
+def test_message_id_domain_valid_kept_in_a_label_form(value: str, wire: str) -> None:
+    """A host name is accepted as message_id_domain; an internationalised one is
+    kept in its IDNA 2008 A-label form (a Message-ID is ASCII)."""
+    assert Config(message_id_domain=value).message_id_domain == wire
+
+
+def test_message_id_domain_from_environment_names_the_variable() -> None:
+    """A bad MAILSTROM_MESSAGE_ID_DOMAIN is a ConfigError naming the variable."""
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({"MAILSTROM_MESSAGE_ID_DOMAIN": "x.test> <evil@evil.test"})
+    assert info.value.key == "message_id_domain"
+    assert "MAILSTROM_MESSAGE_ID_DOMAIN" in str(info.value)
+
+
+def test_relay_host_idn_kept_as_a_label() -> None:
+    """An internationalised relay host goes to DNS and TLS in IDNA 2008 form
+    (never the IDNA 2003 ``fass``), and one IDNA 2008 refuses is a ConfigError."""
+    assert RelayConfig(host="smtp.faß.test").host == "smtp.xn--fa-hia.test"
+    assert RelayConfig(host="127.0.0.1").host == "127.0.0.1"
+    with pytest.raises(ConfigError) as info:
+        RelayConfig(host="smtp.a\u200db.test")
+    assert info.value.key == "relay.host"
+
+
+# -- secrets are never echoed (issue 11) --------------------------------------------
+
+NUMERIC_SECRET = 91827364
+
+
+@pytest.mark.parametrize(
+    ("value", "type_name"),
+    [
+        (NUMERIC_SECRET, "int"),
+        (918273.64, "float"),
+        (True, "bool"),
+        ([SECRET], "list"),
+        ({"value": SECRET}, "dict"),
+    ],
+)
+def test_password_type_error_names_type_not_value(value: Any, type_name: str) -> None:
+    """A relay password of the wrong type is a ConfigError that names the key and
+    the type, never the value, from from_mapping, TOML and the constructor."""
+    data = {"relay": {"host": "h", "username": "u", "password": value}}
+    with pytest.raises(ConfigError) as info:
+        Config.from_mapping(data)
+    assert info.value.key == "relay.password"
+    assert str(info.value) == f"relay.password must be a string, not {type_name}"
+    with pytest.raises(ConfigError) as info:
+        RelayConfig(host="h", username="u", password=value)
+    assert str(info.value) == f"relay.password must be a string, not {type_name}"
+    for shown in (str(NUMERIC_SECRET), "918273", SECRET):
+        assert shown not in str(info.value)
+        assert shown not in repr(info.value)
+
+
+def test_password_type_error_from_toml_hides_value(tmp_path: Path) -> None:
+    """A numeric password in a TOML file: the error names the type only."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f"[mailstrom.relay]\nhost = 'h'\nusername = 'u'\npassword = {NUMERIC_SECRET}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        Config.from_toml(path)
+    assert str(info.value) == "relay.password must be a string, not int"
+
+
+def test_secret_in_a_section_of_the_wrong_type_is_not_echoed() -> None:
+    """A relay given as a URL string (which may hold a password) is refused by
+    its type, without the value."""
+    for data in (
+        {"relay": f"smtp://u:{SECRET}@h"},
+        {"relay": [f"u:{SECRET}"]},
+    ):
+        with pytest.raises(ConfigError) as info:
+            Config.from_mapping(data)
+        assert info.value.key == "relay"
+        assert SECRET not in str(info.value)
+        assert "must be a table (mapping), not" in str(info.value)
+
+
+def test_every_secret_setting_is_hidden_from_repr_and_errors() -> None:
+    """Each setting in SECRET_KEYS is left out of reprs and named only by type in
+    errors; the list holds every setting whose name says secret."""
+    from mailstrom_async._config import SECRET_KEYS
+
+    secretish = ("password", "secret", "token", "key")
+    found = {
+        f"{prefix}{f.name}"
+        for cls, prefix in (
+            (Config, ""),
+            (RelayConfig, "relay."),
+            (MXConfig, "mx."),
+            (Limits, "limits."),
+            (Timeouts, "timeouts."),
+            (RetryPolicy, "retry."),
+        )
+        for f in attrs.fields(cls)
+        if any(word in f.name for word in secretish)
+    }
+    assert found == SECRET_KEYS == {"relay.password"}
+    relay = RelayConfig(host="h", username="u", password=SECRET)
+    for shown in (repr(relay), str(relay), repr(Config(relay=relay))):
+        assert SECRET not in shown
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        # a password without a username
+        {"MAILSTROM_RELAY__HOST": "h", "MAILSTROM_RELAY__PASSWORD": SECRET},
+        # credentials in clear text to a remote host
+        {
+            "MAILSTROM_RELAY__HOST": "smtp.example.com",
+            "MAILSTROM_RELAY__TLS": "none",
+            "MAILSTROM_RELAY__USERNAME": "u",
+            "MAILSTROM_RELAY__PASSWORD": SECRET,
+        },
+        # another setting wrong next to a good password
+        {
+            "MAILSTROM_RELAY__HOST": "h",
+            "MAILSTROM_RELAY__USERNAME": "u",
+            "MAILSTROM_RELAY__PASSWORD": SECRET,
+            "MAILSTROM_RELAY__PORT": "smtp",
+        },
+        # an unknown variable next to a password
+        {"MAILSTROM_RELAY__PASSWORD": SECRET, "MAILSTROM_RELAY__PASSWROD": SECRET},
+    ],
+)
+def test_environment_errors_never_echo_the_password(environ: dict[str, str]) -> None:
+    """Errors reading MAILSTROM_* variables name variables and keys, never the
+    password's value."""
+    with pytest.raises(ConfigError) as info:
+        Config.from_env(environ)
+    assert SECRET not in str(info.value)
+    assert SECRET not in repr(info.value)
+
+
+def test_environment_password_of_wrong_type_in_base_hides_value() -> None:
+    """A numeric password in the base mapping (a TOML file) under environment
+    overrides: the error names the key and type only."""
+    base = {"relay": {"host": "h", "username": "u", "password": NUMERIC_SECRET}}
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({"MAILSTROM_RELAY__PORT": "2525"}, base=base)
+    assert str(info.value) == "relay.password must be a string, not int"

@@ -21,6 +21,8 @@ OWNERS: dict[str, set[str]] = {
     "sqlite3": {"mailstrom_async/_store/_sqlite.py"},
     "smtplib": set(),
     "opentelemetry": {"mailstrom_async/_telemetry.py"},
+    # IDNA 2008 (issue 11): every domain for DNS or the wire goes through _domain.
+    "idna": {"mailstrom_async/_domain.py"},
     # The testing kit, and only it, needs pytest (the "testing" extra).
     "pytest": {
         "mailstrom_async/testing/__init__.py",

@@ -15,7 +15,11 @@ from hypothesis import strategies as st
 
 from mailstrom_async import _address
 from mailstrom_async._config import Config, Limits
-from mailstrom_async._exceptions import InvalidAddressError, InvalidMessageError
+from mailstrom_async._exceptions import (
+    ConfigError,
+    InvalidAddressError,
+    InvalidMessageError,
+)
 from mailstrom_async._message import (
     Attachment,
     Email,
@@ -862,10 +866,22 @@ def test_prepare_adds_message_id_with_configured_domain() -> None:
     assert prepared.message_id.endswith("@mail.example.net>")
 
 
-def test_prepare_rejects_bad_message_id_domain() -> None:
-    """A configured Message-ID domain with a line break is refused."""
-    with pytest.raises(InvalidMessageError, match="message_id_domain"):
-        prepare(simple(), config=Config(message_id_domain="x.com\r\nBcc: y@z.com"))
+@pytest.mark.parametrize(
+    "domain", ["x.com\r\nBcc: y@z.com", "x.test> <evil@evil.test", "x.test>"]
+)
+def test_bad_message_id_domain_is_refused_by_the_config(domain: str) -> None:
+    """A Message-ID domain that is not a domain never reaches prepare(): the
+    Config refuses it, so the queue id and the Message-ID header cannot differ."""
+    with pytest.raises(ConfigError, match="message_id_domain"):
+        Config(message_id_domain=domain)
+
+
+def test_idn_message_id_domain_is_the_header_and_the_queue_id() -> None:
+    """An internationalised message_id_domain goes into the Message-ID in IDNA
+    2008 form, and the queue id is exactly the header's Message-ID."""
+    prepared = prepare(simple(), config=Config(message_id_domain="faß.test"))
+    assert prepared.message_id.endswith("@xn--fa-hia.test>")
+    assert parse(prepared)["Message-ID"] == prepared.message_id
 
 
 def test_prepare_keeps_existing_message_id() -> None:

@@ -218,12 +218,35 @@ def test_message_status_is_done_and_is_delivered(
     assert status.is_delivered is delivered
 
 
-def test_message_status_recipient_is_case_insensitive() -> None:
-    """recipient() finds an address whatever the case of either side."""
+def test_message_status_recipient_domain_in_any_case() -> None:
+    """recipient() finds an address whatever the case of its domain on either side."""
     status = _status(A, B, C)
-    assert status.recipient("a@example.com") is A
-    assert status.recipient("A@EXAMPLE.COM") is A
-    assert status.recipient("B@Example.ORG") is B
+    assert status.recipient("A@example.COM") is A
+    assert status.recipient("b@Example.ORG") is B
+
+
+def test_message_status_recipient_local_part_exactly() -> None:
+    """recipient() compares local parts exactly: ``Bob@`` and ``bob@`` are two
+    recipients, and neither is found by the other's name."""
+    bob_upper = RecipientStatus(address="Bob@x.test", state=RecipientState.FAILED)
+    bob = RecipientStatus(address="bob@x.test", state=RecipientState.DELIVERED)
+    status = _status(bob_upper, bob)
+    assert status.recipient("Bob@X.TEST") is bob_upper
+    assert status.recipient("bob@x.test") is bob
+    with pytest.raises(KeyError):
+        status.recipient("BOB@x.test")
+    with pytest.raises(KeyError):
+        status.recipient("a@example.com")
+
+
+def test_message_status_recipient_idn_domain() -> None:
+    """recipient() finds an A-label recipient by its Unicode domain too."""
+    r = RecipientStatus(address="ada@xn--fa-hia.de", state=RecipientState.QUEUED)
+    status = _status(r)
+    assert status.recipient("ada@faß.de") is r
+    assert status.recipient("ada@Faß.DE") is r
+    assert r.domain == "xn--fa-hia.de"
+    assert RecipientStatus(address="ada@Faß.DE").domain == "xn--fa-hia.de"
 
 
 def test_message_status_recipient_unknown_raises_key_error() -> None:

@@ -135,7 +135,7 @@ async def test_delivered(smtpd: SMTPDServers) -> None:
 
 async def test_one_recipient_rejected_others_delivered(smtpd: SMTPDServers) -> None:
     """RCPT 550 fails only that recipient; the others are delivered."""
-    handler = FaultHandler(rcpt_replies={"B@x.test": "550 5.1.1 no such user"})
+    handler = FaultHandler(rcpt_replies={"b@X.TEST": "550 5.1.1 no such user"})
     server = await smtpd.start(handler)
     conn = await SMTPConnection.open(settings(server.port))
     outcomes = await conn.send(FROM, ["a@x.test", "b@x.test", "c@x.test"], MESSAGE)

@@ -15,6 +15,7 @@ from mailstrom_async._cli._common import (
     open_store,
     print_json,
 )
+from mailstrom_async._domain import domain_key
 
 if TYPE_CHECKING:
     from mailstrom_async._cli._common import Parser
@@ -76,7 +77,7 @@ def _target(args: argparse.Namespace) -> str:
     if args.message_id is not None:
         return f"of {args.message_id}"
     if args.domain is not None:
-        return f"of domain {args.domain.lower()}"
+        return f"of domain {domain_key(args.domain)}"
     return "in the queue"
 
 

@@ -158,8 +158,9 @@ class Store(Protocol):
     ) -> None:
         """Write the new statuses of some recipients of one message, ending their lease.
 
-        Each status replaces the stored one for the same address (compared
-        case-insensitively), whoever holds the lease, except that a final state
+        Each status replaces the stored one for the same address (the local part
+        compared exactly, the domain case-insensitively: ``recipient_key``),
+        whoever holds the lease, except that a final state
         (DELIVERED/FAILED) is never replaced by an unfinished one. Only *worker*'s
         own leases end: a lease another worker took after this one's expired is
         kept. Unknown addresses are ignored. A status's ``held`` is ignored: a

@@ -1,7 +1,9 @@
 """Rules shared by every store, so that all of them behave exactly alike.
 
 Input checks (aware datetimes, claim arguments, statuses that could never come due),
-normalisation to UTC and to valid Unicode, case-insensitive address matching, and
+normalisation to UTC and to valid Unicode, address matching by
+:func:`~mailstrom_async._domain.recipient_key` (the local part exactly, the domain
+case-insensitively), and
 the one rule of
 :meth:`~mailstrom_async._store._base.Store.record` that is not a plain overwrite: a
 recipient that is final (``DELIVERED``/``FAILED``) is never moved back to an
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from mailstrom_async._domain import domain_key, recipient_key
 from mailstrom_async._models import RecipientState, RecipientStatus
 from mailstrom_async._store._base import LeaseInfo
 from mailstrom_async._text import clean, is_clean, wire_bytes
@@ -133,7 +136,7 @@ def cancelled(status: RecipientStatus) -> RecipientStatus:
 
 
 def check_hold(message_id: str | None, domain: str | None) -> str | None:
-    """Validate ``hold()``'s target; return the domain lower-cased.
+    """Validate ``hold()``'s target; return the domain's key (A-label, lower case).
 
     A hold needs a target, so that a slip (a missing argument) cannot hold the
     whole queue without a word.
@@ -141,13 +144,13 @@ def check_hold(message_id: str | None, domain: str | None) -> str | None:
     if message_id is None and domain is None:
         msg = "hold() needs a message_id, a domain or both"
         raise ValueError(msg)
-    return None if domain is None else domain.lower()
+    return None if domain is None else domain_key(domain)
 
 
 def check_unhold(
     message_id: str | None, domain: str | None, *, everything: bool
 ) -> str | None:
-    """Validate ``unhold()``'s target; return the domain lower-cased.
+    """Validate ``unhold()``'s target; return the domain's key (A-label, lower case).
 
     Releasing every held recipient must be asked for explicitly (``all=True``),
     and then with no narrower target that would contradict it.
@@ -158,7 +161,7 @@ def check_unhold(
     if not everything and message_id is None and domain is None:
         msg = "unhold() needs a message_id, a domain or both, or all=True"
         raise ValueError(msg)
-    return None if domain is None else domain.lower()
+    return None if domain is None else domain_key(domain)
 
 
 def _safe_message(status: RecipientStatus) -> tuple[str | None, bytes | None]:
@@ -204,22 +207,23 @@ def check_statuses(statuses: Iterable[RecipientStatus]) -> list[RecipientStatus]
     return result
 
 
-def address_index(addresses: Iterable[str]) -> dict[str, list[int]]:
-    """The indexes of *addresses* by casefolded address (all of a duplicate's).
+def address_index(addresses: Iterable[str]) -> dict[tuple[str, str], list[int]]:
+    """The indexes of *addresses* by recipient key (all of a duplicate's): the
+    local part as it is, the domain case-insensitively.
 
     Built once per call, so that matching m statuses against n recipients is
     O(n + m), not O(n * m): one message may have 100,000 recipients.
     """
-    index: dict[str, list[int]] = {}
+    index: dict[tuple[str, str], list[int]] = {}
     for i, address in enumerate(addresses):
-        index.setdefault(clean(address).casefold(), []).append(i)
+        index.setdefault(recipient_key(clean(address)), []).append(i)
     return index
 
 
-def matching(index: dict[str, list[int]], address: str) -> list[int]:
-    """Indexes of the addresses in *index* equal to *address*, case-insensitively
-    (and as stored: in valid Unicode)."""
-    return index.get(clean(address).casefold(), [])
+def matching(index: dict[tuple[str, str], list[int]], address: str) -> list[int]:
+    """Indexes of the addresses in *index* that are *address*: the same local part,
+    the same domain in any case (and as stored: in valid Unicode)."""
+    return index.get(recipient_key(clean(address)), [])
 
 
 def should_replace(stored: RecipientState, new: RecipientState) -> bool:

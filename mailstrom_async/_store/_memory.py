@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import anyio.lowlevel
 import attrs
 
+from mailstrom_async._domain import domain_key
 from mailstrom_async._exceptions import StoreError, UnknownMessageError
 from mailstrom_async._models import MessageStatus, RecipientState, RecipientStatus
 from mailstrom_async._store._base import Job, LeaseInfo, NewMessage, QueueSummary
@@ -217,7 +218,7 @@ class MemoryStore:
         """List messages by recipient state, domain and hold; see :meth:`Store.messages`."""
         check_list_limit(limit)
         wanted = UNFINISHED if states is None else frozenset(states)
-        lowered = None if domain is None else domain.lower()
+        lowered = None if domain is None else domain_key(domain)
         await self._enter()
         found = [
             stored
@@ -242,7 +243,7 @@ class MemoryStore:
     ) -> int:
         """Make waiting recipients due at *now*; see :meth:`Store.retry_now`."""
         now = utc(now, "now")
-        lowered = None if domain is None else domain.lower()
+        lowered = None if domain is None else domain_key(domain)
         await self._enter()
         ids = list(self._unfinished) if message_id is None else [message_id]
         if message_id is not None:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from mailstrom_async._domain import domain_key
 from mailstrom_async._models import RecipientState, RecipientStatus
 
 __all__ = [
@@ -255,7 +256,7 @@ def _bool_or_none(value: int | None) -> bool | None:
 
 
 def domain(address: str) -> str:
-    return address.rpartition("@")[2].lower()
+    return domain_key(address.rpartition("@")[2])
 
 
 def status_from_row(row: Sequence[Any]) -> RecipientStatus:

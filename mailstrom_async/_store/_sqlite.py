@@ -52,6 +52,7 @@ import aiosqlite
 import anyio
 import attrs
 
+from mailstrom_async._domain import domain_key
 from mailstrom_async._exceptions import StoreError, UnknownMessageError
 from mailstrom_async._models import MessageStatus, RecipientState, RecipientStatus
 from mailstrom_async._store import _sql as sql
@@ -414,7 +415,7 @@ class SQLiteStore:
         wanted = UNFINISHED if states is None else states
         params = {
             "states": json.dumps(sorted(RecipientState(s).value for s in wanted)),
-            "domain": None if domain is None else domain.lower(),
+            "domain": None if domain is None else domain_key(domain),
             "limit": -1 if limit is None else limit,
             "held": None if held is None else int(held),
         }
@@ -448,7 +449,7 @@ class SQLiteStore:
         params = {
             "now": sql.to_ts(utc(now, "now")),
             "message_id": message_id,
-            "domain": None if domain is None else domain.lower(),
+            "domain": None if domain is None else domain_key(domain),
         }
 
         def work(conn: sqlite3.Connection) -> int:

@@ -17,6 +17,7 @@ from typing import Literal
 
 import attrs
 
+from mailstrom_async._address import recipient_key
 from mailstrom_async._config import RetryPolicy
 from mailstrom_async._models import SMTPReply
 
@@ -113,20 +114,22 @@ def capture(mail_from: str, rcpt_to: tuple[str, ...], data: bytes) -> OutboxMess
 @attrs.define
 class _Rule:
     kind: RuleKind
-    pattern: str | None  # a lower-cased address, "@domain", or None for any
+    # The recipient key of an address, ("", domain key) for "@domain", or None
+    # for any address.
+    pattern: tuple[str, str] | None
     reply: SMTPReply
     remaining: int | None
 
     def matches(self, address: str) -> bool:
         if self.pattern is None:
             return True
-        address = address.lower()
-        if self.pattern.startswith("@"):
-            return address.endswith(self.pattern)
-        return address == self.pattern
+        local, domain = recipient_key(address)
+        if not self.pattern[0]:
+            return domain == self.pattern[1]
+        return (local, domain) == self.pattern
 
 
-def _pattern(address: str | None, kind: RuleKind) -> str | None:
+def _pattern(address: str | None, kind: RuleKind) -> tuple[str, str] | None:
     if address is None and kind == "disconnect":
         return None
     if not isinstance(address, str) or "@" not in address or "\n" in address:
@@ -135,7 +138,8 @@ def _pattern(address: str | None, kind: RuleKind) -> str | None:
             f"('@example.org'), not {address!r}"
         )
         raise ValueError(msg)
-    return address.strip().lower()
+    # One rule with the library: the local part exactly, the domain in any case.
+    return recipient_key(address.strip())
 
 
 def _reply(
@@ -218,8 +222,9 @@ class Script:
 class Scripted:
     """The scripting methods of :class:`Outbox` and :class:`CaptureServer`.
 
-    Rules answer ``RCPT TO`` for one address (``"ada@example.org"``, any case)
-    or every address of a domain (``"@example.org"``). They are tried in the
+    Rules answer ``RCPT TO`` for one address (``"ada@example.org"``: its local
+    part exactly as written, its domain in any case or in Unicode, as the library
+    compares recipients) or every address of a domain (``"@example.org"``). They are tried in the
     order they were added; the first that matches and has uses left answers
     and uses one up, so ``defer(a, times=2)`` then ``fail(a)`` defers twice,
     then fails. Addresses that no rule matches are accepted. The replies go

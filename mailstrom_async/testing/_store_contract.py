@@ -43,10 +43,11 @@ _MANY = 20_000
 
 
 def _many_addresses() -> list[str]:
-    """20,000 addresses over 7 domains; every 1,000th also once more in upper case."""
+    """20,000 addresses over 7 domains; every 1,000th also once more with its
+    domain in upper case (the same recipient key)."""
     addresses = [f"r{i}@x{i % 7}.example" for i in range(_MANY)]
     for i in range(0, _MANY, 1000):
-        addresses.insert(i + i // 1000 + 1, f"R{i}@X{i % 7}.EXAMPLE")
+        addresses.insert(i + i // 1000 + 1, f"r{i}@X{i % 7}.EXAMPLE")
     return addresses
 
 
@@ -334,7 +335,7 @@ class StoreContract(HoldContract):
         await store.record(
             "m1", [attempted("a@x.example", DELIVERED)], worker="submitter"
         )
-        await store.release("m1", ["B@X.example"], worker="submitter")
+        await store.release("m1", ["b@X.example"], worker="submitter")
         jobs = await store.claim_due(now=T0, worker="w", lease_until=at(60), limit=5)
         assert claimed_addresses(jobs) == [("m1", "b@x.example")]
 
@@ -452,14 +453,65 @@ class StoreContract(HoldContract):
         assert cancelled.message == "cancelled by operator"
         assert cancelled.raw_message is None
 
-    async def test_record_matches_case_insensitively(self, store: Store) -> None:
-        """A status matches its recipient ignoring case; the stored address is kept."""
+    async def test_record_matches_domain_case_insensitively(self, store: Store) -> None:
+        """A status matches its recipient whatever the case of the domain; the
+        stored address is kept."""
         await store.add(new_message("m1", "Alice@Example.COM"))
-        await store.record("m1", [attempted("alice@example.com", FAILED)], worker="w")
+        await store.record("m1", [attempted("Alice@example.com", FAILED)], worker="w")
         [r] = (await store.status("m1")).recipients
         assert r.address == "Alice@Example.COM"
         assert r.state is FAILED
         assert (await store.status("m1")).is_done
+
+    async def test_record_matches_local_part_exactly(self, store: Store) -> None:
+        """Local parts are case-sensitive (RFC 5321 §2.4): a status for
+        ``Bob@x.example`` never touches ``bob@x.example``, whatever the order the
+        statuses come in, and a status for a local part in another case is ignored."""
+        await store.add(
+            new_message("m1", "Bob@x.example", "bob@x.example", "carol@x.example")
+        )
+        await store.record(
+            "m1",
+            [
+                attempted("Bob@X.EXAMPLE", FAILED),
+                attempted("bob@x.example", DELIVERED),
+                attempted("CAROL@x.example", DELIVERED),
+            ],
+            worker="w",
+        )
+        status = await store.status("m1")
+        assert [(r.address, r.state) for r in status] == [
+            ("Bob@x.example", FAILED),
+            ("bob@x.example", DELIVERED),
+            ("carol@x.example", QUEUED),
+        ]
+        assert status.recipient("Bob@x.example").state is FAILED
+        assert status.recipient("bob@X.Example").state is DELIVERED
+        with pytest.raises(KeyError):
+            status.recipient("BOB@x.example")
+
+    async def test_domain_lookups_take_any_case_and_idn(self, store: Store) -> None:
+        """hold(), messages() and summary() find a domain in any case, and an
+        internationalised one by its Unicode form too (stored: its A-label)."""
+        await store.add(new_message("m1", "a@xn--fa-hia.example", "b@Other.example"))
+        assert await store.hold(domain="FAß.example") == 1
+        assert await store.hold(domain="other.EXAMPLE") == 1
+        [listed] = await store.messages(domain="Faß.Example", held=True)
+        assert listed.message_id == "m1"
+        summary = await store.summary()
+        assert summary.by_domain == {
+            (QUEUED, "xn--fa-hia.example"): 1,
+            (QUEUED, "other.example"): 1,
+        }
+
+    async def test_release_matches_local_part_exactly(self, store: Store) -> None:
+        """release() ends the lease of the recipient named (domain in any case),
+        never of one whose local part differs only in case."""
+        await store.add(new_message("m1", "Bob@x.example", "bob@x.example"))
+        await store.claim_due(now=T0, worker="w", lease_until=at(60), limit=1)
+        await store.release("m1", ["Bob@X.example"], worker="w")
+        jobs = await store.claim_due(now=T0, worker="v", lease_until=at(60), limit=1)
+        assert claimed_addresses(jobs) == [("m1", "Bob@x.example")]
 
     async def test_record_ignores_unknown_addresses(self, store: Store) -> None:
         """Statuses for addresses the message does not have are ignored."""
@@ -524,7 +576,7 @@ class StoreContract(HoldContract):
         assert (
             await store.claim_due(now=T0, worker="b", lease_until=at(60), limit=1) == []
         )
-        await store.release("m1", ["A@X.EXAMPLE"], worker="a")
+        await store.release("m1", ["a@X.EXAMPLE"], worker="a")
         jobs = await store.claim_due(now=T0, worker="b", lease_until=at(60), limit=1)
         assert claimed_addresses(jobs) == [("m1", "a@x.example")]
         status = await store.status("m1")
@@ -638,17 +690,18 @@ class StoreContract(HoldContract):
     async def test_many_recipients_record_and_release(self, store: Store) -> None:
         """record() and release() on 20,000 recipients touch exactly the rows named.
 
-        Matching ignores case and takes every duplicate; a final state stays
+        Matching ignores the case of the domain (not of the local part) and
+        takes every duplicate; a final state stays
         final; only the calling worker's leases end.
         """
         addresses = _many_addresses()
         n = _MANY
         await store.add(new_message("big", *addresses))
         await store.claim_due(now=T0, worker="a", lease_until=at(60), limit=1)
-        # Worker a: every even recipient delivered (named in upper case), and the
+        # Worker a: every even recipient delivered (its domain in upper case), and the
         # odd ones of the first half released.
         delivered = [
-            attempted(f"R{i}@X{i % 7}.EXAMPLE", DELIVERED) for i in range(0, n, 2)
+            attempted(f"r{i}@X{i % 7}.EXAMPLE", DELIVERED) for i in range(0, n, 2)
         ]
         await store.record("big", delivered, worker="a")
         await store.release(
