@@ -22,7 +22,7 @@ import attrs
 
 from mailstrom_async._exceptions import InvalidMessageError, StoreError
 from mailstrom_async._headers import ADDRESS_HEADERS
-from mailstrom_async._message import Email, PreparedMessage, prepare
+from mailstrom_async._message import Email, PreparedMessage, check_size, prepare
 from mailstrom_async._models import DeliveryEvent, RecipientStatus
 from mailstrom_async._store import Job, NewMessage
 
@@ -98,8 +98,14 @@ async def prepare_one(
     rcpt_to: str | Sequence[str] | None,
     config: Config,
 ) -> PreparedMessage:
-    """:func:`prepare` *message* for ``submit``, in a thread if it is big."""
+    """:func:`prepare` *message* for ``submit``, in a thread if it is big.
+
+    A :class:`PreparedMessage` was checked when it was made (by :func:`prepare`,
+    or as it was constructed); only the size limit, which is this *config*'s, is
+    checked again.
+    """
     if isinstance(message, PreparedMessage):
+        check_size(message.size, config)
         return message
     if not in_thread([message], rcpt_to):
         return prepare(message, mail_from=mail_from, rcpt_to=rcpt_to, config=config)
@@ -123,10 +129,11 @@ async def prepare_batch(
     def work() -> list[PreparedMessage]:
         prepared = []
         for index, message in enumerate(messages):
-            if isinstance(message, PreparedMessage):
-                prepared.append(message)
-                continue
             try:
+                if isinstance(message, PreparedMessage):
+                    check_size(message.size, config)
+                    prepared.append(message)
+                    continue
                 prepared.append(prepare(message, config=config))
             except InvalidMessageError as exc:
                 exc.add_note(f"message #{index} of the batch given to submit_many()")

@@ -14,6 +14,7 @@ import copy
 import quopri
 import re
 from collections.abc import Iterable, Sequence
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from email.headerregistry import Address, Group
 from email.message import EmailMessage, Message
@@ -29,13 +30,12 @@ from mailstrom_async._address import (
     check_text,
     envelope_address,
     header_address,
-    is_utf8_address,
     parse_address,
     recipient_key,
 )
 from mailstrom_async._builder import Attachment, Email, build_with_groups, str_tuple
 from mailstrom_async._config import Config
-from mailstrom_async._exceptions import InvalidMessageError
+from mailstrom_async._exceptions import InvalidAddressError, InvalidMessageError
 from mailstrom_async._headers import (
     LINE_BREAK,
     RENDER_SMTP,
@@ -53,6 +53,7 @@ __all__ = [
     "Attachment",
     "Email",
     "PreparedMessage",
+    "check_size",
     "envelope_address",
     "parse_address",
     "prepare",
@@ -139,13 +140,35 @@ def _new_message_id(groups: dict[str, tuple[Group, ...]], config: Config) -> str
     return make_msgid(domain=domain)
 
 
+# prepare() checks what it makes while making it; a PreparedMessage made any
+# other way (by hand, or by attrs.evolve from one prepare() made) is checked as it
+# is constructed. Set only around the construction in _finish().
+_MADE_BY_PREPARE: ContextVar[bool] = ContextVar("made_by_prepare", default=False)
+
+
 @attrs.frozen(kw_only=True)
 class PreparedMessage:
     """A message ready for SMTP: envelope plus the exact bytes for ``DATA``.
 
     Envelope addresses use A-label domains; ``mail_from`` is ``""`` for the null
     reverse-path. ``data`` has CRLF line endings and no line over 998 octets.
-    ``smtputf8`` says the transaction needs the server's SMTPUTF8 extension.
+    ``smtputf8`` says the message itself needs the server's SMTPUTF8 extension
+    (its header section has UTF-8); an address with a non-ASCII local part needs
+    it too, for that address only.
+
+    Made by :func:`prepare`, or by hand (or ``attrs.evolve``), in which case it is
+    checked as it is constructed, as :func:`prepare` checks what it makes: a
+    ``message_id`` in angle brackets; envelope addresses that are valid and
+    written as :func:`prepare` writes them (no display name, A-label domains);
+    at least one recipient, none twice; ``data`` with a header section that has
+    a ``From`` field, no NUL and no line over 998 octets. A bare CR or LF in
+    ``data`` becomes CRLF, and a final CRLF is added when missing, as
+    :func:`prepare` does for raw bytes.
+
+    Raises:
+        InvalidAddressError: an envelope address is invalid, or not in envelope
+            form.
+        InvalidMessageError: anything else above.
     """
 
     message_id: str
@@ -154,6 +177,10 @@ class PreparedMessage:
     rcpt_to: tuple[str, ...] = attrs.field(converter=str_tuple)
     data: bytes = attrs.field(repr=False)
     smtputf8: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if not _MADE_BY_PREPARE.get():
+            _check_prepared(self)
 
     @property
     def size(self) -> int:
@@ -164,6 +191,66 @@ class PreparedMessage:
     def has_8bit_data(self) -> bool:
         """True when ``data`` is not pure ASCII (send with ``BODY=8BITMIME``)."""
         return not self.data.isascii()
+
+
+def _check_prepared(prepared: PreparedMessage) -> None:
+    """Check a PreparedMessage that :func:`prepare` did not make; normalise its
+    line endings."""
+    message_id = prepared.message_id
+    if not _MSG_ID.fullmatch(message_id):
+        msg = f"message_id must be '<id@domain>' (RFC 5322 §3.6.4), not {message_id!r}"
+        raise InvalidMessageError(msg)
+    if prepared.mail_from != "":
+        _check_envelope(prepared.mail_from, "mail_from")
+    if not prepared.rcpt_to:
+        msg = "the message has no recipients (rcpt_to is empty)"
+        raise InvalidMessageError(msg)
+    seen: set[tuple[str, str]] = set()
+    for address in prepared.rcpt_to:
+        _check_envelope(address, "rcpt_to")
+        key = recipient_key(address)
+        if key in seen:
+            msg = f"rcpt_to has {address!r} twice"
+            raise InvalidAddressError(msg, address)
+        seen.add(key)
+    given: object = prepared.data
+    if isinstance(given, bytearray | memoryview):
+        given = bytes(given)
+    if not isinstance(given, bytes):
+        msg = f"data must be bytes, not {type(given).__name__}"
+        raise TypeError(msg)
+    data = to_crlf(given)  # RFC 5321 §2.3.8, as prepare() does for raw bytes
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if data is not prepared.data:
+        object.__setattr__(prepared, "data", data)
+    head = _check_bytes(data)
+    has_from = False
+    for number, line in enumerate(head.split(b"\r\n") if head else (), start=1):
+        if line[:1] in (b" ", b"\t") and number > 1:
+            continue
+        if not _FIELD_LINE.match(line):
+            msg = (
+                f"header line {number} is not a field or a continuation: {line[:60]!r}"
+            )
+            raise InvalidMessageError(msg)
+        has_from = has_from or line[:5].lower() == b"from:"
+    if not has_from:
+        msg = "the message has no From header field (RFC 5322 §3.6.2)"
+        raise InvalidMessageError(msg)
+    if not prepared.smtputf8 and not head.isascii():
+        object.__setattr__(prepared, "smtputf8", True)
+
+
+def _check_envelope(address: str, what: str) -> None:
+    check_text(address, what, address=True)
+    wire = envelope_address(address)
+    if wire != address:
+        msg = (
+            f"{what} address {address!r} is not in envelope form; write it as "
+            f"{wire!r} (what prepare() and envelope_address() make)"
+        )
+        raise InvalidAddressError(msg, address)
 
 
 def prepare(
@@ -346,11 +433,29 @@ def _finish(
     config: Config,
 ) -> PreparedMessage:
     """Check the final bytes and wrap them up with the envelope."""
-    if b"\x00" in data:
-        msg = "the message contains a NUL octet, which SMTP cannot carry"
-        raise InvalidMessageError(msg)
     if not crlf_only(data):  # pragma: no cover
         msg = "the message contains a bare CR or LF"  # defensive: normalised above
+        raise InvalidMessageError(msg)
+    head = _check_bytes(data)
+    check_size(len(data), config)
+    token = _MADE_BY_PREPARE.set(True)
+    try:
+        return PreparedMessage(
+            message_id=message_id,
+            mail_from=sender,
+            rcpt_to=recipients,
+            data=data,
+            smtputf8=not head.isascii(),
+        )
+    finally:
+        _MADE_BY_PREPARE.reset(token)
+
+
+def _check_bytes(data: bytes) -> bytes:
+    """Check CRLF message bytes: no NUL, no line over 998 octets, a header section
+    that is ASCII or UTF-8; return the header section (without its blank line)."""
+    if b"\x00" in data:
+        msg = "the message contains a NUL octet, which SMTP cannot carry"
         raise InvalidMessageError(msg)
     if len(data) > _MAX_LINE and (line := long_line(data, _MAX_LINE)) is not None:
         snippet = line[:40]
@@ -359,25 +464,25 @@ def _finish(
             "be re-encoded (RFC 5322 §2.1.1)"
         )
         raise InvalidMessageError(msg)
-    if len(data) > config.limits.max_message_size:
-        msg = (
-            f"the message is {len(data)} octets; the limit "
-            f"(limits.max_message_size) is {config.limits.max_message_size}"
-        )
-        raise InvalidMessageError(msg)
-    end = data.find(b"\r\n\r\n")
-    head = data if end == -1 else data[:end]
+    if data.startswith(b"\r\n"):
+        head = b""
+    else:
+        end = data.find(b"\r\n\r\n")
+        head = data[:-2] if end == -1 else data[:end]
     if not head.isascii():
         try:
             head.decode("utf-8")
         except UnicodeDecodeError:
             msg = "the header section has 8-bit bytes that are not UTF-8 (RFC 6532)"
             raise InvalidMessageError(msg) from None
-    utf8 = not head.isascii() or any(is_utf8_address(a) for a in (sender, *recipients))
-    return PreparedMessage(
-        message_id=message_id,
-        mail_from=sender,
-        rcpt_to=recipients,
-        data=data,
-        smtputf8=utf8,
-    )
+    return head
+
+
+def check_size(size: int, config: Config) -> None:
+    """Refuse a message of *size* octets over ``config.limits.max_message_size``."""
+    if size > config.limits.max_message_size:
+        msg = (
+            f"the message is {size} octets; the limit "
+            f"(limits.max_message_size) is {config.limits.max_message_size}"
+        )
+        raise InvalidMessageError(msg)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiosmtplib
 import anyio
+import anyio.to_thread
 import attrs
 
 from mailstrom_async._classify import (
@@ -38,6 +39,12 @@ from mailstrom_async._classify import (
     outcomes_from_error,
 )
 from mailstrom_async._config import DEFAULT_TIMEOUTS, RelayTLS, Timeouts
+from mailstrom_async._downgrade import (
+    THREAD_OCTETS,
+    NotDowngradableError,
+    downgrade,
+    is_8bit,
+)
 from mailstrom_async._exceptions import (
     ConfigError,
     ConnectError,
@@ -226,6 +233,19 @@ def _encode_body(data: bytes) -> bytes:
     return data if data.endswith(b"\r\n") else data + b"\r\n"
 
 
+def _header_section(data: bytes) -> bytes:
+    end = data.find(b"\r\n\r\n")
+    return data if end == -1 else data[:end]
+
+
+def _try_downgrade(data: bytes) -> bytes | str:
+    """:func:`downgrade` *data*; the reason as a string if it cannot be."""
+    try:
+        return _encode_body(downgrade(data))
+    except NotDowngradableError as exc:
+        return str(exc)
+
+
 def _dot_stuffed(body: bytes) -> bytes:
     """RFC 5321 §4.5.2: double a dot that starts a line."""
     if body.startswith(b".") or b"\n." in body:
@@ -258,6 +278,8 @@ class SMTPConnection:
         # every RCPT refused, DATA refused) needs an RSET before the next one.
         self._needs_reset = False
         self._last_used = anyio.current_time()
+        # The last 7-bit re-encoding made: (the data, its result or why not).
+        self._downgraded: tuple[bytes, bytes | str] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -512,9 +534,14 @@ class SMTPConnection:
         """Run one mail transaction; return one outcome per *rcpt_to*, in order.
 
         *data* is the rendered message; it is sent as is (line endings normalised
-        to CRLF, dot-stuffed). SMTPUTF8 is used when *smtputf8* is set or an
-        address is not ASCII; a server without it FAILs every recipient (550
-        5.6.7) and nothing is sent.
+        to CRLF, dot-stuffed), or re-encoded 7-bit (:mod:`._downgrade`) when it
+        has 8-bit octets and the server offers neither 8BITMIME nor SMTPUTF8 (a
+        message that cannot be re-encoded FAILs ``5.6.3``). SMTPUTF8 is used when
+        the message needs it (*smtputf8*, or UTF-8 in its header section) or an
+        address is not ASCII. On a server without SMTPUTF8, a message or a sender
+        that needs it FAILs every recipient (``5.6.7``, nothing is sent); else
+        only the recipients whose address needs it FAIL (``5.6.7``) and the others
+        are sent to without it.
 
         Raises a :class:`TransientDeliveryError` (and closes the connection) when
         the session fails before the DATA command: lost or timed out during
@@ -527,17 +554,46 @@ class SMTPConnection:
             raise ProtocolError(msg, host=self.host)
         rcpts = list(rcpt_to)
         self._dot_unconfirmed = False
-        utf8 = smtputf8 or not (mail_from.isascii() and all(r.isascii() for r in rcpts))
+        data = _encode_body(data)
+        message_utf8 = smtputf8 or is_8bit(_header_section(data))
         refusal = None
         if not _sendable(mail_from):
             refusal = _local_reply(553, "5.1.7", "the sender address cannot be sent")
-        elif utf8 and not self.supports_smtputf8:
-            text = f"{self.host} does not support SMTPUTF8, which this message needs"
+        elif not self.supports_smtputf8 and message_utf8:
+            text = (
+                f"{self.host} does not offer SMTPUTF8, which this message needs "
+                "(it has UTF-8 header fields)"
+            )
+            refusal = _local_reply(550, "5.6.7", text)
+        elif not self.supports_smtputf8 and not mail_from.isascii():
+            text = (
+                f"{self.host} does not offer SMTPUTF8, which the sender address "
+                f"{mail_from} needs"
+            )
             refusal = _local_reply(550, "5.6.7", text)
         if refusal is not None or not rcpts:
             return [_outcome(a, refusal) for a in rcpts]
+        refused: dict[int, RecipientOutcome] = {}
+        if self.supports_smtputf8:
+            utf8 = message_utf8 or not mail_from.isascii()
+            utf8 = utf8 or not all(r.isascii() for r in rcpts)
+        else:
+            utf8 = False
+            text = f"{self.host} does not offer SMTPUTF8, which this address needs"
+            refused = {
+                i: _outcome(r, _local_reply(550, "5.6.7", text))
+                for i, r in enumerate(rcpts)
+                if not r.isascii()
+            }
+        sending = [r for i, r in enumerate(rcpts) if i not in refused]
+        if not sending:
+            return [refused[i] for i in range(len(rcpts))]
         try:
-            return await self._transaction(mail_from, rcpts, data, utf8)
+            body = await self._body(data, utf8)
+            if isinstance(body, SMTPReply):
+                outcomes = [_outcome(a, body) for a in sending]
+            else:
+                outcomes = await self._transaction(mail_from, sending, body, utf8)
         except BaseException as exc:
             self.close_now()
             if isinstance(exc, DeliveryError) and exc.ip is None:
@@ -545,6 +601,43 @@ class SMTPConnection:
             raise
         finally:
             self._last_used = anyio.current_time()
+        if not refused:
+            return outcomes
+        sent = iter(outcomes)
+        return [refused[i] if i in refused else next(sent) for i in range(len(rcpts))]
+
+    async def _body(self, data: bytes, utf8: bool) -> bytes | SMTPReply:
+        """*data* as this server may take it: as is when it is 7-bit or the server
+        takes 8-bit (8BITMIME, or an SMTPUTF8 transaction, RFC 6531 §3.1), else
+        re-encoded 7-bit; a local 5.6.3 refusal when it cannot be.
+
+        The re-encoded message is kept for the next transaction with the same
+        *data* (the next batch of the same job), and made in a worker thread
+        when it is big.
+        """
+        if not is_8bit(data) or "8bitmime" in self._extensions or utf8:
+            return data
+        cached = self._downgraded
+        if cached is None or cached[0] is not data:
+            if len(data) > THREAD_OCTETS:
+                result = await anyio.to_thread.run_sync(_try_downgrade, data)
+            else:
+                result = _try_downgrade(data)
+            cached = self._downgraded = (data, result)
+            _log.debug(
+                "8-bit message re-encoded for a server without 8BITMIME"
+                if isinstance(result, bytes)
+                else "8-bit message cannot be re-encoded",
+                extra=self._extra(size=len(data)),
+            )
+        result = cached[1]
+        if isinstance(result, bytes):
+            return result
+        text = (
+            f"{self.host} does not offer 8BITMIME, and the message cannot be "
+            f"re-encoded in 7 bits: {result}"
+        )
+        return _local_reply(554, "5.6.3", text)
 
     def _mail_options(self, body: bytes, utf8: bool) -> list[str]:
         options = []
@@ -557,11 +650,10 @@ class SMTPConnection:
         return options
 
     async def _transaction(
-        self, mail_from: str, rcpts: list[str], data: bytes, utf8: bool
+        self, mail_from: str, rcpts: list[str], body: bytes, utf8: bool
     ) -> list[RecipientOutcome]:
         smtp = self._smtp
         encoding = "utf-8" if utf8 else "ascii"
-        body = _encode_body(data)
         if self._needs_reset:
             with self._mapped("RSET"):
                 await smtp.rset()
@@ -680,6 +772,7 @@ class SMTPConnection:
     def close_now(self) -> None:
         """Close the connection at once, without QUIT. Idempotent."""
         self._closed = True
+        self._downgraded = None
         transport = self._smtp.transport
         if isinstance(transport, asyncio.WriteTransport):
             transport.abort()

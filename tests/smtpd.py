@@ -7,7 +7,8 @@ whose servers are closed at teardown):
   with a :class:`FaultHandler` that injects faults per test (replies per RCPT
   address, MAIL and final-dot replies, 421-and-close, dropping the connection after
   the final dot, stalling at a stage) and records what it received. STARTTLS and
-  implicit TLS, AUTH, SMTPUTF8 on/off are options of ``start()``.
+  implicit TLS, AUTH, SMTPUTF8 on/off are options of ``start()``; the handler's
+  ``hide_extensions`` takes keywords (8BITMIME) out of the EHLO reply.
 * :func:`running_script_server` / fixture ``script_server``: a byte-level server
   that runs a script per connection (:class:`Conversation`), for what aiosmtpd
   cannot say: 421/554 greetings, garbage banners, no greeting at all, 454 to
@@ -128,6 +129,8 @@ class FaultHandler:
     drop_after_dot: bool = False
     """Read the whole message, then close the connection without replying."""
     stall_at: str | None = None
+    hide_extensions: frozenset[str] = frozenset()
+    """EHLO keywords not advertised, such as ``frozenset({"8BITMIME"})``."""
     credentials: tuple[str, str] | None = None
     """The only login/password the authenticator accepts."""
     messages: list[Received] = field(default_factory=list)
@@ -160,7 +163,7 @@ class FaultHandler:
     ) -> list[str]:
         await self._stall("EHLO")
         session.host_name = hostname
-        return responses
+        return [r for r in responses if r[4:].split(" ")[0] not in self.hide_extensions]
 
     async def handle_MAIL(  # noqa: N802 - aiosmtpd hook name
         self,

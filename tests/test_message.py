@@ -596,17 +596,20 @@ def test_prepare_utf8_local_part_needs_smtputf8() -> None:
     assert parse(prepared)["To"].addresses[0].username == "jörg"
 
 
-def test_prepare_utf8_mail_from_needs_smtputf8() -> None:
-    """A non-ASCII local part in mail_from alone sets smtputf8."""
+def test_prepare_utf8_mail_from_alone_leaves_message_ascii() -> None:
+    """A non-ASCII local part in mail_from alone: the message itself does not need
+    SMTPUTF8 (smtputf8 is False); the sender does, which delivery checks."""
     prepared = prepare(simple(), mail_from="bünce@example.com")
-    assert prepared.smtputf8 is True
+    assert prepared.smtputf8 is False
+    assert prepared.mail_from == "bünce@example.com"
     assert header_block(prepared.data).isascii()
 
 
 def test_prepare_utf8_bcc_only_keeps_headers_ascii() -> None:
-    """A non-ASCII Bcc needs SMTPUTF8 for RCPT, but the Bcc is not in the bytes."""
+    """A non-ASCII Bcc needs SMTPUTF8 for its RCPT only: the Bcc is not in the
+    bytes, so the message itself does not need it."""
     prepared = prepare(simple(bcc=["jörg@example.org"]))
-    assert prepared.smtputf8 is True
+    assert prepared.smtputf8 is False
     assert prepared.data.isascii()
     assert prepared.rcpt_to == ("bob@example.org", "jörg@example.org")
 
@@ -1415,6 +1418,6 @@ def test_prepare_rewrites_idn_domains_inside_a_group() -> None:
 def test_prepare_utf8_bcc_with_non_ascii_display_name_in_to() -> None:
     """A Bcc that needs SMTPUTF8 leaves the shown headers ASCII, names encoded."""
     prepared = prepare(simple(to=["Jörg <j@example.org>"], bcc=["jörg@example.org"]))
-    assert prepared.smtputf8 is True
+    assert prepared.smtputf8 is False
     assert prepared.data.isascii()
     assert parse(prepared)["To"].addresses[0].display_name == "Jörg"
