@@ -133,7 +133,7 @@ def _is_local(address: str) -> bool:
 
 
 def _no_mail(msg: str, code: int, enhanced: str) -> NoMailServerError:
-    return NoMailServerError(msg, reply=SMTPReply(code, msg, enhanced))
+    return NoMailServerError(msg, reply=SMTPReply(code, msg, enhanced, local=True))
 
 
 class Resolver:
@@ -276,7 +276,7 @@ class Resolver:
                 f"the {what} only to local addresses ({', '.join(refused)}); "
                 "set MXConfig.allow_local to allow"
             )
-            raise DNSTemporaryError(msg, reply=SMTPReply(451, msg, "4.4.4"))
+            raise DNSTemporaryError(msg, reply=SMTPReply(451, msg, "4.4.4", local=True))
         if implicit:
             msg = f"domain {domain!r} has no MX records and no IPv4/IPv6 address"
             raise _no_mail(msg, 550, "5.1.2")

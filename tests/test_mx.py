@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
+import attrs
 import pytest
 from dnslib import DNSLabel
 
@@ -25,6 +26,7 @@ from mailstrom_async import (
     Deliverer,
     DeliveryEvent,
     Email,
+    Limits,
     MemoryStore,
     MessageStatus,
     MXConfig,
@@ -35,6 +37,9 @@ from mailstrom_async import (
     SubmitHandle,
     Timeouts,
 )
+from mailstrom_async._dns import Resolver
+from mailstrom_async._routes import MXRoute
+from mailstrom_async._smtp import make_ssl_context
 from tests.smtpd import free_port, mini_esmtp
 
 if TYPE_CHECKING:
@@ -316,7 +321,7 @@ async def test_null_mx_fails_without_connecting(
     status = await deliver(mx_config(dns_server, port), "a@example.test")
     r = status.recipient("a@example.test")
     assert r.state is FAILED
-    assert (r.code, r.enhanced_code) == (556, "5.1.10")
+    assert (r.code, r.enhanced_code) == (None, "5.1.10")
     assert r.attempts == 1
     assert r.message is not None
     assert "null MX" in r.message
@@ -333,7 +338,7 @@ async def test_nxdomain_fails_the_recipient(
     status = await deliver(mx_config(dns_server, port), "a@nowhere.test")
     r = status.recipient("a@nowhere.test")
     assert r.state is FAILED
-    assert (r.code, r.enhanced_code) == (550, "5.1.2")
+    assert (r.code, r.enhanced_code) == (None, "5.1.2")
     assert r.attempts == 1
     assert r.message is not None
     assert "NXDOMAIN" in r.message
@@ -361,7 +366,7 @@ async def test_temporary_dns_failure_defers_then_delivers(
         lambda: zone.heal("example.test"),
     )
     assert first.attempts == 1
-    assert (first.code, first.enhanced_code) == (451, "4.4.3")
+    assert (first.code, first.enhanced_code) == (None, "4.4.3")
     assert first.host is None  # no MX host was reached
     assert first.message is not None
     expected = "timed out" if fault == "silent" else "DNS lookup of example.test MX"
@@ -387,7 +392,7 @@ async def test_local_mx_refused_unless_allowed(
     status = await first_attempt(config, "a@example.test")
     r = status.recipient("a@example.test")
     assert r.state is DEFERRED
-    assert (r.code, r.enhanced_code) == (451, "4.4.4")
+    assert (r.code, r.enhanced_code) == (None, "4.4.4")
     assert r.message is not None
     assert "allow_local" in r.message
     assert r.ip is None
@@ -433,7 +438,7 @@ async def test_mixed_domains_one_transaction_each(
     assert (bad.host, bad.ip) == ("mx.strict.test", IP2)
     null = status.recipient("n@null.test")
     assert null.state is FAILED
-    assert (null.code, null.enhanced_code, null.attempts) == (556, "5.1.10", 1)
+    assert (null.code, null.enhanced_code, null.attempts) == (None, "5.1.10", 1)
     f = status.recipient("f@flaky.test")
     assert f.state is DELIVERED
     assert f.attempts >= 2
@@ -519,6 +524,62 @@ async def test_self_signed_certificate_encrypts_unverified(
     assert rcpts(mx) == [["a@example.test"]]
 
 
+async def test_unverifiable_certificate_one_connection_per_later_session(
+    dns_server: DNSServer,
+    zone: Zone,
+    smtpd: SMTPDServers,
+    tls_ca: trustme.CA,
+    port: int,
+) -> None:
+    """An MX whose certificate does not verify costs two TCP connections for its
+    first session only (the verified handshake that fails, then an unverified
+    one); every later session is one connection and one handshake (item 9)."""
+    mx_zone(zone, "example.test", (10, MX1, IP1))
+    mx = await smtpd.start(
+        host=IP1, port=port, starttls_context=server_context(tls_ca, MX1)
+    )
+    config = attrs.evolve(
+        mx_config(dns_server, port), limits=Limits(connection_reuse_count=1)
+    )
+    async with Deliverer(config, store=MemoryStore()) as d:
+        for i in range(3):
+            status = await done(await d.submit(email(f"u{i}@example.test")))
+            r = status.recipient(f"u{i}@example.test")
+            assert_delivered(r, MX1, IP1)
+            assert (r.tls, r.tls_verified) == (True, False)
+            assert mx.connections.value == 2 + i  # one session: one more connection
+    assert mx.connections.value == 4
+
+
+async def test_trusted_certificate_is_recorded_verified(
+    dns_server: DNSServer,
+    zone: Zone,
+    smtpd: SMTPDServers,
+    tls_ca: trustme.CA,
+    tls_ca_file: str,
+    port: int,
+) -> None:
+    """With a CA the route trusts, the one handshake of a session is verified and
+    recorded so."""
+    mx_zone(zone, "example.test", (10, MX1, IP1))
+    mx = await smtpd.start(
+        host=IP1, port=port, starttls_context=server_context(tls_ca, MX1)
+    )
+    config = mx_config(dns_server, port)
+    route = MXRoute(
+        config,
+        Resolver(config.mx, config.timeouts, rng=random.Random(1)),
+        helo_name="client.test",
+        ssl_context=make_ssl_context(True, tls_ca_file),
+    )
+    async with Deliverer(config, store=MemoryStore(), transport=route) as d:
+        status = await done(await d.submit(email("a@example.test")))
+    r = status.recipient("a@example.test")
+    assert_delivered(r, MX1, IP1)
+    assert (r.tls, r.tls_verified) == (True, True)
+    assert mx.connections.value == 1
+
+
 async def test_plain_server_records_no_tls(
     dns_server: DNSServer, zone: Zone, smtpd: SMTPDServers, port: int
 ) -> None:
@@ -543,9 +604,10 @@ async def test_opportunistic_tls_handshake_failure_falls_back_to_plain(
     assert_delivered(r, MX1, IP1)
     assert (r.tls, r.tls_verified) == (False, False)
     assert len(server.messages) == 1
-    # A verified try, an encrypt-only try, then plain text.
-    assert server.connections.value == 3
-    assert sent_commands(server).count("STARTTLS") == 2
+    # The handshake failed, not the certificate: plain text at once, on a new
+    # connection (an unverified handshake would fail the same way).
+    assert server.connections.value == 2
+    assert sent_commands(server).count("STARTTLS") == 1
 
 
 async def test_required_tls_handshake_failure_tries_next_mx(
@@ -567,7 +629,8 @@ async def test_required_tls_handshake_failure_tries_next_mx(
     r = status.recipient("a@example.test")
     assert_delivered(r, MX2, IP2)
     assert (r.tls, r.tls_verified) == (True, False)
-    assert mx1.connections.value == 2  # verified, then encrypt-only; never plain
+    # A handshake failure that is not the certificate's: no second try, no plain.
+    assert mx1.connections.value == 1
     assert "MAIL" not in sent_commands(mx1)
     assert mx1.messages == []
     assert rcpts(mx2) == [["a@example.test"]]
@@ -584,7 +647,7 @@ async def test_required_tls_without_starttls_defers(
     status = await first_attempt(config, "a@example.test")
     r = status.recipient("a@example.test")
     assert r.state is DEFERRED
-    assert r.code == 451
+    assert r.code is None  # decided here: no server reply
     assert r.enhanced_code is not None
     assert r.enhanced_code.startswith("4.7.")
     assert r.message is not None
@@ -643,7 +706,7 @@ async def test_non_ascii_local_part_needs_smtputf8(
         assert "SMTPUTF8" in received.mail_options
     else:
         assert r.state is FAILED
-        assert (r.code, r.enhanced_code) == (550, "5.6.7")
+        assert (r.code, r.enhanced_code) == (None, "5.6.7")
         assert r.attempts == 1
         assert (r.host, r.ip) == (MX1, IP1)
         assert mx.messages == []
@@ -678,7 +741,7 @@ async def test_mx_name_with_a_byte_that_is_not_ascii(
         status = await done(await d.submit(email("a@example.test")))
     [r] = status.recipients
     assert r.state is FAILED
-    assert (r.code, r.enhanced_code) == (550, "5.4.4")
+    assert (r.code, r.enhanced_code) == (None, "5.4.4")
     assert r.message is not None
     assert "(mx\\228.example.test)" in r.message
     assert mx.connections.value == 0
@@ -721,7 +784,7 @@ async def test_at_most_max_addresses_per_attempt(
     r = status.recipient("a@example.test")
     assert r.state is DEFERRED
     assert r.attempts == 1
-    assert r.code == 451
+    assert r.code is None  # decided here: no server reply
     assert r.enhanced_code == "4.4.1"
     assert r.message is not None
     assert "all 5 MX addresses of example.test failed" in r.message
