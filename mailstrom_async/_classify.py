@@ -181,15 +181,17 @@ def outcome_from_error(
 ) -> RecipientOutcome:
     """Turn a failed attempt into an outcome: transient -> DEFERRED, permanent -> FAILED.
 
-    The reply is the error's own, or one synthesised from the error (451 or 550,
-    the error class's ``default_enhanced_code`` and its message) so that the
-    recipient always records why.
+    The reply is the error's own (a server's, or a local one), or a local one
+    made from the error (:attr:`SMTPReply.local`: the error class's
+    ``default_enhanced_code`` and its message; its code 451 or 550 only
+    classifies it) so that the recipient always records why.
     """
     permanent = isinstance(error, PermanentDeliveryError)
     reply = error.reply or SMTPReply(
         code=550 if permanent else 451,
         text=str(error),
         enhanced_code=error.default_enhanced_code,
+        local=True,
     )
     return RecipientOutcome(
         address=address,

@@ -378,6 +378,13 @@ class Limits:
         default=50 * 1024 * 1024, validator=_positive_int
     )
     """Largest rendered message ``submit`` accepts, in bytes."""
+    connection_reuse_time: float = attrs.field(default=300.0, validator=_positive)
+    """Open a new connection for a transaction once the connection has been open
+    this long, in seconds (Postfix's ``smtp_connection_reuse_time_limit``): a
+    server that reloaded its configuration is seen by new connections only."""
+    connection_reuse_count: int = attrs.field(default=100, validator=_positive_int)
+    """Mail transactions per connection before a new one is opened (Postfix's
+    ``smtp_connection_reuse_count_limit``; 1: never reuse)."""
 
 
 _HELO_EXPECTED = "a host name (letters, digits, '.', '-') or an address literal"

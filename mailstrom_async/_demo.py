@@ -158,10 +158,11 @@ async def _run(
         done: set[tuple[str, str]] = set()
         async for event in events:
             r = event.recipient
+            said = f"{'local' if r.is_local else r.code} {r.message}"
             if event.state is RecipientState.DEFERRED:
-                print(f"  deferred  {r.address}  ({r.code} {r.message}; retrying)")
+                print(f"  deferred  {r.address}  ({said}; retrying)")
             elif event.state is RecipientState.FAILED:
-                print(f"  failed    {r.address}  ({r.code} {r.message})")
+                print(f"  failed    {r.address}  ({said})")
             elif event.state is RecipientState.DELIVERED:
                 print(f"  delivered {r.address}  (via {r.host} {r.ip or ''})".rstrip())
             if event.state.is_final:

@@ -152,7 +152,7 @@ def _is_local(address: str) -> bool:
 
 
 def _no_mail(msg: str, code: int, enhanced: str) -> NoMailServerError:
-    return NoMailServerError(msg, reply=SMTPReply(code, msg, enhanced))
+    return NoMailServerError(msg, reply=SMTPReply(code, msg, enhanced, local=True))
 
 
 def _literal_ip(domain: str) -> str | None:
@@ -578,7 +578,9 @@ class Resolver:
                     f"({', '.join(walked.refused)})"
                 )
             msg = f"the {what}{stopped}; set MXConfig.allow_local to allow"
-            return DNSTemporaryError(msg, reply=SMTPReply(451, msg, "4.4.4"))
+            return DNSTemporaryError(
+                msg, reply=SMTPReply(451, msg, "4.4.4", local=True)
+            )
         if route.implicit:
             msg = f"domain {domain!r} has no MX records and no IPv4/IPv6 address"
             return _no_mail(msg, 550, "5.1.2")
@@ -586,7 +588,9 @@ class Resolver:
         if walked.stop == "max_hosts" and self._tie_at_cut(route, walked):
             # Equal preferences are shuffled: a later attempt may look up others.
             msg += f"{stopped}; a later attempt may choose others as preferred"
-            return DNSTemporaryError(msg, reply=SMTPReply(451, msg, "4.4.4"))
+            return DNSTemporaryError(
+                msg, reply=SMTPReply(451, msg, "4.4.4", local=True)
+            )
         if walked.stop == "max_hosts":
             msg += f"{stopped}; the less preferred ones are never tried"
         return _no_mail(msg, 550, "5.4.4")

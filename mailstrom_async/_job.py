@@ -49,6 +49,7 @@ from mailstrom_async._outcomes import (
     next_status,
     reason,
 )
+from mailstrom_async._reuse import PooledConnection
 from mailstrom_async._routes import NoAddressLeftError
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ _RECORD_FIRST_WAIT = 0.05
 class _Progress:
     """How far a job got: its connection, the batch in flight, what is known."""
 
-    conn: Connection | None
+    pooled: PooledConnection | None
     job: Job
     batch: Sequence[str] = ()
     # The outcomes in the store, and their addresses.
@@ -96,6 +97,10 @@ class _Progress:
 
     def __attrs_post_init__(self) -> None:
         self.claimed = {r.address: r for r in self.job.recipients}
+
+    @property
+    def conn(self) -> Connection | None:
+        return None if self.pooled is None else self.pooled.conn
 
 
 class JobRunner:
@@ -128,11 +133,11 @@ class JobRunner:
     # -- the boundary ----------------------------------------------------------
 
     async def run(
-        self, lane: Lane, job: Job, conn: Connection | None
-    ) -> Connection | None:
-        """Deliver *job* over *conn* (or a new connection); return the connection
-        to reuse. Nothing but cancellation escapes."""
-        progress = _Progress(conn=conn, job=job)
+        self, lane: Lane, job: Job, pooled: PooledConnection | None
+    ) -> PooledConnection | None:
+        """Deliver *job* over *pooled* (or a new connection); return the
+        connection to reuse. Nothing but cancellation escapes."""
+        progress = _Progress(pooled=pooled, job=job)
         span: AttemptTelemetry | None = None
         if self._telemetry is not None:
             span = self._telemetry.start_attempt(
@@ -175,7 +180,7 @@ class JobRunner:
         else:
             if span is not None:
                 span.finish(progress.recorded)
-        return progress.conn
+        return progress.pooled
 
     async def contain(
         self, job: Job, error: BaseException, *, progress: _Progress | None = None
@@ -185,7 +190,7 @@ class JobRunner:
         outcome that was known but not written), ending its lease. Never raises
         but for cancellation; if even that write fails, the lease (no longer
         renewed) runs out and the recipients are tried again then."""
-        progress = progress or _Progress(conn=None, job=job)
+        progress = progress or _Progress(pooled=None, job=job)
         now = self._clock()
         why = f"local error: {reason(error)}"
         flagged = self._maybe_delivered(progress)
@@ -265,9 +270,9 @@ class JobRunner:
     @staticmethod
     def _drop_connection(progress: _Progress) -> None:
         # A connection whose exchange was interrupted is never reused.
-        if progress.conn is not None:
-            progress.conn.close_now()
-            progress.conn = None
+        if progress.pooled is not None:
+            progress.pooled.conn.close_now()
+            progress.pooled = None
 
     # -- the job's life ----------------------------------------------------------
 
@@ -329,8 +334,10 @@ class JobRunner:
     ) -> tuple[list[RecipientOutcome], Where]:
         """One transaction for *batch*; ``progress.conn`` is the connection.
 
-        A pooled connection the server dropped while idle gets one fresh try, not
-        counted as an attempt. For MX hosts, a transient failure on an open
+        A pooled connection past its reuse limits, or on which a recipient of
+        *batch* was deferred, is closed first (see :mod:`._reuse`). One the
+        server dropped while idle gets one fresh try, not counted as an
+        attempt. For MX hosts, a transient failure on an open
         connection (421, timeout or hang-up before DATA: nothing was delivered)
         moves on to the next address in the same attempt (RFC 5321 §5.1).
         """
@@ -339,21 +346,21 @@ class JobRunner:
         last_error: DeliveryError | None = None
         refreshed = False
         while True:
-            conn = progress.conn
-            reused = conn is not None and conn.is_usable
-            if conn is not None and not conn.is_usable:
-                await conn.aclose()
-                progress.conn = conn = None
-            opened = conn is not None
+            pooled = await self._reusable(lane, progress, batch)
+            conn = None if pooled is None else pooled.conn
+            reused = opened = conn is not None
             try:
-                if conn is None:
+                if pooled is None:
                     conn = await self._route.connect(lane.key, skip=frozenset(failed))
-                    progress.conn = conn
+                    pooled = PooledConnection(conn, opened_at=self._clock())
+                    progress.pooled = pooled
                     opened = True
+                conn = pooled.conn
                 where = Where(conn.host, conn.ip, conn.tls, conn.tls_verified)
                 outcomes = await conn.send(
                     job.mail_from, batch, job.data, smtputf8=job.smtputf8
                 )
+                pooled.note(job.message_id, outcomes)
             except NoAddressLeftError:
                 if last_error is None:  # pragma: no cover - skip was empty
                     raise
@@ -362,7 +369,7 @@ class JobRunner:
                 exc = error
                 if conn is not None:
                     await conn.aclose()
-                    progress.conn = conn = None
+                    progress.pooled = conn = None
                 stale = isinstance(exc, ProtocolError | ConnectError)
                 if reused and stale and not refreshed:
                     refreshed = True
@@ -391,13 +398,44 @@ class JobRunner:
                     "destination": lane.key,
                     "host": where.host,
                     "ip": where.ip,
-                    "code": exc.reply.code if exc.reply else None,
+                    "code": None
+                    if exc.reply is None or exc.reply.local
+                    else exc.reply.code,
                     "enhanced_code": exc.reply.enhanced_code if exc.reply else None,
                     "recipients": len(batch),
                     "error": str(exc),
                 },
             )
             return [outcome_from_error(a, exc) for a in batch], where
+
+    async def _reusable(
+        self, lane: Lane, progress: _Progress, batch: Sequence[str]
+    ) -> PooledConnection | None:
+        """``progress.pooled`` if it may carry *batch*'s transaction; else it is
+        closed (politely if it still can) and None is returned."""
+        pooled = progress.pooled
+        if pooled is None:
+            return None
+        why = None
+        if pooled.conn.is_usable:
+            why = pooled.retire_reason(
+                progress.job.message_id, batch, self._clock(), self._config.limits
+            )
+            if why is None:
+                return pooled
+            logger.debug(
+                "connection retired, opening a new one",
+                extra={
+                    "destination": lane.key,
+                    "host": pooled.conn.host,
+                    "ip": pooled.conn.ip,
+                    "transactions": pooled.transactions,
+                    "reason": why,
+                },
+            )
+        await pooled.conn.aclose()
+        progress.pooled = None
+        return None
 
     def _decide(
         self,

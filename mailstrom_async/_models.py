@@ -57,12 +57,20 @@ class SMTPReply:
     when they differ from ``text`` (``None`` when the text is valid UTF-8 and
     whole). Text built with lone surrogates (what aiosmtplib makes of invalid
     bytes) is turned into this form when the reply is made.
+
+    ``local`` is True for a reply that no server sent: an outcome decided here
+    (a refused connection, a timeout, TLS that was required and not had, DNS
+    that says the domain takes no mail, a refusal before a command was sent).
+    Its ``code`` only classifies it (4xx transient, 5xx permanent); it is never
+    shown: ``str()`` gives the enhanced code and the text, and a
+    :class:`RecipientStatus` records ``code=None``.
     """
 
     code: int
     text: str = ""
     enhanced_code: str | None = None
     raw_text: bytes | None = None
+    local: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.raw_text is None:
@@ -90,7 +98,7 @@ class SMTPReply:
         return 500 <= self.code < 600
 
     def __str__(self) -> str:
-        parts = [str(self.code)]
+        parts = [] if self.local else [str(self.code)]
         if self.enhanced_code:
             parts.append(self.enhanced_code)
         if self.text:
@@ -102,9 +110,12 @@ class SMTPReply:
 class RecipientStatus:
     """The state of one recipient of one message, with what its last attempt said.
 
-    ``code``, ``enhanced_code`` and ``message`` hold the last reply (or the reason of
-    a failure that had no reply, such as a refused connection); ``host`` and ``ip``
-    say where the last attempt went and ``tls``/``tls_verified`` how.
+    ``code``, ``enhanced_code`` and ``message`` hold the last reply; ``host`` and
+    ``ip`` say where the last attempt went and ``tls``/``tls_verified`` how. An
+    outcome decided here rather than by a server's reply (a refused connection, a
+    timeout, a DNS answer, TLS required and not had, the retry lifetime run out,
+    a cancel) has ``code=None``, an RFC 3463 ``enhanced_code`` and a short reason
+    in ``message``: :attr:`is_local` is then True.
 
     ``held`` is True while an operator holds the recipient (``Deliverer.hold``):
     it keeps its state (``QUEUED`` or ``DEFERRED``) and its ``next_attempt_at``,
@@ -140,6 +151,12 @@ class RecipientStatus:
     def is_final(self) -> bool:
         """True once the recipient is ``DELIVERED`` or ``FAILED``."""
         return self.state.is_final
+
+    @property
+    def is_local(self) -> bool:
+        """True when the last outcome was decided here, not by a server's reply:
+        no reply ``code``, and a ``message`` that says why."""
+        return self.code is None and self.message is not None
 
     @property
     def domain(self) -> str:

@@ -28,6 +28,8 @@ logger = logging.getLogger("mailstrom_async.deliverer")
 
 # A local reason is a one-line summary of the exception, not a traceback.
 _MAX_REASON = 300
+#: RFC 3463 "other or undefined mail system status": this side failed.
+_LOCAL_ERROR = "4.3.0"
 
 
 @attrs.frozen
@@ -59,7 +61,7 @@ def next_status(
         old,
         state=outcome.state,
         attempts=old.attempts + 1,
-        code=reply.code if reply else None,
+        code=reply.code if reply and not reply.local else None,
         enhanced_code=reply.enhanced_code if reply else None,
         message=reply.text if reply else None,
         raw_message=reply.raw_text if reply else None,
@@ -84,12 +86,17 @@ def next_status(
     )
     if decision.next_attempt_at is not None:
         return attrs.evolve(new, next_attempt_at=decision.next_attempt_at)
-    last = str(reply) if reply else "no reply"
+    if reply is None:
+        last = "no reply"
+    else:
+        last = f"last {'error' if reply.local else 'reply'}: {reply}"
+    # Given up here: a local outcome, whatever the last reply was.
     return attrs.evolve(
         new,
         state=RecipientState.FAILED,
+        code=None,
         enhanced_code=DeliveryExpiredError.default_enhanced_code,
-        message=f"{decision.reason}; last reply: {last}",
+        message=f"{decision.reason}; {last}",
     )
 
 
@@ -105,7 +112,8 @@ def locally_deferred(
 ) -> RecipientStatus:
     """*old* after an attempt that failed here, not at a server: DEFERRED under
     the ordinary backoff (so a failure that repeats ends FAILED at the end of
-    the lifetime, never in a loop), with *why* and no reply code."""
+    the lifetime, never in a loop), with *why*, no reply code and the enhanced
+    code 4.3.0 (a local mail system error, RFC 3463)."""
     outcome = RecipientOutcome(
         address=old.address,
         state=RecipientState.DEFERRED,
@@ -122,7 +130,7 @@ def locally_deferred(
         rng=rng,
     )
     if status.state is RecipientState.DEFERRED:
-        return attrs.evolve(status, message=why)
+        return attrs.evolve(status, enhanced_code=_LOCAL_ERROR, message=why)
     return attrs.evolve(status, message=f"{status.message}; {why}")
 
 

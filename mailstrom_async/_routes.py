@@ -28,6 +28,7 @@ from mailstrom_async._exceptions import ConnectError, TransientDeliveryError
 from mailstrom_async._smtp import (
     ConnectionSettings,
     SMTPConnection,
+    TLSMemory,
     make_ssl_context,
     mx_settings,
     relay_settings,
@@ -84,6 +85,8 @@ class MXRoute:
         self._resolver = resolver
         self._helo_name = helo_name
         self._ssl_context = ssl_context
+        # Hosts whose certificate did not verify: one handshake next time.
+        self._tls_memory = TLSMemory()
 
     def destination(self, address: str) -> str:
         # The envelope already carries A-labels (prepare() converted IDNs); an
@@ -101,7 +104,9 @@ class MXRoute:
                 if ip in skip:
                     continue
                 try:
-                    return await SMTPConnection.open(self._settings(host), ip=ip)
+                    return await SMTPConnection.open(
+                        self._settings(host), ip=ip, tls_memory=self._tls_memory
+                    )
                 except TransientDeliveryError as exc:
                     failures.append(exc)
                     logger.info(
@@ -138,8 +143,11 @@ def _all_failed(
     """One error for an attempt in which every address failed; its ``__cause__``
     is the group of all the failures."""
     last = failures[-1]
-    tried = "; ".join(str(f) for f in failures)
-    msg = f"all {len(failures)} MX addresses of {destination} failed: {tried}"
+    if len(failures) == 1:
+        msg = str(last)  # the cause, said once
+    else:
+        tried = "; ".join(str(f) for f in failures)
+        msg = f"all {len(failures)} MX addresses of {destination} failed: {tried}"
     error = type(last)(msg, reply=last.reply, host=last.host, ip=last.ip)
     error.__cause__ = ExceptionGroup(msg, failures)
     return error

@@ -5,9 +5,18 @@ The only aiosmtplib importer: its (and socket/TLS) errors become
 ``implicit``/``starttls`` (relay) and ``required`` (MX) must get TLS or raise
 :class:`TLSRequiredError`; ``none`` never tries it. ``required`` verifies only if
 ``ssl_context`` does (``None``: encrypt-only, Postfix's ``encrypt``).
-``opportunistic`` (MX, RFC 7435) uses STARTTLS when offered: with a verifying
-context it tries a verified handshake, then (new connection) an unverified one
-(``tls_verified=False``), then plain text; a 454 to STARTTLS goes on in plain text.
+``opportunistic`` (MX, RFC 7435) uses STARTTLS when offered; a 454 to STARTTLS
+goes on in plain text, and a TLS handshake that fails for another reason than the
+certificate goes on in plain text on a new connection.
+
+Verification (``required``/``opportunistic`` with a verifying context): the
+handshake is verified; when only the certificate fails (untrusted chain, wrong
+name, expired), the session is made again on a new connection, encrypted and not
+verified (``tls_verified=False``), and the host is remembered in the route's
+:class:`TLSMemory` for :data:`UNVERIFIED_TTL`: its next sessions make one
+unverified handshake on one connection. (The stdlib cannot verify a chain after a
+handshake that did not: Python before 3.13 cannot even read the chain, and none
+has an X.509 verifier, so remembering is the portable way to one handshake.)
 Every failure while opening (5xx greeting, refused AUTH included) is transient: MX
 delivery tries the next host, and a misconfigured relay defers mail, never loses it.
 """
@@ -20,10 +29,11 @@ import enum
 import functools
 import ipaddress
 import logging
+import os
 import re
 import socket
 import ssl
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiosmtplib
@@ -62,8 +72,10 @@ if TYPE_CHECKING:
     from mailstrom_async._config import Config
 
 __all__ = [
+    "UNVERIFIED_TTL",
     "ConnectionSettings",
     "SMTPConnection",
+    "TLSMemory",
     "TLSMode",
     "make_ssl_context",
     "mx_settings",
@@ -199,7 +211,64 @@ def mx_settings(
 
 
 class _TLSFallbackError(Exception):
-    """Opportunistic TLS failed on this connection; the next plan should be tried."""
+    """The STARTTLS handshake failed (``required``/``opportunistic``): :meth:`open`
+    decides whether a new connection tries again, or raises ``error``."""
+
+    def __init__(self, error: TransientDeliveryError, *, unverifiable: bool) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.unverifiable = unverifiable
+        """Only the certificate failed (chain, name or dates)."""
+
+
+#: How long a host whose certificate did not verify is remembered, in seconds.
+UNVERIFIED_TTL = 3600.0
+_MAX_REMEMBERED = 10_000
+
+#: (name verified against, address connected to, port)
+_TLSKey = tuple[str, str, int]
+
+
+class TLSMemory:
+    """The hosts whose certificate did not verify, each for *ttl* seconds.
+
+    A remembered host's sessions go straight to an encrypted, unverified
+    handshake: one TCP connection instead of a verified handshake that fails and
+    a second connection. When the entry expires, the next session tries to
+    verify again (a host may have fixed its certificate). Bounded: past
+    10,000 hosts the oldest entry is forgotten. *clock* is
+    ``anyio.current_time`` unless a test passes its own.
+    """
+
+    def __init__(
+        self,
+        ttl: float = UNVERIFIED_TTL,
+        *,
+        clock: Callable[[], float] = anyio.current_time,
+    ) -> None:
+        self._ttl = ttl
+        self._clock = clock
+        self._until: dict[_TLSKey, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def unverifiable(self, key: _TLSKey) -> bool:
+        """True while *key*'s certificate is remembered as not verifying."""
+        until = self._until.get(key)
+        if until is None:
+            return False
+        if self._clock() < until:
+            return True
+        del self._until[key]
+        return False
+
+    def remember(self, key: _TLSKey) -> None:
+        """*key*'s certificate did not verify (now)."""
+        self._until.pop(key, None)
+        while len(self._until) >= _MAX_REMEMBERED:
+            del self._until[next(iter(self._until))]  # the oldest
+        self._until[key] = self._clock() + self._ttl
 
 
 def _reply(exc: aiosmtplib.SMTPResponseException) -> SMTPReply:
@@ -207,7 +276,37 @@ def _reply(exc: aiosmtplib.SMTPResponseException) -> SMTPReply:
 
 
 def _local_reply(code: int, enhanced: str, text: str) -> SMTPReply:
-    return SMTPReply(code=code, enhanced_code=enhanced, text=text)
+    """A refusal decided here, not by the server: *code* only classifies it
+    (4xx/5xx), it is never shown (see :attr:`SMTPReply.local`)."""
+    return SMTPReply(code=code, enhanced_code=enhanced, text=text, local=True)
+
+
+def _os_reason(exc: OSError) -> str:
+    """What went wrong, said once: ``"connection refused"``, not asyncio's
+    ``"[Errno 111] Connect call failed ('127.0.0.1', 25)"``."""
+    if isinstance(exc.errno, int) and exc.errno > 0:
+        text = os.strerror(exc.errno)  # asyncio puts its own words in strerror
+        return text[:1].lower() + text[1:] if text[1:2].islower() else text
+    return exc.strerror or str(exc) or type(exc).__name__  # gaierror: its own
+
+
+def _tls_reason(exc: ssl.SSLError) -> str:
+    """A TLS failure without OpenSSL's ``[SSL: ...]`` and ``(_ssl.c:1006)``."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"certificate verify failed: {exc.verify_message}"
+    if exc.reason:
+        return str(exc.reason).lower().replace("_", " ")
+    return str(exc)
+
+
+def _connect_reason(exc: BaseException) -> str:
+    """The cause of a failed connect, whatever aiosmtplib wrapped around it."""
+    cause = exc.__cause__ if isinstance(exc, aiosmtplib.SMTPConnectError) else exc
+    if isinstance(cause, aiosmtplib.SMTPServerDisconnected):
+        return "the server closed the connection before its greeting"
+    if isinstance(cause, OSError):
+        return _os_reason(cause)
+    return str(exc)
 
 
 def _outcome(
@@ -349,9 +448,16 @@ class SMTPConnection:
 
     @classmethod
     async def open(
-        cls, settings: ConnectionSettings, *, ip: str | None = None
+        cls,
+        settings: ConnectionSettings,
+        *,
+        ip: str | None = None,
+        tls_memory: TLSMemory | None = None,
     ) -> SMTPConnection:
         """Connect to *ip* (or ``settings.host``): greeting, EHLO, TLS, AUTH.
+
+        *tls_memory* remembers hosts whose certificate does not verify, so that
+        their next sessions need one connection (see the module docstring).
 
         Raises:
             ConnectError: refused, unreachable or reset.
@@ -362,19 +468,29 @@ class SMTPConnection:
                 handshake or certificate failure).
             ProtocolError: garbled reply, or the server hung up.
         """
-        plans = _tls_plans(settings)
+        key = (settings.tls_name, ip or settings.host, settings.port)
+        remembered = tls_memory is not None and tls_memory.unverifiable(key)
+        ctx = _first_context(settings, unverifiable=remembered)
         while True:
-            ctx = plans.pop(0)
             conn = cls(settings, ip)
             try:
-                await conn._setup(ctx, can_fall_back=bool(plans))
+                await conn._setup(ctx)
             except _TLSFallbackError as exc:
                 conn.close_now()
-                fallback = "plain" if plans[0] is None else "unverified"
+                plan = _fallback(settings, ctx, unverifiable=exc.unverifiable)
+                if not plan:
+                    error = exc.error
+                    error.ip = error.ip or conn._ip
+                    raise error from exc.__cause__
+                if exc.unverifiable and tls_memory is not None:
+                    tls_memory.remember(key)
+                [ctx] = plan
                 _log.info(
-                    "opportunistic TLS failed, retrying: %s",
+                    "TLS handshake failed, trying again on a new connection: %s",
                     exc,
-                    extra=conn._extra(fallback=fallback),
+                    extra=conn._extra(
+                        fallback="plain" if ctx is None else "unverified"
+                    ),
                 )
                 continue
             except BaseException as exc:
@@ -384,7 +500,7 @@ class SMTPConnection:
                 raise
             return conn
 
-    async def _setup(self, ctx: ssl.SSLContext | None, *, can_fall_back: bool) -> None:
+    async def _setup(self, ctx: ssl.SSLContext | None) -> None:
         settings, smtp = self._settings, self._smtp
         implicit = settings.tls is TLSMode.IMPLICIT
         target = self._ip or settings.host
@@ -406,7 +522,7 @@ class SMTPConnection:
             self._tls, self._tls_verified = True, _verifies(ctx)
         await self._hello()
         if ctx is not None and settings.tls in _STARTTLS_MODES:
-            await self._starttls(ctx, can_fall_back=can_fall_back)
+            await self._starttls(ctx)
         if settings.username is not None and settings.password is not None:
             await self._login(settings.username, settings.password)
         self._last_used = anyio.current_time()
@@ -438,7 +554,7 @@ class SMTPConnection:
                 await smtp.helo()
         self._extensions = dict(smtp.esmtp_extensions)
 
-    async def _starttls(self, ctx: ssl.SSLContext, *, can_fall_back: bool) -> None:
+    async def _starttls(self, ctx: ssl.SSLContext) -> None:
         settings, smtp = self._settings, self._smtp
         mandatory = settings.tls is not TLSMode.OPPORTUNISTIC
         if not smtp.supports_extension("starttls"):
@@ -463,9 +579,11 @@ class SMTPConnection:
             )
             return
         except ssl.SSLError as exc:
-            if can_fall_back:
-                raise _TLSFallbackError(str(exc)) from exc
-            raise self._error(exc, "STARTTLS") from exc
+            error = self._error(exc, "STARTTLS")
+            if settings.tls in _MX_TLS_MODES:  # open() may try again
+                unverifiable = isinstance(exc, ssl.SSLCertVerificationError)
+                raise _TLSFallbackError(error, unverifiable=unverifiable) from exc
+            raise error from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise self._error(exc, "STARTTLS") from exc
         self._tls, self._tls_verified = True, _verifies(ctx)
@@ -501,9 +619,9 @@ class SMTPConnection:
         if isinstance(exc, TimeoutError):  # aiosmtplib's and the builtin
             msg = f"timed out during {where}"
             return DeliveryTimeoutError(msg, host=host)
-        if isinstance(exc, ssl.SSLError) or isinstance(cause, ssl.SSLError):
-            reason = exc if isinstance(exc, ssl.SSLError) else cause
-            msg = f"TLS handshake failed during {where}: {reason}"
+        tls_error = exc if isinstance(exc, ssl.SSLError) else cause
+        if isinstance(tls_error, ssl.SSLError):
+            msg = f"TLS handshake failed during {where}: {_tls_reason(tls_error)}"
             return TLSRequiredError(msg, host=host)
         if isinstance(exc, aiosmtplib.SMTPResponseException):
             if exc.code < 0:  # aiosmtplib could not parse the reply
@@ -516,7 +634,7 @@ class SMTPConnection:
             msg = f"{host} closed the connection during {stage}"
             return ProtocolError(msg, host=host)
         if isinstance(exc, aiosmtplib.SMTPConnectError | OSError):
-            msg = f"cannot connect to {self.host}:{self.port}: {exc}"
+            msg = f"cannot connect to {self.host}:{self.port}: {_connect_reason(exc)}"
             return ConnectError(msg, host=host)
         msg = f"SMTP error during {where}: {exc}"
         return ProtocolError(msg, host=host)
@@ -784,19 +902,38 @@ class SMTPConnection:
 _STARTTLS_MODES = (TLSMode.STARTTLS, TLSMode.REQUIRED, TLSMode.OPPORTUNISTIC)
 
 
-def _tls_plans(settings: ConnectionSettings) -> list[ssl.SSLContext | None]:
-    """The TLS contexts to try in turn; ``None`` means no TLS."""
+_MX_TLS_MODES = (TLSMode.REQUIRED, TLSMode.OPPORTUNISTIC)
+
+
+def _first_context(
+    settings: ConnectionSettings, *, unverifiable: bool
+) -> ssl.SSLContext | None:
+    """The TLS context of a session's first connection (``None``: no TLS)."""
     ctx = settings.ssl_context
     if settings.tls is TLSMode.NONE:
+        return None
+    if settings.tls in _MX_TLS_MODES and (
+        ctx is None or (unverifiable and _verifies(ctx))
+    ):
+        # Encrypt only: no context to verify with, or a host remembered as
+        # having a certificate that does not verify.
+        return _unverified_context()
+    return ctx
+
+
+def _fallback(
+    settings: ConnectionSettings, ctx: ssl.SSLContext | None, *, unverifiable: bool
+) -> list[ssl.SSLContext | None]:
+    """What a new connection tries after a failed STARTTLS handshake with *ctx*:
+    ``[context]``, ``[None]`` for plain text, or ``[]`` (nothing: fail).
+
+    Only a certificate failure makes an unverified handshake worth trying (both
+    MX modes, Postfix's "encrypt" level); any other handshake failure would fail
+    the same way again, so opportunistic TLS goes on in plain text and required
+    TLS fails. Relay modes never come here: they fail on a bad certificate.
+    """
+    if unverifiable and ctx is not None and _verifies(ctx):
+        return [_unverified_context()]
+    if settings.tls is TLSMode.OPPORTUNISTIC and ctx is not None:
         return [None]
-    if settings.tls is TLSMode.REQUIRED:
-        # Never plain text; a verified session when the certificate allows it,
-        # else an encrypted one (Postfix's "encrypt" level).
-        if ctx is not None and _verifies(ctx):
-            return [ctx, _unverified_context()]
-        return [ctx or _unverified_context()]
-    if settings.tls is TLSMode.OPPORTUNISTIC:
-        if ctx is not None and _verifies(ctx):
-            return [ctx, _unverified_context(), None]
-        return [ctx or _unverified_context(), None]
-    return [ctx]
+    return []

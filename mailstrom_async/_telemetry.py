@@ -143,6 +143,14 @@ class AttemptTelemetry:
             span.set_attribute("mailstrom.smtp.code", worst.code)
             if worst.enhanced_code is not None:
                 span.set_attribute("mailstrom.smtp.enhanced_code", worst.enhanced_code)
+        else:  # no server reply: an outcome decided here, with no code to show
+            local = next((s for s in statuses if s.is_local), None)
+            if local is not None:
+                span.set_attribute("mailstrom.local", True)
+                if local.enhanced_code is not None:
+                    span.set_attribute(
+                        "mailstrom.smtp.enhanced_code", local.enhanced_code
+                    )
         present = [s for s in _STATES if counts[s]]
         outcome = present[0].value if len(present) == 1 else "mixed"
         if counts[RecipientState.DEFERRED] or counts[RecipientState.FAILED]:

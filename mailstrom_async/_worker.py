@@ -3,7 +3,8 @@
 A *lane* is one destination (the relay, or one recipient domain). It has a
 queue of claimed jobs and up to ``Limits.connections_per_destination`` worker
 coroutines, each owning one SMTP connection that it reuses across messages until
-the connection goes idle, fails or is poisoned by a timeout or a cancellation.
+the connection goes idle, reaches its reuse limits (:mod:`._reuse`), fails or
+is poisoned by a timeout or a cancellation.
 What happens to one job, from its first transaction to its recorded outcome,
 and the boundary that contains its failures, is :mod:`._job`'s.
 """
@@ -24,8 +25,8 @@ from mailstrom_async._statistics import AttemptCounters, DestinationStatistics
 if TYPE_CHECKING:
     from mailstrom_async._config import Config
     from mailstrom_async._job import JobRunner
+    from mailstrom_async._reuse import PooledConnection
     from mailstrom_async._store import Job
-    from mailstrom_async._transport import Connection
 
 __all__ = ["Lanes"]
 
@@ -136,7 +137,7 @@ class Lanes:
             await self._idle_event.wait()
 
     async def _run_worker(self, lane: Lane) -> None:
-        conn: Connection | None = None
+        conn: PooledConnection | None = None
         try:
             async with self._limiter:
                 while not self.is_stopping:
@@ -167,7 +168,7 @@ class Lanes:
                 self._lanes.pop(lane.key, None)  # reap: memory follows active lanes
             if conn is not None:
                 with anyio.CancelScope(shield=True):
-                    await conn.aclose()
+                    await conn.conn.aclose()
 
     async def release(self, job: Job) -> None:
         """Give *job*'s recipients back to the store, unattempted; never raises."""

@@ -176,8 +176,9 @@ def test_outcome_from_error_synthesises_a_reply(
     outcome = outcome_from_error("a@x.test", error)
     assert outcome.state is state
     assert outcome.reply == SMTPReply(
-        code=code, text=str(error), enhanced_code=enhanced
+        code=code, text=str(error), enhanced_code=enhanced, local=True
     )
+    assert str(outcome.reply) == f"{enhanced} {error}"  # no code a server never sent
 
 
 def test_outcome_from_error_prefers_the_error_reply() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aiosqlite
 import anyio
+import attrs
 import pytest
 
 from mailstrom_async._cli import _reason, main
@@ -230,6 +231,42 @@ def test_status_shows_a_reply_that_is_not_utf8(cli: CLI, tmp_path: Path) -> None
     [r] = json.loads(cli.ok("status", "--json", message_id))["recipients"]
     assert r["message"] == "Empf\\xe4nger unbekannt"
     assert base64.b64decode(r["raw_message"]) == b"Empf\xe4nger unbekannt"
+
+
+def test_status_marks_a_local_outcome(cli: CLI, tmp_path: Path) -> None:
+    """An outcome decided here (no server reply) shows 'local' where a server's
+    code would be, and --json says ``"local": true`` with a null code; a server's
+    reply keeps its code."""
+    message_id = cli.send("--to", "a@example.org", "--to", "b@example.org")
+
+    async def record() -> None:
+        async with SQLiteStore(tmp_path / DEFAULT_STORE_PATH) as store:
+            now = datetime.now(UTC)
+            refused = RecipientStatus(
+                address="a@example.org",
+                state=RecipientState.DEFERRED,
+                attempts=1,
+                enhanced_code="4.4.1",
+                message="cannot connect to 127.0.0.1:30025: connection refused",
+                last_attempt_at=now,
+                next_attempt_at=now + timedelta(hours=1),
+            )
+            rejected = attrs.evolve(
+                refused, address="b@example.org", code=451, message="busy"
+            )
+            await store.record(message_id, [refused, rejected], worker="test")
+
+    anyio.run(record)
+    rows = {
+        line.split()[0]: line.split()
+        for line in cli.ok("status", message_id).splitlines()
+        if line.endswith(("refused", "busy"))
+    }
+    assert rows["a@example.org"][3:5] == ["local", "4.4.1"]
+    assert rows["b@example.org"][3:5] == ["451", "4.4.1"]
+    a, b = json.loads(cli.ok("status", "--json", message_id))["recipients"]
+    assert (a["code"], a["enhanced_code"], a["local"]) == (None, "4.4.1", True)
+    assert (b["code"], b["local"]) == (451, False)
 
 
 def test_send_builds_body_attachments_and_bcc(cli: CLI, tmp_path: Path) -> None:
@@ -773,8 +810,8 @@ def test_mx_demo_walks_mx_hosts_and_dns_outcomes() -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "delivered alice@example.com  (via mx2.example.com 127.0.0.3)" in out
-    assert "failed    carol@nomail.example.org  (556 " in out
-    assert "failed    dave@no-such-domain.example  (550 " in out
+    assert "failed    carol@nomail.example.org  (local " in out
+    assert "failed    dave@no-such-domain.example  (local " in out
     assert "mx1.example.com (127.0.0.2) refused 1 session(s)" in out
 
 

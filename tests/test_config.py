@@ -340,6 +340,26 @@ def test_helo_name_idn_kept_as_a_label(name: str, wire: str) -> None:
     assert Config.from_mapping({"helo_name": name}).helo_name == wire
 
 
+def test_connection_reuse_limits() -> None:
+    """Connection reuse is capped at Postfix's 300 s and at 100 transactions by
+    default; zero is refused, and both are read from the environment."""
+    assert (Limits().connection_reuse_time, Limits().connection_reuse_count) == (
+        300.0,
+        100,
+    )
+    for key in ("connection_reuse_time", "connection_reuse_count"):
+        with pytest.raises(ConfigError) as info:
+            Limits(**{key: 0})
+        assert info.value.key == f"limits.{key}"
+    config = Config.from_env(
+        {
+            "MAILSTROM_LIMITS__CONNECTION_REUSE_TIME": "60",
+            "MAILSTROM_LIMITS__CONNECTION_REUSE_COUNT": "5",
+        }
+    )
+    assert config.limits == Limits(connection_reuse_time=60.0, connection_reuse_count=5)
+
+
 def test_limits_reject_zero() -> None:
     """A zero limit is a ConfigError."""
     with pytest.raises(ConfigError) as info:

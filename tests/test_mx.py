@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
+import attrs
 import pytest
 from dnslib import DNSLabel
 
@@ -25,6 +26,7 @@ from mailstrom_async import (
     Deliverer,
     DeliveryEvent,
     Email,
+    Limits,
     MemoryStore,
     MessageStatus,
     MXConfig,
@@ -35,6 +37,9 @@ from mailstrom_async import (
     SubmitHandle,
     Timeouts,
 )
+from mailstrom_async._dns import Resolver
+from mailstrom_async._routes import MXRoute
+from mailstrom_async._smtp import make_ssl_context
 from tests.smtpd import free_port, mini_esmtp
 
 if TYPE_CHECKING:
@@ -317,7 +322,7 @@ async def test_null_mx_fails_without_connecting(
     status = await deliver(mx_config(dns_server, port), "a@example.test")
     r = status.recipient("a@example.test")
     assert r.state is FAILED
-    assert (r.code, r.enhanced_code) == (556, "5.1.10")
+    assert (r.code, r.enhanced_code) == (None, "5.1.10")
     assert r.attempts == 1
     assert r.message is not None
     assert "null MX" in r.message
@@ -334,7 +339,7 @@ async def test_nxdomain_fails_the_recipient(
     status = await deliver(mx_config(dns_server, port), "a@nowhere.test")
     r = status.recipient("a@nowhere.test")
     assert r.state is FAILED
-    assert (r.code, r.enhanced_code) == (550, "5.1.2")
+    assert (r.code, r.enhanced_code) == (None, "5.1.2")
     assert r.attempts == 1
     assert r.message is not None
     assert "NXDOMAIN" in r.message
@@ -362,7 +367,7 @@ async def test_temporary_dns_failure_defers_then_delivers(
         lambda: zone.heal("example.test"),
     )
     assert first.attempts == 1
-    assert (first.code, first.enhanced_code) == (451, "4.4.3")
+    assert (first.code, first.enhanced_code) == (None, "4.4.3")
     assert first.host is None  # no MX host was reached
     assert first.message is not None
     expected = "timed out" if fault == "silent" else "DNS lookup of example.test MX"
@@ -378,21 +383,31 @@ async def test_temporary_dns_failure_defers_then_delivers(
     assert_asked(zone, ("example.test", "MX"))
 
 
+def assert_refused_as_local(r: RecipientStatus, says: str) -> None:
+    """*r* was refused by the library for a local address: DEFERRED 4.4.4 with no
+    server reply code, a reason naming *says* and the setting, never connected."""
+    assert r.state is DEFERRED
+    assert (r.code, r.enhanced_code) == (None, "4.4.4")
+    assert r.is_local
+    assert r.message is not None
+    assert says in r.message
+    assert "allow_local" in r.message
+    assert r.ip is None
+    assert r.next_attempt_at is not None
+
+
 async def test_local_mx_refused_unless_allowed(
     dns_server: DNSServer, zone: Zone, smtpd: SMTPDServers, port: int
 ) -> None:
-    """An MX on loopback with allow_local off is DEFERRED 451 4.4.4, never connected."""
+    """An MX on loopback with allow_local off is DEFERRED 4.4.4 (a local outcome),
+    never connected."""
     mx_zone(zone, "example.test", (10, MX1, IP1))
     server = await smtpd.start(host=IP1, port=port)
     config = mx_config(dns_server, port, allow_local=False, retry=NO_RETRY_SOON)
     status = await first_attempt(config, "a@example.test")
-    r = status.recipient("a@example.test")
-    assert r.state is DEFERRED
-    assert (r.code, r.enhanced_code) == (451, "4.4.4")
-    assert r.message is not None
-    assert "allow_local" in r.message
-    assert r.ip is None
-    assert r.next_attempt_at is not None
+    assert_refused_as_local(
+        status.recipient("a@example.test"), "only to local addresses"
+    )
     assert server.connections.value == 0
     assert_asked(zone, ("example.test", "MX"), (MX1, "A"))
 
@@ -434,7 +449,7 @@ async def test_mixed_domains_one_transaction_each(
     assert (bad.host, bad.ip) == ("mx.strict.test", IP2)
     null = status.recipient("n@null.test")
     assert null.state is FAILED
-    assert (null.code, null.enhanced_code, null.attempts) == (556, "5.1.10", 1)
+    assert (null.code, null.enhanced_code, null.attempts) == (None, "5.1.10", 1)
     f = status.recipient("f@flaky.test")
     assert f.state is DELIVERED
     assert f.attempts >= 2
@@ -520,6 +535,62 @@ async def test_self_signed_certificate_encrypts_unverified(
     assert rcpts(mx) == [["a@example.test"]]
 
 
+async def test_unverifiable_certificate_one_connection_per_later_session(
+    dns_server: DNSServer,
+    zone: Zone,
+    smtpd: SMTPDServers,
+    tls_ca: trustme.CA,
+    port: int,
+) -> None:
+    """An MX whose certificate does not verify costs two TCP connections for its
+    first session only (the verified handshake that fails, then an unverified
+    one); every later session is one connection and one handshake (item 9)."""
+    mx_zone(zone, "example.test", (10, MX1, IP1))
+    mx = await smtpd.start(
+        host=IP1, port=port, starttls_context=server_context(tls_ca, MX1)
+    )
+    config = attrs.evolve(
+        mx_config(dns_server, port), limits=Limits(connection_reuse_count=1)
+    )
+    async with Deliverer(config, store=MemoryStore()) as d:
+        for i in range(3):
+            status = await done(await d.submit(email(f"u{i}@example.test")))
+            r = status.recipient(f"u{i}@example.test")
+            assert_delivered(r, MX1, IP1)
+            assert (r.tls, r.tls_verified) == (True, False)
+            assert mx.connections.value == 2 + i  # one session: one more connection
+    assert mx.connections.value == 4
+
+
+async def test_trusted_certificate_is_recorded_verified(
+    dns_server: DNSServer,
+    zone: Zone,
+    smtpd: SMTPDServers,
+    tls_ca: trustme.CA,
+    tls_ca_file: str,
+    port: int,
+) -> None:
+    """With a CA the route trusts, the one handshake of a session is verified and
+    recorded so."""
+    mx_zone(zone, "example.test", (10, MX1, IP1))
+    mx = await smtpd.start(
+        host=IP1, port=port, starttls_context=server_context(tls_ca, MX1)
+    )
+    config = mx_config(dns_server, port)
+    route = MXRoute(
+        config,
+        Resolver(config.mx, config.timeouts, rng=random.Random(1)),
+        helo_name="client.test",
+        ssl_context=make_ssl_context(True, tls_ca_file),
+    )
+    async with Deliverer(config, store=MemoryStore(), transport=route) as d:
+        status = await done(await d.submit(email("a@example.test")))
+    r = status.recipient("a@example.test")
+    assert_delivered(r, MX1, IP1)
+    assert (r.tls, r.tls_verified) == (True, True)
+    assert mx.connections.value == 1
+
+
 async def test_plain_server_records_no_tls(
     dns_server: DNSServer, zone: Zone, smtpd: SMTPDServers, port: int
 ) -> None:
@@ -544,9 +615,10 @@ async def test_opportunistic_tls_handshake_failure_falls_back_to_plain(
     assert_delivered(r, MX1, IP1)
     assert (r.tls, r.tls_verified) == (False, False)
     assert len(server.messages) == 1
-    # A verified try, an encrypt-only try, then plain text.
-    assert server.connections.value == 3
-    assert sent_commands(server).count("STARTTLS") == 2
+    # The handshake failed, not the certificate: plain text at once, on a new
+    # connection (an unverified handshake would fail the same way).
+    assert server.connections.value == 2
+    assert sent_commands(server).count("STARTTLS") == 1
 
 
 async def test_required_tls_handshake_failure_tries_next_mx(
@@ -568,7 +640,8 @@ async def test_required_tls_handshake_failure_tries_next_mx(
     r = status.recipient("a@example.test")
     assert_delivered(r, MX2, IP2)
     assert (r.tls, r.tls_verified) == (True, False)
-    assert mx1.connections.value == 2  # verified, then encrypt-only; never plain
+    # A handshake failure that is not the certificate's: no second try, no plain.
+    assert mx1.connections.value == 1
     assert "MAIL" not in sent_commands(mx1)
     assert mx1.messages == []
     assert rcpts(mx2) == [["a@example.test"]]
@@ -585,7 +658,7 @@ async def test_required_tls_without_starttls_defers(
     status = await first_attempt(config, "a@example.test")
     r = status.recipient("a@example.test")
     assert r.state is DEFERRED
-    assert r.code == 451
+    assert r.code is None  # decided here: no server reply
     assert r.enhanced_code is not None
     assert r.enhanced_code.startswith("4.7.")
     assert r.message is not None
@@ -644,7 +717,7 @@ async def test_non_ascii_local_part_needs_smtputf8(
         assert "SMTPUTF8" in received.mail_options
     else:
         assert r.state is FAILED
-        assert (r.code, r.enhanced_code) == (550, "5.6.7")
+        assert (r.code, r.enhanced_code) == (None, "5.6.7")
         assert r.attempts == 1
         assert (r.host, r.ip) == (MX1, IP1)
         assert mx.messages == []
@@ -679,7 +752,7 @@ async def test_mx_name_with_a_byte_that_is_not_ascii(
         status = await done(await d.submit(email("a@example.test")))
     [r] = status.recipients
     assert r.state is FAILED
-    assert (r.code, r.enhanced_code) == (550, "5.4.4")
+    assert (r.code, r.enhanced_code) == (None, "5.4.4")
     assert r.message is not None
     assert "(mx\\228.example.test)" in r.message
     assert mx.connections.value == 0
@@ -722,7 +795,7 @@ async def test_at_most_max_addresses_per_attempt(
     r = status.recipient("a@example.test")
     assert r.state is DEFERRED
     assert r.attempts == 1
-    assert r.code == 451
+    assert r.code is None  # decided here: no server reply
     assert r.enhanced_code == "4.4.1"
     assert r.message is not None
     assert "all 5 MX addresses of example.test failed" in r.message
@@ -767,7 +840,8 @@ async def test_mx_hosts_that_never_answer_cost_five_lookups(
     status = await first_attempt(config, "a@example.test")
     r = status.recipient("a@example.test")
     assert r.state is DEFERRED
-    assert (r.code, r.enhanced_code, r.attempts) == (451, "4.4.3", 1)
+    assert (r.code, r.enhanced_code, r.attempts) == (None, "4.4.3", 1)
+    assert r.is_local
     assert r.message is not None
     assert "5 of 100 MX hosts" in r.message
     assert r.host is None
@@ -857,19 +931,16 @@ async def test_ipv6_literal_delivered_to_its_address(
 async def test_local_literal_refused_unless_allowed(
     dns_server: DNSServer, zone: Zone, smtpd: SMTPDServers
 ) -> None:
-    """Without allow_local a loopback literal is DEFERRED 451 4.4.4, as a loopback
-    MX host is, and nothing is connected to."""
+    """Without allow_local a loopback literal is DEFERRED 4.4.4 (a local outcome),
+    as a loopback MX host is, and nothing is connected to."""
     port = free_port(LOOPBACK)
     server = await smtpd.start(host=LOOPBACK, port=port)
     config = mx_config(dns_server, port, allow_local=False, retry=NO_RETRY_SOON)
     status = await first_attempt(config, "a@[127.0.0.1]")
-    r = status.recipient("a@[127.0.0.1]")
-    assert r.state is DEFERRED
-    assert (r.code, r.enhanced_code) == (451, "4.4.4")
-    assert r.message is not None
-    assert "address literal [127.0.0.1] is a local address" in r.message
-    assert "allow_local" in r.message
-    assert r.ip is None
+    assert_refused_as_local(
+        status.recipient("a@[127.0.0.1]"),
+        "address literal [127.0.0.1] is a local address",
+    )
     assert server.connections.value == 0
     assert zone.queries == {}
 

@@ -24,6 +24,7 @@ from mailstrom_async._models import RecipientState
 from mailstrom_async._smtp import (
     ConnectionSettings,
     SMTPConnection,
+    TLSMemory,
     TLSMode,
     _dot_stuffed,
     _encode_body,
@@ -643,6 +644,83 @@ async def test_opportunistic_unverifiable_certificate_encrypts(
     ]
     await conn.aclose()
     assert server.connections.value == 2  # verified try, then encrypt-only
+
+
+@pytest.mark.parametrize("tls", ["opportunistic", "required"])
+async def test_unverifiable_certificate_is_remembered(
+    smtpd: SMTPDServers,
+    untrusted_server_context: ssl.SSLContext,
+    client_context: ssl.SSLContext,
+    tls: str,
+) -> None:
+    """Once a host's certificate did not verify, its next sessions make one
+    unverified handshake on one TCP connection, encrypted (issue 11, item 9)."""
+    server = await smtpd.start(starttls_context=untrusted_server_context)
+    memory = TLSMemory()
+    options = settings(server.port, tls=tls, ssl_context=client_context)
+    first = await SMTPConnection.open(options, tls_memory=memory)
+    await first.aclose()
+    assert server.connections.value == 2  # verified (failed), then unverified
+    for session in range(2, 5):
+        conn = await SMTPConnection.open(options, tls_memory=memory)
+        assert (conn.tls, conn.tls_verified) == (True, False)
+        assert states(await conn.send(FROM, ["a@x.test"], MESSAGE)) == [
+            ("a@x.test", DELIVERED)
+        ]
+        await conn.aclose()
+        assert server.connections.value == session + 1  # one more per session
+    assert len(memory) == 1
+
+
+async def test_remembered_certificate_is_verified_again_after_the_ttl(
+    smtpd: SMTPDServers,
+    tls_server_context: ssl.SSLContext,
+    client_context: ssl.SSLContext,
+) -> None:
+    """A host remembered as unverifiable is verified again once its entry
+    expires: a fixed certificate is noticed (the clock is the test's)."""
+    server = await smtpd.start(starttls_context=tls_server_context)
+    now = [0.0]
+    memory = TLSMemory(ttl=60, clock=lambda: now[0])
+    memory.remember(("127.0.0.1", "127.0.0.1", server.port))
+    options = settings(server.port, tls="opportunistic", ssl_context=client_context)
+    conn = await SMTPConnection.open(options, tls_memory=memory)
+    assert (conn.tls, conn.tls_verified) == (True, False)  # not even tried
+    await conn.aclose()
+    now[0] = 60.0
+    conn = await SMTPConnection.open(options, tls_memory=memory)
+    assert (conn.tls, conn.tls_verified) == (True, True)
+    await conn.aclose()
+    assert server.connections.value == 2
+    assert len(memory) == 0
+
+
+async def test_relay_starttls_never_uses_the_memory(
+    smtpd: SMTPDServers,
+    untrusted_server_context: ssl.SSLContext,
+    client_context: ssl.SSLContext,
+) -> None:
+    """A relay that demands verification fails on a bad certificate, even for a
+    host that a memory holds as unverifiable: never downgraded."""
+    server = await smtpd.start(starttls_context=untrusted_server_context)
+    memory = TLSMemory()
+    memory.remember(("127.0.0.1", "127.0.0.1", server.port))
+    with pytest.raises(TLSRequiredError, match="certificate verify failed"):
+        await SMTPConnection.open(
+            settings(server.port, tls="starttls", ssl_context=client_context),
+            tls_memory=memory,
+        )
+    assert server.connections.value == 1
+
+
+def test_tls_memory_is_bounded() -> None:
+    """The memory forgets its oldest host past 10,000."""
+    memory = TLSMemory(clock=lambda: 0.0)
+    for i in range(10_001):
+        memory.remember((f"h{i}.test", "127.0.0.1", 25))
+    assert len(memory) == 10_000
+    assert not memory.unverifiable(("h0.test", "127.0.0.1", 25))
+    assert memory.unverifiable(("h10000.test", "127.0.0.1", 25))
 
 
 async def test_opportunistic_trusted_certificate_is_verified(

@@ -297,9 +297,11 @@ def _plain(value: Any) -> Any:
 
 
 def recipient_json(status: RecipientStatus) -> dict[str, Any]:
-    return {
-        f.name: _plain(getattr(status, f.name)) for f in attrs.fields(RecipientStatus)
-    }
+    fields = attrs.fields(RecipientStatus)
+    plain = {f.name: _plain(getattr(status, f.name)) for f in fields}
+    # Decided here, not by a server (code is null): said outright.
+    plain["local"] = status.is_local
+    return plain
 
 
 def status_json(status: MessageStatus) -> dict[str, Any]:

@@ -43,7 +43,9 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
         help="show every recipient of one message",
         description="Show each recipient of a message: state, attempts, the last "
         "reply (code, enhanced code, text), the host tried, and the last and "
-        "next attempt times (UTC). A recipient on hold shows '(held)' after its "
+        "next attempt times (UTC). An outcome decided here, not by a server "
+        "(a refused connection, a DNS answer, the retry lifetime run out) shows "
+        "'local' as its code. A recipient on hold shows '(held)' after its "
         "state: it is not tried until 'release'.",
         epilog="examples:\n  mailstrom-async status 1732712345.abc@example.com\n"
         "  mailstrom-async status --json ID | jq .recipients",
@@ -185,7 +187,7 @@ def _status(args: argparse.Namespace) -> int:
                     r.address,
                     f"{r.state.value} (held)" if r.held else r.state.value,
                     r.attempts,
-                    r.code,
+                    "local" if r.is_local else r.code,
                     r.enhanced_code,
                     r.host,
                     timestamp(r.last_attempt_at),

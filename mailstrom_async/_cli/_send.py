@@ -265,7 +265,13 @@ def _print_outcome(status: MessageStatus, *, as_json: bool) -> None:
         table(
             ["RECIPIENT", "STATE", "CODE", "ENHANCED", "TEXT"],
             [
-                (r.address, r.state.value, r.code, r.enhanced_code, r.message)
+                (
+                    r.address,
+                    r.state.value,
+                    "local" if r.is_local else r.code,
+                    r.enhanced_code,
+                    r.message,
+                )
                 for r in status
             ],
         )
