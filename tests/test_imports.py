@@ -21,9 +21,10 @@ OWNERS: dict[str, set[str]] = {
     "sqlite3": {"mailstrom_async/_store/_sqlite.py"},
     "smtplib": set(),
     "opentelemetry": {"mailstrom_async/_telemetry.py"},
-    # The testing kit, and only it, needs pytest (the "testing" extra).
+    "pytest_asyncio": {"mailstrom_async/testing/_plugin.py"},
+    # The testing kit's fixtures and contract suites, and only they, need pytest (the
+    # "testing" extra); its package imports them lazily, so Outbox does not.
     "pytest": {
-        "mailstrom_async/testing/__init__.py",
         "mailstrom_async/testing/_plugin.py",
         "mailstrom_async/testing/_store_contract.py",
         "mailstrom_async/testing/_hold_contract.py",
