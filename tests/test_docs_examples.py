@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import re
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -65,6 +66,14 @@ EXAMPLE_TESTS = {
     "observability.py": ["test_observability_logs_counts_and_traces"],
     "test_with_outbox.py": ["test_with_outbox_passes_under_the_plugin"],
     "test_custom_store.py": ["test_custom_store_passes_the_contract"],
+    "test_with_pytest_asyncio.py": [
+        "test_with_pytest_asyncio_passes_in_strict_and_auto_mode"
+    ],
+    "pytest_asyncio.toml": ["test_with_pytest_asyncio_passes_in_strict_and_auto_mode"],
+    "test_with_unittest.py": [
+        "test_with_unittest_passes_without_pytest",
+        "test_with_unittest_passes_under_pytest",
+    ],
     "starlette_app.py": [
         "test_starlette_app_queues_and_reports_delivery",
         "test_starlette_app_refuses_a_bad_request",
@@ -282,10 +291,18 @@ async def test_observability_logs_counts_and_traces(
 
 def run_user_suite(pytester: pytest.Pytester, **modules: str) -> pytest.RunResult:
     """Run *modules* (name -> source) as a user's test suite, in a pytest process of
-    its own, with the plugin on the command line as the docs say."""
+    its own, with the plugin on the command line as the docs say, and without
+    pytest-asyncio (tests/test_testing.py runs the kit under it)."""
     pytester.makepyfile(**modules)
     return pytester.runpytest_subprocess(
-        "-p", "mailstrom_async.testing", "-p", "no:cacheprovider", "-W", "error"
+        "-p",
+        "mailstrom_async.testing",
+        "-p",
+        "no:asyncio",
+        "-p",
+        "no:cacheprovider",
+        "-W",
+        "error",
     )
 
 
@@ -305,6 +322,64 @@ def test_with_outbox_passes_under_the_plugin(pytester: pytest.Pytester) -> None:
             "FAILED test_wrong.py::test_welcome_mail_is_sent - *",
         ]
     )
+
+
+def test_with_pytest_asyncio_passes_in_strict_and_auto_mode(
+    pytester: pytest.Pytester,
+) -> None:
+    """The documented pytest-asyncio module passes in strict mode with its marks,
+    and in auto mode (the documented pyproject.toml) without them."""
+    source = (EXAMPLES / "test_with_pytest_asyncio.py").read_text()
+    toml = (EXAMPLES / "pytest_asyncio.toml").read_text()
+    unmarked = source.replace("@pytest.mark.asyncio\n", "")
+    assert re.search(r"^@pytest\.mark", unmarked, re.MULTILINE) is None
+    assert 'asyncio_mode = "auto"\n' in toml
+    strict = toml.replace('asyncio_mode = "auto"\n', "")
+    runs = {"strict": (strict, source), "auto": (toml, unmarked)}
+    for mode, (pyproject, module) in runs.items():
+        project = pytester.mkdir(mode)
+        (project / "pyproject.toml").write_text(pyproject)
+        (project / "test_with_pytest_asyncio.py").write_text(module)
+        result = pytester.runpytest_subprocess(
+            "-p",
+            "no:cacheprovider",
+            "-W",
+            "error",
+            "--timeout=20",
+            "--rootdir",
+            str(project),
+            "-c",
+            str(project / "pyproject.toml"),
+            str(project),
+            timeout=50,
+        )
+        result.assert_outcomes(passed=3)
+        result.stdout.fnmatch_lines([f"asyncio: mode=Mode.{mode.upper()},*"])
+
+
+def test_with_unittest_passes_without_pytest() -> None:
+    """The documented unittest module passes under ``python -m unittest`` in a
+    Python that cannot import pytest."""
+    from tests.test_testing import WITHOUT_PYTEST
+
+    code = WITHOUT_PYTEST + (
+        "import unittest\n"
+        f"sys.path.insert(0, {str(EXAMPLES)!r})\n"
+        "unittest.main(module=None, argv=['unittest', '-v', 'test_with_unittest'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Ran 3 tests" in result.stderr
+    assert result.stderr.rstrip().endswith("OK")
+
+
+def test_with_unittest_passes_under_pytest(pytester: pytest.Pytester) -> None:
+    """pytest collects and passes the same unittest module."""
+    source = (EXAMPLES / "test_with_unittest.py").read_text()
+    result = run_user_suite(pytester, test_with_unittest=source)
+    result.assert_outcomes(passed=3)
 
 
 def test_custom_store_passes_the_contract(pytester: pytest.Pytester) -> None:

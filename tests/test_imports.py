@@ -23,9 +23,10 @@ OWNERS: dict[str, set[str]] = {
     "opentelemetry": {"mailstrom_async/_telemetry.py"},
     # IDNA 2008 (issue 11): every domain for DNS or the wire goes through _domain.
     "idna": {"mailstrom_async/_domain.py"},
-    # The testing kit, and only it, needs pytest (the "testing" extra).
+    "pytest_asyncio": {"mailstrom_async/testing/_plugin.py"},
+    # The testing kit's fixtures and contract suites, and only they, need pytest (the
+    # "testing" extra); its package imports them lazily, so Outbox does not.
     "pytest": {
-        "mailstrom_async/testing/__init__.py",
         "mailstrom_async/testing/_plugin.py",
         "mailstrom_async/testing/_store_contract.py",
         "mailstrom_async/testing/_hold_contract.py",

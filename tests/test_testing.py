@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
 from typing import Any
 
 import anyio
@@ -398,21 +399,107 @@ class TestOverriddenConfig:
         assert status.recipients[0].enhanced_code == "5.4.7"
 
 
-def test_import_without_pytest_says_what_to_install() -> None:
-    """Without pytest, importing mailstrom_async.testing raises an ImportError that
-    names the extra to install."""
-    code = (
-        "import sys; sys.modules['pytest'] = None\n"
-        "try:\n"
-        "    import mailstrom_async.testing\n"
-        "except ImportError as exc:\n"
-        "    print(exc)\n"
-    )
+# A Python that cannot import pytest, as in a project that does not have it.
+WITHOUT_PYTEST = """
+import sys
+
+class RefusePytest:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {"pytest", "_pytest", "pytest_asyncio"}:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, RefusePytest())
+"""
+
+
+def run_python(code: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     )
-    assert "mailstrom_async.testing needs pytest" in result.stdout
-    assert "mailstrom-async[testing]" in result.stdout
+    assert result.stderr == ""
+    return result.stdout
+
+
+def test_kit_works_without_pytest() -> None:
+    """Without pytest, Outbox, CaptureServer and FAST_RETRY deliver under
+    asyncio.run; asking for a fixture raises an ImportError naming the extra."""
+    code = WITHOUT_PYTEST + textwrap.dedent(
+        """
+        import asyncio
+        from mailstrom_async import Config, Deliverer, MemoryStore
+        from mailstrom_async.testing import FAST_RETRY, CaptureServer, Outbox
+
+        RAW = b"From: a@example.com\\r\\nSubject: hi\\r\\n\\r\\nhello\\r\\n"
+
+        async def send(deliverer):
+            handle = await deliverer.submit(
+                RAW, mail_from="a@example.com", rcpt_to=["b@example.org"]
+            )
+            return await handle
+
+        async def main():
+            async with asyncio.timeout(30):
+                outbox = Outbox()
+                outbox.defer("b@example.org")
+                config = Config(helo_name="localhost", retry=FAST_RETRY)
+                async with Deliverer(config, store=MemoryStore(), transport=outbox) as d:
+                    status = await send(d)
+                [recipient] = status.recipients
+                print(recipient.state.name, recipient.attempts, outbox.messages[0].subject)
+                async with CaptureServer() as server:
+                    async with Deliverer(server.relay_config(), store=MemoryStore()) as d:
+                        status = await send(d)
+                print(status.recipients[0].state.name, server.messages[0].subject)
+
+        asyncio.run(main())
+        for name in ("deliverer", "StoreContract"):
+            try:
+                exec(f"from mailstrom_async.testing import {name}")
+            except ImportError as exc:
+                print(exc.name, "|", exc)
+        print("pytest imported:", "pytest" in sys.modules)
+        """
+    )
+    lines = run_python(code).splitlines()
+    assert lines[:2] == ["DELIVERED 2 hi", "DELIVERED hi"]
+    for line, name in zip(lines[2:4], ["deliverer", "StoreContract"], strict=True):
+        assert line == (
+            f"pytest | mailstrom_async.testing.{name} needs pytest, which is not "
+            "installed: pip install 'mailstrom-async[testing]' (Outbox, "
+            "CaptureServer and FAST_RETRY work without it)"
+        )
+    assert lines[4:] == ["pytest imported: False"]
+
+
+def test_importing_the_kit_does_not_import_pytest() -> None:
+    """With pytest installed, the kit imports it only when a fixture or
+    StoreContract is asked for; then the names are the package's."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import mailstrom_async.testing as kit
+        from mailstrom_async.testing import FAST_RETRY, CaptureServer, Outbox
+        print("pytest" in sys.modules, Outbox.__module__)
+        from mailstrom_async.testing import StoreContract, deliverer
+        print("pytest" in sys.modules, StoreContract.__module__)
+        print(deliverer is kit._plugin.deliverer, kit.deliverer is deliverer)
+        try:
+            kit.no_such_name
+        except AttributeError as exc:
+            print(exc)
+        """
+    )
+    assert run_python(code).splitlines() == [
+        "False mailstrom_async.testing",
+        "True mailstrom_async.testing",
+        "True True",
+        "module 'mailstrom_async.testing' has no attribute 'no_such_name'",
+    ]
 
 
 # -- CaptureServer over loopback ---------------------------------------------------
@@ -540,5 +627,213 @@ def test_plugin_from_a_conftest_that_imports_the_kit(pytester: pytest.Pytester) 
             assert isinstance(outbox, Outbox)
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error")
+    result = pytester.runpytest_subprocess(
+        "-p", "no:asyncio", "-p", "no:cacheprovider", "-W", "error"
+    )
+    result.assert_outcomes(passed=2)
+
+
+# -- the kit under each test runner: user projects run by pytester -----------------
+
+# A user's test module: a deferral retried through the deliverer fixture, and a
+# delivery to the smtp_server fixture. Each awaits its handle, which hung when the
+# fixture's Deliverer ran on another event loop than the test.
+USER_TESTS = """
+import pytest
+from mailstrom_async import Deliverer, MemoryStore, RecipientState
+
+pytestmark = MARK
+
+RAW = b"From: shop@example.com\\r\\nSubject: hi\\r\\n\\r\\nhello\\r\\n"
+
+
+async def send(deliverer):
+    handle = await deliverer.submit(
+        RAW, mail_from="shop@example.com", rcpt_to=["ada@example.org"]
+    )
+    return await handle
+
+
+async def test_deliverer_fixture(deliverer, outbox):
+    outbox.defer("ada@example.org")
+    status = await send(deliverer)
+    [recipient] = status.recipients
+    assert (recipient.state, recipient.attempts) == (RecipientState.DELIVERED, 2)
+    [message] = outbox.messages
+    assert message.subject == "hi"
+
+
+async def test_smtp_server_fixture(smtp_server):
+    async with Deliverer(smtp_server.relay_config(), store=MemoryStore()) as d:
+        status = await send(d)
+    assert status.recipients[0].state is RecipientState.DELIVERED
+    [message] = smtp_server.messages
+    assert message.subject == "hi"
+"""
+
+ANYIO_BACKEND = """
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+"""
+
+# pytest-asyncio's own warning at start-up unless this is set (-W error makes it fatal)
+PYTEST_ASYNCIO_INI = "asyncio_default_fixture_loop_scope = function\n"
+
+
+def run_user_project(
+    pytester: pytest.Pytester, ini: str, module: str, *args: str
+) -> pytest.RunResult:
+    """Run *module* under the plugin in a pytest process of its own, with warnings
+    as errors and a per-test timeout, so that a hang fails instead of blocking."""
+    pytester.makeini("[pytest]\n" + ini)
+    pytester.makeconftest('pytest_plugins = ["mailstrom_async.testing"]\n')
+    pytester.makepyfile(test_user=module)
+    return pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-W", "error", "--timeout=20", "-v", *args, timeout=50
+    )
+
+
+@pytest.mark.parametrize(
+    ("ini", "mark", "args"),
+    [
+        pytest.param(
+            "asyncio_mode = strict\n" + PYTEST_ASYNCIO_INI,
+            "pytest.mark.asyncio",
+            [],
+            id="pytest-asyncio-strict",
+        ),
+        pytest.param(
+            "asyncio_mode = auto\n" + PYTEST_ASYNCIO_INI,
+            "[]",
+            [],
+            id="pytest-asyncio-auto",
+        ),
+        pytest.param(
+            PYTEST_ASYNCIO_INI,
+            'pytest.mark.asyncio(loop_scope="module")',
+            [],
+            id="pytest-asyncio-module-loop",
+        ),
+        pytest.param(
+            "asyncio_mode = auto\nasyncio_default_test_loop_scope = session\n"
+            + PYTEST_ASYNCIO_INI,
+            "[]",
+            [],
+            id="pytest-asyncio-session-loop",
+        ),
+    ],
+)
+def test_fixtures_under_pytest_asyncio(
+    pytester: pytest.Pytester, ini: str, mark: str, args: list[str]
+) -> None:
+    """Under pytest-asyncio (strict and auto mode, any loop scope) the async
+    fixtures run on the test's loop: the handles resolve, teardown is clean, no
+    warning, and the tests are not parametrized by anyio's backend."""
+    result = run_user_project(pytester, ini, USER_TESTS.replace("MARK", mark), *args)
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "test_user.py::test_deliverer_fixture PASSED*",
+            "test_user.py::test_smtp_server_fixture PASSED*",
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("ini", "mark", "args"),
+    [
+        pytest.param(
+            PYTEST_ASYNCIO_INI,
+            "pytest.mark.anyio",
+            [],
+            id="anyio-beside-pytest-asyncio",
+        ),
+        pytest.param(
+            "anyio_mode = auto\n" + PYTEST_ASYNCIO_INI,
+            "[]",
+            [],
+            id="anyio-auto-beside-pytest-asyncio",
+        ),
+        pytest.param("", "pytest.mark.anyio", ["-p", "no:asyncio"], id="anyio"),
+        pytest.param(
+            "anyio_mode = auto\n", "[]", ["-p", "no:asyncio"], id="anyio-auto"
+        ),
+    ],
+)
+def test_fixtures_under_anyio(
+    pytester: pytest.Pytester, ini: str, mark: str, args: list[str]
+) -> None:
+    """Under anyio's plugin (marked or auto mode, with or without pytest-asyncio
+    installed beside it) the async fixtures run on anyio's runner, as the test."""
+    module = USER_TESTS.replace("MARK", mark) + ANYIO_BACKEND
+    result = run_user_project(pytester, ini, module, *args)
+    result.assert_outcomes(passed=2)
+
+
+def test_fixture_outside_an_async_test_is_refused(pytester: pytest.Pytester) -> None:
+    """A test that no async plugin runs (a plain def) cannot have a running
+    Deliverer: the fixture says which marks or modes would run it."""
+    module = """
+        def test_sync(deliverer):
+            pass
+
+        async def test_unmarked(smtp_server):
+            pass
+    """
+    result = run_user_project(pytester, PYTEST_ASYNCIO_INI, textwrap.dedent(module))
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*UsageError: the 'deliverer' fixture runs on the event loop of an async "
+            "test, and 'test_sync' is not run by pytest-asyncio or anyio: mark it "
+            "@pytest.mark.asyncio (pytest-asyncio) or @pytest.mark.anyio (anyio), or "
+            'set asyncio_mode = "auto" or anyio_mode = "auto" in your pytest '
+            "configuration",
+            "*UsageError: the 'smtp_server' fixture * 'test_unmarked' is not run by*",
+        ]
+    )
+
+
+def test_unittest_isolated_asyncio_test_case_under_pytest(
+    pytester: pytest.Pytester,
+) -> None:
+    """An IsolatedAsyncioTestCase uses Outbox, CaptureServer and FAST_RETRY
+    directly, on its own loop, with pytest-asyncio installed beside it."""
+    module = """
+        import unittest
+
+        from mailstrom_async import Config, Deliverer, MemoryStore, RecipientState
+        from mailstrom_async.testing import FAST_RETRY, CaptureServer, Outbox
+
+        RAW = b"From: shop@example.com\\r\\nSubject: hi\\r\\n\\r\\nhello\\r\\n"
+
+
+        class TestMail(unittest.IsolatedAsyncioTestCase):
+            async def send(self, deliverer):
+                handle = await deliverer.submit(
+                    RAW, mail_from="shop@example.com", rcpt_to=["ada@example.org"]
+                )
+                return await handle
+
+            async def test_outbox(self):
+                outbox = Outbox()
+                outbox.defer("ada@example.org")
+                config = Config(helo_name="localhost", retry=FAST_RETRY)
+                deliverer = Deliverer(config, store=MemoryStore(), transport=outbox)
+                async with deliverer:
+                    status = await self.send(deliverer)
+                self.assertIs(status.recipients[0].state, RecipientState.DELIVERED)
+                self.assertEqual(status.recipients[0].attempts, 2)
+                self.assertEqual([m.subject for m in outbox.messages], ["hi"])
+
+            async def test_capture_server(self):
+                server = await self.enterAsyncContext(CaptureServer())
+                deliverer = Deliverer(server.relay_config(), store=MemoryStore())
+                async with deliverer:
+                    await self.send(deliverer)
+                self.assertEqual([m.subject for m in server.messages], ["hi"])
+    """
+    result = run_user_project(pytester, PYTEST_ASYNCIO_INI, textwrap.dedent(module))
     result.assert_outcomes(passed=2)

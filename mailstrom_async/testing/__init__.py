@@ -4,14 +4,19 @@
   scripted deferrals and failures: ``Deliverer(config, transport=Outbox())``.
 * :class:`CaptureServer`: a real SMTP server on a loopback port, with the same
   scripting, for tests that want the whole SMTP path.
+* :data:`FAST_RETRY`: a retry policy of milliseconds, for a test's ``Config``.
 * A pytest plugin with the fixtures ``outbox``, ``deliverer``,
   ``deliverer_config`` and ``smtp_server``: ``pytest -p mailstrom_async.testing``
   or ``pytest_plugins = ["mailstrom_async.testing"]`` in a ``conftest.py``. The
-  async fixtures run under anyio's pytest plugin (installed with anyio).
+  async fixtures run on the loop of the test, under pytest-asyncio (strict or
+  auto mode) or anyio's pytest plugin.
 * :class:`StoreContract`: the test suite every store must pass, for authors of
   a custom store.
 
-Needs pytest: ``pip install "mailstrom-async[testing]"``.
+The first three need no pytest (``unittest.IsolatedAsyncioTestCase``,
+``asyncio.run``); the fixtures and :class:`StoreContract` do:
+``pip install "mailstrom-async[testing]"``. They are imported when first asked
+for, so importing this module never imports pytest.
 
 This module holds no asserts of its own (PYTEST_DONT_REWRITE): a conftest.py may
 import from it and also name it in ``pytest_plugins`` without pytest warning that
@@ -20,30 +25,21 @@ it was imported too early to be rewritten.
 
 from __future__ import annotations
 
-try:
-    import pytest
-except ImportError as exc:  # pragma: no cover - tested in a subprocess
-    msg = (
-        "mailstrom_async.testing needs pytest, which is not installed: "
-        "pip install 'mailstrom-async[testing]'"
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from mailstrom_async.testing._capture import FAST_RETRY, OutboxMessage
+from mailstrom_async.testing._outbox import Outbox, OutboxConnection
+from mailstrom_async.testing._server import CaptureServer
+
+if TYPE_CHECKING:
+    from mailstrom_async.testing._plugin import (
+        deliverer,
+        deliverer_config,
+        outbox,
+        smtp_server,
     )
-    raise ImportError(msg, name=exc.name) from exc
-
-# Plain asserts in the contract suite report the values compared, as in a test file.
-pytest.register_assert_rewrite(
-    "mailstrom_async.testing._store_contract", "mailstrom_async.testing._hold_contract"
-)
-
-from mailstrom_async.testing._capture import FAST_RETRY, OutboxMessage  # noqa: E402
-from mailstrom_async.testing._outbox import Outbox, OutboxConnection  # noqa: E402
-from mailstrom_async.testing._plugin import (  # noqa: E402
-    deliverer,
-    deliverer_config,
-    outbox,
-    smtp_server,
-)
-from mailstrom_async.testing._server import CaptureServer  # noqa: E402
-from mailstrom_async.testing._store_contract import StoreContract  # noqa: E402
+    from mailstrom_async.testing._store_contract import StoreContract
 
 __all__ = [
     "FAST_RETRY",
@@ -58,14 +54,52 @@ __all__ = [
     "smtp_server",
 ]
 
+# When pytest loads this module as a plugin (-p, or pytest_plugins in a conftest.py),
+# it loads the fixtures' module as a plugin too.
+pytest_plugins = ["mailstrom_async.testing._plugin"]
 
-def _fixup_module_metadata() -> None:
+# The names that need pytest -> the module that defines them.
+_NEED_PYTEST = {
+    "deliverer": "_plugin",
+    "deliverer_config": "_plugin",
+    "outbox": "_plugin",
+    "smtp_server": "_plugin",
+    "StoreContract": "_store_contract",
+}
+
+
+def _fixup_module_metadata(obj: object) -> None:
     # Reprs and docs say mailstrom_async.testing.Outbox, not ..._outbox.Outbox.
-    for name in __all__:
-        obj = globals()[name]
-        if isinstance(obj, type) and obj.__module__.startswith(f"{__name__}._"):
-            obj.__module__ = __name__
+    if isinstance(obj, type) and obj.__module__.startswith(f"{__name__}._"):
+        obj.__module__ = __name__
 
 
-_fixup_module_metadata()
-del _fixup_module_metadata
+for _name in ("CaptureServer", "Outbox", "OutboxConnection", "OutboxMessage"):
+    _fixup_module_metadata(globals()[_name])
+del _name
+
+
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> Any:
+        """The fixtures and StoreContract, imported on first use (they need pytest)."""
+        module = _NEED_PYTEST.get(name)
+        if module is None:
+            msg = f"module {__name__!r} has no attribute {name!r}"
+            raise AttributeError(msg)
+        try:
+            # _plugin registers the contract modules for assertion rewriting.
+            importlib.import_module(f"{__name__}._plugin")
+        except ImportError as exc:
+            if exc.name != "pytest":
+                raise
+            msg = (
+                f"mailstrom_async.testing.{name} needs pytest, which is not "
+                "installed: pip install 'mailstrom-async[testing]' (Outbox, "
+                "CaptureServer and FAST_RETRY work without it)"
+            )
+            raise ImportError(msg, name="pytest") from exc
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        _fixup_module_metadata(value)
+        globals()[name] = value
+        return value
