@@ -231,10 +231,7 @@ class Deliverer:
                 if self._mode != "submit":
                     tg.start_soon(self._run_feeders, tg, name="mailstrom feeders")
                 self._state = "open"
-                logger.info(
-                    "deliverer started",
-                    extra={"worker": self._worker_id, "mode": self._mode},
-                )
+                self._log_start()
                 try:
                     yield self
                 except BaseException as exc:
@@ -257,6 +254,29 @@ class Deliverer:
                     await self._dispatcher.route.aclose()
                 await self._store.aclose()
             logger.info("deliverer stopped", extra={"worker": self._worker_id})
+
+    def _log_start(self) -> None:
+        """The start line, saying where mail goes: through which relay, to a
+        transport, or direct to the recipients' MX hosts, which is at WARNING so
+        that a forgotten relay setting is noticed before mail leaves."""
+        extra: dict[str, object] = {"worker": self._worker_id, "mode": self._mode}
+        level = logging.INFO
+        relay = self._config.relay
+        if self._mode == "submit":
+            where = "submit only, another process delivers"
+            extra["delivery"] = None
+        elif self._transport is not None:
+            where = f"mail goes to the transport {type(self._transport).__name__}"
+            extra["delivery"] = "transport"
+        elif relay is not None:
+            host = f"[{relay.host}]" if ":" in relay.host else relay.host
+            where = f"mail goes through the relay {host}:{relay.port}"
+            extra.update(delivery="relay", relay_host=relay.host, relay_port=relay.port)
+        else:
+            where = "no relay configured: mail goes direct to recipients' MX hosts"
+            extra["delivery"] = "mx"
+            level = logging.WARNING
+        logger.log(level, "deliverer started; %s", where, extra=extra)
 
     async def aclose(self) -> None:
         """Close the Deliverer, as leaving its ``async with`` block does."""

@@ -92,6 +92,9 @@ class _Progress:
     done: set[str] = attrs.field(factory=set)
     # Outcomes decided but not (yet) written, by address.
     unwritten: dict[str, RecipientStatus] = attrs.field(factory=dict)
+    # Why an attempt failed here without a server's reply (refused connection,
+    # timeout, TLS), by address: logged with the outcome, then forgotten.
+    errors: dict[str, str] = attrs.field(factory=dict)
     # The job's recipients as claimed, by address.
     claimed: dict[str, RecipientStatus] = attrs.field(init=False)
 
@@ -391,7 +394,10 @@ class JobRunner:
             )
             if isinstance(exc, TransientDeliveryError):
                 lane.failed(self._config, self._rng, self._clock())
-            logger.info(
+            if exc.reply is None:  # our own words, not a server's: safe at INFO
+                progress.errors.update(dict.fromkeys(batch, reason(exc)))
+            # The outcome line (INFO) says the rest; this adds the server's text.
+            logger.debug(
                 "delivery attempt failed",
                 extra={
                     "message_id": job.message_id,
@@ -478,7 +484,8 @@ class JobRunner:
         progress.recorded.extend(statuses)
         self.tally.count(statuses)
         if logger.isEnabledFor(logging.INFO):
-            log_outcomes(job.message_id, lane.key, statuses)
+            log_outcomes(job.message_id, lane.key, statuses, errors=progress.errors)
+        progress.errors.clear()
         self._publish(progress, statuses, self._clock())
 
     async def _write(

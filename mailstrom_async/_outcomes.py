@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -144,41 +144,75 @@ def reason(exc: BaseException) -> str:
     return text[:_MAX_REASON]
 
 
-# recipient domain, state, code, enhanced code, attempt, host, ip
+# recipient domain, state, code, enhanced code, attempt, host, ip, local error
 _OutcomeKey = tuple[
-    str, RecipientState, int | None, str | None, int, str | None, str | None
+    str,
+    RecipientState,
+    int | None,
+    str | None,
+    int,
+    str | None,
+    str | None,
+    str | None,
 ]
 
 
 def log_outcomes(
-    message_id: str, destination: str, statuses: Sequence[RecipientStatus]
+    message_id: str,
+    destination: str,
+    statuses: Sequence[RecipientStatus],
+    *,
+    errors: Mapping[str, str] | None = None,
 ) -> None:
-    """One INFO record per recipient domain and outcome of a recorded attempt.
+    """One INFO record per recipient domain and outcome of a recorded attempt:
+    the one line an outcome gets at INFO.
 
-    INFO records never name a recipient, nor quote the reply text (a server may
-    quote the address); DEBUG adds one record per recipient with its address.
+    *errors* gives, by address, why an attempt failed here without a server's
+    reply (a refused connection, a timeout, a TLS failure): it is the record's
+    ``error``. INFO records never name a recipient, nor quote a server's reply
+    text (a server may quote the address); DEBUG adds one record per recipient
+    with its address.
     """
+    errors = errors or {}
     groups: dict[_OutcomeKey, int] = {}
     for s in statuses:
-        key = (s.domain, s.state, s.code, s.enhanced_code, s.attempts, s.host, s.ip)
+        key = (
+            s.domain,
+            s.state,
+            s.code,
+            s.enhanced_code,
+            s.attempts,
+            s.host,
+            s.ip,
+            errors.get(s.address),
+        )
         groups[key] = groups.get(key, 0) + 1
-    for (domain, state, code, enhanced, attempt, host, ip), count in groups.items():
+    for (
+        domain,
+        state,
+        code,
+        enhanced,
+        attempt,
+        host,
+        ip,
+        error,
+    ), count in groups.items():
+        extra = {
+            "message_id": message_id,
+            "recipient_domain": domain,
+            "destination": destination,
+            "host": host,
+            "ip": ip,
+            "code": code,
+            "enhanced_code": enhanced,
+            "attempt": attempt,
+            "state": state.value,
+            "recipients": count,
+        }
+        if error is not None:
+            extra["error"] = error
         logger.info(
-            "attempt recorded: %d recipient(s) %s",
-            count,
-            state.value,
-            extra={
-                "message_id": message_id,
-                "recipient_domain": domain,
-                "destination": destination,
-                "host": host,
-                "ip": ip,
-                "code": code,
-                "enhanced_code": enhanced,
-                "attempt": attempt,
-                "state": state.value,
-                "recipients": count,
-            },
+            "attempt recorded: %d recipient(s) %s", count, state.value, extra=extra
         )
     if logger.isEnabledFor(logging.DEBUG):
         for s in statuses:

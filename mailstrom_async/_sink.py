@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import attrs
 
-__all__ = ["CapturedMessage", "SinkServer"]
+__all__ = ["CapturedMessage", "RcptPolicy", "SinkServer"]
 
 # Replies a policy may return for a RCPT: None accepts.
 RcptPolicy = Callable[[str], str | None]

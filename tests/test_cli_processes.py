@@ -114,12 +114,19 @@ async def test_worker_delivers_and_stops_cleanly(
             _, err = await read_all(worker)
             code = await worker.wait()
     assert code == 0, err
-    assert "deliverer started" in err
-    assert "stopping signal=SIGTERM" in err
     assert (
-        f"delivered message_id={message_id} recipient_domain=example.org attempt=1 code=250"
-        in err
+        f"deliverer started; mail goes through the relay 127.0.0.1:{server.port}" in err
     )
+    assert "stopping signal=SIGTERM" in err
+    # One line per outcome: the Deliverer's, not a second one from the command.
+    [outcome] = [line for line in err.splitlines() if message_id in line]
+    assert (
+        f"INFO mailstrom_async.deliverer: attempt recorded: 1 recipient(s) delivered "
+        f"message_id={message_id} recipient_domain=example.org destination=relay"
+        in outcome
+    )
+    assert "code=250" in outcome
+    assert "attempt=1" in outcome
     assert "Traceback" not in err
     [received] = server.messages
     assert received.rcpt_tos == ["you@example.org"]
@@ -367,7 +374,10 @@ async def test_worker_json_logs_and_sigint(tmp_path: Path) -> None:
         worker.send_signal(signal.SIGINT)
         assert migrated["message"] == "migrated SQLite store schema"
         assert migrated["to_version"] >= 1
-        assert ready["message"] == "deliverer started"
+        assert ready["message"] == (
+            "deliverer started; mail goes through the relay 127.0.0.1:25"
+        )
+        assert (ready["delivery"], ready["relay_port"]) == ("relay", 25)
         assert ready["level"] == "INFO"
         assert ready["logger"] == "mailstrom_async.deliverer"
         assert ready["mode"] == "deliver"

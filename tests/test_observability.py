@@ -190,7 +190,8 @@ async def test_one_info_record_per_domain_and_outcome(
 async def test_failed_connection_logs_destination_and_host(
     logs: pytest.LogCaptureFixture,
 ) -> None:
-    """A refused connection is logged at INFO with its destination and host."""
+    """A refused connection is one INFO line, its outcome, with its destination,
+    host and why; DEBUG adds the failed attempt's own record."""
     port = free_port()
     async with Deliverer(relay_config(port=port), store=MemoryStore()) as d:
         events = d.events()
@@ -198,13 +199,23 @@ async def test_failed_connection_logs_destination_and_host(
         await outcomes(events, 1)
         await events.aclose()
     [failed] = [r for r in logs.records if r.getMessage() == "delivery attempt failed"]
-    assert failed.levelno == logging.INFO
-    assert failed.message_id == handle.message_id  # type: ignore[attr-defined]
-    assert failed.destination == "relay"  # type: ignore[attr-defined]
-    assert failed.host == "127.0.0.1"  # type: ignore[attr-defined]
+    assert failed.levelno == logging.DEBUG
     assert failed.code is None  # type: ignore[attr-defined]
-    [recorded] = [r for r in logs.records if r.getMessage().startswith("attempt rec")]
+    delivery = [
+        r
+        for r in logs.records
+        if r.levelno >= logging.INFO
+        and getattr(r, "message_id", None) == handle.message_id
+    ]
+    [recorded] = delivery
+    assert recorded.getMessage() == "attempt recorded: 1 recipient(s) deferred"
+    assert recorded.levelno == logging.INFO
     assert recorded.state == "deferred"  # type: ignore[attr-defined]
+    assert recorded.destination == "relay"  # type: ignore[attr-defined]
+    assert recorded.host == "127.0.0.1"  # type: ignore[attr-defined]
+    assert recorded.code is None  # type: ignore[attr-defined]  # local: no server reply
+    assert recorded.error.startswith("ConnectError: ")  # type: ignore[attr-defined]
+    assert str(port) in recorded.error  # type: ignore[attr-defined]
 
 
 LOGGERS = {

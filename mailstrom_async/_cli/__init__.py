@@ -4,7 +4,8 @@ One module per family of subcommands: :mod:`._send` (send), :mod:`._queue`
 (status, queue, retry, cancel, purge), :mod:`._hold` (hold, release),
 :mod:`._leases` (leases), :mod:`._run` (worker, sink, demo); shared
 options and output in :mod:`._common`. :func:`main` turns every error meant for
-a person into one line on stderr and an exit code, never a traceback.
+a person into one line on stderr and an exit code, never a traceback; with
+``--json`` that line is a JSON object.
 """
 
 from __future__ import annotations
@@ -12,14 +13,19 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from importlib.metadata import version
 
 from mailstrom_async._cli import _hold, _leases, _queue, _run, _send
 from mailstrom_async._cli._common import (
     DEFAULT_STORE_PATH,
     EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
     PROG,
     CLIError,
     Parser,
+    UsageError,
+    print_error,
 )
 from mailstrom_async._exceptions import MailstromError
 
@@ -40,7 +46,8 @@ examples:
   mailstrom-async hold --domain example.org
 
 exit codes: 0 ok, 1 error, 2 usage error, 3 a recipient failed (send --wait),
-4 still pending when send --wait timed out, 130 interrupted.
+4 still pending when send --wait timed out, 130 interrupted. Errors are one
+line on stderr; with --json, one JSON object {{"error": ..., "exit_code": N}}.
 Run 'mailstrom-async COMMAND --help' for each command's options.
 """
 
@@ -53,6 +60,12 @@ def _parser() -> Parser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"{PROG} {version('mailstrom-async')}",
+        help="print the version and exit",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _send.add_parser(sub)
     _run.add_parsers(sub)
@@ -64,23 +77,36 @@ def _parser() -> Parser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; return its exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = _parser().parse_args(argv)
-    except SystemExit as exc:  # --help, or a usage error already printed
+    except SystemExit as exc:  # --help or --version
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    except UsageError as exc:
+        print_error(str(exc), EXIT_USAGE, as_json=_wants_json(argv))
+        return EXIT_USAGE
+    as_json = bool(getattr(args, "json", False))
     try:
         code: int = args.handler(args)
-    except SystemExit as exc:  # a usage error found by a handler
-        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    except UsageError as exc:  # a usage error found by a handler
+        print_error(str(exc), EXIT_USAGE, as_json=as_json)
+        return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BaseException as exc:
         reason = _reason(exc)
         if reason is None:
             raise
-        print(f"{PROG}: error: {reason}", file=sys.stderr)
+        print_error(reason, EXIT_ERROR, as_json=as_json)
         return EXIT_ERROR
     return code
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    """Whether a command line that could not be parsed asked for --json (so
+    that its usage error is JSON too)."""
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    return "--json" in options
 
 
 def _reason(exc: BaseException) -> str | None:

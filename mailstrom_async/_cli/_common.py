@@ -29,20 +29,24 @@ __all__ = [
     "DEFAULT_STORE_PATH",
     "EXIT_ERROR",
     "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_PENDING",
     "EXIT_USAGE",
     "PROG",
     "CLIError",
     "Parser",
+    "UsageError",
     "add_store_options",
     "age",
     "duration",
     "load_config",
+    "message_id",
     "non_negative_seconds",
     "one_target",
     "open_store",
     "positive_seconds",
+    "print_error",
     "print_json",
     "setup_logging",
     "status_json",
@@ -58,6 +62,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_FAILED = 3
 EXIT_PENDING = 4
+EXIT_INTERRUPTED = 130
 
 #: How long a command waits for a store another process holds, by default.
 DEFAULT_LOCK_TIMEOUT = 10.0
@@ -67,11 +72,20 @@ class CLIError(Exception):
     """A bad input or a failure, told in one line; exit code 1."""
 
 
+class UsageError(Exception):
+    """A usage error (unknown option, bad or missing argument); exit code 2.
+
+    ``main()`` prints it like every other error: one line, or JSON with --json.
+    """
+
+
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line on stderr, exit code 2."""
+    """An ArgumentParser whose usage errors are :class:`UsageError`, which
+    ``main()`` prints as one line on stderr, exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+        msg = f"{message} (see '{self.prog} --help')"
+        raise UsageError(msg)
 
 
 def utcnow() -> datetime:
@@ -154,6 +168,26 @@ def duration(text: str) -> timedelta:
         pass
     msg = f"invalid duration {text!r}: use e.g. 7d, 12h, 30m or 3600s"
     raise argparse.ArgumentTypeError(msg)
+
+
+def message_id(text: str) -> str:
+    """A message id as the queue knows it, from the way a person may give it.
+
+    The id is accepted as ``send`` printed it (``abc@example.com``) or as it
+    appears in a ``Message-ID`` header (``<abc@example.com>``), with surrounding
+    whitespace. Every command that takes an id uses this (as the argparse
+    ``type``), so all of them accept the same forms.
+    """
+    value = text.strip()
+    if len(value) >= 2 and value[0] == "<" and value[-1] == ">":
+        value = value[1:-1].strip()
+    if not value or "<" in value or ">" in value or any(c.isspace() for c in value):
+        msg = (
+            f"not a message id: {text!r} (give it as 'send' printed it, "
+            "with or without the <> of a Message-ID header)"
+        )
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 # -- store and config -----------------------------------------------------------
@@ -317,3 +351,15 @@ def status_json(status: MessageStatus) -> dict[str, Any]:
 
 def print_json(value: object) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def print_error(
+    text: str, code: int, *, as_json: bool, **fields: str | int | None
+) -> None:
+    """An error on stderr: ``mailstrom-async: error: TEXT``, or with *as_json*
+    one JSON object ``{"error": TEXT, "exit_code": CODE, **fields}``."""
+    if as_json:
+        entry = {"error": text, "exit_code": code, **fields}
+        print(json.dumps(entry, ensure_ascii=False), file=sys.stderr, flush=True)
+    else:
+        print(f"{PROG}: error: {text}", file=sys.stderr, flush=True)

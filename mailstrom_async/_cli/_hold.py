@@ -11,6 +11,7 @@ from mailstrom_async._cli._common import (
     EXIT_OK,
     add_store_options,
     load_config,
+    message_id,
     one_target,
     open_store,
     print_json,
@@ -44,7 +45,9 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
         "  mailstrom-async hold --domain example.org --json",
         formatter_class=_FORMATTER,
     )
-    p.add_argument("message_id", metavar="ID", nargs="?", help="one message")
+    p.add_argument(
+        "message_id", metavar="ID", type=message_id, nargs="?", help="one message"
+    )
     p.add_argument("--domain", help="every message's recipients of this domain")
     add_store_options(p)
     p.set_defaults(handler=_hold, parser=p)
@@ -61,7 +64,9 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
         "  mailstrom-async release --all",
         formatter_class=_FORMATTER,
     )
-    p.add_argument("message_id", metavar="ID", nargs="?", help="one message")
+    p.add_argument(
+        "message_id", metavar="ID", type=message_id, nargs="?", help="one message"
+    )
     p.add_argument("--domain", help="every held recipient of this domain")
     p.add_argument("--all", action="store_true", help="every held recipient")
     add_store_options(p)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -11,10 +12,12 @@ import anyio
 
 from mailstrom_async._cli._common import (
     EXIT_OK,
+    CLIError,
     add_store_options,
     age,
     duration,
     load_config,
+    message_id,
     one_target,
     open_store,
     print_json,
@@ -51,7 +54,12 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
         "  mailstrom-async status --json ID | jq .recipients",
         formatter_class=_FORMATTER,
     )
-    p.add_argument("message_id", metavar="ID", help="the id printed by 'send'")
+    p.add_argument(
+        "message_id",
+        metavar="ID",
+        type=message_id,
+        help="the id printed by 'send' (<> around it, as in a Message-ID header, are fine)",
+    )
     add_store_options(p)
     p.set_defaults(handler=_status)
 
@@ -96,7 +104,9 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
         "  mailstrom-async retry --domain example.org\n  mailstrom-async retry --all",
         formatter_class=_FORMATTER,
     )
-    p.add_argument("message_id", metavar="ID", nargs="?", help="one message")
+    p.add_argument(
+        "message_id", metavar="ID", type=message_id, nargs="?", help="one message"
+    )
     p.add_argument("--domain", help="every message to this recipient domain")
     p.add_argument("--all", action="store_true", help="every waiting recipient")
     add_store_options(p)
@@ -111,7 +121,7 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
         epilog="example:\n  mailstrom-async cancel ID",
         formatter_class=_FORMATTER,
     )
-    p.add_argument("message_id", metavar="ID")
+    p.add_argument("message_id", metavar="ID", type=message_id)
     add_store_options(p)
     p.set_defaults(handler=_cancel)
 
@@ -120,9 +130,13 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
         help="delete finished messages older than a duration",
         description="Delete messages whose recipients are all delivered or failed "
         "and whose last attempt is older than DURATION. Waiting mail is never "
-        "deleted.",
-        epilog="examples:\n  mailstrom-async purge --older-than 7d\n"
-        "  mailstrom-async purge --older-than 1d12h",
+        "deleted. --dry-run lists what would be deleted and deletes nothing. "
+        "When stdin is a terminal, purge says how many messages it will delete "
+        "and asks first, unless --yes is given; when it is not (cron, scripts, "
+        "pipes) it deletes without asking, like 'postsuper -d'.",
+        epilog="examples:\n  mailstrom-async purge --older-than 7d --dry-run\n"
+        "  mailstrom-async purge --older-than 7d\n"
+        "  mailstrom-async purge --older-than 1d12h --yes",
         formatter_class=_FORMATTER,
     )
     p.add_argument(
@@ -131,6 +145,17 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
         type=duration,
         required=True,
         help="e.g. 7d, 12h, 30m, 3600s, 1w, 1d12h",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the messages that would be deleted; delete nothing",
+    )
+    p.add_argument(
+        "-y",
+        "--yes",
+        action="store_true",
+        help="do not ask for confirmation on a terminal",
     )
     add_store_options(p)
     p.set_defaults(handler=_purge)
@@ -348,6 +373,20 @@ def _purge(args: argparse.Namespace) -> int:
         cutoff = utcnow() - args.older_than
     except OverflowError:  # older than year 1: nothing is
         cutoff = datetime.min.replace(tzinfo=UTC)
+    ask = not args.yes and not args.dry_run and sys.stdin.isatty()
+    if args.dry_run or ask:
+        candidates = anyio.run(_purgeable, store, cutoff)
+        if args.dry_run:
+            _print_purgeable(candidates, cutoff, as_json=args.json)
+            return EXIT_OK
+        if candidates and not _confirm(
+            f"delete {len(candidates)} finished message(s) older than "
+            f"{timestamp(cutoff)}? [y/N] "
+        ):
+            msg = "not confirmed: nothing was deleted (give --yes to skip the question)"
+            raise CLIError(msg)
+        # A fresh store object: the first one is closed and cannot be reopened.
+        store = _prepare(args)
 
     async def run() -> int:
         async with store:
@@ -359,3 +398,60 @@ def _purge(args: argparse.Namespace) -> int:
     else:
         print(f"purged {count} finished message(s) older than {timestamp(cutoff)}")
     return EXIT_OK
+
+
+async def _purgeable(store: SQLiteStore, cutoff: datetime) -> list[MessageStatus]:
+    """The messages ``purge`` would delete now: every recipient final, and the
+    last attempt (or the submission, if none) before *cutoff*."""
+    async with store:
+        finished = await store.messages(
+            states=(RecipientState.DELIVERED, RecipientState.FAILED)
+        )
+    return [m for m in finished if m.is_done and _finished_at(m) < cutoff]
+
+
+def _finished_at(status: MessageStatus) -> datetime:
+    return max(r.last_attempt_at or status.submitted_at for r in status)
+
+
+def _print_purgeable(
+    messages: list[MessageStatus], cutoff: datetime, *, as_json: bool
+) -> None:
+    if as_json:
+        print_json(
+            {
+                "dry_run": True,
+                "would_purge": len(messages),
+                "finished_before": cutoff.isoformat(),
+                "message_ids": [m.message_id for m in messages],
+            }
+        )
+        return
+    if messages:
+        print(
+            table(
+                ["ID", "FINISHED", "FROM", "RECIPIENTS"],
+                [
+                    (
+                        m.message_id,
+                        timestamp(_finished_at(m)),
+                        m.mail_from or "<>",
+                        len(m.recipients),
+                    )
+                    for m in messages
+                ],
+            )
+        )
+    print(
+        f"would purge {len(messages)} finished message(s) older than "
+        f"{timestamp(cutoff)} (dry run: nothing deleted)"
+    )
+
+
+def _confirm(question: str) -> bool:
+    """Ask *question* on stderr and read the answer from stdin (a terminal):
+    yes for ``y`` or ``yes``; no for anything else, or end of input."""
+    sys.stderr.write(question)
+    sys.stderr.flush()
+    answer = sys.stdin.readline()
+    return answer.strip().lower() in ("y", "yes")

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import email.parser
 import email.policy
+import fnmatch
 import importlib.util
 import json
 import logging
 import signal
+import sys
 import tempfile
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,8 +34,7 @@ from mailstrom_async._sink import SinkServer
 if TYPE_CHECKING:
     from mailstrom_async._cli._common import Parser
     from mailstrom_async._config import Config
-    from mailstrom_async._events import EventStream
-    from mailstrom_async._sink import CapturedMessage
+    from mailstrom_async._sink import CapturedMessage, RcptPolicy
     from mailstrom_async._store import SQLiteStore
 
 __all__ = ["add_parsers"]
@@ -77,12 +79,19 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
         help="a local SMTP server that prints (and saves) what it receives",
         description="Accept every message over SMTP, print one line per message "
         "(sender, recipients, subject, size) and optionally save each as an .eml "
-        "file, for development. Stops cleanly on SIGINT/SIGTERM. It is part of "
+        "file, for development. --defer and --reject refuse the recipients that "
+        "match a pattern, so that a deferral or a bounce can be tried without "
+        "writing code. Stops cleanly on SIGINT/SIGTERM. It is part of "
         "mailstrom-async: no extra dependency.",
         epilog="examples:\n  mailstrom-async sink\n"
         "  mailstrom-async sink --port 2526 --save-dir ./outbox --json\n"
+        "  mailstrom-async sink --defer 'busy@*' --reject '*@gone.example.org'\n"
         "then point a Deliverer at it: MAILSTROM_RELAY__HOST=127.0.0.1 "
-        "MAILSTROM_RELAY__PORT=2525 MAILSTROM_RELAY__TLS=none",
+        "MAILSTROM_RELAY__PORT=2525 MAILSTROM_RELAY__TLS=none\n\n"
+        "PATTERN is a shell-style pattern (*, ?, [seq]) matched against the whole "
+        "recipient address, ignoring case. A recipient that matches a --reject "
+        "pattern gets '550 5.1.1', else one that matches a --defer pattern gets "
+        "'450 4.2.1'; the others are accepted.",
         formatter_class=_FORMATTER,
     )
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
@@ -90,7 +99,28 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
         "--port", type=_port, default=2525, help="default 2525; 0 picks a free one"
     )
     p.add_argument("--save-dir", metavar="DIR", help="write each message to DIR")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument(
+        "--defer",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        type=_pattern,
+        help="answer 450 4.2.1 (try again later) to matching recipients (repeatable)",
+    )
+    p.add_argument(
+        "--reject",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        type=_pattern,
+        help="answer 550 5.1.1 (no such user) to matching recipients (repeatable)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per message on stdout, and nothing else there "
+        "(the listening line goes to stderr)",
+    )
     p.set_defaults(handler=_sink)
 
     p = sub.add_parser(
@@ -112,6 +142,13 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
         "--mx", action="store_true", help="direct delivery to MX hosts, no relay"
     )
     p.set_defaults(handler=_demo, parser=p)
+
+
+def _pattern(text: str) -> str:
+    if not text.strip():
+        msg = "an empty pattern: give e.g. '*@example.org' or 'busy@*'"
+        raise argparse.ArgumentTypeError(msg)
+    return text.strip().lower()
 
 
 def _port(text: str) -> int:
@@ -148,36 +185,15 @@ def _loop_options(choice: str) -> dict[str, bool]:
 
 
 async def _run_worker(config: Config, store: SQLiteStore) -> int:
+    # Each outcome is logged once, by the Deliverer ("attempt recorded: ..."), and
+    # its start line says where mail goes; the command adds only its own lines.
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        # The task group outlives the Deliverer: the event stream ends once the
-        # Deliverer has closed, after the events of the transactions that
-        # finished during shutdown, and every one of them is logged.
-        async with (
-            anyio.create_task_group() as tg,
-            Deliverer(config, store=store, mode="deliver") as deliverer,
-        ):
-            tg.start_soon(_log_events, deliverer.events())
+        async with Deliverer(config, store=store, mode="deliver"):
             async for signum in signals:
                 name = signal.Signals(signum).name
                 logger.info("stopping", extra={"signal": name})
                 break
     return EXIT_OK
-
-
-async def _log_events(events: EventStream) -> None:
-    async for event in events:
-        r = event.recipient
-        logger.info(
-            event.state.value,
-            extra={
-                "message_id": event.message_id,
-                "recipient_domain": r.domain,
-                "attempt": r.attempts,
-                "code": r.code,
-                "enhanced_code": r.enhanced_code,
-                "host": r.host,
-            },
-        )
 
 
 # -- sink ----------------------------------------------------------------------
@@ -192,19 +208,46 @@ def _sink(args: argparse.Namespace) -> int:
         except OSError as exc:
             msg = f"cannot use --save-dir {args.save_dir!r}: {exc.strerror or exc}"
             raise CLIError(msg) from None
-    return anyio.run(_run_sink, args.host, args.port, save_dir, args.json)
+    policy = sink_policy(defer=args.defer, reject=args.reject)
+    return anyio.run(_run_sink, args.host, args.port, save_dir, args.json, policy)
 
 
-async def _run_sink(host: str, port: int, save_dir: Path | None, as_json: bool) -> int:
+#: The replies of ``sink --reject`` and ``sink --defer``.
+REJECT_REPLY = "550 5.1.1 mailbox unavailable (sink --reject)"
+DEFER_REPLY = "450 4.2.1 mailbox busy, try again later (sink --defer)"
+
+
+def sink_policy(*, defer: Sequence[str], reject: Sequence[str]) -> RcptPolicy:
+    """The sink's RCPT policy: :data:`REJECT_REPLY` for an address matching a
+    *reject* pattern, else :data:`DEFER_REPLY` for one matching a *defer*
+    pattern, else accept. Patterns are :mod:`fnmatch` patterns, matched against
+    the whole address, ignoring case (they come lower-cased)."""
+
+    def policy(address: str) -> str | None:
+        folded = address.lower()
+        if any(fnmatch.fnmatchcase(folded, p) for p in reject):
+            return REJECT_REPLY
+        if any(fnmatch.fnmatchcase(folded, p) for p in defer):
+            return DEFER_REPLY
+        return None
+
+    return policy
+
+
+async def _run_sink(
+    host: str, port: int, save_dir: Path | None, as_json: bool, policy: RcptPolicy
+) -> int:
     try:
-        server = SinkServer(host=host, port=port)
+        server = SinkServer(host=host, port=port, policy=policy)
         await server.__aenter__()
     except OSError as exc:
         msg = f"cannot listen on {host}:{port}: {exc.strerror or exc}"
         raise CLIError(msg) from None
     try:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            print(f"sink listening on {host}:{server.port}", flush=True)
+            # With --json, stdout carries nothing but one JSON object a message.
+            banner = sys.stderr if as_json else sys.stdout
+            print(f"sink listening on {host}:{server.port}", file=banner, flush=True)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_print_messages, server, save_dir, as_json)
                 async for _ in signals:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -15,13 +16,16 @@ import anyio
 from mailstrom_async._builder import Attachment, Email
 from mailstrom_async._cli._common import (
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PENDING,
+    PROG,
     CLIError,
     add_store_options,
     load_config,
     open_store,
     positive_seconds,
+    print_error,
     print_json,
     status_json,
     table,
@@ -50,8 +54,10 @@ examples:
 
 Without --wait the message is stored for a worker ('mailstrom-async worker') and
 its id is printed. With --wait this process delivers it too (configure the relay
-or MX delivery with --config or MAILSTROM_* variables) and prints each
-recipient's outcome.
+or MX delivery with --config or MAILSTROM_* variables): it prints the id as soon
+as the message is stored (with --json, as a JSON line on stderr), then each
+recipient's outcome. Ctrl-C stops waiting: the message stays queued under that
+id for a worker, and the exit code is 130.
 
 exit codes:
   0  stored; with --wait: every recipient delivered
@@ -59,6 +65,7 @@ exit codes:
   2  usage error
   3  with --wait: at least one recipient failed
   4  with --wait: still pending when the time ran out (it stays queued)
+  130  with --wait: interrupted (Ctrl-C); a stored message stays queued
 """
 
 
@@ -193,7 +200,14 @@ def _send(args: argparse.Namespace) -> int:
         else:
             print(message_id)
         return EXIT_OK
-    status = anyio.run(_submit_and_wait, args, config, store, prepared)
+    stored: list[str] = []
+    try:
+        status = anyio.run(_submit_and_wait, args, config, store, prepared, stored)
+    except KeyboardInterrupt:
+        if not stored:
+            raise
+        _print_interrupted(stored[0], as_json=args.json)
+        return EXIT_INTERRUPTED
     _print_outcome(status, as_json=args.json)
     if not status.is_done:
         return EXIT_PENDING
@@ -218,7 +232,9 @@ async def _submit_and_wait(
     config: Config,
     store: SQLiteStore,
     prepared: PreparedMessage,
+    stored: list[str],
 ) -> MessageStatus:
+    """Submit and deliver; the id goes into *stored* (and out) once it is stored."""
     progress = args.progress
     if progress is None:
         progress = sys.stderr.isatty() and not args.json
@@ -227,6 +243,12 @@ async def _submit_and_wait(
             handle = await deliverer.submit(
                 prepared, idempotency_key=args.idempotency_key
             )
+            stored.append(handle.message_id)
+            if args.json:
+                line = json.dumps({"message_id": handle.message_id, "stored": True})
+                print(line, file=sys.stderr, flush=True)
+            else:
+                print(handle.message_id, flush=True)
             if progress:
                 tg.start_soon(_show_progress, events, handle.message_id, prepared)
             with anyio.move_on_after(args.wait):
@@ -256,11 +278,22 @@ async def _show_progress(
         sys.stderr.flush()
 
 
+def _print_interrupted(message_id: str, *, as_json: bool) -> None:
+    text = (
+        f"interrupted: message {message_id} stays queued for a worker "
+        f"(see 'mailstrom-async status {message_id}')"
+    )
+    if as_json:
+        print_error(text, EXIT_INTERRUPTED, as_json=True, message_id=message_id)
+    else:
+        print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+
+
 def _print_outcome(status: MessageStatus, *, as_json: bool) -> None:
+    """The outcome table (the id was printed when the message was stored)."""
     if as_json:
         print_json(status_json(status))
         return
-    print(status.message_id)
     print(
         table(
             ["RECIPIENT", "STATE", "CODE", "ENHANCED", "TEXT"],
