@@ -22,19 +22,18 @@ from mailstrom_async import (
     RecipientState,
     RelayConfig,
     RetryPolicy,
-    Timeouts,
 )
 from mailstrom_async._deliverer import Deliverer
 from mailstrom_async._downgrade import THREAD_OCTETS, NotDowngradableError, downgrade
 from mailstrom_async._message import prepare
-from mailstrom_async._smtp import ConnectionSettings, SMTPConnection
+from mailstrom_async._smtp import SMTPConnection
 from mailstrom_async._store import MemoryStore
 from tests.smtpd import FaultHandler, SMTPDServer, SMTPDServers
+from tests.wire import TIMEOUTS, plain_settings
 
 DELIVERED = RecipientState.DELIVERED
 FAILED = RecipientState.FAILED
 FROM = "sender@example.test"
-TIMEOUTS = Timeouts(connect=5, command=5, data_start=5, data_end=5)
 NO_8BITMIME = frozenset({"8BITMIME"})
 LATIN1 = "Grüße aus Köln, ça va ?\n".encode("latin-1")
 BINARY = bytes(range(256)) * 4
@@ -193,19 +192,25 @@ def test_downgrade_refuses(raw: bytes, reason: str) -> None:
         downgrade(raw)
 
 
-def test_downgrade_big_parts_in_slices() -> None:
-    """Parts bigger than one encoding slice (1 MiB) decode back exactly."""
+def text_and_blob(text: str, blob: bytes, blob_cte: str) -> bytes:
+    """A multipart/mixed message: *text* as 8bit, then *blob* (no CR or LF) as an
+    application/octet-stream part with Content-Transfer-Encoding *blob_cte*."""
     msg = EmailMessage()
     msg["From"] = FROM
-    msg.set_content(("äöü " * 40 + "\n") * 7000, cte="8bit")
-    blob = bytes(range(128, 256)) * 9000  # 1.1 MB, no CR or LF
-    attachment = EmailMessage()
-    attachment["Content-Type"] = "application/octet-stream"
-    attachment["Content-Transfer-Encoding"] = "binary"
-    attachment.set_payload(blob.decode("ascii", "surrogateescape"))
+    msg.set_content(text, cte="8bit")
+    part = EmailMessage()
+    part["Content-Type"] = "application/octet-stream"
+    part["Content-Transfer-Encoding"] = blob_cte
+    part.set_payload(blob.decode("ascii", "surrogateescape"))
     msg.make_mixed()
-    msg.attach(attachment)
-    data = msg.as_bytes(policy=SMTP)
+    msg.attach(part)
+    return msg.as_bytes(policy=SMTP)
+
+
+def test_downgrade_big_parts_in_slices() -> None:
+    """Parts bigger than one encoding slice (1 MiB) decode back exactly."""
+    blob = bytes(range(128, 256)) * 9000  # 1.1 MB, no CR or LF
+    data = text_and_blob(("äöü " * 40 + "\n") * 7000, blob, "binary")
     out = downgrade(data)
     assert out.isascii()
     assert leaves(out) == leaves(data)
@@ -221,33 +226,14 @@ def test_downgrade_big_parts_in_slices() -> None:
 )
 def test_downgrade_round_trip(text: str, blob: bytes) -> None:
     """Any text and binary content decodes back unchanged after re-encoding."""
-    msg = EmailMessage()
-    msg["From"] = FROM
-    msg.set_content(text + "ä", cte="8bit")
     blob = blob.replace(b"\r", b"").replace(b"\n", b"") + b"\xff"
-    part = EmailMessage()
-    part["Content-Type"] = "application/octet-stream"
-    part["Content-Transfer-Encoding"] = "8bit"
-    part.set_payload(blob.decode("ascii", "surrogateescape"))
-    msg.make_mixed()
-    msg.attach(part)
-    data = msg.as_bytes(policy=SMTP)
+    data = text_and_blob(text + "ä", blob, "8bit")
     out = downgrade(data)
     assert out.isascii()
     assert leaves(out) == leaves(data)
 
 
 # -- on the wire --------------------------------------------------------------------
-
-
-def settings(server: SMTPDServer) -> ConnectionSettings:
-    return ConnectionSettings(
-        host=server.host,
-        port=server.port,
-        tls="none",
-        helo_name="client.example.test",
-        timeouts=TIMEOUTS,
-    )
 
 
 async def start(
@@ -262,7 +248,7 @@ async def test_8bit_body_with_8bitmime_says_so(smtpd: SMTPDServers) -> None:
     BODY=8BITMIME on the MAIL command."""
     server = await start(smtpd, eight_bit=True)
     data = eight_bit_message()
-    conn = await SMTPConnection.open(settings(server))
+    conn = await SMTPConnection.open(plain_settings(server))
     outcomes = await conn.send(FROM, ["r@example.test"], data)
     await conn.aclose()
     assert [o.state for o in outcomes] == [DELIVERED]
@@ -273,7 +259,7 @@ async def test_8bit_body_with_8bitmime_says_so(smtpd: SMTPDServers) -> None:
 
 async def test_7bit_body_does_not_ask_for_8bitmime(smtpd: SMTPDServers) -> None:
     server = await start(smtpd, eight_bit=True)
-    conn = await SMTPConnection.open(settings(server))
+    conn = await SMTPConnection.open(plain_settings(server))
     await conn.send(FROM, ["r@example.test"], b"From: a@example.test\r\n\r\nhi\r\n")
     await conn.aclose()
     [received] = server.messages
@@ -285,7 +271,7 @@ async def test_8bit_body_without_8bitmime_is_reencoded(smtpd: SMTPDServers) -> N
     every part decodes back to the original content."""
     server = await start(smtpd, eight_bit=False)
     data = eight_bit_message()
-    conn = await SMTPConnection.open(settings(server))
+    conn = await SMTPConnection.open(plain_settings(server))
     outcomes = await conn.send(FROM, ["r@example.test", "s@example.test"], data)
     await conn.aclose()
     assert [o.state for o in outcomes] == [DELIVERED, DELIVERED]
@@ -303,7 +289,7 @@ async def test_big_8bit_body_reencoded_in_a_thread(smtpd: SMTPDServers) -> None:
     server = await start(smtpd, eight_bit=False)
     data = eight_bit_message(size=2 * THREAD_OCTETS)
     assert len(data) > THREAD_OCTETS
-    conn = await SMTPConnection.open(settings(server))
+    conn = await SMTPConnection.open(plain_settings(server))
     outcomes = await conn.send(FROM, ["r@example.test"], data)
     await conn.aclose()
     assert [o.state for o in outcomes] == [DELIVERED]
@@ -337,7 +323,7 @@ async def test_undowngradable_body_fails_5_6_3(
     """What cannot be re-encoded is never sent to a server without 8BITMIME:
     every recipient FAILs 5.6.3 with the reason, and no MAIL is sent."""
     server = await start(smtpd, eight_bit=False)
-    conn = await SMTPConnection.open(settings(server))
+    conn = await SMTPConnection.open(plain_settings(server))
     outcomes = await conn.send(FROM, ["r@example.test", "s@example.test"], data)
     await conn.aclose()
     for outcome in outcomes:
@@ -355,7 +341,7 @@ async def test_smtputf8_transaction_carries_8bit(smtpd: SMTPDServers) -> None:
     an SMTPUTF8 transaction, with BODY=8BITMIME when offered."""
     server = await start(smtpd, eight_bit=True, utf8=True)
     data = "From: jörg@example.test\r\nSubject: Grüße\r\n\r\nGrüße\r\n".encode()
-    conn = await SMTPConnection.open(settings(server))
+    conn = await SMTPConnection.open(plain_settings(server))
     outcomes = await conn.send("jörg@example.test", ["r@example.test"], data)
     await conn.aclose()
     assert [o.state for o in outcomes] == [DELIVERED]

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mailstrom_async import Config, RecipientState, RelayConfig, RetryPolicy, Timeouts
+from mailstrom_async import Config, RecipientState, RelayConfig, RetryPolicy
 from mailstrom_async._deliverer import Deliverer
 from mailstrom_async._message import Email, prepare
-from mailstrom_async._smtp import ConnectionSettings, SMTPConnection
+from mailstrom_async._smtp import SMTPConnection
 from mailstrom_async._store import MemoryStore
+from tests.wire import TIMEOUTS, plain_settings
 
 if TYPE_CHECKING:
     from mailstrom_async._classify import RecipientOutcome
@@ -26,17 +27,6 @@ FAILED = RecipientState.FAILED
 FROM = "sender@example.test"
 ASCII_MESSAGE = b"From: sender@example.test\r\nSubject: hi\r\n\r\nHello.\r\n"
 UTF8_MESSAGE = "From: sender@example.test\r\nSubject: Grüße\r\n\r\nHello.\r\n".encode()
-TIMEOUTS = Timeouts(connect=5, command=5, data_start=5, data_end=5)
-
-
-def settings(server: SMTPDServer) -> ConnectionSettings:
-    return ConnectionSettings(
-        host=server.host,
-        port=server.port,
-        tls="none",
-        helo_name="client.example.test",
-        timeouts=TIMEOUTS,
-    )
 
 
 async def send(
@@ -48,7 +38,7 @@ async def send(
     smtputf8: bool = False,
 ) -> tuple[list[RecipientOutcome], int]:
     """One send on a new connection: the outcomes and the MAIL commands sent."""
-    conn = await SMTPConnection.open(settings(server))
+    conn = await SMTPConnection.open(plain_settings(server))
     try:
         outcomes = await conn.send(mail_from, rcpts, data, smtputf8=smtputf8)
     finally:
