@@ -83,8 +83,8 @@ async def message_events(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
-    await response.prepare(request)
     async with statuses:
+        await response.prepare(request)
         async for status in statuses:
             event = "event: done\n" if status.is_done else ""
             await response.write(
