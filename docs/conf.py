@@ -63,6 +63,7 @@ nitpick_ignore = [
     ("py:class", "collections.abc.Iterable"),
     ("py:class", "collections.abc.Mapping"),
     ("py:class", "collections.abc.Sequence"),
+    ("py:class", "contextlib.AbstractContextManager"),
     ("py:class", "datetime"),  # attrs fields annotated with the imported name
     ("py:class", "datetime.datetime"),
     ("py:class", "email.message.EmailMessage"),

@@ -46,6 +46,7 @@ from mailstrom_async._exceptions import (
     TransientDeliveryError,
     UnknownMessageError,
 )
+from mailstrom_async._follow import StatusStream
 from mailstrom_async._leases import LeaseOwner
 from mailstrom_async._message import Attachment, Email, PreparedMessage, prepare
 from mailstrom_async._models import (
@@ -125,6 +126,7 @@ __all__ = [
     "SMTPReply",
     "SQLiteStore",
     "Statistics",
+    "StatusStream",
     "Store",
     "StoreError",
     "SubmitHandle",

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    asynccontextmanager,
+)
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from types import TracebackType
@@ -21,6 +26,7 @@ from mailstrom_async._exceptions import (
     ConfigError,
     DelivererClosedError,
 )
+from mailstrom_async._follow import StatusStream, chain_signals
 from mailstrom_async._intake import Intake, prepare_batch, prepare_one
 from mailstrom_async._job import JobRunner
 from mailstrom_async._leases import LeaseKeeper, LeaseOwner
@@ -569,6 +575,70 @@ class Deliverer:
         The stream ends when the Deliverer closes.
         """
         return self._broker.subscribe()
+
+    def follow(self, message_id: str) -> StatusStream:
+        """Follow one message: its status now, then each change, until it is done.
+
+        ``async for status in deliverer.follow(message_id)`` gives the message's
+        :class:`MessageStatus` as it stands, then a new one each time it changes,
+        and ends after the first status that ``is_done`` (so a message already
+        done gives one status). Changes that happen while the loop's body is busy
+        come as one status, the latest; the final one is never skipped.
+
+        It sees what every process does to the message, as it reads the store:
+        changes made by this Deliverer (a delivery attempt, :meth:`cancel`) at
+        once, and those of other processes (a worker, when this one runs with
+        ``mode="submit"``; :meth:`hold` and :meth:`release`) within
+        ``Config.poll_interval`` seconds, read by one query per interval while
+        the message waits. It also ends, with a status that is not done, when
+        the Deliverer closes or :meth:`stop_following` is called.
+
+        ``await deliverer.follow(message_id)`` (or ``async with``) reads the
+        first status at once, so that an unknown id raises there, before, say,
+        a response starts; iterating gives that status first.
+
+        Raises:
+            UnknownMessageError: no such message (when awaited, entered, or
+                first iterated).
+            DelivererClosedError: the Deliverer is not open.
+        """
+        self._check_open()
+        return StatusStream(
+            message_id,
+            read=self._store.status,
+            watchers=self._watchers,
+            poll_interval=self._config.poll_interval,
+        )
+
+    def stop_following(self) -> None:
+        """End every :meth:`follow` stream now, and later ones after their
+        first status, without closing the Deliverer.
+
+        For a server that shuts down: it waits for its open responses to end
+        before it closes the Deliverer, and a response that follows a message
+        waiting for a retry would not end by itself. aiohttp's
+        ``app.on_shutdown`` is the place to call it; under uvicorn, see
+        :meth:`stop_following_on`.
+        """
+        self._watchers.end_follows()
+
+    def stop_following_on(self, *signals: int) -> AbstractContextManager[None]:
+        """Within the ``with`` block, *signals* (default: SIGINT and SIGTERM)
+        call :meth:`stop_following`, then go to the handler that was set before.
+
+        A server such as uvicorn stops on these signals, but waits for open
+        responses to end before it runs the application's shutdown::
+
+            async with Deliverer(config) as deliverer:
+                with deliverer.stop_following_on():
+                    yield  # the lifespan: the server runs
+
+        The server's own handler still gets the signal, and gets it back on
+        leaving the block. Signal handlers can be set only in the main thread:
+        in another thread this does nothing.
+        """
+        wanted = signals or (signal.SIGINT, signal.SIGTERM)
+        return chain_signals(tuple(wanted), self.stop_following)
 
     async def _wait_done(self, message_id: str) -> MessageStatus:
         return await self._watchers.wait_done(

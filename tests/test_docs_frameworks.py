@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from functools import partial
@@ -27,6 +28,7 @@ import httpx
 import pytest
 import uvicorn
 from aiohttp.test_utils import TestClient, TestServer
+from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from mailstrom_async import (
@@ -37,7 +39,6 @@ from mailstrom_async import (
     MessageStatus,
     RelayConfig,
     SQLiteStore,
-    prepare,
 )
 from tests.smtpd import FaultHandler
 from tests.test_docs_examples import EXAMPLES, load_example
@@ -254,10 +255,16 @@ async def test_fastapi_app_from_environment_reads_the_toml_file(
         await app_from_environment()
 
 
+def status_of(message_id: str, *recipients: dict[str, Any]) -> dict[str, Any]:
+    """How the examples show a message."""
+    done = all(r["state"] in ("delivered", "failed") for r in recipients)
+    return {"id": message_id, "done": done, "recipients": list(recipients)}
+
+
 async def test_fastapi_events_of_a_delivered_message_end_at_once(
     fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
 ) -> None:
-    """A message already done when the stream opens: its final status, "done", end."""
+    """A message already done when the stream opens: "done", and the end."""
     server = await smtpd.start()
     app = fastapi_example.create_app(relay_config(server), str(tmp_path / "app.db"))
     async with asgi_client(app) as client:
@@ -273,70 +280,65 @@ async def test_fastapi_events_of_a_delivered_message_end_at_once(
         assert response.headers["cache-control"] == "no-cache"
         events = [event async for event in sse_events(response)]
         assert events == [
-            ("message", delivered("ada@example.org")),
-            (
-                "done",
-                {
-                    "id": handle.message_id,
-                    "done": True,
-                    "recipients": [delivered("ada@example.org")],
-                },
-            ),
+            ("done", status_of(handle.message_id, delivered("ada@example.org")))
         ]
 
         response = await client.get("/messages/no-such-id@example.com/events")
         assert response.status_code == 404
         assert "no-such-id@example.com" in response.json()["detail"]
-        assert deliverer._broker.subscriber_count == 0  # the 404 unsubscribed
+        assert deliverer._watchers._follows == {}  # nothing left following
 
 
-async def test_fastapi_events_stream_each_change_as_it_happens(
-    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
-) -> None:
-    """Over real HTTP: "queued" arrives first, "delivered" only once the server
-    accepts, then "done" and the end of the stream; other messages are left out."""
-    handler = FaultHandler(stall_at="DATA")
-    server = await smtpd.start(handler)
-    app = fastapi_example.create_app(relay_config(server), str(tmp_path / "app.db"))
+async def stream_each_change(client: httpx.AsyncClient, handler: FaultHandler) -> None:
+    """Over real HTTP: the message queued first, delivered only once the server
+    accepts, then the end of the stream; other messages are left out."""
     message = {
         "to": ["ada@example.org", "bob@example.net"],
         "subject": "s",
         "text": "t",
     }
-    async with uvicorn_client(app) as client:
-        with anyio.fail_after(30):
-            response = await client.post("/messages", json=message)
-            assert response.status_code == 202
-            message_id = response.json()["id"]
-            path = f"/messages/{message_id}/events"
-            async with client.stream("GET", path) as response:
-                assert response.status_code == 200
-                events = sse_events(response)
-                assert await anext(events) == ("message", queued("ada@example.org"))
-                assert await anext(events) == ("message", queued("bob@example.net"))
-                # The stream is open and the server is holding the message
-                # after its final dot: another message, then let both through.
-                await handler.stalled.wait()
-                other = {**message, "to": ["cy@example.com"]}
-                assert (await client.post("/messages", json=other)).status_code == 202
-                await handler.received.wait_for(2)  # both held after the dot
-                handler.release.set()
-                rest = [event async for event in events]
+    with anyio.fail_after(30):
+        response = await client.post("/messages", json=message)
+        assert response.status_code == 202
+        message_id = response.json()["id"]
+        path = f"/messages/{message_id}/events"
+        async with client.stream("GET", path) as response:
+            assert response.status_code == 200
+            assert response.headers["cache-control"] == "no-cache"
+            events = sse_events(response)
+            assert await anext(events) == (
+                "message",
+                status_of(
+                    message_id, queued("ada@example.org"), queued("bob@example.net")
+                ),
+            )
+            # The stream is open and the server is holding the message after
+            # its final dot: another message, then let both through.
+            await handler.stalled.wait()
+            other = {**message, "to": ["cy@example.com"]}
+            assert (await client.post("/messages", json=other)).status_code == 202
+            await handler.received.wait_for(2)  # both held after the dot
+            handler.release.set()
+            rest = [event async for event in events]
     assert rest == [
-        ("message", delivered("ada@example.org")),
-        ("message", delivered("bob@example.net")),
         (
             "done",
-            {
-                "id": message_id,
-                "done": True,
-                "recipients": [
-                    delivered("ada@example.org"),
-                    delivered("bob@example.net"),
-                ],
-            },
+            status_of(
+                message_id, delivered("ada@example.org"), delivered("bob@example.net")
+            ),
         ),
     ]
+
+
+async def test_fastapi_events_stream_each_change_as_it_happens(
+    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """The FastAPI stream, served by uvicorn, reports each change as it happens."""
+    handler = FaultHandler(stall_at="DATA")
+    server = await smtpd.start(handler)
+    app = fastapi_example.create_app(relay_config(server), str(tmp_path / "app.db"))
+    async with uvicorn_client(app) as client:
+        await stream_each_change(client, handler)
     assert len(server.messages) == 2
 
 
@@ -371,13 +373,14 @@ async def test_fastapi_events_end_without_done_when_the_deliverer_closes(
                 responses.append(await client.get(path))
 
             tg.start_soon(follow)
-            # The endpoint has subscribed, and waits for the status (read in
-            # a thread by aiosqlite) or for events.
+            # The endpoint has read the status, and waits for a change.
             await anyio.wait_all_tasks_blocked()
     [response] = responses
     assert response.status_code == 200
     [(name, data)] = [event async for event in sse_events(response)]
-    assert (name, data["state"], data["code"]) == ("message", "deferred", 451)
+    [recipient] = data["recipients"]
+    assert (name, data["done"]) == ("message", False)
+    assert (recipient["state"], recipient["code"]) == ("deferred", 451)
     assert server.messages == []
 
 
@@ -385,7 +388,7 @@ async def test_fastapi_events_in_a_submit_only_app_follow_the_store(
     fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
 ) -> None:
     """With mode="submit" a worker process delivers: the stream learns it from the
-    store, since no event of this process reports it."""
+    store, since nothing in this process reports it."""
     handler = FaultHandler(stall_at="DATA")
     server = await smtpd.start(handler)
     config = relay_config(server, poll_interval=0.05)
@@ -402,51 +405,133 @@ async def test_fastapi_events_in_a_submit_only_app_follow_the_store(
             path = f"/messages/{message_id}/events"
             async with client.stream("GET", path) as response:
                 events = sse_events(response)
-                assert await anext(events) == ("message", queued("ada@example.org"))
+                assert await anext(events) == (
+                    "message",
+                    status_of(message_id, queued("ada@example.org")),
+                )
                 await handler.stalled.wait()  # the worker has it, still in flight
                 handler.release.set()
                 rest = [event async for event in events]
-    assert rest[0] == ("message", delivered("ada@example.org"))
-    assert rest[-1][0] == "done"
-    assert len(rest) == 2
+    assert rest == [("done", status_of(message_id, delivered("ada@example.org")))]
 
 
-async def test_fastapi_events_catch_up_from_the_store_after_missing_some(
-    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
-) -> None:
-    """A stream that falls behind and loses events re-reads the status at once."""
-    server = await smtpd.start()
-    # Quiet streams would re-read the store only after an hour: a re-read within
-    # the test comes from the lost events.
-    app_config = relay_config(server, poll_interval=3600)
-    store_path = str(tmp_path / "app.db")
-    app = fastapi_example.create_app(app_config, store_path, mode="submit")
+# -- shutting down with an open stream, as the guides run the servers ----------
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now, for a server run as a child process."""
+    with socket.socket() as sock:
+        sock.bind((LOCALHOST, 0))
+        return int(sock.getsockname()[1])
+
+
+@attrs.define
+class ServerProcess:
+    """A server run as a child process, its output (stdout and stderr) kept."""
+
+    process: Process
+    output: bytearray = attrs.field(factory=bytearray)
+    ready: anyio.Event = attrs.field(factory=anyio.Event)
+
+    async def read_output(self, ready_text: bytes) -> None:
+        assert self.process.stdout is not None
+        async for chunk in self.process.stdout:
+            self.output += chunk
+            if ready_text in self.output:
+                self.ready.set()
+
+    @property
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+
+@contextlib.asynccontextmanager
+async def server_process(
+    command: list[str], *, env: dict[str, str], ready_text: bytes
+) -> AsyncIterator[ServerProcess]:
+    """Run *command* in docs/examples; yield once it prints *ready_text*.
+
+    Leaving the block waits for the process to exit; it is killed if the block
+    raised, so that a failing test does not wait for it forever.
+    """
+    async with await anyio.open_process(
+        command, cwd=EXAMPLES, env=env, stderr=subprocess.STDOUT
+    ) as process:
+        server = ServerProcess(process)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(server.read_output, ready_text)
+                with anyio.fail_after(30):
+                    await server.ready.wait()
+                yield server
+                with anyio.fail_after(30):
+                    await process.wait()
+        except BaseException:
+            process.kill()
+            print(server.text)  # shown by pytest when the test fails
+            raise
+
+
+async def stream_then_stop(
+    server: ServerProcess, url: str, sig: signal.Signals
+) -> list[tuple[str, dict[str, Any]]]:
+    """Queue a message that waits for a retry, open its event stream, send *sig*
+    to the server while the stream is open; return the events after the first."""
     message = {"to": ["ada@example.org"], "subject": "s", "text": "t"}
-    async with uvicorn_client(app) as client:
-        with anyio.fail_after(20):
-            response = await client.post("/messages", json=message)
-            message_id = response.json()["id"]
-            path = f"/messages/{message_id}/events"
-            async with client.stream("GET", path) as response:
-                events = sse_events(response)
-                assert await anext(events) == ("message", queued("ada@example.org"))
-                # Deliver it from another Deliverer: no event reaches the app.
-                worker_config = relay_config(server, poll_interval=0.05)
-                store = SQLiteStore(store_path)
-                async with Deliverer(worker_config, store=store, mode="deliver") as w:
-                    await wait_until_done(w, message_id)
-                # One batch publishes more "queued" events than a subscriber
-                # buffers (10,000): the stream loses some and catches up.
-                web: Deliverer = app.state.deliverer
-                one = prepare(Email(sender="a@example.com", to=["u@example.net"]))
-                await web.submit_many(
-                    attrs.evolve(one, message_id=f"<m{i}@example.com>")
-                    for i in range(10_001)
-                )
-                rest = [event async for event in events]
-    assert rest[0] == ("message", delivered("ada@example.org"))
-    assert rest[-1][0] == "done"
-    assert len(rest) == 2
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        response = await client.post("/messages", json=message)
+        assert response.status_code == 202
+        path = f"/messages/{response.json()['id']}/events"
+        async with client.stream("GET", path) as response:
+            assert response.status_code == 200
+            events = sse_events(response)
+            name, first = await anext(events)
+            assert name == "message"
+            assert not first["done"]
+            server.process.send_signal(sig)
+            # The stream ends (no "done": the message still waits), then the
+            # server exits.
+            return [event async for event in events]
+
+
+def assert_clean_output(output: str) -> None:
+    for text in ("Traceback", "CancelledError", "Exception in ASGI application"):
+        assert text not in output, output
+
+
+UVICORN_EXIT = {signal.SIGINT: 0, signal.SIGTERM: -signal.SIGTERM}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+@pytest.mark.parametrize("example", ["fastapi_app", "starlette_app"])
+async def test_uvicorn_stops_cleanly_with_an_open_event_stream(
+    smtpd: SMTPDServers, tmp_path: Path, example: str, sig: signal.Signals
+) -> None:
+    """The guide's command, as written: a stream waiting for a retry ends when
+    the server is told to stop; the server exits, with no traceback."""
+    handler = FaultHandler(rcpt_replies={"ada@example.org": "451 4.3.0 try later"})
+    smtp = await smtpd.start(handler)
+    port = free_port()
+    env = {
+        **os.environ,
+        "MAIL_CONFIG": str(write_config(tmp_path / "mailstrom.toml", smtp)),
+        "MAIL_QUEUE": str(tmp_path / "queue.sqlite3"),
+        "UVICORN_PORT": str(port),  # the documented command, on a free port
+    }
+    command = [
+        str(Path(sys.executable).with_name("uvicorn")),
+        "--factory",
+        f"{example}:app_from_environment",
+    ]
+    async with server_process(
+        command, env=env, ready_text=b"Uvicorn running on"
+    ) as server:
+        rest = await stream_then_stop(server, f"http://{LOCALHOST}:{port}", sig)
+    assert "done" not in [name for name, _ in rest]
+    assert server.process.returncode == UVICORN_EXIT[sig], server.text
+    assert_clean_output(server.text)
+    assert "Shutting down" in server.text
+    assert "Application shutdown complete" in server.text
 
 
 # -- starlette_app.py --------------------------------------------------------------
@@ -528,8 +613,43 @@ def test_starlette_app_from_environment_reads_the_toml_file(
     app = starlette_example.app_from_environment()
     assert [route.path for route in app.routes] == [
         "/messages",
+        "/messages/{message_id:path}/events",
         "/messages/{message_id:path}",
     ]
+
+
+async def test_starlette_events_stream_each_change_as_it_happens(
+    starlette_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """The Starlette stream, served by uvicorn, reports each change as it happens."""
+    handler = FaultHandler(stall_at="DATA")
+    server = await smtpd.start(handler)
+    app = starlette_example.create_app(relay_config(server), str(tmp_path / "app.db"))
+    async with uvicorn_client(app) as client:
+        await stream_each_change(client, handler)
+    assert len(server.messages) == 2
+
+
+async def test_starlette_events_of_a_delivered_or_unknown_message(
+    starlette_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """A message already done: "done" and the end; an unknown one: 404."""
+    server = await smtpd.start()
+    app = starlette_example.create_app(relay_config(server), str(tmp_path / "app.db"))
+    async with asgi_client(app) as client:
+        deliverer: Deliverer = app.state.deliverer
+        email = Email(sender="a@example.com", to=["ada@example.org"], subject="s")
+        with anyio.fail_after(30):
+            handle = await deliverer.submit(email)
+            await handle
+            response = await client.get(f"/messages/{handle.message_id}/events")
+        assert response.status_code == 200
+        assert [event async for event in sse_events(response)] == [
+            ("done", status_of(handle.message_id, delivered("ada@example.org")))
+        ]
+        response = await client.get("/messages/no-such-id@example.com/events")
+        assert response.status_code == 404
+        assert "no-such-id@example.com" in response.json()["detail"]
 
 
 # -- aiohttp_app.py ----------------------------------------------------------------
@@ -623,7 +743,79 @@ def test_aiohttp_app_from_environment_reads_the_toml_file(
         ("POST", "/messages"),
         ("GET", "/messages/{message_id}"),
         ("HEAD", "/messages/{message_id}"),
+        ("GET", "/messages/{message_id}/events"),
+        ("HEAD", "/messages/{message_id}/events"),
     }
+
+
+@contextlib.asynccontextmanager
+async def aiohttp_server_client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """aiohttp's test server on 127.0.0.1, and an httpx client for it."""
+    async with (
+        aiohttp_client(app) as aiohttp,
+        httpx.AsyncClient(base_url=str(aiohttp.make_url("")), timeout=30) as client,
+    ):
+        yield client
+
+
+async def test_aiohttp_events_stream_each_change_as_it_happens(
+    aiohttp_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """The aiohttp stream reports each change as it happens."""
+    handler = FaultHandler(stall_at="DATA")
+    server = await smtpd.start(handler)
+    app = aiohttp_example.create_app(relay_config(server), str(tmp_path / "app.db"))
+    async with aiohttp_server_client(app) as client:
+        await stream_each_change(client, handler)
+    assert len(server.messages) == 2
+
+
+async def test_aiohttp_events_of_a_delivered_or_unknown_message(
+    aiohttp_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """A message already done: "done" and the end; an unknown one: 404."""
+    server = await smtpd.start()
+    app = aiohttp_example.create_app(relay_config(server), str(tmp_path / "app.db"))
+    async with aiohttp_server_client(app) as client:
+        deliverer: Deliverer = app[aiohttp_example.DELIVERER]
+        email = Email(sender="a@example.com", to=["ada@example.org"], subject="s")
+        with anyio.fail_after(30):
+            handle = await deliverer.submit(email)
+            await handle
+            response = await client.get(f"/messages/{handle.message_id}/events")
+        assert response.status_code == 200
+        assert response.headers["cache-control"] == "no-cache"
+        assert [event async for event in sse_events(response)] == [
+            ("done", status_of(handle.message_id, delivered("ada@example.org")))
+        ]
+        response = await client.get("/messages/no-such-id@example.com/events")
+        assert response.status_code == 404
+        assert "no-such-id@example.com" in response.json()["detail"]
+        assert deliverer._watchers._follows == {}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+async def test_aiohttp_stops_cleanly_with_an_open_event_stream(
+    smtpd: SMTPDServers, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """``python aiohttp_app.py``: a stream waiting for a retry ends when the
+    server is told to stop; the server exits, with no traceback."""
+    handler = FaultHandler(rcpt_replies={"ada@example.org": "451 4.3.0 try later"})
+    smtp = await smtpd.start(handler)
+    port = free_port()
+    env = {
+        **os.environ,
+        "MAIL_CONFIG": str(write_config(tmp_path / "mailstrom.toml", smtp)),
+        "MAIL_QUEUE": str(tmp_path / "queue.sqlite3"),
+        "PORT": str(port),
+        "PYTHONUNBUFFERED": "1",  # run_app prints where it listens
+    }
+    command = [sys.executable, "aiohttp_app.py"]
+    async with server_process(command, env=env, ready_text=b"Running on") as server:
+        rest = await stream_then_stop(server, f"http://{LOCALHOST}:{port}", sig)
+    assert "done" not in [name for name, _ in rest]
+    assert server.process.returncode == 0, server.text
+    assert_clean_output(server.text)
 
 
 # -- script.py ---------------------------------------------------------------------

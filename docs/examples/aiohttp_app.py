@@ -4,12 +4,13 @@ A ``cleanup_ctx`` generator opens the Deliverer when the application starts and
 closes it when the application shuts down; handlers find it under a typed
 ``web.AppKey``.
 
-Run it, the configuration coming from a TOML file::
+Run it, the configuration coming from a TOML file (``$PORT``, default 8080)::
 
     MAIL_CONFIG=mailstrom.toml MAIL_QUEUE=/var/lib/app/mail.sqlite3 \
         python aiohttp_app.py
 """
 
+import json
 import os
 from collections.abc import AsyncIterator, Callable
 
@@ -20,6 +21,7 @@ from mailstrom_async import (
     Deliverer,
     Email,
     InvalidMessageError,
+    MessageStatus,
     SQLiteStore,
     UnknownMessageError,
 )
@@ -62,6 +64,38 @@ async def message_status(request: web.Request) -> web.Response:
         current = await request.app[DELIVERER].status(request.match_info["message_id"])
     except UnknownMessageError as exc:
         return web.json_response({"detail": str(exc)}, status=404)
+    return web.json_response(status_json(current))
+
+
+@routes.get("/messages/{message_id}/events")
+async def message_events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: the message's status now, then each change.
+
+    The last, once every recipient is final, is named "done". The stream ends
+    early, without "done", when the server shuts down: a browser's EventSource
+    then reconnects.
+    """
+    deliverer = request.app[DELIVERER]
+    try:
+        statuses = await deliverer.follow(request.match_info["message_id"])
+    except UnknownMessageError as exc:
+        return web.json_response({"detail": str(exc)}, status=404)
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    async with statuses:
+        await response.prepare(request)
+        async for status in statuses:
+            event = "event: done\n" if status.is_done else ""
+            await response.write(
+                f"{event}data: {json.dumps(status_json(status))}\n\n".encode()
+            )
+    await response.write_eof()
+    return response
+
+
+def status_json(status: MessageStatus) -> dict[str, object]:
+    """What the endpoints tell of a message and of each of its recipients."""
     recipients = [
         {
             "address": r.address,
@@ -71,11 +105,9 @@ async def message_status(request: web.Request) -> web.Response:
             "message": r.message,
             "attempts": r.attempts,
         }
-        for r in current.recipients
+        for r in status.recipients
     ]
-    return web.json_response(
-        {"id": current.message_id, "done": current.is_done, "recipients": recipients}
-    )
+    return {"id": status.message_id, "done": status.is_done, "recipients": recipients}
 
 
 def deliverer_context(
@@ -91,10 +123,16 @@ def deliverer_context(
     return context
 
 
+async def stop_following(app: web.Application) -> None:
+    """On shutdown, before aiohttp waits for open responses: end the streams."""
+    app[DELIVERER].stop_following()
+
+
 def create_app(config: Config, store_path: str) -> web.Application:
     """The application, delivering through *config* from the queue at *store_path*."""
     app = web.Application()
     app.cleanup_ctx.append(deliverer_context(config, store_path))
+    app.on_shutdown.append(stop_following)
     app.add_routes(routes)
     return app
 
@@ -106,4 +144,5 @@ def app_from_environment() -> web.Application:
 
 
 if __name__ == "__main__":
-    web.run_app(app_from_environment(), host="127.0.0.1", port=8080)
+    port = int(os.environ.get("PORT", "8080"))
+    web.run_app(app_from_environment(), host="127.0.0.1", port=port)

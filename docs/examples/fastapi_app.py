@@ -12,11 +12,11 @@ Serve it with uvicorn, the configuration coming from a TOML file::
 """
 
 import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-import anyio
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
@@ -26,11 +26,11 @@ from mailstrom_async import (
     Deliverer,
     DelivererMode,
     Email,
-    EventStream,
     InvalidMessageError,
     MessageStatus,
     RecipientStatus,
     SQLiteStore,
+    StatusStream,
     UnknownMessageError,
 )
 
@@ -110,70 +110,28 @@ async def message_status(message_id: str, deliverer: DelivererDep) -> MessageOut
 
 @router.get("/messages/{message_id}/events")
 async def message_events(message_id: str, deliverer: DelivererDep) -> StreamingResponse:
-    """Server-sent events: each recipient as it is now, then every change."""
-    # Subscribe first, then read the status: a change that happens in between
-    # is then in the stream, rather than lost.
-    events = deliverer.events()
+    """Server-sent events: the message's status now, then each change."""
     try:
-        current = await deliverer.status(message_id)
+        statuses = await deliverer.follow(message_id)  # reads the status now
     except UnknownMessageError as exc:
-        await events.aclose()
         raise HTTPException(status_code=404, detail=str(exc)) from exc
     return StreamingResponse(
-        follow(deliverer, events, current),
+        status_events(statuses),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},
     )
 
 
-async def follow(
-    deliverer: Deliverer, events: EventStream, current: MessageStatus
-) -> AsyncIterator[str]:
-    """One ``data:`` event per recipient status, then ``event: done`` at the end.
+async def status_events(statuses: StatusStream) -> AsyncIterator[str]:
+    """One event per status; the last, once every recipient is final, is "done".
 
-    Ends when every recipient is final, or early when the Deliverer closes (the
-    server is shutting down): a browser's EventSource then reconnects.
+    Ends early, without "done", when the server shuts down: a browser's
+    EventSource then reconnects.
     """
-    async with events:
-        latest: dict[str, RecipientStatus] = {}
-        changed = list(current.recipients)
-        while changed is not None:
-            for r in changed:
-                latest[r.address] = r
-                yield f"data: {RecipientOut.of(r).model_dump_json()}\n\n"
-            status = MessageStatus(
-                message_id=current.message_id,
-                recipients=tuple(latest.values()),
-                submitted_at=current.submitted_at,
-            )
-            if status.is_done:
-                done = MessageOut.of(status).model_dump_json()
-                yield f"event: done\ndata: {done}\n\n"
-                return
-            changed = await next_changes(deliverer, events, status)
-
-
-async def next_changes(
-    deliverer: Deliverer, events: EventStream, known: MessageStatus
-) -> list[RecipientStatus] | None:
-    """Wait for the next changes to a message's recipients; None once closed.
-
-    Events report what this process delivers. When they go quiet for a while,
-    or this subscriber fell behind and lost some, the store has the truth: it
-    also sees what another process (a worker) delivered.
-    """
-    with anyio.move_on_after(deliverer.config.poll_interval):
-        async for event in events:
-            if event.missed:
-                break
-            if event.message_id == known.message_id:
-                before = known.recipient(event.address)
-                if not before.is_final and event.recipient != before:
-                    return [event.recipient]
-        else:
-            return None  # the Deliverer closed: the server is shutting down
-    current = await deliverer.status(known.message_id)
-    return [r for r in current.recipients if r not in known.recipients]
+    async with statuses:
+        async for status in statuses:
+            event = "event: done\n" if status.is_done else ""
+            yield f"{event}data: {MessageOut.of(status).model_dump_json()}\n\n"
 
 
 def create_app(
@@ -189,7 +147,10 @@ def create_app(
         store = SQLiteStore(store_path)
         async with Deliverer(config, store=store, mode=mode) as deliverer:
             app.state.deliverer = deliverer
-            yield
+            # The server waits for open responses to end before this block
+            # closes the Deliverer: its stop signals end the event streams.
+            with deliverer.stop_following_on(signal.SIGINT, signal.SIGTERM):
+                yield
 
     app = FastAPI(title="Mail service", lifespan=lifespan)
     app.include_router(router)

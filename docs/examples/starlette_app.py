@@ -9,13 +9,15 @@ Serve it with uvicorn, the configuration coming from a TOML file::
         uvicorn --factory starlette_app:app_from_environment
 """
 
+import json
 import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from mailstrom_async import (
@@ -23,7 +25,9 @@ from mailstrom_async import (
     Deliverer,
     Email,
     InvalidMessageError,
+    MessageStatus,
     SQLiteStore,
+    StatusStream,
     UnknownMessageError,
 )
 
@@ -63,6 +67,37 @@ async def message_status(request: Request) -> JSONResponse:
         current = await deliverer.status(request.path_params["message_id"])
     except UnknownMessageError as exc:
         return JSONResponse({"detail": str(exc)}, status_code=404)
+    return JSONResponse(status_json(current))
+
+
+async def message_events(request: Request) -> Response:
+    """Server-sent events: the message's status now, then each change."""
+    deliverer: Deliverer = request.app.state.deliverer
+    try:
+        statuses = await deliverer.follow(request.path_params["message_id"])
+    except UnknownMessageError as exc:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+    return StreamingResponse(
+        status_events(statuses),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
+async def status_events(statuses: StatusStream) -> AsyncIterator[str]:
+    """One event per status; the last, once every recipient is final, is "done".
+
+    Ends early, without "done", when the server shuts down: a browser's
+    EventSource then reconnects.
+    """
+    async with statuses:
+        async for status in statuses:
+            event = "event: done\n" if status.is_done else ""
+            yield f"{event}data: {json.dumps(status_json(status))}\n\n"
+
+
+def status_json(status: MessageStatus) -> dict[str, object]:
+    """What the endpoints tell of a message and of each of its recipients."""
     recipients = [
         {
             "address": r.address,
@@ -72,11 +107,9 @@ async def message_status(request: Request) -> JSONResponse:
             "message": r.message,
             "attempts": r.attempts,
         }
-        for r in current.recipients
+        for r in status.recipients
     ]
-    return JSONResponse(
-        {"id": current.message_id, "done": current.is_done, "recipients": recipients}
-    )
+    return {"id": status.message_id, "done": status.is_done, "recipients": recipients}
 
 
 def create_app(config: Config, store_path: str) -> Starlette:
@@ -86,10 +119,15 @@ def create_app(config: Config, store_path: str) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with Deliverer(config, store=SQLiteStore(store_path)) as deliverer:
             app.state.deliverer = deliverer
-            yield
+            # The server waits for open responses to end before this block
+            # closes the Deliverer: its stop signals end the event streams.
+            with deliverer.stop_following_on(signal.SIGINT, signal.SIGTERM):
+                yield
 
     routes = [
         Route("/messages", submit_message, methods=["POST"]),
+        # Before the status route, whose path converter would match ".../events".
+        Route("/messages/{message_id:path}/events", message_events, methods=["GET"]),
         Route("/messages/{message_id:path}", message_status, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -7,6 +7,7 @@ ignore, under ``strict``) when something that must be rejected starts being acce
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 from datetime import datetime
 from email.message import EmailMessage
@@ -281,3 +282,22 @@ async def hold_types(deliverer: m.Deliverer, store: m.Store) -> None:
     summary = await store.summary()
     assert_type(summary.held, int)
     assert_type(summary.held_by_domain, dict[str, int])
+
+
+async def follow_types(deliverer: m.Deliverer) -> None:
+    stream = deliverer.follow("id@example.com")
+    assert_type(stream, m.StatusStream)
+    assert_type(await stream, m.StatusStream)
+    assert_type(stream.message_id, str)
+    async with deliverer.follow("id@example.com") as entered:
+        assert_type(entered, m.StatusStream)
+        async for status in entered:
+            assert_type(status, m.MessageStatus)
+    assert_type(await anext(stream), m.MessageStatus)
+    await stream.aclose()
+    deliverer.stop_following()
+    with deliverer.stop_following_on():
+        pass
+    with deliverer.stop_following_on(signal.SIGTERM):
+        pass
+    deliverer.follow()  # type: ignore[call-arg]  # the id is required
