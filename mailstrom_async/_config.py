@@ -395,15 +395,11 @@ TransportName = Literal["smtp", "console", "outbox", "null"]
 TRANSPORTS: tuple[TransportName, ...] = typing.get_args(TransportName)
 
 
-def _transport(value: Any) -> TransportName | None:
-    if value is None:
-        return None
-    if value not in TRANSPORTS:
+def _transport(inst: object, attribute: object, value: object) -> None:
+    if value is not None and value not in TRANSPORTS:
         allowed = ", ".join(map(repr, TRANSPORTS))
         msg = f"transport must be one of {allowed} (or None), not {value!r}"
         raise ConfigError(msg, "transport")
-    name: TransportName = value
-    return name
 
 
 _HELO_EXPECTED = "a host name (letters, digits, '.', '-') or an address literal"
@@ -461,7 +457,7 @@ class Config:
     )
     """Domain of generated Message-IDs (a host name, kept in A-label form);
     ``None``: the sender's domain."""
-    transport: TransportName | None = attrs.field(default=None, converter=_transport)
+    transport: TransportName | None = attrs.field(default=None, validator=_transport)
     """Where mail goes: ``"smtp"`` (through ``relay``, or to the MX hosts),
     ``"console"`` (written to standard output, not sent), ``"outbox"``
     (captured in memory for tests: ``mailstrom_async.testing.sent_messages()``)

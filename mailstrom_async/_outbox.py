@@ -188,7 +188,14 @@ _SHARED = Outbox()
 
 
 def shared_outbox() -> Outbox:
-    """The process-wide outbox: where ``transport="outbox"`` delivers."""
+    """The process-wide :class:`Outbox`: where every Deliverer that runs with
+    ``Config(transport="outbox")`` or ``MAILSTROM_TRANSPORT=outbox`` delivers.
+
+    It is the ``outbox`` fixture of the pytest plugin, which empties it (its
+    messages and its scripted replies) before and after each test; elsewhere,
+    call its :meth:`~Outbox.clear` and :meth:`~Outbox.clear_script` yourself.
+    It keeps every message for the life of the process: it is for tests.
+    """
     return _SHARED
 
 

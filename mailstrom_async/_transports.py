@@ -235,7 +235,7 @@ class ConsoleTransport(_LocalTransport):
     says how they went); other parts, such as attachments, are shown as sent.
     Lines end in ``\\n``. The message comes between a line naming the
     envelope (``MAIL FROM`` and ``RCPT TO``) and an end line. With
-    ``stream=None``, the default, it goes to :data:`sys.stdout` as it is at the
+    ``stream=None``, the default, it goes to ``sys.stdout`` as it is at the
     time of the write (so pytest's ``capsys`` sees it). Writes run in a worker thread, one message at a time.
 
     Every recipient is DELIVERED with a local outcome (no reply code, host

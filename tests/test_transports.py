@@ -9,6 +9,7 @@ runs as a child process.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import sys
@@ -87,7 +88,7 @@ def test_config_transport_defaults_to_none_and_takes_the_four_names() -> None:
 @pytest.mark.parametrize("bad", ["mail", "Console", "", 1, ["smtp"]])
 def test_config_refuses_a_transport_that_is_not_one_of_the_four(bad: object) -> None:
     with pytest.raises(ConfigError) as direct:
-        Config(transport=bad)
+        Config(transport=bad)  # type: ignore[arg-type]
     assert direct.value.key == "transport"
     assert f"transport must be one of {ALLOWED}" in str(direct.value)
     assert repr(bad) in str(direct.value)
@@ -115,10 +116,10 @@ def test_config_from_env_reads_mailstrom_transport() -> None:
         "outbox"
     )
     with pytest.raises(ConfigError) as exc:
-        Config.from_env({"MAILSTROM_TRANSPORT": "consol"})
+        Config.from_env({"MAILSTROM_TRANSPORT": "konsole"})
     assert exc.value.key == "transport"
     assert str(exc.value) == (
-        f"transport must be one of {ALLOWED}, not 'consol' (from MAILSTROM_TRANSPORT)"
+        f"transport must be one of {ALLOWED}, not 'konsole' (from MAILSTROM_TRANSPORT)"
     )
 
 
@@ -539,3 +540,24 @@ async def test_cli_send_wait_refuses_a_bad_transport(tmp_path: Path) -> None:
     err = result.stderr.decode()
     assert f"transport must be one of {ALLOWED}, not 'stdout'" in err
     assert "MAILSTROM_TRANSPORT" in err
+
+
+async def test_cli_send_wait_json_ends_with_the_json_line(tmp_path: Path) -> None:
+    """With --json the printed message comes first, and everything after its end
+    line is the outcome as JSON (docs/configuration.md says so)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSTROM_")}
+    env.update(MAILSTROM_TRANSPORT="console", MAILSTROM_STORE=str(tmp_path / "q.db"))
+    result = await anyio.run_process(
+        [
+            *(sys.executable, "-m", "mailstrom_async", "send", "--wait", "30"),
+            *("--json", "--from", "me@example.com", "--to", "you@example.org"),
+        ],
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode()
+    assert out.startswith("-" * 72 + "\nMAIL FROM:<me@example.com>")
+    outcome = json.loads(out.split("-" * 72 + "\n")[-1])
+    assert outcome["recipients"][0]["state"] == "delivered"
+    assert outcome["recipients"][0]["local"] is True

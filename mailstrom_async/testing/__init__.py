@@ -30,6 +30,7 @@ it was imported too early to be rewritten.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import TYPE_CHECKING, Any
 
 from mailstrom_async._capture import FAST_RETRY, OutboxMessage
@@ -93,11 +94,18 @@ def _fixup_module_metadata(obj: object) -> None:
     # Reprs and docs say mailstrom_async.testing.Outbox, not ..._outbox.Outbox
     # (the outbox lives below the Deliverer, which uses it for transport="outbox").
     private = (f"{__name__}._", "mailstrom_async._")
-    if isinstance(obj, type) and obj.__module__.startswith(private):
+    is_ours = isinstance(obj, type) or inspect.isfunction(obj)
+    if is_ours and getattr(obj, "__module__", "").startswith(private):
         obj.__module__ = __name__
 
 
-for _name in ("CaptureServer", "Outbox", "OutboxConnection", "OutboxMessage"):
+for _name in (
+    "CaptureServer",
+    "Outbox",
+    "OutboxConnection",
+    "OutboxMessage",
+    "shared_outbox",
+):
     _fixup_module_metadata(globals()[_name])
 del _name
 
