@@ -198,6 +198,32 @@ async def test_console_writes_to_a_chosen_stream_one_message_at_a_time() -> None
         assert body.endswith("your account is ready.\n")
 
 
+async def test_console_shows_raw_bytes_it_cannot_decode() -> None:
+    """A part in an unknown charset cannot be decoded: the message is shown as
+    its bytes (non-UTF-8 bytes escaped), and still delivered."""
+    data = (
+        b"From: a@example.com\r\nTo: b@example.org\r\nSubject: raw\r\n"
+        b"MIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=x-no-such-charset\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\ncaf\xe9\r\n"
+    )
+    stream = io.StringIO()
+    async with Deliverer(
+        Config(helo_name="localhost"),
+        store=MemoryStore(),
+        transport=ConsoleTransport(stream=stream),
+    ) as deliverer:
+        handle = await deliverer.submit(
+            data, mail_from="a@example.com", rcpt_to=["b@example.org"]
+        )
+        with anyio.fail_after(DEADLINE):
+            status = await handle
+    assert status.recipients[0].state is DELIVERED
+    out = stream.getvalue()
+    assert "Content-Type: text/plain; charset=x-no-such-charset\n" in out
+    assert "\ncaf\\xe9\n" in out
+
+
 async def test_console_write_that_fails_defers_the_recipient() -> None:
     """A closed stream: the recipient is DEFERRED with the reason, not lost."""
     stream = io.StringIO()
