@@ -16,6 +16,7 @@ from mailstrom_async._config import (
     RelayTLS,
     RetryPolicy,
     Timeouts,
+    TransportName,
 )
 from mailstrom_async._deliverer import (
     DEFAULT_STORE_PATH,
@@ -73,6 +74,7 @@ from mailstrom_async._store import (
 )
 from mailstrom_async._telemetry import Telemetry
 from mailstrom_async._transport import Connection, Transport
+from mailstrom_async._transports import ConsoleTransport, NullTransport
 
 __version__ = _version("mailstrom-async")
 
@@ -86,6 +88,7 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "Connection",
+    "ConsoleTransport",
     "DNSTemporaryError",
     "Deliverer",
     "DelivererClosedError",
@@ -112,6 +115,7 @@ __all__ = [
     "MessageStatus",
     "NewMessage",
     "NoMailServerError",
+    "NullTransport",
     "PermanentDeliveryError",
     "PermanentRejectionError",
     "PreparedMessage",
@@ -136,6 +140,7 @@ __all__ = [
     "Timeouts",
     "TransientDeliveryError",
     "Transport",
+    "TransportName",
     "UnknownMessageError",
     "__version__",
     "prepare",

@@ -22,7 +22,7 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import attrs
 
@@ -35,6 +35,7 @@ __all__ = [
     "ENV_IGNORED",
     "ENV_PREFIX",
     "SECRET_KEYS",
+    "TRANSPORTS",
     "Config",
     "Limits",
     "MXConfig",
@@ -43,6 +44,7 @@ __all__ = [
     "RelayTLS",
     "RetryPolicy",
     "Timeouts",
+    "TransportName",
     "read_toml",
 ]
 
@@ -387,6 +389,19 @@ class Limits:
     ``smtp_connection_reuse_count_limit``; 1: never reuse)."""
 
 
+#: Where a Deliverer sends mail, by name (``Config.transport``, ``MAILSTROM_TRANSPORT``).
+TransportName = Literal["smtp", "console", "outbox", "null"]
+#: The values of :data:`TransportName`, in the order error messages list them.
+TRANSPORTS: tuple[TransportName, ...] = typing.get_args(TransportName)
+
+
+def _transport(inst: object, attribute: object, value: object) -> None:
+    if value is not None and value not in TRANSPORTS:
+        allowed = ", ".join(map(repr, TRANSPORTS))
+        msg = f"transport must be one of {allowed} (or None), not {value!r}"
+        raise ConfigError(msg, "transport")
+
+
 _HELO_EXPECTED = "a host name (letters, digits, '.', '-') or an address literal"
 _MESSAGE_ID_EXPECTED = "a domain name (letters, digits, '.', '-')"
 
@@ -442,6 +457,13 @@ class Config:
     )
     """Domain of generated Message-IDs (a host name, kept in A-label form);
     ``None``: the sender's domain."""
+    transport: TransportName | None = attrs.field(default=None, validator=_transport)
+    """Where mail goes: ``"smtp"`` (through ``relay``, or to the MX hosts),
+    ``"console"`` (written to standard output, not sent), ``"outbox"``
+    (captured in memory for tests: ``mailstrom_async.testing.sent_messages()``)
+    or ``"null"`` (discarded). ``None``: the ``MAILSTROM_TRANSPORT`` environment
+    variable when the Deliverer starts, else ``"smtp"``. A value here wins over
+    the variable; a ``transport=`` object given to the Deliverer wins over both."""
     relay: RelayConfig | None = None
     mx: MXConfig = attrs.field(factory=MXConfig)
     retry: RetryPolicy = attrs.field(factory=RetryPolicy)
@@ -622,6 +644,8 @@ def _from_env_string(hint: Any, raw: str, key: str, name: str) -> Any:
         raise ConfigError(msg, key) from None
     if typing.get_origin(inner) is tuple:
         return [item.strip() for item in text.split(",") if item.strip()]
+    if typing.get_origin(inner) is Literal:
+        return text
     return raw
 
 
@@ -678,6 +702,12 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             msg = f"{key} must be one of {', '.join(map(repr, allowed))}, not {_shown(key, value)}"
             raise ConfigError(msg, key)
         return hint(value)
+    if origin is Literal:
+        allowed = list(typing.get_args(hint))
+        if value not in allowed:
+            msg = f"{key} must be one of {', '.join(map(repr, allowed))}, not {_shown(key, value)}"
+            raise ConfigError(msg, key)
+        return value
     if origin is tuple:
         if not isinstance(value, list | tuple) or not all(
             isinstance(v, str) for v in value

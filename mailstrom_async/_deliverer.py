@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Sequence
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 import anyio
 from anyio.abc import TaskGroup
 
-from mailstrom_async._config import Config
+from mailstrom_async._config import Config, TransportName
 from mailstrom_async._dispatch import Dispatcher
 from mailstrom_async._events import EventBroker, EventStream
 from mailstrom_async._exceptions import (
@@ -37,6 +38,11 @@ from mailstrom_async._routes import network_route
 from mailstrom_async._statistics import AttemptCounters, Statistics
 from mailstrom_async._store import SQLiteStore, Store
 from mailstrom_async._telemetry import Telemetry
+from mailstrom_async._transports import (
+    ENV_TRANSPORT,
+    local_transport,
+    resolve_transport,
+)
 from mailstrom_async._watchers import Watchers
 from mailstrom_async._worker import Lanes
 
@@ -53,6 +59,13 @@ DEFAULT_STORE_PATH = "mailstrom-queue.sqlite3"
 
 DelivererMode = Literal["both", "submit", "deliver"]
 _MODES = ("both", "submit", "deliver")
+
+
+_NOT_SENT = {
+    "console": "mail is written to standard output",
+    "outbox": "mail is kept in the process-wide outbox (for tests)",
+    "null": "mail is discarded",
+}
 
 
 def _utcnow() -> datetime:
@@ -110,12 +123,17 @@ class Deliverer:
     ``True`` for the global providers, or a :class:`Telemetry` with its own (it
     needs the ``otel`` extra). :meth:`statistics` works without it.
 
-    A *transport* replaces the relay or MX delivery that ``config`` describes
-    (no DNS, no TLS set-up): ``mailstrom_async.testing.Outbox`` is one, for tests.
+    Where mail goes is ``config.transport``, else the ``MAILSTROM_TRANSPORT``
+    environment variable as it is when the Deliverer starts, else ``"smtp"``
+    (the relay or MX delivery that ``config`` describes); ``"console"``,
+    ``"outbox"`` and ``"null"`` send nothing (see :class:`Config`). A
+    *transport* object replaces all of these (no DNS, no TLS set-up):
+    ``mailstrom_async.testing.Outbox`` is one, for tests.
 
     Raises:
         ConfigError: ``mode`` is not one of the three, or ``telemetry`` is asked
-            for and the OpenTelemetry API is not installed.
+            for and the OpenTelemetry API is not installed; on entering,
+            ``MAILSTROM_TRANSPORT`` names no transport.
     """
 
     def __init__(
@@ -148,6 +166,10 @@ class Deliverer:
         self._cm: AbstractAsyncContextManager[Self] | None = None
         self._watchers = Watchers()
         self._transport = transport
+        # Resolved on entering: the config, else MAILSTROM_TRANSPORT, else smtp.
+        self._transport_name: TransportName = "smtp"
+        self._transport_source = "default"
+        self._transport_overridden: str | None = None
         # Off by default (None: the engine never calls into OpenTelemetry);
         # True uses the global OpenTelemetry providers.
         self._telemetry: Telemetry | None = None
@@ -227,6 +249,13 @@ class Deliverer:
         self._state = "opening"
         body_error: BaseException | None = None
         try:
+            if self._transport is None:
+                # The environment as it is now, not when the Deliverer was made.
+                (
+                    self._transport_name,
+                    self._transport_source,
+                    self._transport_overridden,
+                ) = resolve_transport(self._config, os.environ)
             await self._store.open()
             if self._mode != "submit":
                 await self._prepare_route()
@@ -274,6 +303,17 @@ class Deliverer:
         elif self._transport is not None:
             where = f"mail goes to the transport {type(self._transport).__name__}"
             extra["delivery"] = "transport"
+        elif self._transport_name != "smtp":
+            source = self._transport_source
+            setting = (
+                f"transport={self._transport_name!r} in the configuration"
+                if source == "config"
+                else f"{source}={self._transport_name}"
+            )
+            where = f"{setting}: {_NOT_SENT[self._transport_name]}, nothing is sent"
+            extra.update(delivery=self._transport_name, transport_source=source)
+            # So that nobody ships "null" (or "console") by accident.
+            level = logging.WARNING
         elif relay is not None:
             host = f"[{relay.host}]" if ":" in relay.host else relay.host
             where = f"mail goes through the relay {host}:{relay.port}"
@@ -283,6 +323,21 @@ class Deliverer:
             extra["delivery"] = "mx"
             level = logging.WARNING
         logger.log(level, "deliverer started; %s", where, extra=extra)
+        overridden = self._transport_overridden
+        if overridden is not None and self._mode != "submit":
+            # Someone meant this process to send nothing (or to print) and the
+            # code says otherwise: say so before mail leaves.
+            logger.warning(
+                "%s=%r is ignored: the configuration says transport=%r",
+                ENV_TRANSPORT,
+                overridden,
+                self._transport_name,
+                extra={
+                    "worker": self._worker_id,
+                    "transport": self._transport_name,
+                    "ignored": overridden,
+                },
+            )
 
     async def aclose(self) -> None:
         """Close the Deliverer, as leaving its ``async with`` block does."""
@@ -291,8 +346,11 @@ class Deliverer:
 
     async def _prepare_route(self) -> None:
         config = self._config
+        route: Transport
         if self._transport is not None:
             route = self._transport
+        elif self._transport_name != "smtp":
+            route = local_transport(self._transport_name)
         else:
             route = await network_route(config, self._rng)
         runner = JobRunner(

@@ -65,6 +65,7 @@ EXAMPLE_TESTS = {
     ],
     "observability.py": ["test_observability_logs_counts_and_traces"],
     "test_with_outbox.py": ["test_with_outbox_passes_under_the_plugin"],
+    "test_transport_outbox.py": ["test_transport_outbox_passes_under_the_plugin"],
     "test_custom_store.py": ["test_custom_store_passes_the_contract"],
     "test_with_pytest_asyncio.py": [
         "test_with_pytest_asyncio_passes_in_strict_and_auto_mode"
@@ -330,6 +331,26 @@ def test_with_outbox_passes_under_the_plugin(pytester: pytest.Pytester) -> None:
     )
 
 
+def test_transport_outbox_passes_under_the_plugin(pytester: pytest.Pytester) -> None:
+    """The documented tests of an application's own Deliverer, switched to the
+    outbox by MAILSTROM_TRANSPORT or by its Config, pass (the second one only
+    because the plugin emptied the outbox the first filled); a copy with a wrong
+    expectation fails."""
+    source = (EXAMPLES / "test_transport_outbox.py").read_text()
+    wrong = source.replace(
+        'message.subject == "Welcome to the shop"', 'message.subject == "Goodbye"', 1
+    )
+    assert wrong != source
+    result = run_user_suite(pytester, test_transport_outbox=source, test_wrong=wrong)
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*AssertionError: assert 'Welcome to the shop' == 'Goodbye'*",
+            "FAILED test_wrong.py::test_sign_up_sends_the_welcome_mail - *",
+        ]
+    )
+
+
 def test_with_pytest_asyncio_passes_in_strict_and_auto_mode(
     pytester: pytest.Pytester,
 ) -> None:
@@ -472,7 +493,7 @@ def test_testing_kit_is_documented() -> None:
 
     fixtures = {"outbox", "deliverer", "deliverer_config", "smtp_server"}
     text = (DOCS / "api.md").read_text()
-    directive = r"^\.\. auto(?:class|data):: mailstrom_async\.testing\.(\w+)"
+    directive = r"^\.\. auto(?:class|data|function):: mailstrom_async\.testing\.(\w+)"
     documented = set(re.findall(directive, text, re.M))
     assert documented == set(mailstrom_async.testing.__all__) - fixtures
     page = (DOCS / "testing.md").read_text()

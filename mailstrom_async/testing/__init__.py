@@ -2,6 +2,10 @@
 
 * :class:`Outbox`: a transport that captures every message in memory, with
   scripted deferrals and failures: ``Deliverer(config, transport=Outbox())``.
+* :func:`sent_messages` and :func:`shared_outbox`: what every Deliverer of the
+  process configured with ``transport="outbox"`` (or ``MAILSTROM_TRANSPORT=outbox``)
+  delivered, with no plumbing, like Django's ``mail.outbox``. The pytest plugin
+  empties it before each test, and its ``outbox`` fixture is this same outbox.
 * :class:`CaptureServer`: a real SMTP server on a loopback port, with the same
   scripting, for tests that want the whole SMTP path.
 * :data:`FAST_RETRY`: a retry policy of milliseconds, for a test's ``Config``.
@@ -26,10 +30,11 @@ it was imported too early to be rewritten.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import TYPE_CHECKING, Any
 
-from mailstrom_async.testing._capture import FAST_RETRY, OutboxMessage
-from mailstrom_async.testing._outbox import Outbox, OutboxConnection
+from mailstrom_async._capture import FAST_RETRY, OutboxMessage
+from mailstrom_async._outbox import Outbox, OutboxConnection, shared_outbox
 from mailstrom_async.testing._server import CaptureServer
 
 if TYPE_CHECKING:
@@ -51,8 +56,25 @@ __all__ = [
     "deliverer",
     "deliverer_config",
     "outbox",
+    "sent_messages",
+    "shared_outbox",
     "smtp_server",
 ]
+
+
+def sent_messages() -> list[OutboxMessage]:
+    """Every message delivered to the process-wide outbox, in order: the mail of
+    each Deliverer that runs with ``Config(transport="outbox")`` or
+    ``MAILSTROM_TRANSPORT=outbox``, and of the ``deliverer`` fixture.
+
+    A message lands here once its recipients are accepted, a moment before the
+    Deliverer records their statuses: await the handle ``submit()`` returned,
+    or ``await shared_outbox().wait_for(n)``, before reading it. The pytest
+    plugin empties the outbox before each test; elsewhere call
+    ``shared_outbox().clear()``.
+    """
+    return shared_outbox().messages
+
 
 # When pytest loads this module as a plugin (-p, or pytest_plugins in a conftest.py),
 # it loads the fixtures' module as a plugin too.
@@ -69,12 +91,21 @@ _NEED_PYTEST = {
 
 
 def _fixup_module_metadata(obj: object) -> None:
-    # Reprs and docs say mailstrom_async.testing.Outbox, not ..._outbox.Outbox.
-    if isinstance(obj, type) and obj.__module__.startswith(f"{__name__}._"):
+    # Reprs and docs say mailstrom_async.testing.Outbox, not ..._outbox.Outbox
+    # (the outbox lives below the Deliverer, which uses it for transport="outbox").
+    private = (f"{__name__}._", "mailstrom_async._")
+    is_ours = isinstance(obj, type) or inspect.isfunction(obj)
+    if is_ours and getattr(obj, "__module__", "").startswith(private):
         obj.__module__ = __name__
 
 
-for _name in ("CaptureServer", "Outbox", "OutboxConnection", "OutboxMessage"):
+for _name in (
+    "CaptureServer",
+    "Outbox",
+    "OutboxConnection",
+    "OutboxMessage",
+    "shared_outbox",
+):
     _fixup_module_metadata(globals()[_name])
 del _name
 

@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, TypeVar
 
 import pytest
 
+from mailstrom_async._capture import FAST_RETRY
 from mailstrom_async._config import Config
 from mailstrom_async._deliverer import Deliverer
+from mailstrom_async._outbox import Outbox, reset_shared_outbox, shared_outbox
 from mailstrom_async._store import MemoryStore
-from mailstrom_async.testing._capture import FAST_RETRY
-from mailstrom_async.testing._outbox import Outbox
 from mailstrom_async.testing._server import CaptureServer
 
 try:
@@ -118,10 +118,22 @@ def started_by_the_test_runner(request: pytest.FixtureRequest, name: str) -> Any
     raise pytest.UsageError(msg)
 
 
+@pytest.fixture(autouse=True)
+def _mailstrom_empty_shared_outbox() -> Iterator[None]:
+    """Each test starts and ends with an empty process-wide outbox (no messages,
+    no scripted replies), as Django empties ``mail.outbox``."""
+    reset_shared_outbox()
+    yield
+    reset_shared_outbox()
+
+
 @pytest.fixture
-def outbox() -> Outbox:
-    """A fresh :class:`~mailstrom_async.testing.Outbox` for each test."""
-    return Outbox()
+def outbox(_mailstrom_empty_shared_outbox: None) -> Outbox:
+    """The process-wide :class:`~mailstrom_async.testing.Outbox`, empty at the
+    start of each test: the one :func:`~mailstrom_async.testing.sent_messages`
+    reads and ``transport="outbox"`` delivers into, so mail of the ``deliverer``
+    fixture and of the application's own Deliverers lands in the same place."""
+    return shared_outbox()
 
 
 @pytest.fixture

@@ -7,14 +7,14 @@ from typing import Any, Self
 
 import attrs
 
-from mailstrom_async._config import Config, RelayConfig, Timeouts
-from mailstrom_async._sink import SinkServer
-from mailstrom_async.testing._capture import (
+from mailstrom_async._capture import (
     FAST_RETRY,
     OutboxMessage,
     Scripted,
     capture,
 )
+from mailstrom_async._config import Config, RelayConfig, Timeouts
+from mailstrom_async._sink import SinkServer
 
 __all__ = ["CaptureServer"]
 

@@ -7,6 +7,7 @@ ignore, under ``strict``) when something that must be rejected starts being acce
 
 from __future__ import annotations
 
+import io
 import signal
 from collections.abc import Sequence
 from datetime import datetime
@@ -301,3 +302,19 @@ async def follow_types(deliverer: m.Deliverer) -> None:
     with deliverer.stop_following_on(signal.SIGTERM):
         pass
     deliverer.follow()  # type: ignore[call-arg]  # the id is required
+
+
+async def named_transport_types() -> None:
+    config = m.Config(transport="console")
+    assert_type(config.transport, m.TransportName | None)
+    m.Config(transport="stdout")  # type: ignore[arg-type]  # not a transport name
+    name: m.TransportName = "null"
+    m.Config(transport=name)
+    console: m.Transport = m.ConsoleTransport()
+    m.Deliverer(m.Config(), transport=m.ConsoleTransport(stream=io.StringIO()))
+    m.Deliverer(m.Config(), transport=m.NullTransport())
+    connection: m.Connection = await console.connect("console")
+    assert_type(t.sent_messages(), list[t.OutboxMessage])
+    assert_type(t.shared_outbox(), t.Outbox)
+    assert_type(await t.shared_outbox().wait_for(), list[t.OutboxMessage])
+    del connection

@@ -7,12 +7,12 @@ from collections.abc import Sequence
 import anyio
 import anyio.lowlevel
 
+from mailstrom_async._capture import OutboxMessage, Scripted, capture
 from mailstrom_async._classify import RecipientOutcome, classify_data, classify_rcpt
 from mailstrom_async._exceptions import ProtocolError, TemporaryRejectionError
 from mailstrom_async._models import SMTPReply
-from mailstrom_async.testing._capture import OutboxMessage, Scripted, capture
 
-__all__ = ["Outbox"]
+__all__ = ["Outbox", "OutboxConnection", "reset_shared_outbox", "shared_outbox"]
 
 #: The host name that attempts through an outbox record.
 OUTBOX_HOST = "outbox"
@@ -76,6 +76,13 @@ class Outbox(Scripted):
             self._waiters.append(event)
             await event.wait()
         return self.messages
+
+    def _reset(self) -> None:
+        """As new: no messages, no scripted replies, no connections counted."""
+        self._messages.clear()
+        self._waiters.clear()
+        self._script.clear()
+        self._connections = 0
 
     def _received(self, message: OutboxMessage) -> None:
         self._messages.append(message)
@@ -175,3 +182,23 @@ class OutboxConnection:
     def close_now(self) -> None:
         """Close the connection at once."""
         self._closed = True
+
+
+_SHARED = Outbox()
+
+
+def shared_outbox() -> Outbox:
+    """The process-wide :class:`Outbox`: where every Deliverer that runs with
+    ``Config(transport="outbox")`` or ``MAILSTROM_TRANSPORT=outbox`` delivers.
+
+    It is the ``outbox`` fixture of the pytest plugin, which empties it (its
+    messages and its scripted replies) before and after each test; elsewhere,
+    call its :meth:`~Outbox.clear` and :meth:`~Outbox.clear_script` yourself.
+    It keeps every message for the life of the process: it is for tests.
+    """
+    return _SHARED
+
+
+def reset_shared_outbox() -> None:
+    """Empty the process-wide outbox: no messages, no scripted replies."""
+    _SHARED._reset()
