@@ -18,6 +18,7 @@ import attrs
 import pytest
 
 from mailstrom_async import (
+    AttemptRecord,
     Deliverer,
     Email,
     LiveLeaseError,
@@ -73,13 +74,25 @@ class RecordFails(MemoryStore):
         self.failures = 0
 
     async def record(
-        self, message_id: str, statuses: Sequence[RecipientStatus], *, worker: str
+        self,
+        message_id: str,
+        statuses: Sequence[RecipientStatus],
+        *,
+        worker: str,
+        history: Sequence[AttemptRecord] = (),
+        history_limit: int = 20,
     ) -> None:
         if message_id in self.failing:
             self.failures += 1
             msg = "disk full (injected)"
             raise StoreError(msg)
-        await super().record(message_id, statuses, worker=worker)
+        await super().record(
+            message_id,
+            statuses,
+            worker=worker,
+            history=history,
+            history_limit=history_limit,
+        )
 
 
 def email(*to: str) -> Email:
@@ -229,13 +242,25 @@ async def test_transient_record_failure_is_written_again(smtpd: SMTPDServers) ->
         left = 3
 
         async def record(
-            self, message_id: str, statuses: Sequence[RecipientStatus], *, worker: str
+            self,
+            message_id: str,
+            statuses: Sequence[RecipientStatus],
+            *,
+            worker: str,
+            history: Sequence[AttemptRecord] = (),
+            history_limit: int = 20,
         ) -> None:
             if self.left:
                 self.left -= 1
                 msg = "database is locked (injected)"
                 raise StoreError(msg)
-            await super().record(message_id, statuses, worker=worker)
+            await super().record(
+                message_id,
+                statuses,
+                worker=worker,
+                history=history,
+                history_limit=history_limit,
+            )
 
     handler = FaultHandler()
     server = await smtpd.start(handler)
