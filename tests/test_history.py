@@ -7,7 +7,10 @@ outcome, and read back from the store by any Deliverer, submit-only ones too.
 
 from __future__ import annotations
 
+import json
 import ssl
+import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiosmtpd.smtp
@@ -23,6 +26,7 @@ from mailstrom_async import (
     DelivererClosedError,
     Limits,
     MemoryStore,
+    NewMessage,
     RecipientState,
     RetryPolicy,
     SQLiteStore,
@@ -35,6 +39,7 @@ from tests.smtpd import (  # noqa: F401 - fixtures
     free_port,
     smtpd_fixture,
 )
+from tests.test_cli import child_env
 from tests.test_relay_faults import DEADLINE, done, email, relay_config
 
 DEFERRED = RecipientState.DEFERRED
@@ -207,3 +212,99 @@ def test_history_limit_setting_is_checked() -> None:
             Limits(history_per_recipient=bad)  # type: ignore[arg-type]
     config = Config.from_env({"MAILSTROM_LIMITS__HISTORY_PER_RECIPIENT": "5"})
     assert config.limits.history_per_recipient == 5
+
+
+# -- mailstrom-async status ID --history ----------------------------------------------
+
+
+async def _status_command(*args: str) -> str:
+    """Run ``mailstrom-async status ARGS`` in a child process; return its stdout."""
+    result = await anyio.run_process(
+        [sys.executable, "-m", "mailstrom_async", "status", *args],
+        env=child_env(),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout.decode()
+
+
+async def test_status_history_command(smtpd: SMTPDServers, tmp_path: Path) -> None:
+    """``status ID --history`` prints each recipient's attempts after the status
+    table, one table per recipient; with --json, a ``history`` list with every
+    field, ``finished_at`` and ``local``; without --history, neither."""
+    server = await smtpd.start(DeferFirst())
+    path = tmp_path / "q.db"
+    async with Deliverer(relay_config(server.port), store=SQLiteStore(path)) as d:
+        handle = await d.submit(email(RCPT))
+        await done(handle)
+        history = await d.history(handle.message_id)
+    mid = handle.message_id
+    out = await _status_command("--store", str(path), "--history", f"<{mid}>")
+    assert f"history of {RCPT}: 2 attempts" in out
+    header, first, second = out.split(f"history of {RCPT}: 2 attempts\n")[
+        1
+    ].splitlines()
+    assert header.split() == [
+        "#", "STARTED", "TOOK", "HOST", "IP", "TLS", "STATE", "CODE", "ENHANCED", "TEXT",
+    ]  # fmt: skip
+    assert first.split()[0] == "1"
+    assert first.split()[4:10] == [
+        "127.0.0.1",
+        "127.0.0.1",
+        "no",
+        "deferred",
+        "451",
+        "4.7.1",
+    ]
+    assert first.endswith("greylisted, come back later")
+    assert second.split()[7:10] == ["delivered", "250", "2.0.0"]
+    plain = await _status_command("--store", str(path), mid)
+    assert "history of" not in plain
+    as_json = json.loads(
+        await _status_command("--store", str(path), "--json", "--history", mid)
+    )
+    assert [(h["attempt"], h["code"], h["state"]) for h in as_json["history"]] == [
+        (1, 451, "deferred"),
+        (2, 250, "delivered"),
+    ]
+    entry = as_json["history"][0]
+    assert entry["address"] == RCPT
+    assert entry["local"] is False
+    assert entry["started_at"] == history[0].started_at.isoformat()
+    assert entry["finished_at"] == history[0].finished_at.isoformat()
+    assert entry["duration"] == history[0].duration
+    assert entry["tls"] is False
+    assert "history" not in json.loads(
+        await _status_command("--store", str(path), "--json", mid)
+    )
+
+
+async def test_status_history_of_a_local_outcome(tmp_path: Path) -> None:
+    """A refused connection shows 'local' as its code in the history table, and
+    a recipient not tried yet says so."""
+    path = tmp_path / "q.db"
+    port = free_port()
+    config = relay_config(port, retry=RetryPolicy(initial_delay=600, jitter=0))
+    async with Deliverer(config, store=SQLiteStore(path)) as d:
+        stream = d.events()
+        handle = await d.submit(email(RCPT))
+        with anyio.fail_after(DEADLINE):
+            async for event in stream:
+                if event.previous_state is not None:
+                    break
+    async with SQLiteStore(path) as store:
+        await store.add(
+            NewMessage(
+                message_id="new@example.com",
+                mail_from="a@example.com",
+                recipients=("b@example.org",),
+                data=b"Subject: x\r\n\r\ny\r\n",
+                submitted_at=datetime.now(UTC),
+            )
+        )
+    out = await _status_command("--store", str(path), "--history", handle.message_id)
+    [row] = [line for line in out.splitlines() if line.startswith("1 ")]
+    assert row.split()[7:10] == ["deferred", "local", "4.4.1"]
+    assert row.endswith("connection refused")
+    out = await _status_command("--store", str(path), "--history", "new@example.com")
+    assert "history of b@example.org: no attempt yet" in out
