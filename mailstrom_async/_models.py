@@ -212,7 +212,7 @@ class AttemptRecord:
 
     @property
     def finished_at(self) -> datetime:
-        """When the attempt ended: ``started_at`` plus ``duration``."""
+        """The end of the attempt, ``started_at`` plus ``duration``."""
         return self.started_at + timedelta(seconds=self.duration)
 
     @property
