@@ -298,6 +298,7 @@ async def test_routing_bug_defers_the_job_and_the_deliverer_goes_on(
                     break
         good = await done(await d.submit(email("ok@example.org")))
         status = await d.status(bad.message_id)
+        [attempt] = await d.history(bad.message_id)
     assert good.is_delivered
     [r] = status
     assert r.state is DEFERRED
@@ -305,6 +306,10 @@ async def test_routing_bug_defers_the_job_and_the_deliverer_goes_on(
     assert r.message == "local error: RuntimeError: routing table is broken"
     assert r.attempts == 1
     assert r.next_attempt_at is not None
+    # The job boundary's outcome has its history entry too: a local one.
+    assert (attempt.attempt, attempt.state, attempt.code) == (1, DEFERRED, None)
+    assert (attempt.enhanced_code, attempt.message) == ("4.3.0", r.message)
+    assert attempt.is_local
 
 
 # -- finding 6: the lifetime is never overrun ---------------------------------------
