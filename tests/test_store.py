@@ -325,7 +325,22 @@ async def _apply(store: Store, op: tuple[Any, ...]) -> object:
                     limit=limit,
                 )
             case ("record", mid, statuses, worker):
-                await store.record(mid, statuses, worker=worker)
+                # Each status's attempt, kept 2 per recipient at most: the
+                # bound is reached at once (attempt numbers 1 to 3).
+                history = [
+                    AttemptRecord(
+                        address=s.address,
+                        attempt=max(s.attempts, 1),
+                        started_at=s.last_attempt_at or T0,
+                        state=s.state,
+                        code=s.code,
+                        tls=s.tls,
+                    )
+                    for s in statuses
+                ]
+                await store.record(
+                    mid, statuses, worker=worker, history=history, history_limit=2
+                )
                 return None
             case ("release", mid, addresses, worker):
                 await store.release(mid, addresses, worker=worker)
@@ -337,7 +352,7 @@ async def _apply(store: Store, op: tuple[Any, ...]) -> object:
             case ("unhold", mid, domain, everything):
                 return await store.unhold(message_id=mid, domain=domain, all=everything)
             case ("status", mid):
-                return await store.status(mid)
+                return await store.status(mid), await store.history(mid)
             case _:
                 return (await store.next_due_at(), await store.summary())
     except (StoreError, UnknownMessageError, ValueError) as exc:

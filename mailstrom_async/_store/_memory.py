@@ -70,14 +70,13 @@ class _Recipient:
     # Kept attempts by (attempt, started_at): the SQL primary key's order.
     history: list[AttemptRecord] = attrs.field(factory=list)
 
-    def add_attempt(self, record: AttemptRecord, limit: int) -> None:
+    def add_attempt(self, record: AttemptRecord) -> None:
         key = (record.attempt, record.started_at)
         if any((r.attempt, r.started_at) == key for r in self.history):
             return  # a retried write of the same attempt
         # The stored address, as the SQL store's join gives it.
         self.history.append(attrs.evolve(record, address=self.status.address))
         self.history.sort(key=lambda r: (r.attempt, r.started_at))
-        self.history = trimmed_history(self.history, limit, record.attempt)
 
     def due_at(self) -> datetime | None:
         """When this recipient can next be claimed; None once it is final, and
@@ -390,9 +389,13 @@ class MemoryStore:
         await self._enter()
         stored = self._get(message_id)
         index = address_index(stored.addresses())
-        for record in attempts:
-            for i in matching(index, record.address):
-                stored.recipients[i].add_attempt(record, history_limit)
+        # All inserted, then trimmed in turn: as the SQL store does.
+        matched = [(i, r) for r in attempts for i in matching(index, r.address)]
+        for i, record in matched:
+            stored.recipients[i].add_attempt(record)
+        for i, record in matched:
+            r = stored.recipients[i]
+            r.history = trimmed_history(r.history, history_limit, record.attempt)
         for status in statuses:
             for i in matching(index, status.address):
                 r = stored.recipients[i]
