@@ -51,6 +51,7 @@ from mailstrom_async._follow import StatusStream
 from mailstrom_async._leases import LeaseOwner
 from mailstrom_async._message import Attachment, Email, PreparedMessage, prepare
 from mailstrom_async._models import (
+    AttemptRecord,
     DeliveryEvent,
     MessageStatus,
     RecipientState,
@@ -84,6 +85,7 @@ __all__ = [
     "DEFAULT_TIMEOUTS",
     "Attachment",
     "AttemptCounters",
+    "AttemptRecord",
     "Config",
     "ConfigError",
     "ConnectError",

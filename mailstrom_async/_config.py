@@ -203,6 +203,17 @@ def _positive_int(inst: object, attribute: attrs.Attribute[Any], value: Any) -> 
     )
 
 
+def _non_negative_int(
+    inst: object, attribute: attrs.Attribute[Any], value: Any
+) -> None:
+    _check(
+        isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+        _key(inst, attribute),
+        "an integer >= 0",
+        value,
+    )
+
+
 @attrs.frozen(kw_only=True)
 class Timeouts:
     """Per-operation deadlines in seconds (RFC 5321 §4.5.3.2 defaults)."""
@@ -387,6 +398,10 @@ class Limits:
     connection_reuse_count: int = attrs.field(default=100, validator=_positive_int)
     """Mail transactions per connection before a new one is opened (Postfix's
     ``smtp_connection_reuse_count_limit``; 1: never reuse)."""
+    history_per_recipient: int = attrs.field(default=20, validator=_non_negative_int)
+    """Attempts each recipient's history keeps (``Deliverer.history``): the
+    first and the latest ones, this many in all (1: only the latest; 0: no
+    history is written)."""
 
 
 #: Where a Deliverer sends mail, by name (``Config.transport``, ``MAILSTROM_TRANSPORT``).

@@ -31,7 +31,7 @@ from mailstrom_async._follow import StatusStream, chain_signals
 from mailstrom_async._intake import Intake, prepare_batch, prepare_one
 from mailstrom_async._job import JobRunner
 from mailstrom_async._leases import LeaseKeeper, LeaseOwner
-from mailstrom_async._models import MessageStatus, RecipientState
+from mailstrom_async._models import AttemptRecord, MessageStatus, RecipientState
 from mailstrom_async._operations import QueueOperations
 from mailstrom_async._owner import current_owner
 from mailstrom_async._routes import network_route
@@ -473,6 +473,21 @@ class Deliverer:
         """
         self._check_open()
         return await self._store.status(message_id)
+
+    async def history(self, message_id: str) -> tuple[AttemptRecord, ...]:
+        """Every kept attempt of every recipient of a message (of this run or an
+        earlier one, by any process sharing the store), oldest first: when it
+        started, how long it took, the host and IP, TLS, the reply and the state
+        after it. Each recipient keeps its first attempt and its latest ones,
+        ``Limits.history_per_recipient`` in all. Works in every mode, since it
+        reads the store.
+
+        Raises:
+            UnknownMessageError: the store has no message with this id.
+            DelivererClosedError: the Deliverer is not open.
+        """
+        self._check_open()
+        return tuple(await self._store.history(message_id))
 
     async def statistics(self) -> Statistics:
         """A snapshot of the queue (from the store) and of this Deliverer's work.

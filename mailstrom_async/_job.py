@@ -41,9 +41,10 @@ from mailstrom_async._exceptions import (
     UnknownMessageError,
 )
 from mailstrom_async._lane import Lane, Tally
-from mailstrom_async._models import DeliveryEvent, RecipientStatus
+from mailstrom_async._models import AttemptRecord, DeliveryEvent, RecipientStatus
 from mailstrom_async._outcomes import (
     Where,
+    attempt_record,
     locally_deferred,
     log_outcomes,
     next_status,
@@ -90,8 +91,13 @@ class _Progress:
     # The outcomes in the store, and their addresses.
     recorded: list[RecipientStatus] = attrs.field(factory=list)
     done: set[str] = attrs.field(factory=set)
-    # Outcomes decided but not (yet) written, by address.
+    # Outcomes decided but not (yet) written, by address, and their attempts'
+    # history entries (written with them, in the same store call).
     unwritten: dict[str, RecipientStatus] = attrs.field(factory=dict)
+    attempts: dict[str, AttemptRecord] = attrs.field(factory=dict)
+    # When the transaction in flight began: wall clock and monotonic clock.
+    started_at: datetime | None = None
+    started: float = 0.0
     # Why an attempt failed here without a server's reply (refused connection,
     # timeout, TLS), by address: logged with the outcome, then forgotten.
     errors: dict[str, str] = attrs.field(factory=dict)
@@ -104,6 +110,26 @@ class _Progress:
     @property
     def conn(self) -> Connection | None:
         return None if self.pooled is None else self.pooled.conn
+
+    def begin(self, now: datetime) -> None:
+        """A transaction (one attempt of its batch) begins."""
+        self.started_at, self.started = now, anyio.current_time()
+
+    def attempt(
+        self, status: RecipientStatus, outcome: RecipientOutcome | None, now: datetime
+    ) -> AttemptRecord:
+        """The history entry of the attempt in flight that made *status*."""
+        if self.started_at is None:  # failed before a transaction began
+            started_at, duration = now, 0.0
+        else:
+            started_at = self.started_at
+            duration = anyio.current_time() - self.started
+        return attempt_record(
+            status,
+            None if outcome is None else outcome.reply,
+            started_at=started_at,
+            duration=duration,
+        )
 
 
 class JobRunner:
@@ -197,7 +223,7 @@ class JobRunner:
         now = self._clock()
         why = f"local error: {reason(error)}"
         flagged = self._maybe_delivered(progress)
-        statuses = []
+        statuses, attempts = [], []
         for r in job.recipients:
             if r.address in progress.done:
                 continue
@@ -212,11 +238,14 @@ class JobRunner:
                     rng=self._rng,
                     duplicate=r.address in flagged,
                 )
+                attempts.append(progress.attempt(known, None, now))
+            elif r.address in progress.attempts:
+                attempts.append(progress.attempts[r.address])
             statuses.append(known)
         if not statuses:
             return
         try:
-            await self._write(job, statuses, patience=0.0)
+            await self._write(job, statuses, attempts, patience=0.0)
         except UnknownMessageError:
             return
         except Exception as exc:
@@ -257,7 +286,11 @@ class JobRunner:
                 contextlib.suppress(Exception),
             ):
                 await self._store.record(
-                    job.message_id, statuses, worker=self._worker_id
+                    job.message_id,
+                    statuses,
+                    worker=self._worker_id,
+                    history=list(progress.attempts.values()),
+                    history_limit=self._config.limits.history_per_recipient,
                 )
         await self.release(job)
 
@@ -296,6 +329,7 @@ class JobRunner:
         while pending:
             batch, pending = pending[:per_transaction], pending[per_transaction:]
             progress.batch = batch
+            progress.begin(self._clock())
             outcomes, where = await self._transaction(lane, job, batch, progress)
             settled = []
             for outcome in outcomes:
@@ -456,30 +490,29 @@ class JobRunner:
         self.tally.attempts += 1
         now = self._clock()
         old = progress.claimed
-        progress.unwritten.update(
-            (
-                o.address,
-                next_status(
-                    old[o.address],
-                    o,
-                    where,
-                    now=now,
-                    submitted_at=job.submitted_at,
-                    policy=self._config.retry,
-                    rng=self._rng,
-                    not_before=lane.backoff_until,
-                ),
+        for o in outcomes:
+            status = next_status(
+                old[o.address],
+                o,
+                where,
+                now=now,
+                submitted_at=job.submitted_at,
+                policy=self._config.retry,
+                rng=self._rng,
+                not_before=lane.backoff_until,
             )
-            for o in outcomes
-        )
+            progress.unwritten[o.address] = status
+            progress.attempts[o.address] = progress.attempt(status, o, now)
+        progress.started_at = None
 
     async def _record(self, lane: Lane, job: Job, progress: _Progress) -> None:
         """Write the outcomes decided so far; then count, log and publish them."""
         statuses = list(progress.unwritten.values())
         if not statuses:
             return
-        await self._write(job, statuses)
+        await self._write(job, statuses, list(progress.attempts.values()))
         progress.unwritten.clear()
+        progress.attempts.clear()
         progress.done.update(s.address for s in statuses)
         progress.recorded.extend(statuses)
         self.tally.count(statuses)
@@ -492,19 +525,23 @@ class JobRunner:
         self,
         job: Job,
         statuses: Sequence[RecipientStatus],
+        history: Sequence[AttemptRecord] = (),
         *,
         patience: float | None = None,
     ) -> None:
-        """``Store.record`` shielded from cancellation, written again after a
+        """``Store.record`` (the statuses and their attempts' *history*, one
+        transaction) shielded from cancellation, written again after a
         failure, a little later each time, for *patience* seconds (default: a
         third of the lease; 0: one more try); the last failure is raised.
 
-        Writing the same statuses twice is harmless, so a store that wrote and
-        then failed to say so loses nothing either. A message that is gone
-        (UnknownMessageError) is not retried.
+        Writing the same statuses and attempts twice is harmless (the store
+        keeps an attempt once), so a store that wrote and then failed to say so
+        loses nothing either. A message that is gone (UnknownMessageError) is
+        not retried.
         """
         if patience is None:
             patience = self._config.lease_duration / 3
+        limit = self._config.limits.history_per_recipient
         wait = _RECORD_FIRST_WAIT
         give_up_at = anyio.current_time() + patience
         attempt = 0
@@ -514,7 +551,11 @@ class JobRunner:
                 with anyio.CancelScope(shield=True):
                     with anyio.move_on_after(_SHIELDED_DEADLINE) as scope:
                         await self._store.record(
-                            job.message_id, statuses, worker=self._worker_id
+                            job.message_id,
+                            statuses,
+                            worker=self._worker_id,
+                            history=history,
+                            history_limit=limit,
                         )
                     if scope.cancelled_caught:
                         msg = f"the store did not record in {_SHIELDED_DEADLINE:g} s"

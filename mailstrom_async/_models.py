@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import attrs
 
@@ -16,6 +16,7 @@ from mailstrom_async._domain import domain_key, recipient_key
 from mailstrom_async._text import clean, reply_text, wire_bytes
 
 __all__ = [
+    "AttemptRecord",
     "DeliveryEvent",
     "MessageStatus",
     "RecipientState",
@@ -168,6 +169,60 @@ class RecipientStatus:
     def message_bytes(self) -> bytes | None:
         """``raw_message`` when it is kept, else ``message`` in UTF-8 (``None``
         without either): the exact bytes the server sent, either way."""
+        if self.raw_message is not None:
+            return self.raw_message
+        return None if self.message is None else wire_bytes(self.message)
+
+
+@attrs.frozen(kw_only=True)
+class AttemptRecord:
+    """One delivery attempt of one recipient, as its history keeps it.
+
+    ``attempt`` is the recipient's attempt number (its ``attempts`` count after
+    this attempt: 1 for the first). ``started_at`` is when the attempt began
+    (UTC) and ``duration`` how long it took in seconds, measured on a monotonic
+    clock; :attr:`finished_at` is their sum. ``host``, ``ip``, ``tls`` and
+    ``tls_verified`` say where it went and how (the host that gave the outcome,
+    when several MX hosts were tried in one attempt). ``state`` is the
+    recipient's state right after it.
+
+    ``code``, ``enhanced_code`` and ``message`` are what this attempt got: the
+    server's reply, or for an outcome decided here (a refused connection, a
+    timeout, TLS required and not had) no ``code``, an RFC 3463
+    ``enhanced_code`` and a short reason (:attr:`is_local`). Unlike
+    :class:`RecipientStatus`, an attempt after which the retry lifetime ran out
+    keeps the reply it got (``state`` says FAILED). ``message`` is valid Unicode
+    and ``raw_message`` keeps the exact bytes when they differ, as in
+    :class:`RecipientStatus`.
+    """
+
+    address: str
+    attempt: int
+    started_at: datetime
+    duration: float = 0.0
+    state: RecipientState
+    code: int | None = None
+    enhanced_code: str | None = None
+    message: str | None = None
+    raw_message: bytes | None = None
+    host: str | None = None
+    ip: str | None = None
+    tls: bool | None = None
+    tls_verified: bool | None = None
+
+    @property
+    def finished_at(self) -> datetime:
+        """The end of the attempt, ``started_at`` plus ``duration``."""
+        return self.started_at + timedelta(seconds=self.duration)
+
+    @property
+    def is_local(self) -> bool:
+        """True when the outcome was decided here, not by a server's reply."""
+        return self.code is None and self.message is not None
+
+    @property
+    def message_bytes(self) -> bytes | None:
+        """The exact bytes of the reply text (see :attr:`RecipientStatus.message_bytes`)."""
         if self.raw_message is not None:
             return self.raw_message
         return None if self.message is None else wire_bytes(self.message)

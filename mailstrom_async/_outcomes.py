@@ -16,13 +16,21 @@ import attrs
 
 from mailstrom_async._classify import RecipientOutcome
 from mailstrom_async._exceptions import DeliveryExpiredError
-from mailstrom_async._models import RecipientState, RecipientStatus
+from mailstrom_async._models import AttemptRecord, RecipientState, RecipientStatus
 from mailstrom_async._retry import decide_retry
 
 if TYPE_CHECKING:
     from mailstrom_async._config import RetryPolicy
+    from mailstrom_async._models import SMTPReply
 
-__all__ = ["Where", "locally_deferred", "log_outcomes", "next_status", "reason"]
+__all__ = [
+    "Where",
+    "attempt_record",
+    "locally_deferred",
+    "log_outcomes",
+    "next_status",
+    "reason",
+]
 
 logger = logging.getLogger("mailstrom_async.deliverer")
 
@@ -132,6 +140,40 @@ def locally_deferred(
     if status.state is RecipientState.DEFERRED:
         return attrs.evolve(status, enhanced_code=_LOCAL_ERROR, message=why)
     return attrs.evolve(status, message=f"{status.message}; {why}")
+
+
+def attempt_record(
+    status: RecipientStatus,
+    reply: SMTPReply | None,
+    *,
+    started_at: datetime,
+    duration: float,
+) -> AttemptRecord:
+    """The history entry of the attempt that made *status*: where it went and
+    the state after it from *status*; the code and text from *reply*, what the
+    attempt got (kept even when the retry lifetime then ran out), or from
+    *status* when the attempt failed here without a reply."""
+    if reply is None:
+        code, enhanced = status.code, status.enhanced_code
+        text, raw = status.message, status.raw_message
+    else:
+        code = None if reply.local else reply.code
+        enhanced, text, raw = reply.enhanced_code, reply.text, reply.raw_text
+    return AttemptRecord(
+        address=status.address,
+        attempt=status.attempts,
+        started_at=started_at,
+        duration=max(0.0, duration),
+        state=status.state,
+        code=code,
+        enhanced_code=enhanced,
+        message=text,
+        raw_message=raw,
+        host=status.host,
+        ip=status.ip,
+        tls=status.tls,
+        tls_verified=status.tls_verified,
+    )
 
 
 def reason(exc: BaseException) -> str:

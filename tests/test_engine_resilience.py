@@ -18,6 +18,7 @@ import attrs
 import pytest
 
 from mailstrom_async import (
+    AttemptRecord,
     Deliverer,
     Email,
     LiveLeaseError,
@@ -73,13 +74,25 @@ class RecordFails(MemoryStore):
         self.failures = 0
 
     async def record(
-        self, message_id: str, statuses: Sequence[RecipientStatus], *, worker: str
+        self,
+        message_id: str,
+        statuses: Sequence[RecipientStatus],
+        *,
+        worker: str,
+        history: Sequence[AttemptRecord] = (),
+        history_limit: int = 20,
     ) -> None:
         if message_id in self.failing:
             self.failures += 1
             msg = "disk full (injected)"
             raise StoreError(msg)
-        await super().record(message_id, statuses, worker=worker)
+        await super().record(
+            message_id,
+            statuses,
+            worker=worker,
+            history=history,
+            history_limit=history_limit,
+        )
 
 
 def email(*to: str) -> Email:
@@ -229,13 +242,25 @@ async def test_transient_record_failure_is_written_again(smtpd: SMTPDServers) ->
         left = 3
 
         async def record(
-            self, message_id: str, statuses: Sequence[RecipientStatus], *, worker: str
+            self,
+            message_id: str,
+            statuses: Sequence[RecipientStatus],
+            *,
+            worker: str,
+            history: Sequence[AttemptRecord] = (),
+            history_limit: int = 20,
         ) -> None:
             if self.left:
                 self.left -= 1
                 msg = "database is locked (injected)"
                 raise StoreError(msg)
-            await super().record(message_id, statuses, worker=worker)
+            await super().record(
+                message_id,
+                statuses,
+                worker=worker,
+                history=history,
+                history_limit=history_limit,
+            )
 
     handler = FaultHandler()
     server = await smtpd.start(handler)
@@ -273,6 +298,7 @@ async def test_routing_bug_defers_the_job_and_the_deliverer_goes_on(
                     break
         good = await done(await d.submit(email("ok@example.org")))
         status = await d.status(bad.message_id)
+        [attempt] = await d.history(bad.message_id)
     assert good.is_delivered
     [r] = status
     assert r.state is DEFERRED
@@ -280,6 +306,10 @@ async def test_routing_bug_defers_the_job_and_the_deliverer_goes_on(
     assert r.message == "local error: RuntimeError: routing table is broken"
     assert r.attempts == 1
     assert r.next_attempt_at is not None
+    # The job boundary's outcome has its history entry too: a local one.
+    assert (attempt.attempt, attempt.state, attempt.code) == (1, DEFERRED, None)
+    assert (attempt.enhanced_code, attempt.message) == ("4.3.0", r.message)
+    assert attempt.is_local
 
 
 # -- finding 6: the lifetime is never overrun ---------------------------------------

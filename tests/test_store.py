@@ -15,7 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailstrom_async._exceptions import StoreError, UnknownMessageError
-from mailstrom_async._models import MessageStatus, RecipientState, RecipientStatus
+from mailstrom_async._models import (
+    AttemptRecord,
+    MessageStatus,
+    RecipientState,
+    RecipientStatus,
+)
 from mailstrom_async._store import MemoryStore, SQLiteStore, Store
 from mailstrom_async._store import _sql as sql
 from mailstrom_async._store._sql import MIGRATIONS, SCHEMA_VERSION
@@ -320,7 +325,22 @@ async def _apply(store: Store, op: tuple[Any, ...]) -> object:
                     limit=limit,
                 )
             case ("record", mid, statuses, worker):
-                await store.record(mid, statuses, worker=worker)
+                # Each status's attempt, kept 2 per recipient at most: the
+                # bound is reached at once (attempt numbers 1 to 3).
+                history = [
+                    AttemptRecord(
+                        address=s.address,
+                        attempt=max(s.attempts, 1),
+                        started_at=s.last_attempt_at or T0,
+                        state=s.state,
+                        code=s.code,
+                        tls=s.tls,
+                    )
+                    for s in statuses
+                ]
+                await store.record(
+                    mid, statuses, worker=worker, history=history, history_limit=2
+                )
                 return None
             case ("release", mid, addresses, worker):
                 await store.release(mid, addresses, worker=worker)
@@ -332,7 +352,7 @@ async def _apply(store: Store, op: tuple[Any, ...]) -> object:
             case ("unhold", mid, domain, everything):
                 return await store.unhold(message_id=mid, domain=domain, all=everything)
             case ("status", mid):
-                return await store.status(mid)
+                return await store.status(mid), await store.history(mid)
             case _:
                 return (await store.next_due_at(), await store.summary())
     except (StoreError, UnknownMessageError, ValueError) as exc:
@@ -589,3 +609,60 @@ def test_any_text_round_trips_through_sqlite(
             assert await store.add(again) == expected
 
     anyio.run(main)
+
+
+async def test_migration_from_version_four_adds_an_empty_history(
+    db_path: Path,
+) -> None:
+    """A version 4 file (before histories) opens with its rows kept and an empty
+    history for every message; an attempt recorded then is kept (the first
+    attempt the history sees counts as its first), and a purge takes it along."""
+    async with aiosqlite.connect(db_path) as raw:
+        for statements in MIGRATIONS[:4]:
+            for statement in statements:
+                await raw.execute(statement)
+        await raw.execute(
+            "INSERT INTO messages VALUES ('m1', 'a@example.org', x'00', 0, ?, NULL)",
+            (T0.timestamp(),),
+        )
+        await raw.execute(
+            "INSERT INTO recipients (message_id, position, address, domain, state,"
+            " attempts, code, message, raw_message, next_attempt_at)"
+            " VALUES ('m1', 0, 'a@x.example', 'x.example', 'deferred', 3, 451,"
+            " 'later', x'ff', ?)",
+            (at(5).timestamp(),),
+        )
+        await raw.execute("PRAGMA user_version = 4")
+        await raw.commit()
+    async with SQLiteStore(db_path) as store:
+        assert await pragma(store, "user_version") == SCHEMA_VERSION == 5
+        [r] = (await store.status("m1")).recipients
+        assert (r.attempts, r.code, r.raw_message) == (3, 451, b"\xff")
+        assert await store.history("m1") == []
+        records = [
+            AttemptRecord(
+                address="a@x.example",
+                attempt=n,
+                started_at=at(10 * n),
+                duration=0.5,
+                state=RecipientState.DEFERRED,
+                code=451,
+                message="later",
+            )
+            for n in range(4, 8)
+        ]
+        for record in records:
+            status = attrs.evolve(
+                r, attempts=record.attempt, next_attempt_at=at(10 * record.attempt + 5)
+            )
+            await store.record(
+                "m1", [status], worker="w", history=[record], history_limit=3
+            )
+        # Attempt 4 is the first kept: it stays; then the latest two.
+        assert [h.attempt for h in await store.history("m1")] == [4, 6, 7]
+        final = attrs.evolve(r, state=RecipientState.FAILED, next_attempt_at=None)
+        await store.record("m1", [final], worker="w")
+        assert await store.purge(finished_before=at(10_000)) == 1
+        assert store._db is not None
+        rows = await store._db.execute_fetchall("SELECT COUNT(*) FROM history")
+    assert list(rows) == [(0,)]

@@ -1,7 +1,8 @@
 """The ``mailstrom-async`` command: submit mail, run workers, operate the queue.
 
 One module per family of subcommands: :mod:`._send` (send), :mod:`._queue`
-(status, queue, retry, cancel, purge), :mod:`._hold` (hold, release),
+(status, queue, retry, cancel, purge; ``status --history`` in
+:mod:`._history`), :mod:`._hold` (hold, release),
 :mod:`._leases` (leases), :mod:`._run` (worker, sink, demo); shared
 options and output in :mod:`._common`. :func:`main` turns every error meant for
 a person into one line on stderr and an exit code, never a traceback; with

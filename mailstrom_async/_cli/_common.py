@@ -45,6 +45,7 @@ __all__ = [
     "non_negative_seconds",
     "one_target",
     "open_store",
+    "plain_value",
     "positive_seconds",
     "print_error",
     "print_json",
@@ -328,6 +329,11 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "value"):  # an enum
         return value.value
     return value
+
+
+def plain_value(value: Any) -> Any:
+    """*value* for JSON: a datetime in ISO 8601 UTC, bytes in base64, an enum's value."""
+    return _plain(value)
 
 
 def recipient_json(status: RecipientStatus) -> dict[str, Any]:

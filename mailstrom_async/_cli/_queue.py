@@ -26,11 +26,12 @@ from mailstrom_async._cli._common import (
     timestamp,
     utcnow,
 )
+from mailstrom_async._cli._history import add_history_flag, history_json, print_history
 from mailstrom_async._models import RecipientState
 
 if TYPE_CHECKING:
     from mailstrom_async._cli._common import Parser
-    from mailstrom_async._models import MessageStatus, RecipientStatus
+    from mailstrom_async._models import AttemptRecord, MessageStatus, RecipientStatus
     from mailstrom_async._store import QueueSummary, SQLiteStore
 
 __all__ = ["add_parsers"]
@@ -49,9 +50,11 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
         "next attempt times (UTC). An outcome decided here, not by a server "
         "(a refused connection, a DNS answer, the retry lifetime run out) shows "
         "'local' as its code. A recipient on hold shows '(held)' after its "
-        "state: it is not tried until 'release'.",
+        "state: it is not tried until 'release'. With --history, every kept "
+        "attempt of each recipient follows, oldest first.",
         epilog="examples:\n  mailstrom-async status 1732712345.abc@example.com\n"
-        "  mailstrom-async status --json ID | jq .recipients",
+        "  mailstrom-async status --json ID | jq .recipients\n"
+        "  mailstrom-async status --history ID",
         formatter_class=_FORMATTER,
     )
     p.add_argument(
@@ -60,6 +63,7 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
         type=message_id,
         help="the id printed by 'send' (<> around it, as in a Message-ID header, are fine)",
     )
+    add_history_flag(p)
     add_store_options(p)
     p.set_defaults(handler=_status)
 
@@ -180,13 +184,18 @@ def _prepare(args: argparse.Namespace) -> SQLiteStore:
 def _status(args: argparse.Namespace) -> int:
     store = _prepare(args)
 
-    async def run() -> MessageStatus:
+    async def run() -> tuple[MessageStatus, list[AttemptRecord] | None]:
         async with store:
-            return await store.status(args.message_id)
+            status = await store.status(args.message_id)
+            history = await store.history(args.message_id) if args.history else None
+            return status, history
 
-    status = anyio.run(run)
+    status, history = anyio.run(run)
     if args.json:
-        print_json(status_json(status))
+        entry = status_json(status)
+        if history is not None:
+            entry["history"] = history_json(history)
+        print_json(entry)
         return EXIT_OK
     now = utcnow()
     submitted = timestamp(status.submitted_at)
@@ -230,6 +239,8 @@ def _status(args: argparse.Namespace) -> int:
             f"{held} recipient(s) on hold: not tried until "
             f"'mailstrom-async release {status.message_id}'"
         )
+    if history is not None:
+        print_history(status, history)
     return EXIT_OK
 
 

@@ -14,6 +14,12 @@ An operator can *hold* unfinished recipients (:meth:`Store.hold`, like Postfix's
 is never claimed until :meth:`Store.unhold` releases it. The flag is the store's
 own: :meth:`Store.record` keeps it for an unfinished outcome and clears it for a
 final one, whatever the recorded status says.
+
+Each recipient keeps a bounded *history* of its attempts
+(:class:`~mailstrom_async.AttemptRecord`): :meth:`Store.record` writes the
+attempts it is given in the same transaction as the statuses, so an outcome is
+never stored without its history nor the other way round; :meth:`Store.history`
+reads them back; purging a message deletes its history.
 """
 
 from __future__ import annotations
@@ -25,9 +31,25 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import attrs
 
 if TYPE_CHECKING:
-    from mailstrom_async._models import MessageStatus, RecipientState, RecipientStatus
+    from mailstrom_async._models import (
+        AttemptRecord,
+        MessageStatus,
+        RecipientState,
+        RecipientStatus,
+    )
 
-__all__ = ["Job", "LeaseInfo", "NewMessage", "QueueSummary", "Store"]
+__all__ = [
+    "DEFAULT_HISTORY_LIMIT",
+    "Job",
+    "LeaseInfo",
+    "NewMessage",
+    "QueueSummary",
+    "Store",
+]
+
+#: Attempts kept per recipient when :meth:`Store.record` is not told otherwise
+#: (``Limits.history_per_recipient``'s default).
+DEFAULT_HISTORY_LIMIT = 20
 
 
 @attrs.frozen(kw_only=True)
@@ -154,9 +176,16 @@ class Store(Protocol):
         ...
 
     async def record(
-        self, message_id: str, statuses: Sequence[RecipientStatus], *, worker: str
+        self,
+        message_id: str,
+        statuses: Sequence[RecipientStatus],
+        *,
+        worker: str,
+        history: Sequence[AttemptRecord] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
     ) -> None:
-        """Write the new statuses of some recipients of one message, ending their lease.
+        """Write the new statuses of some recipients of one message, ending their
+        lease, and add *history* to their attempt histories, in one transaction.
 
         Each status replaces the stored one for the same address (the local part
         compared exactly, the domain case-insensitively: ``recipient_key``),
@@ -167,9 +196,28 @@ class Store(Protocol):
         held recipient stays held when the new status is unfinished, and stops
         being held when it is final.
 
+        Each attempt of *history* is added to its recipient's history (matched
+        by address as statuses are; unknown addresses are ignored), even when
+        its status does not replace a final one: the attempt was made. An
+        attempt already kept (the same recipient, ``attempt`` and
+        ``started_at``: a write that is retried) is not added twice. Then each
+        such recipient keeps at most *history_limit* attempts: the first one
+        kept and those numbered above ``latest - (history_limit - 1)``; with 1,
+        only the latest; with 0, *history* is not written at all.
+
         Raises:
             UnknownMessageError: no such message.
-            ValueError: an unfinished status has no ``next_attempt_at``.
+            ValueError: an unfinished status has no ``next_attempt_at``, or
+                *history_limit* is negative.
+        """
+        ...
+
+    async def history(self, message_id: str) -> list[AttemptRecord]:
+        """The kept attempts of every recipient of a message, oldest first (by
+        ``started_at``, then envelope order, then attempt number).
+
+        Raises:
+            UnknownMessageError: no such message.
         """
         ...
 
@@ -225,7 +273,8 @@ class Store(Protocol):
 
     async def purge(self, *, finished_before: datetime) -> int:
         """Delete messages whose recipients are all final and whose last attempt is
-        before *finished_before*; return how many messages were deleted.
+        before *finished_before*, with their histories; return how many messages
+        were deleted.
 
         Recipients never attempted count at the message's ``submitted_at``.
         """

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from mailstrom_async._domain import domain_key, recipient_key
-from mailstrom_async._models import RecipientState, RecipientStatus
+from mailstrom_async._models import AttemptRecord, RecipientState, RecipientStatus
 from mailstrom_async._store._base import LeaseInfo
 from mailstrom_async._text import clean, is_clean, wire_bytes
 
@@ -41,6 +41,7 @@ __all__ = [
     "address_index",
     "cancelled",
     "check_claim",
+    "check_history",
     "check_hold",
     "check_limit",
     "check_list_limit",
@@ -50,6 +51,7 @@ __all__ = [
     "logger",
     "matching",
     "should_replace",
+    "trimmed_history",
     "utc",
     "utc_or_none",
 ]
@@ -164,7 +166,9 @@ def check_unhold(
     return None if domain is None else domain_key(domain)
 
 
-def _safe_message(status: RecipientStatus) -> tuple[str | None, bytes | None]:
+def _safe_message(
+    status: RecipientStatus | AttemptRecord,
+) -> tuple[str | None, bytes | None]:
     message, raw = status.message, status.raw_message
     if message is None or is_clean(message):
         return message, (None if raw is None else bytes(raw))
@@ -205,6 +209,78 @@ def check_statuses(statuses: Iterable[RecipientStatus]) -> list[RecipientStatus]
             )
         )
     return result
+
+
+def check_history(history: Iterable[AttemptRecord], limit: int) -> list[AttemptRecord]:
+    """Return *history* with its times in UTC and its text valid Unicode (as
+    :func:`check_statuses` does a status's), or ``[]`` when *limit* is 0.
+
+    Raises ValueError for a negative *limit*, a naive ``started_at``, an attempt
+    number below 1 or a duration that is negative or not finite.
+    """
+    if limit < 0:
+        msg = f"history_limit must be an integer >= 0, got {limit!r}"
+        raise ValueError(msg)
+    if limit == 0:
+        return []
+    result = []
+    for record in history:
+        if record.attempt < 1:
+            msg = f"attempt numbers start at 1, got {record.attempt!r}"
+            raise ValueError(msg)
+        if not 0 <= record.duration < float("inf"):
+            msg = f"duration must be a number of seconds >= 0, got {record.duration!r}"
+            raise ValueError(msg)
+        if _is_plain(record):  # the usual case: nothing to change, no copy
+            result.append(record)
+            continue
+        message, raw_message = _safe_message(record)
+        result.append(
+            attrs.evolve(
+                record,
+                address=clean(record.address),
+                started_at=utc(record.started_at, "started_at"),
+                enhanced_code=_clean_or_none(record.enhanced_code),
+                message=message,
+                raw_message=raw_message,
+                host=_clean_or_none(record.host),
+                ip=_clean_or_none(record.ip),
+            )
+        )
+    return result
+
+
+def _is_plain(record: AttemptRecord) -> bool:
+    """*record* is in UTC already and all of its text is valid Unicode."""
+    texts = (
+        record.address,
+        record.enhanced_code,
+        record.message,
+        record.host,
+        record.ip,
+    )
+    return (
+        record.started_at.tzinfo is UTC
+        and (record.raw_message is None or type(record.raw_message) is bytes)
+        and all(t is None or is_clean(t) for t in texts)
+    )
+
+
+def trimmed_history(
+    kept: list[AttemptRecord], limit: int, added: int
+) -> list[AttemptRecord]:
+    """One recipient's *kept* attempts within *limit* once attempt number
+    *added* has been added: the first one kept and those numbered above
+    ``added - (limit - 1)`` (with a limit of 1: ``added`` and above). Nothing
+    goes while *added* is at most *limit*, so the usual write trims nothing.
+    The SQL stores delete by the same rule."""
+    if added <= limit:
+        return kept
+    if limit == 1:
+        return [r for r in kept if r.attempt >= added]
+    first = min(r.attempt for r in kept)
+    cutoff = added - (limit - 1)
+    return [r for r in kept if r.attempt == first or r.attempt > cutoff]
 
 
 def address_index(addresses: Iterable[str]) -> dict[tuple[str, str], list[int]]:

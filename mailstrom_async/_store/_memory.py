@@ -19,14 +19,26 @@ import attrs
 
 from mailstrom_async._domain import domain_key
 from mailstrom_async._exceptions import StoreError, UnknownMessageError
-from mailstrom_async._models import MessageStatus, RecipientState, RecipientStatus
-from mailstrom_async._store._base import Job, LeaseInfo, NewMessage, QueueSummary
+from mailstrom_async._models import (
+    AttemptRecord,
+    MessageStatus,
+    RecipientState,
+    RecipientStatus,
+)
+from mailstrom_async._store._base import (
+    DEFAULT_HISTORY_LIMIT,
+    Job,
+    LeaseInfo,
+    NewMessage,
+    QueueSummary,
+)
 from mailstrom_async._store._common import (
     UNFINISHED,
     add_lease,
     address_index,
     cancelled,
     check_claim,
+    check_history,
     check_hold,
     check_limit,
     check_list_limit,
@@ -36,6 +48,7 @@ from mailstrom_async._store._common import (
     logger,
     matching,
     should_replace,
+    trimmed_history,
     utc,
 )
 
@@ -54,6 +67,16 @@ class _Recipient:
     seq: int
     lease_owner: str | None = None
     lease_until: datetime | None = None
+    # Kept attempts by (attempt, started_at): the SQL primary key's order.
+    history: list[AttemptRecord] = attrs.field(factory=list)
+
+    def add_attempt(self, record: AttemptRecord) -> None:
+        key = (record.attempt, record.started_at)
+        if any((r.attempt, r.started_at) == key for r in self.history):
+            return  # a retried write of the same attempt
+        # The stored address, as the SQL store's join gives it.
+        self.history.append(attrs.evolve(record, address=self.status.address))
+        self.history.sort(key=lambda r: (r.attempt, r.started_at))
 
     def due_at(self) -> datetime | None:
         """When this recipient can next be claimed; None once it is final, and
@@ -351,13 +374,28 @@ class MemoryStore:
         return jobs
 
     async def record(
-        self, message_id: str, statuses: Sequence[RecipientStatus], *, worker: str
+        self,
+        message_id: str,
+        statuses: Sequence[RecipientStatus],
+        *,
+        worker: str,
+        history: Sequence[AttemptRecord] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
     ) -> None:
-        """Write new statuses and end *worker*'s leases; see :meth:`Store.record`."""
+        """Write new statuses and their attempts and end *worker*'s leases; see
+        :meth:`Store.record`."""
         statuses = check_statuses(statuses)
+        attempts = check_history(history, history_limit)
         await self._enter()
         stored = self._get(message_id)
         index = address_index(stored.addresses())
+        # All inserted, then trimmed in turn: as the SQL store does.
+        matched = [(i, r) for r in attempts for i in matching(index, r.address)]
+        for i, record in matched:
+            stored.recipients[i].add_attempt(record)
+        for i, record in matched:
+            r = stored.recipients[i]
+            r.history = trimmed_history(r.history, history_limit, record.attempt)
         for status in statuses:
             for i in matching(index, status.address):
                 r = stored.recipients[i]
@@ -371,6 +409,18 @@ class MemoryStore:
                 r.release(worker)
         if stored.is_done():
             self._unfinished.pop(message_id, None)
+
+    async def history(self, message_id: str) -> list[AttemptRecord]:
+        """The kept attempts of a message's recipients; see :meth:`Store.history`."""
+        await self._enter()
+        stored = self._get(message_id)
+        kept = [
+            (record.started_at, position, record.attempt, record)
+            for position, r in enumerate(stored.recipients)
+            for record in r.history
+        ]
+        kept.sort(key=lambda entry: entry[:3])
+        return [entry[3] for entry in kept]
 
     async def release(
         self, message_id: str, addresses: Sequence[str], *, worker: str

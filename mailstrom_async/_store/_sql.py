@@ -4,7 +4,9 @@ Plain strings, kept apart from the connection handling in :mod:`._sqlite`.
 Statements that read or write a recipient's status list its columns in one order:
 ``address, state, attempts, code, enhanced_code, message, raw_message, host, ip,
 tls, tls_verified, first_attempt_at, last_attempt_at, next_attempt_at,
-possible_duplicate, held``.
+possible_duplicate, held``. History rows (table ``history``) list theirs as
+``address, attempt, started_at, duration, state, code, enhanced_code, message,
+raw_message, host, ip, tls, tls_verified``.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mailstrom_async._domain import domain_key
-from mailstrom_async._models import RecipientState, RecipientStatus
+from mailstrom_async._models import AttemptRecord, RecipientState, RecipientStatus
 
 __all__ = [
     "CANCEL",
     "CLAIM",
+    "HISTORY_QUERY",
     "HOLD_DOMAIN",
     "HOLD_MESSAGE",
+    "INSERT_HISTORY",
     "INSERT_MESSAGE",
     "INSERT_RECIPIENT",
     "INTEGRITY_PROBES",
@@ -38,12 +42,16 @@ __all__ = [
     "SCAN_DUE",
     "SCHEMA_VERSION",
     "STATUS_QUERY",
+    "TRIM_HISTORY",
+    "TRIM_HISTORY_TO_LATEST",
     "UNHOLD_ALL",
     "UNHOLD_DOMAIN",
     "UNHOLD_MESSAGE",
     "UNLEASE",
     "domain",
     "from_ts",
+    "history_from_row",
+    "history_params",
     "status_from_row",
     "status_params",
     "to_ts",
@@ -113,6 +121,31 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # ``message`` shows (not UTF-8, or cut at 4 KiB); NULL otherwise.
         "ALTER TABLE recipients ADD COLUMN raw_message BLOB",
     ),
+    (
+        # Version 5: each recipient's attempt history (Store.history), bounded
+        # per recipient. The primary key is the table (WITHOUT ROWID): one b-tree,
+        # a message's rows side by side, found by the message id that leads it
+        # (history(), the cascade of a purge) and trimmed by attempt number. A
+        # retried write of the same attempt (same started_at) is one row.
+        """CREATE TABLE history (
+            message_id TEXT NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            attempt INTEGER NOT NULL,
+            started_at REAL NOT NULL,
+            duration REAL NOT NULL,
+            state TEXT NOT NULL
+                CHECK (state IN ('queued', 'deferred', 'delivered', 'failed')),
+            code INTEGER,
+            enhanced_code TEXT,
+            message TEXT,
+            raw_message BLOB,
+            host TEXT,
+            ip TEXT,
+            tls INTEGER,
+            tls_verified INTEGER,
+            PRIMARY KEY (message_id, position, attempt, started_at)
+        ) WITHOUT ROWID""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -135,6 +168,7 @@ INTEGRITY_PROBES: tuple[tuple[str, str], ...] = (
     ("recipients_lease_owner", "SELECT (SELECT MIN(lease_owner) FROM recipients WHERE lease_owner IS NOT NULL), (SELECT MAX(lease_owner) FROM recipients WHERE lease_owner IS NOT NULL)"),
     ("recipients_claimable", "SELECT (SELECT MIN(next_attempt_at) FROM recipients WHERE state IN ('queued', 'deferred') AND held = 0), (SELECT MAX(next_attempt_at) FROM recipients WHERE state IN ('queued', 'deferred') AND held = 0)"),
     ("recipients_held", "SELECT (SELECT MIN(domain) FROM recipients WHERE held = 1), (SELECT MAX(domain) FROM recipients WHERE held = 1)"),
+    ("history", "SELECT (SELECT MIN(message_id) FROM history), (SELECT MAX(message_id) FROM history)"),
 )  # fmt: skip
 
 
@@ -238,6 +272,26 @@ UNHOLD_MESSAGE = """UPDATE recipients SET held = 0
 UNHOLD_DOMAIN = "UPDATE recipients SET held = 0 WHERE held = 1 AND domain = :domain"
 UNHOLD_ALL = "UPDATE recipients SET held = 0 WHERE held = 1"
 
+INSERT_HISTORY = """INSERT OR IGNORE INTO history
+    (message_id, position, attempt, started_at, duration, state, code,
+     enhanced_code, message, raw_message, host, ip, tls, tls_verified)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+# Trimming, run only for an attempt numbered above the limit: the rows between
+# the recipient's first kept attempt and the window of the latest ones
+# (:func:`~._common.trimmed_history` is the same rule), in one primary-key range.
+TRIM_HISTORY = """DELETE FROM history
+    WHERE message_id = :message_id AND position = :position AND attempt <= :cutoff
+      AND attempt > (SELECT MIN(attempt) FROM history
+                     WHERE message_id = :message_id AND position = :position)"""
+TRIM_HISTORY_TO_LATEST = """DELETE FROM history
+    WHERE message_id = :message_id AND position = :position AND attempt < :added"""
+HISTORY_QUERY = """SELECT r.address, h.attempt, h.started_at, h.duration, h.state,
+      h.code, h.enhanced_code, h.message, h.raw_message, h.host, h.ip, h.tls,
+      h.tls_verified
+    FROM history h JOIN recipients r
+      ON r.message_id = h.message_id AND r.position = h.position
+    WHERE h.message_id = ? ORDER BY h.started_at, h.position, h.attempt"""
+
 
 def to_ts(value: datetime | None) -> float | None:
     return None if value is None else value.timestamp()
@@ -304,4 +358,46 @@ def status_params(s: RecipientStatus) -> tuple[Any, ...]:
         to_ts(s.last_attempt_at),
         to_ts(s.next_attempt_at),
         s.possible_duplicate,
+    )
+
+
+def history_params(message_id: str, position: int, r: AttemptRecord) -> tuple[Any, ...]:
+    """The values of :data:`INSERT_HISTORY` for *r*, the recipient at *position*
+    (*r* has passed :func:`~._common.check_history`)."""
+    return (
+        message_id,
+        position,
+        r.attempt,
+        r.started_at.timestamp(),
+        r.duration,
+        r.state.value,
+        r.code,
+        r.enhanced_code,
+        r.message,
+        r.raw_message,
+        r.host,
+        r.ip,
+        r.tls,
+        r.tls_verified,
+    )
+
+
+def history_from_row(row: Sequence[Any]) -> AttemptRecord:
+    """An attempt from ``address, attempt, started_at, ..., tls_verified``."""
+    (address, attempt, started, duration, state, code, enhanced_code, message,
+     raw_message, host, ip, tls, tls_verified) = row  # fmt: skip
+    return AttemptRecord(
+        address=address,
+        attempt=attempt,
+        started_at=from_ts(started),
+        duration=duration,
+        state=RecipientState(state),
+        code=code,
+        enhanced_code=enhanced_code,
+        message=message,
+        raw_message=raw_message,
+        host=host,
+        ip=ip,
+        tls=_bool_or_none(tls),
+        tls_verified=_bool_or_none(tls_verified),
     )

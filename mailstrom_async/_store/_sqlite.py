@@ -54,14 +54,26 @@ import attrs
 
 from mailstrom_async._domain import domain_key
 from mailstrom_async._exceptions import StoreError, UnknownMessageError
-from mailstrom_async._models import MessageStatus, RecipientState, RecipientStatus
+from mailstrom_async._models import (
+    AttemptRecord,
+    MessageStatus,
+    RecipientState,
+    RecipientStatus,
+)
 from mailstrom_async._store import _sql as sql
-from mailstrom_async._store._base import Job, LeaseInfo, NewMessage, QueueSummary
+from mailstrom_async._store._base import (
+    DEFAULT_HISTORY_LIMIT,
+    Job,
+    LeaseInfo,
+    NewMessage,
+    QueueSummary,
+)
 from mailstrom_async._store._common import (
     CANCELLED,
     UNFINISHED,
     address_index,
     check_claim,
+    check_history,
     check_hold,
     check_limit,
     check_list_limit,
@@ -565,10 +577,18 @@ class SQLiteStore:
         ]
 
     async def record(
-        self, message_id: str, statuses: Sequence[RecipientStatus], *, worker: str
+        self,
+        message_id: str,
+        statuses: Sequence[RecipientStatus],
+        *,
+        worker: str,
+        history: Sequence[AttemptRecord] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
     ) -> None:
-        """Write new statuses and end *worker*'s leases; see :meth:`Store.record`."""
+        """Write new statuses and their attempts and end *worker*'s leases; see
+        :meth:`Store.record`."""
         statuses = check_statuses(statuses)
+        attempts = check_history(history, history_limit)
 
         def work(conn: sqlite3.Connection) -> None:
             stored = conn.execute(
@@ -603,8 +623,21 @@ class SQLiteStore:
                 conn.executemany(
                     sql.UNLEASE, [(message_id, p) for p in sorted(unlease)]
                 )
+            if attempts:
+                _write_history(conn, message_id, stored, index, attempts, history_limit)
 
         await self._write(work)
+
+    async def history(self, message_id: str) -> list[AttemptRecord]:
+        """The kept attempts of a message's recipients; see :meth:`Store.history`."""
+
+        def work(conn: sqlite3.Connection) -> list[Any]:
+            rows = conn.execute(sql.HISTORY_QUERY, (message_id,)).fetchall()
+            if not rows:
+                _check_exists(conn, message_id)
+            return rows
+
+        return [sql.history_from_row(row) for row in await self._read(work)]
 
     async def release(
         self, message_id: str, addresses: Sequence[str], *, worker: str
@@ -771,6 +804,37 @@ def _probe(conn: sqlite3.Connection) -> None:
                 conn.execute(query).fetchall()
     finally:
         conn.execute("COMMIT")
+
+
+def _write_history(
+    conn: sqlite3.Connection,
+    message_id: str,
+    stored: Sequence[Any],
+    index: dict[tuple[str, str], list[int]],
+    attempts: Sequence[AttemptRecord],
+    limit: int,
+) -> None:
+    """Inside ``record()``'s transaction: insert *attempts* (one executemany)
+    and trim the recipients whose new attempt is numbered above *limit*."""
+    rows, trims = [], []
+    for record in attempts:
+        for i in matching(index, record.address):
+            position = stored[i][0]
+            rows.append(sql.history_params(message_id, position, record))
+            if record.attempt > limit:
+                trims.append(
+                    {
+                        "message_id": message_id,
+                        "position": position,
+                        "added": record.attempt,
+                        "cutoff": record.attempt - (limit - 1),
+                    }
+                )
+    if rows:
+        conn.executemany(sql.INSERT_HISTORY, rows)
+    if trims:
+        trim = sql.TRIM_HISTORY_TO_LATEST if limit == 1 else sql.TRIM_HISTORY
+        conn.executemany(trim, trims)
 
 
 def _check_exists(conn: sqlite3.Connection, message_id: str) -> None:

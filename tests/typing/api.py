@@ -107,6 +107,32 @@ def status_types(status: m.MessageStatus, at: datetime) -> None:
     status.recipient(5)  # type: ignore[arg-type]
 
 
+async def history_types(deliverer: m.Deliverer, store: m.Store) -> None:
+    history = await deliverer.history("id@example.com")
+    assert_type(history, tuple[m.AttemptRecord, ...])
+    assert_type(await store.history("id@example.com"), list[m.AttemptRecord])
+    for record in history:
+        assert_type(record.address, str)
+        assert_type(record.attempt, int)
+        assert_type(record.started_at, datetime)
+        assert_type(record.finished_at, datetime)
+        assert_type(record.duration, float)
+        assert_type(record.state, m.RecipientState)
+        assert_type(record.code, int | None)
+        assert_type(record.enhanced_code, str | None)
+        assert_type(record.message, str | None)
+        assert_type(record.raw_message, bytes | None)
+        assert_type(record.message_bytes, bytes | None)
+        assert_type(record.is_local, bool)
+        assert_type(record.host, str | None)
+        assert_type(record.ip, str | None)
+        assert_type(record.tls, bool | None)
+        assert_type(record.tls_verified, bool | None)
+    assert_type(m.Limits().history_per_recipient, int)
+    await store.record("id", [], worker="w", history=history, history_limit=5)
+    await deliverer.history(5)  # type: ignore[arg-type]
+
+
 def event_types(event: m.DeliveryEvent) -> None:
     assert_type(event.message_id, str)
     assert_type(event.recipient, m.RecipientStatus)
