@@ -23,6 +23,7 @@ from mailstrom_async._exceptions import StoreError, UnknownMessageError
 from mailstrom_async._models import MessageStatus, RecipientState, RecipientStatus
 from mailstrom_async._store import LeaseInfo, NewMessage, Store
 from mailstrom_async.testing._hold_contract import HoldContract
+from mailstrom_async.testing._inspect_contract import InspectContract
 from mailstrom_async.testing._store_common import (
     T0,
     at,
@@ -52,7 +53,7 @@ def _many_addresses() -> list[str]:
 
 
 @pytest.mark.anyio
-class StoreContract(HoldContract):
+class StoreContract(HoldContract, InspectContract):
     """The contract suite; subclasses provide a ``store`` fixture (open, empty).
 
     Subclass it in a test module (its name starting with ``Test``) and give the

@@ -281,3 +281,13 @@ async def hold_types(deliverer: m.Deliverer, store: m.Store) -> None:
     summary = await store.summary()
     assert_type(summary.held, int)
     assert_type(summary.held_by_domain, dict[str, int])
+
+
+async def inspect_types(store: m.Store, at: datetime) -> None:
+    assert_type(await store.message_data("id"), bytes)
+    assert_type(await store.message_sizes(["id"]), dict[str, int])
+    shape = await store.shape(now=at, bounds=[300.0, 600.0], held=False)
+    assert_type(shape, m.QueueShape)
+    assert_type(shape.by_domain, dict[str, tuple[int, ...]])
+    assert_type(shape.total(), tuple[int, ...])
+    assert_type(shape.bounds, tuple[float, ...])
