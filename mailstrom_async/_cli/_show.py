@@ -123,27 +123,40 @@ def _parse(data: bytes) -> EmailMessage:
     return message  # type: ignore[return-value]  # policy.default: EmailMessage
 
 
+def valid(text: str) -> str:
+    """*text* as valid Unicode: each lone surrogate (a byte of a header that
+    was not UTF-8) as ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def shown(text: str) -> str:
-    """*text* safe for a terminal: each control character (but tab and newline)
-    as ``\\xNN``, each lone surrogate (a byte that was not UTF-8) too."""
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """*text* safe for a terminal: valid Unicode, and each control character
+    but tab and newline as ``\\xNN``."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", valid(text))
 
 
 def _decoded_headers(message: Message) -> list[tuple[str, str]]:
     headers = []
     for name, raw in message.raw_items():
-        try:
-            value = str(message.policy.header_fetch_parse(name, raw))  # type: ignore[attr-defined]
-        except Exception:
-            value = raw
-        value = " ".join(value.split()) if "\n" in value or "\r" in value else value
-        headers.append((shown(name), shown(value)))
+        value = raw
+        # Only what needs decoding is decoded: the rest stays as it was written
+        # (the parser would rewrite parameters and quoting), unfolded.
+        if "=?" in raw or not raw.isascii():
+            try:
+                value = str(message.policy.header_fetch_parse(name, raw))  # type: ignore[attr-defined]
+            except Exception:  # a header the parser cannot read: as stored
+                value = raw
+        headers.append((valid(name), valid(_unfold(value))))
     return headers
 
 
+def _unfold(value: str) -> str:
+    """RFC 5322 §2.2.3: unfolding removes each CRLF that comes before whitespace."""
+    return re.sub(r"\r?\n(?=[ \t])", "", value).rstrip("\r\n")
+
+
 def _raw_headers(message: Message) -> list[tuple[str, str]]:
-    return [(shown(name), shown(raw)) for name, raw in message.raw_items()]
+    return [(valid(name), valid(raw)) for name, raw in message.raw_items()]
 
 
 def _parts(message: Message) -> list[dict[str, Any]]:
@@ -160,7 +173,8 @@ def _parts(message: Message) -> list[dict[str, Any]]:
     if message.get_content_maintype() == "text" and disposition != "attachment":
         charset = message.get_content_charset() or "us-ascii"
         entry["charset"] = charset
-        entry["text"] = _text(payload if isinstance(payload, bytes) else b"", charset)
+        text = _text(payload if isinstance(payload, bytes) else b"", charset)
+        entry["text"] = text.replace("\r\n", "\n")
     return [entry]
 
 
@@ -190,7 +204,7 @@ def _as_json(
 
 def _part_json(part: dict[str, Any]) -> dict[str, Any]:
     if "text" in part:
-        return {**part, "text": shown(part["text"]), "attachment": False}
+        return {**part, "attachment": False}
     return {**part, "attachment": True}
 
 
@@ -207,11 +221,11 @@ def _print_text(status: MessageStatus, data: bytes, *, body: bool) -> None:
         [(r.address, state_text(r), reply_text(r)) for r in status],
     ).splitlines()[1:]
     for i, row in enumerate(rows):
-        print(("to         " if i == 0 else "           ") + row)
+        print(("rcpt       " if i == 0 else "           ") + row)
     message = _parse(data)
     print()
     for name, value in _decoded_headers(message):
-        print(f"{name}: {value}")
+        print(f"{shown(name)}: {shown(value)}")
     if not body:
         return
     print()
@@ -231,5 +245,5 @@ def _print_text(status: MessageStatus, data: bytes, *, body: bool) -> None:
 
 
 def _print_part_text(text: str) -> None:
-    text = shown(text.replace("\r\n", "\n"))
+    text = shown(text)
     print(text, end="" if text.endswith("\n") else "\n")
