@@ -13,7 +13,7 @@ import base64
 import json
 import os
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
@@ -401,3 +401,234 @@ def test_show_bad_input(cli: CLI, tmp_path: Path) -> None:
     code, _, err = cli("show", "x@example.org")
     assert code == 1
     assert "no store at" in err
+
+
+# -- queue (the listing) --------------------------------------------------------------
+
+
+async def test_queue_lists_waiting_recipients_with_the_last_reply(
+    smtpd: SMTPDServers, cli: CLI
+) -> None:
+    """queue lists each message with waiting recipients (id, size, arrival,
+    sender) and under it each waiting recipient with its state, attempts and
+    the server's last reply; a delivered recipient is not listed; a totals line
+    ends it. --json has the same, with the totals."""
+    message_id = await deliver_and_defer(smtpd, cli.store)
+    async with SQLiteStore(cli.store) as store:
+        size = len(await store.message_data(message_id))
+    out = await cli.in_thread("queue")
+    lines = out.splitlines()
+    assert lines[0].split() == ["ID", "SIZE", "ARRIVED", "SENDER"]
+    fields = lines[1].split()
+    assert fields[:2] == [message_id, str(size)]
+    assert fields[-1] == "me@example.com"
+    assert lines[2] == "    busy@example.net  deferred  1 try  451 4.2.1 mailbox busy"
+    assert lines[3] == ""
+    assert lines[4] == (
+        f"-- {-(-size // 1024)} Kbytes in 1 message; 1 recipient: 0 queued, 1 deferred"
+    )
+    assert len(lines) == 5
+    assert "ok@example.org" not in out
+
+    data = await anyio.to_thread.run_sync(lambda: cli.json("queue"))
+    assert isinstance(data, dict)
+    [entry] = data["messages"]
+    assert entry["message_id"] == message_id
+    assert entry["size"] == size
+    assert entry["mail_from"] == "me@example.com"
+    [busy] = entry["recipients"]
+    assert (busy["address"], busy["state"], busy["attempts"]) == (
+        "busy@example.net",
+        "deferred",
+        1,
+    )
+    assert (busy["code"], busy["enhanced_code"], busy["message"]) == (
+        451,
+        "4.2.1",
+        "mailbox busy",
+    )
+    assert data["totals"] == {
+        "messages": 1,
+        "bytes": size,
+        "recipients": 1,
+        "by_state": {"queued": 0, "deferred": 1},
+        "held": 0,
+    }
+
+
+def test_queue_listing_filters_and_totals(cli: CLI) -> None:
+    """--domain, --state, --held and --limit choose what is listed, and the
+    totals count what is listed; an empty queue and an empty choice say so."""
+    now = datetime.now(UTC)
+    first, second, third = anyio.run(
+        submit_at,
+        cli.store,
+        now,
+        to("a@example.org", "b@other.example", size=3000),
+        to("c@example.org"),
+        to("d@third.example"),
+    )
+    assert cli.ok("hold", "--domain", "other.example") == (
+        "held 1 recipient(s) of domain other.example\n"
+    )
+    out = cli.ok("queue")
+    assert [line.split()[0] for line in out.splitlines() if line[:1] not in " -"] == [
+        "ID",
+        first,
+        second,
+        third,
+    ]
+    assert "    b@other.example  queued (held)" in out.splitlines()
+    assert out.splitlines()[-1].startswith("-- ")
+    assert out.splitlines()[-1].endswith(
+        " Kbytes in 3 messages; 4 recipients: 4 queued, 0 deferred (1 held)"
+    )
+
+    def listed(*args: str) -> list[tuple[str, list[str]]]:
+        data = cli.json("queue", *args)
+        assert isinstance(data, dict)
+        return [
+            (m["message_id"], [r["address"] for r in m["recipients"]])
+            for m in data["messages"]
+        ]
+
+    assert listed("--domain", "EXAMPLE.org") == [
+        (first, ["a@example.org"]),
+        (second, ["c@example.org"]),
+    ]
+    assert listed("--held") == [(first, ["b@other.example"])]
+    assert listed("--limit", "2") == [
+        (first, ["a@example.org", "b@other.example"]),
+        (second, ["c@example.org"]),
+    ]
+    assert cli.ok("cancel", third) == f"cancelled 1 recipient(s) of {third}\n"
+    assert listed("--state", "failed") == [(third, ["d@third.example"])]
+    data = cli.json("queue", "--state", "failed", "--state", "queued")
+    assert isinstance(data, dict)
+    assert data["totals"]["by_state"] == {"queued": 3, "failed": 1}
+    assert cli.ok("queue", "--domain", "nowhere.example") == "no message matches\n"
+    data = cli.json("queue", "--domain", "nowhere.example")
+    assert data == {
+        "messages": [],
+        "totals": {
+            "messages": 0,
+            "bytes": 0,
+            "recipients": 0,
+            "by_state": {"queued": 0, "deferred": 0},
+            "held": 0,
+        },
+    }
+    for message_id in (first, second):
+        cli.ok("cancel", message_id)
+    assert cli.ok("queue") == "the queue is empty\n"
+
+
+# -- queue --shape ----------------------------------------------------------------------
+
+
+def test_queue_shape_counts_by_domain_and_age(cli: CLI) -> None:
+    """queue --shape counts waiting recipients by domain and by the age of their
+    message in qshape's buckets (minutes), a TOTAL row first and the busiest
+    domains next; --state, --held and --limit choose; --json for scripts. Ages
+    come from the submitting Deliverer's clock, not from waiting."""
+    now = datetime.now(UTC)
+    ages = {  # minutes; none near a bucket's edge
+        1: [to("a@example.org", "b@example.org"), to("c@other.example")],
+        7: [to("d@example.org")],
+        30: [to("e@other.example")],
+        200: [to("f@example.org")],
+        3000: [to("g@example.org", "h@third.example")],
+    }
+    for minutes, emails in ages.items():
+        anyio.run(submit_at, cli.store, now - timedelta(minutes=minutes), *emails)
+    out = cli.ok("queue", "--shape")
+    rows = [line.split() for line in out.splitlines()]
+    assert rows == [
+        ["T", "5", "10", "20", "40", "80", "160", "320", "640", "1280", "1280+"],
+        ["TOTAL", "8", "3", "1", "0", "1", "0", "0", "1", "0", "0", "2"],
+        ["example.org", "5", "2", "1", "0", "0", "0", "0", "1", "0", "0", "1"],
+        ["other.example", "2", "1", "0", "0", "1", "0", "0", "0", "0", "0", "0"],
+        ["third.example", "1", "0", "0", "0", "0", "0", "0", "0", "0", "0", "1"],
+    ]
+    # Numbers are right-aligned under their bucket, as qshape prints them.
+    header, total = out.splitlines()[:2]
+    assert len(header) == len(total)
+    assert header.endswith("1280+")
+    assert total.endswith("    2")
+
+    assert cli.ok("hold", "--domain", "other.example").startswith("held 2")
+    held = [
+        line.split()[:2] for line in cli.ok("queue", "--shape", "--held").splitlines()
+    ]
+    assert held[1:] == [["TOTAL", "2"], ["other.example", "2"]]
+    top = [
+        line.split()[0]
+        for line in cli.ok("queue", "--shape", "--limit", "1").splitlines()
+    ]
+    assert top == ["T", "TOTAL", "example.org"]
+    deferred = cli.ok("queue", "--shape", "--state", "deferred").splitlines()
+    assert deferred[1].split() == ["TOTAL", *["0"] * 11]
+    assert len(deferred) == 2
+
+    data = cli.json("queue", "--shape", "--domain", "THIRD.example")
+    assert data == {
+        "bucket_minutes": [5, 10, 20, 40, 80, 160, 320, 640, 1280],
+        "total": {"total": 1, "buckets": [0, 0, 0, 0, 0, 0, 0, 0, 0, 1]},
+        "domains": [
+            {
+                "domain": "third.example",
+                "total": 1,
+                "buckets": [0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            }
+        ],
+    }
+
+
+def test_queue_shape_of_an_empty_queue(cli: CLI) -> None:
+    """The shape of a queue with nothing waiting is a TOTAL row of zeros."""
+    store_raw(cli.store, b"Subject: x\r\n\r\ny\r\n")
+    cli.ok("cancel", "hostile@example.org")
+    assert [line.split() for line in cli.ok("queue", "--shape").splitlines()][1] == [
+        "TOTAL",
+        *["0"] * 11,
+    ]
+
+
+async def test_queue_shape_counts_the_deferred_recipient(
+    smtpd: SMTPDServers, cli: CLI
+) -> None:
+    """The recipient the server deferred is the one --shape --state deferred
+    counts, in the youngest bucket."""
+    await deliver_and_defer(smtpd, cli.store)
+    data = await anyio.to_thread.run_sync(
+        lambda: cli.json("queue", "--shape", "--state", "deferred")
+    )
+    assert isinstance(data, dict)
+    assert data["domains"] == [
+        {"domain": "example.net", "total": 1, "buckets": [1, *[0] * 9]}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (
+            ["--shape", "--summary"],
+            "argument --summary: not allowed with argument --shape",
+        ),
+        (["--summary", "--domain", "x.org"], "do not go with --summary"),
+        (["--shape", "--state", "lost"], "invalid choice: 'lost'"),
+        (["--shape", "--limit", "-3"], "at least 1, not '-3'"),
+        (["--shape", "5"], "unrecognized arguments: 5"),
+    ],
+)
+def test_queue_bad_flags(cli: CLI, args: list[str], text: str) -> None:
+    """Bad queue flags are one usage line, exit code 2, as text or as JSON."""
+    store_raw(cli.store, b"Subject: x\r\n\r\ny\r\n")
+    code, out, err = cli("queue", *args)
+    assert (code, out) == (2, "")
+    assert err.startswith("mailstrom-async: error: ")
+    assert text in err
+    code, out, err = cli("queue", *args, "--json")
+    assert (code, out) == (2, "")
+    assert text in json.loads(err)["error"]

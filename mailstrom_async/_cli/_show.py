@@ -15,7 +15,7 @@ import email
 import email.policy
 import re
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
@@ -120,7 +120,7 @@ def _split(data: bytes) -> tuple[bytes, bytes]:
 
 def _parse(data: bytes) -> EmailMessage:
     message = email.message_from_bytes(data, policy=email.policy.default)
-    return message  # type: ignore[return-value]  # policy.default: EmailMessage
+    return message
 
 
 def valid(text: str) -> str:
@@ -143,7 +143,7 @@ def _decoded_headers(message: Message) -> list[tuple[str, str]]:
         # (the parser would rewrite parameters and quoting), unfolded.
         if "=?" in raw or not raw.isascii():
             try:
-                value = str(message.policy.header_fetch_parse(name, raw))  # type: ignore[attr-defined]
+                value = str(message.policy.header_fetch_parse(name, raw))
             except Exception:  # a header the parser cannot read: as stored
                 value = raw
         headers.append((valid(name), valid(_unfold(value))))
@@ -163,7 +163,8 @@ def _parts(message: Message) -> list[dict[str, Any]]:
     """Each leaf part of *message*: text parts decoded, the others (and every
     attachment) described by type, file name and decoded size."""
     if message.is_multipart():
-        return [part for sub in message.get_payload() for part in _parts(sub)]  # type: ignore[union-attr]
+        subs = cast("list[Message]", message.get_payload())  # multipart: its parts
+        return [part for sub in subs for part in _parts(sub)]
     content_type = message.get_content_type()
     filename = message.get_filename()
     payload = message.get_payload(decode=True)
