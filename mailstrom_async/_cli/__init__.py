@@ -41,7 +41,8 @@ MAILSTROM_RELAY__PORT, MAILSTROM_LIMITS__MAX_CONNECTIONS.
 examples:
   mailstrom-async send --from me@example.com --to you@example.org --subject Hi --body Hello
   mailstrom-async worker
-  mailstrom-async queue --list
+  mailstrom-async queue
+  mailstrom-async show --body ID
   mailstrom-async status ID
   mailstrom-async retry --domain example.org
   mailstrom-async hold --domain example.org
