@@ -1,8 +1,8 @@
 """The ``mailstrom-async`` command: submit mail, run workers, operate the queue.
 
 One module per family of subcommands: :mod:`._send` (send), :mod:`._queue`
-(status, queue, retry, cancel, purge), :mod:`._show` (show),
-:mod:`._hold` (hold, release),
+(status, retry, cancel, purge; and :mod:`._show` for show, :mod:`._listing` for
+queue), :mod:`._hold` (hold, release),
 :mod:`._leases` (leases), :mod:`._run` (worker, sink, demo); shared
 options and output in :mod:`._common`. :func:`main` turns every error meant for
 a person into one line on stderr and an exit code, never a traceback; with
@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import version
 
-from mailstrom_async._cli import _hold, _leases, _queue, _run, _send, _show
+from mailstrom_async._cli import _hold, _leases, _queue, _run, _send
 from mailstrom_async._cli._common import (
     DEFAULT_STORE_PATH,
     EXIT_ERROR,
@@ -72,7 +72,6 @@ def _parser() -> Parser:
     _send.add_parser(sub)
     _run.add_parsers(sub)
     _queue.add_parsers(sub)
-    _show.add_parser(sub)
     _leases.add_parser(sub)
     _hold.add_parsers(sub)
     return parser

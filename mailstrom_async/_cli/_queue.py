@@ -1,5 +1,5 @@
-"""Inspecting and steering the queue: status, retry, cancel, purge (and queue,
-from :mod:`._listing`)."""
+"""Inspecting and steering the queue: status, retry, cancel, purge (and show
+and queue, from :mod:`._show` and :mod:`._listing`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from mailstrom_async._cli import _listing
+from mailstrom_async._cli import _listing, _show
 from mailstrom_async._cli._common import (
     EXIT_OK,
     CLIError,
@@ -40,7 +40,7 @@ _FORMATTER = argparse.RawDescriptionHelpFormatter
 
 
 def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
-    """Add the status, queue, retry, cancel and purge subcommands."""
+    """Add the status, show, queue, retry, cancel and purge subcommands."""
     p = sub.add_parser(
         "status",
         help="show every recipient of one message",
@@ -63,6 +63,7 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     add_store_options(p)
     p.set_defaults(handler=_status)
 
+    _show.add_parser(sub)
     _listing.add_parser(sub)
 
     p = sub.add_parser(

@@ -129,7 +129,7 @@ def check_bounds(bounds: Sequence[float]) -> tuple[float, ...]:
         not values
         or values[0] <= 0
         or any(b >= c for b, c in itertools.pairwise(values))
-        or values[-1] == math.inf
+        or not all(math.isfinite(b) for b in values)
     ):
         msg = f"bounds must be positive, finite and increasing, got {list(bounds)!r}"
         raise ValueError(msg)

@@ -111,13 +111,20 @@ class InspectContract:
         assert nothing.by_domain == {}
         assert nothing.total() == (0, 0)
 
-    @pytest.mark.parametrize("bounds", [[], [0], [-5], [60, 60], [120, 60], [1e400]])
-    async def test_shape_needs_increasing_positive_bounds(
-        self, store: Store, bounds: list[float]
-    ) -> None:
-        """shape() refuses bounds that are empty, not positive or not increasing."""
-        with pytest.raises(ValueError, match="bounds must be positive"):
-            await store.shape(now=T0, bounds=bounds)
+    async def test_shape_needs_increasing_positive_bounds(self, store: Store) -> None:
+        """shape() refuses bounds that are empty, not positive, not increasing or
+        not finite."""
+        for bounds in (
+            [],
+            [0],
+            [-5],
+            [60, 60],
+            [120, 60],
+            [60, float("inf")],
+            [float("nan")],
+        ):
+            with pytest.raises(ValueError, match="bounds must be positive"):
+                await store.shape(now=T0, bounds=bounds)
 
     async def test_shape_needs_an_aware_now(self, store: Store) -> None:
         """shape() refuses a naive now, like every store method."""
