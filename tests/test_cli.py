@@ -31,6 +31,7 @@ SUBCOMMANDS = [
     "worker",
     "status",
     "queue",
+    "show",
     "retry",
     "cancel",
     "purge",
@@ -164,6 +165,7 @@ def test_each_subcommand_has_help(cli: CLI, command: str) -> None:
         "worker",
         "status",
         "queue",
+        "show",
         "retry",
         "cancel",
         "purge",
@@ -387,7 +389,7 @@ def test_send_bad_input(
     line = cli.error("send", *args, code=code)
     assert text in line
     if (tmp_path / DEFAULT_STORE_PATH).exists():
-        out = cli.ok("queue", "--json")
+        out = cli.ok("queue", "--summary", "--json")
         assert sum(json.loads(out)["by_state"].values()) == 0
 
 
@@ -513,15 +515,16 @@ def test_config_file_and_environment_apply(
 
 
 def test_queue_counts_and_lists(cli: CLI, tmp_path: Path) -> None:
-    """queue counts recipients by state and domain; --list shows waiting
-    messages with --state, --domain and --limit; --json for scripts."""
+    """queue --summary counts recipients by state and domain; the deprecated
+    --list still shows waiting messages with --state, --domain and --limit, and
+    says it is deprecated; --json for scripts."""
     first = cli.send("--to", "a@example.org", "--to", "b@Other.example")
     second = cli.send("--to", "c@example.org")
     cancelled = cli.send("--to", "d@example.org")
     defer(tmp_path / DEFAULT_STORE_PATH, first, "a@example.org", hours=1)
     assert cli("cancel", cancelled)[0] == 0
 
-    out = cli.ok("queue")
+    out = cli.ok("queue", "--summary")
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()}
     assert rows["DOMAIN"] == [
         "QUEUED",
@@ -536,12 +539,18 @@ def test_queue_counts_and_lists(cli: CLI, tmp_path: Path) -> None:
     assert rows["total"] == ["2", "1", "0", "1", "4", "0"]
     assert list(rows)[1] == "example.org"  # busiest first
 
-    out = cli.ok("queue", "--json")
+    out = cli.ok("queue", "--summary", "--json")
     data = json.loads(out)
     assert data["by_state"] == {"queued": 2, "deferred": 1, "delivered": 0, "failed": 1}
     assert data["by_domain"]["other.example"]["queued"] == 1
 
-    out = cli.ok("queue", "--list")
+    code, out, err = cli("queue", "--list")
+    assert code == 0
+    assert err == (
+        "mailstrom-async: warning: 'queue --list' is deprecated and will be "
+        "removed: 'queue' lists the waiting messages now, with sizes and last "
+        "replies\n"
+    )
     lines = out.splitlines()
     assert lines[0].split() == ["ID", "AGE", "FROM", "RECIPIENTS"]
     assert [line.split()[0] for line in lines[1:-1]] == [first, second]
@@ -561,8 +570,21 @@ def test_queue_counts_and_lists(cli: CLI, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "text"),
     [
-        (["--state", "queued"], "--state, --domain, --held and --limit go with --list"),
-        (["--held"], "--state, --domain, --held and --limit go with --list"),
+        (
+            ["--summary", "--state", "queued"],
+            "--state, --domain, --held and --limit do not go with --summary",
+        ),
+        (
+            ["--summary", "--held"],
+            "--state, --domain, --held and --limit do not go with --summary",
+        ),
+        (
+            ["--shape", "--summary"],
+            "argument --summary: not allowed with argument --shape",
+        ),
+        (["--list", "--shape"], "argument --shape: not allowed with argument --list"),
+        (["--state", "lost"], "invalid choice: 'lost'"),
+        (["--shape", "--limit", "0"], "at least 1, not '0'"),
         (["--list", "--state", "lost"], "invalid choice: 'lost'"),
         (["--list", "--limit", "0"], "at least 1, not '0'"),
     ],
@@ -619,7 +641,7 @@ def test_retry_and_cancel_unknown_id(cli: CLI) -> None:
 
 def test_hold_and_release(cli: CLI, tmp_path: Path) -> None:
     """hold ID / --domain hold waiting recipients and say how many; status,
-    queue and queue --list show them held; retry skips them; release ID /
+    queue --summary and queue --list show them held; retry skips them; release ID /
     --domain / --all release them; --json for scripts."""
     store = tmp_path / DEFAULT_STORE_PATH
     first = cli.send("--to", "a@example.org", "--to", "b@other.example")
@@ -650,12 +672,12 @@ def test_hold_and_release(cli: CLI, tmp_path: Path) -> None:
     assert [(r["state"], r["held"]) for r in data["recipients"]] == [("deferred", True)]
     assert "on hold" not in cli.ok("status", free)
 
-    out = cli.ok("queue")
+    out = cli.ok("queue", "--summary")
     counts = {line.split()[0]: line.split()[1:] for line in out.splitlines()}
     assert counts["example.org"] == ["1", "1", "0", "0", "2", "2"]
     assert counts["free.example"] == ["1", "0", "0", "0", "1", "0"]
     assert counts["total"] == ["3", "1", "0", "0", "4", "3"]
-    data = json.loads(cli.ok("queue", "--json"))
+    data = json.loads(cli.ok("queue", "--summary", "--json"))
     assert data["held"] == 3
     assert data["held_by_domain"] == {"example.org": 2, "other.example": 1}
 
@@ -682,7 +704,7 @@ def test_hold_and_release(cli: CLI, tmp_path: Path) -> None:
         "all": True,
     }
     assert cli.ok("release", "--all") == "released 0 recipient(s) in the queue\n"
-    assert json.loads(cli.ok("queue", "--json"))["held"] == 0
+    assert json.loads(cli.ok("queue", "--summary", "--json"))["held"] == 0
     [c] = json.loads(cli.ok("status", "--json", second))["recipients"]
     assert (c["state"], c["held"]) == ("deferred", False)
     assert datetime.fromisoformat(c["next_attempt_at"]) > datetime.now(UTC)

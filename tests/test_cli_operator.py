@@ -99,7 +99,7 @@ def test_version(cli: CLI) -> None:
 
 
 def test_every_command_takes_an_id_with_or_without_angle_brackets(cli: CLI) -> None:
-    """status, retry, hold, release and cancel accept the id as 'send' printed
+    """status, show, retry, hold, release and cancel accept the id as 'send' printed
     it, as it appears in a Message-ID header, and with whitespace around it."""
     message_id = cli.ok(*SEND, "--to", "you@example.org").strip()
     forms = [
@@ -112,6 +112,8 @@ def test_every_command_takes_an_id_with_or_without_angle_brackets(cli: CLI) -> N
         out = cli.ok("status", "--json", form)
         assert json.loads(out)["message_id"] == message_id
         assert cli.ok("retry", form) == "0 recipient(s) made due now\n"
+        out = cli.ok("show", "--json", form)
+        assert json.loads(out)["message_id"] == message_id
     assert cli.ok("hold", f"<{message_id}>") == f"held 1 recipient(s) of {message_id}\n"
     assert (
         cli.ok("release", f" <{message_id}>")
@@ -235,8 +237,8 @@ async def _purgeable(env: dict[str, str]) -> int:
 
 
 async def _cancel_all(env: dict[str, str]) -> None:
-    listed = await anyio.run_process([*COMMAND, "queue", "--list", "--json"], env=env)
-    for message in json.loads(listed.stdout):
+    listed = await anyio.run_process([*COMMAND, "queue", "--json"], env=env)
+    for message in json.loads(listed.stdout)["messages"]:
         await anyio.run_process([*COMMAND, "cancel", message["message_id"]], env=env)
 
 
@@ -404,6 +406,9 @@ def test_json_errors_for_every_command_with_json(cli: CLI, tmp_path: Path) -> No
     for command in (
         ["status", "x@example.org"],
         ["queue"],
+        ["queue", "--shape"],
+        ["queue", "--summary"],
+        ["show", "x@example.org"],
         ["retry", "--all"],
         ["cancel", "x@example.org"],
         ["purge", "--older-than", "1d"],

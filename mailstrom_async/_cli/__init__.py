@@ -1,8 +1,8 @@
 """The ``mailstrom-async`` command: submit mail, run workers, operate the queue.
 
 One module per family of subcommands: :mod:`._send` (send), :mod:`._queue`
-(status, queue, retry, cancel, purge; ``status --history`` in
-:mod:`._history`), :mod:`._hold` (hold, release),
+(status, retry, cancel, purge; ``status --history`` in :mod:`._history`; and
+:mod:`._show` for show, :mod:`._listing` for queue), :mod:`._hold` (hold, release),
 :mod:`._leases` (leases), :mod:`._run` (worker, sink, demo); shared
 options and output in :mod:`._common`. :func:`main` turns every error meant for
 a person into one line on stderr and an exit code, never a traceback; with
@@ -41,7 +41,8 @@ MAILSTROM_RELAY__PORT, MAILSTROM_LIMITS__MAX_CONNECTIONS.
 examples:
   mailstrom-async send --from me@example.com --to you@example.org --subject Hi --body Hello
   mailstrom-async worker
-  mailstrom-async queue --list
+  mailstrom-async queue
+  mailstrom-async show --body ID
   mailstrom-async status ID
   mailstrom-async retry --domain example.org
   mailstrom-async hold --domain example.org

@@ -49,7 +49,10 @@ __all__ = [
     "positive_seconds",
     "print_error",
     "print_json",
+    "recipient_json",
+    "reply_text",
     "setup_logging",
+    "state_text",
     "status_json",
     "table",
     "timestamp",
@@ -353,6 +356,25 @@ def status_json(status: MessageStatus) -> dict[str, Any]:
         "held": any(r.held for r in status),
         "recipients": [recipient_json(r) for r in status],
     }
+
+
+def state_text(status: RecipientStatus) -> str:
+    """A recipient's state, ``(held)`` after it when it is on hold."""
+    return f"{status.state.value} (held)" if status.held else status.state.value
+
+
+def reply_text(status: RecipientStatus) -> str:
+    """A recipient's last reply in one line: ``451 4.2.1 mailbox busy``; an
+    outcome decided here starts ``local:``; empty before any attempt."""
+    text = " ".join((status.message or "").split())
+    if status.is_local:
+        return f"local: {text}" if text else "local"
+    parts = [
+        str(status.code) if status.code is not None else "",
+        status.enhanced_code or "",
+        text,
+    ]
+    return " ".join(p for p in parts if p)
 
 
 def print_json(value: object) -> None:

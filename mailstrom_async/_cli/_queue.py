@@ -1,15 +1,16 @@
-"""Inspecting and steering the queue: status, queue, retry, cancel, purge."""
+"""Inspecting and steering the queue: status, retry, cancel, purge (and show
+and queue, from :mod:`._show` and :mod:`._listing`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import anyio
 
+from mailstrom_async._cli import _listing, _show
 from mailstrom_async._cli._common import (
     EXIT_OK,
     CLIError,
@@ -31,17 +32,16 @@ from mailstrom_async._models import RecipientState
 
 if TYPE_CHECKING:
     from mailstrom_async._cli._common import Parser
-    from mailstrom_async._models import AttemptRecord, MessageStatus, RecipientStatus
-    from mailstrom_async._store import QueueSummary, SQLiteStore
+    from mailstrom_async._models import AttemptRecord, MessageStatus
+    from mailstrom_async._store import SQLiteStore
 
 __all__ = ["add_parsers"]
 
 _FORMATTER = argparse.RawDescriptionHelpFormatter
-_STATES = [s.value for s in RecipientState]
 
 
 def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
-    """Add the status, queue, retry, cancel and purge subcommands."""
+    """Add the status, show, queue, retry, cancel and purge subcommands."""
     p = sub.add_parser(
         "status",
         help="show every recipient of one message",
@@ -67,36 +67,8 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     add_store_options(p)
     p.set_defaults(handler=_status)
 
-    p = sub.add_parser(
-        "queue",
-        help="count recipients by state and domain, or list waiting messages",
-        description="Count recipients by state and by domain, busiest domains "
-        "first (like qshape), and how many of the waiting are on hold (HELD); "
-        "with --list, list messages that still have recipients waiting, oldest "
-        "first (like mailq), a held recipient marked 'held'.",
-        epilog="examples:\n  mailstrom-async queue\n"
-        "  mailstrom-async queue --list --domain example.org --limit 20\n"
-        "  mailstrom-async queue --list --held\n"
-        "  mailstrom-async queue --list --state failed --json",
-        formatter_class=_FORMATTER,
-    )
-    p.add_argument("--list", action="store_true", help="list messages, not counts")
-    p.add_argument(
-        "--state",
-        action="append",
-        choices=_STATES,
-        help="with --list: messages with a recipient in this state (repeatable; "
-        "default: queued and deferred)",
-    )
-    p.add_argument("--domain", help="with --list: only recipients of this domain")
-    p.add_argument(
-        "--held",
-        action="store_true",
-        help="with --list: only messages with a recipient on hold",
-    )
-    p.add_argument("--limit", type=_positive_int, help="with --list: at most this many")
-    add_store_options(p)
-    p.set_defaults(handler=_queue, parser=p)
+    _show.add_parser(sub)
+    _listing.add_parser(sub)
 
     p = sub.add_parser(
         "retry",
@@ -165,17 +137,6 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     p.set_defaults(handler=_purge)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        msg = f"must be a whole number of at least 1, not {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
 def _prepare(args: argparse.Namespace) -> SQLiteStore:
     load_config(args)  # the same checks as every command, even if unused here
     return open_store(args, create=False)
@@ -242,107 +203,6 @@ def _status(args: argparse.Namespace) -> int:
     if history is not None:
         print_history(status, history)
     return EXIT_OK
-
-
-def _queue(args: argparse.Namespace) -> int:
-    if not args.list and (args.state or args.domain or args.limit or args.held):
-        args.parser.error("--state, --domain, --held and --limit go with --list")
-    store = _prepare(args)
-    if args.list:
-        states = None if not args.state else [RecipientState(s) for s in args.state]
-
-        async def listing() -> list[MessageStatus]:
-            async with store:
-                return await store.messages(
-                    states=states,
-                    domain=args.domain,
-                    limit=args.limit,
-                    held=True if args.held else None,
-                )
-
-        _print_list(anyio.run(listing), args.json)
-        return EXIT_OK
-
-    async def counting() -> QueueSummary:
-        async with store:
-            return await store.summary()
-
-    _print_summary(anyio.run(counting), args.json)
-    return EXIT_OK
-
-
-def _print_list(messages: list[MessageStatus], as_json: bool) -> None:
-    if as_json:
-        print_json([status_json(m) for m in messages])
-        return
-    now = utcnow()
-    print(
-        table(
-            ["ID", "AGE", "FROM", "RECIPIENTS"],
-            [
-                (
-                    m.message_id,
-                    age(m.submitted_at, now),
-                    m.mail_from or "<>",
-                    ", ".join(_listed(r) for r in m),
-                )
-                for m in messages
-            ],
-        )
-    )
-    held = sum(any(r.held for r in m) for m in messages)
-    print(f"{len(messages)} message(s)" + (f", {held} with held mail" if held else ""))
-
-
-def _listed(r: RecipientStatus) -> str:
-    return f"{r.address} ({r.state.value}{', held' if r.held else ''})"
-
-
-def _print_summary(summary: QueueSummary, as_json: bool) -> None:
-    domains: dict[str, Counter[RecipientState]] = {}
-    for (state, domain), count in summary.by_domain.items():
-        domains.setdefault(domain, Counter())[state] += count
-    if as_json:
-        print_json(
-            {
-                "by_state": {s.value: n for s, n in summary.by_state.items()},
-                "by_domain": {
-                    d: {s.value: c[s] for s in RecipientState}
-                    for d, c in sorted(domains.items())
-                },
-                "held": summary.held,
-                "held_by_domain": dict(sorted(summary.held_by_domain.items())),
-            }
-        )
-        return
-    waiting = (RecipientState.QUEUED, RecipientState.DEFERRED)
-    order = sorted(
-        domains.items(),
-        key=lambda item: (-sum(item[1][s] for s in waiting), -item[1].total(), item[0]),
-    )
-    states = list(RecipientState)
-    print(
-        table(
-            ["DOMAIN", *(s.value.upper() for s in states), "TOTAL", "HELD"],
-            [
-                (
-                    domain,
-                    *(counts[s] for s in states),
-                    counts.total(),
-                    summary.held_by_domain.get(domain, 0),
-                )
-                for domain, counts in order
-            ]
-            + [
-                (
-                    "total",
-                    *(summary.by_state[s] for s in states),
-                    sum(summary.by_state.values()),
-                    summary.held,
-                )
-            ],
-        )
-    )
 
 
 def _retry(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ from mailstrom_async._store._base import (
     Job,
     LeaseInfo,
     NewMessage,
+    QueueShape,
     QueueSummary,
     Store,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "LeaseInfo",
     "MemoryStore",
     "NewMessage",
+    "QueueShape",
     "QueueSummary",
     "SQLiteStore",
     "Store",

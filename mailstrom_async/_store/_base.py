@@ -43,6 +43,7 @@ __all__ = [
     "Job",
     "LeaseInfo",
     "NewMessage",
+    "QueueShape",
     "QueueSummary",
     "Store",
 ]
@@ -90,6 +91,28 @@ class QueueSummary:
     by_domain: dict[tuple[RecipientState, str], int]
     held: int = 0
     held_by_domain: dict[str, int] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class QueueShape:
+    """Recipients counted by lower-cased domain and by the age of their message,
+    like Postfix's ``qshape``.
+
+    ``bounds`` are the upper ends of the age buckets, in seconds, increasing;
+    each value of ``by_domain`` has ``len(bounds) + 1`` counts: the first of
+    messages younger than ``bounds[0]``, the *i*-th of those at least
+    ``bounds[i - 1]`` and younger than ``bounds[i]``, the last of those at least
+    ``bounds[-1]`` old. Only the domains that have some recipient appear.
+    """
+
+    bounds: tuple[float, ...]
+    by_domain: dict[str, tuple[int, ...]]
+
+    def total(self) -> tuple[int, ...]:
+        """The counts of every domain added up, bucket by bucket."""
+        return tuple(
+            sum(column) for column in zip(*self.by_domain.values(), strict=True)
+        ) or (0,) * (len(self.bounds) + 1)
 
 
 @attrs.frozen(kw_only=True)
@@ -156,6 +179,46 @@ class Store(Protocol):
 
         Raises:
             UnknownMessageError: no such message.
+        """
+        ...
+
+    async def message_data(self, message_id: str) -> bytes:
+        """Return the message as it was stored: the exact bytes handed to
+        :meth:`add` in ``NewMessage.data``.
+
+        Raises:
+            UnknownMessageError: no such message.
+        """
+        ...
+
+    async def message_sizes(self, message_ids: Collection[str]) -> dict[str, int]:
+        """Return the size in bytes of each stored message among *message_ids*
+        (the length of its data), without reading the data into memory.
+
+        Ids the store does not hold are left out of the result.
+        """
+        ...
+
+    async def shape(
+        self,
+        *,
+        now: datetime,
+        bounds: Sequence[float],
+        states: Collection[RecipientState] | None = None,
+        domain: str | None = None,
+        held: bool | None = None,
+    ) -> QueueShape:
+        """Count recipients in one of *states* (default: QUEUED and DEFERRED) by
+        lower-cased domain and by their message's age at *now* (``now -
+        submitted_at``, in seconds), bucketed by *bounds* as
+        :class:`QueueShape` says; of *domain* only if given (case-insensitive),
+        and if *held* is given, only held (True) or not held (False) ones.
+        A message submitted after *now* counts as age 0.
+
+        The counting is the store's (SQL ``GROUP BY``): no message is loaded.
+
+        Raises:
+            ValueError: *bounds* is empty, or not positive and increasing.
         """
         ...
 

@@ -19,8 +19,11 @@ surrogate. Such a string is stored in its display form (``\\xNN``); a status
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -39,7 +42,9 @@ __all__ = [
     "UNFINISHED",
     "add_lease",
     "address_index",
+    "bucket_of",
     "cancelled",
+    "check_bounds",
     "check_claim",
     "check_history",
     "check_hold",
@@ -117,6 +122,26 @@ def check_list_limit(limit: int | None) -> None:
     if limit is not None and limit < 1:
         msg = f"limit must be at least 1, got {limit}"
         raise ValueError(msg)
+
+
+def check_bounds(bounds: Sequence[float]) -> tuple[float, ...]:
+    """``shape()`` needs age bounds that are positive and increasing."""
+    values = tuple(float(b) for b in bounds)
+    if (
+        not values
+        or values[0] <= 0
+        or any(b >= c for b, c in itertools.pairwise(values))
+        or not all(math.isfinite(b) for b in values)
+    ):
+        msg = f"bounds must be positive, finite and increasing, got {list(bounds)!r}"
+        raise ValueError(msg)
+    return values
+
+
+def bucket_of(age: float, bounds: Sequence[float]) -> int:
+    """The index of the age bucket *age* (seconds) falls in: the number of
+    bounds it has reached."""
+    return bisect.bisect_right(bounds, age)
 
 
 #: The reason given to a recipient that an operator cancelled.

@@ -30,13 +30,16 @@ from mailstrom_async._store._base import (
     Job,
     LeaseInfo,
     NewMessage,
+    QueueShape,
     QueueSummary,
 )
 from mailstrom_async._store._common import (
     UNFINISHED,
     add_lease,
     address_index,
+    bucket_of,
     cancelled,
+    check_bounds,
     check_claim,
     check_history,
     check_hold,
@@ -256,6 +259,52 @@ class MemoryStore:
         # Stable: messages submitted at the same instant stay in insertion order.
         found.sort(key=lambda stored: stored.message.submitted_at)
         return [_status(stored) for stored in found[:limit]]
+
+    async def message_data(self, message_id: str) -> bytes:
+        """The stored bytes of a message; see :meth:`Store.message_data`."""
+        await self._enter()
+        return self._get(message_id).message.data
+
+    async def message_sizes(self, message_ids: Collection[str]) -> dict[str, int]:
+        """The sizes of stored messages; see :meth:`Store.message_sizes`."""
+        await self._enter()
+        return {
+            mid: len(self._messages[mid].message.data)
+            for mid in message_ids
+            if mid in self._messages
+        }
+
+    async def shape(
+        self,
+        *,
+        now: datetime,
+        bounds: Sequence[float],
+        states: Collection[RecipientState] | None = None,
+        domain: str | None = None,
+        held: bool | None = None,
+    ) -> QueueShape:
+        """Count recipients by domain and age; see :meth:`Store.shape`."""
+        now = utc(now, "now")
+        limits = check_bounds(bounds)
+        wanted = UNFINISHED if states is None else frozenset(states)
+        lowered = None if domain is None else domain_key(domain)
+        await self._enter()
+        counts: dict[str, list[int]] = {}
+        for stored in self._messages.values():
+            age = (now - stored.message.submitted_at).total_seconds()
+            bucket = bucket_of(age, limits)
+            for r in stored.recipients:
+                s = r.status
+                if (
+                    s.state in wanted
+                    and (lowered is None or s.domain == lowered)
+                    and (held is None or s.held == held)
+                ):
+                    row = counts.setdefault(s.domain, [0] * (len(limits) + 1))
+                    row[bucket] += 1
+        return QueueShape(
+            bounds=limits, by_domain={d: tuple(c) for d, c in counts.items()}
+        )
 
     async def retry_now(
         self,

@@ -31,6 +31,8 @@ __all__ = [
     "JOB_MESSAGES",
     "LEASE_OWNERS",
     "LIST_MESSAGES",
+    "MESSAGE_DATA",
+    "MESSAGE_SIZES",
     "MIGRATIONS",
     "NEXT_DUE",
     "PURGE",
@@ -52,6 +54,7 @@ __all__ = [
     "from_ts",
     "history_from_row",
     "history_params",
+    "shape_query",
     "status_from_row",
     "status_params",
     "to_ts",
@@ -250,6 +253,32 @@ LIST_MESSAGES = """WITH chosen AS (
     FROM chosen c JOIN messages m ON m.id = c.id
       JOIN recipients r ON r.message_id = m.id
     ORDER BY c.submitted_at, c.seq, r.position"""
+MESSAGE_DATA = "SELECT data FROM messages WHERE id = ?"
+# length() of a BLOB reads its size from the record header: the data stays on disk.
+MESSAGE_SIZES = """SELECT id, length(data) FROM messages
+    WHERE id IN (SELECT value FROM json_each(?))"""
+
+
+def shape_query(buckets: int) -> str:
+    """Recipients counted by domain and age bucket (see ``Store.shape``): the
+    recipients that match are first counted per message and domain, so each
+    message's ``submitted_at`` is read once. Named parameters: ``:now``,
+    ``:states`` (a JSON list), ``:domain`` and ``:held`` (NULL: any), and the
+    bounds ``:b0`` ... ``:b{buckets - 1}`` in seconds."""
+    cases = " ".join(
+        f"WHEN :now - m.submitted_at < :b{i} THEN {i}" for i in range(buckets)
+    )
+    return f"""WITH counted AS (
+          SELECT message_id, domain, COUNT(*) AS n FROM recipients
+          WHERE state IN (SELECT value FROM json_each(:states))
+            AND (:domain IS NULL OR domain = :domain)
+            AND (:held IS NULL OR held = :held)
+          GROUP BY message_id, domain)
+        SELECT c.domain, CASE {cases} ELSE {buckets} END AS bucket, SUM(c.n)
+        FROM counted c JOIN messages m ON m.id = c.message_id
+        GROUP BY c.domain, bucket"""  # noqa: S608 (only numbers are formatted in)
+
+
 RETRY_NOW = """UPDATE recipients SET next_attempt_at = :now
     WHERE state IN ('queued', 'deferred') AND held = 0 AND next_attempt_at > :now
       AND (lease_until IS NULL OR lease_until <= :now)

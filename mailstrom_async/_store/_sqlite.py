@@ -66,12 +66,14 @@ from mailstrom_async._store._base import (
     Job,
     LeaseInfo,
     NewMessage,
+    QueueShape,
     QueueSummary,
 )
 from mailstrom_async._store._common import (
     CANCELLED,
     UNFINISHED,
     address_index,
+    check_bounds,
     check_claim,
     check_history,
     check_hold,
@@ -449,6 +451,59 @@ class SQLiteStore:
             )
             for mid, (first, recipients) in found.items()
         ]
+
+    async def message_data(self, message_id: str) -> bytes:
+        """The stored bytes of a message; see :meth:`Store.message_data`."""
+
+        def work(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute(sql.MESSAGE_DATA, (message_id,)).fetchone()
+            return None if row is None else bytes(row[0])
+
+        data = await self._read(work)
+        if data is None:
+            raise UnknownMessageError(message_id)
+        return data
+
+    async def message_sizes(self, message_ids: Collection[str]) -> dict[str, int]:
+        """The sizes of stored messages; see :meth:`Store.message_sizes`."""
+        ids = json.dumps(list(message_ids))
+
+        def work(conn: sqlite3.Connection) -> dict[str, int]:
+            return dict(conn.execute(sql.MESSAGE_SIZES, (ids,)).fetchall())
+
+        return await self._read(work)
+
+    async def shape(
+        self,
+        *,
+        now: datetime,
+        bounds: Sequence[float],
+        states: Collection[RecipientState] | None = None,
+        domain: str | None = None,
+        held: bool | None = None,
+    ) -> QueueShape:
+        """Count recipients by domain and age in SQL; see :meth:`Store.shape`."""
+        at = sql.to_ts(utc(now, "now"))
+        limits = check_bounds(bounds)
+        wanted = UNFINISHED if states is None else states
+        params: dict[str, Any] = {
+            "now": at,
+            "states": json.dumps(sorted(RecipientState(s).value for s in wanted)),
+            "domain": None if domain is None else domain_key(domain),
+            "held": None if held is None else int(held),
+        }
+        params.update({f"b{i}": b for i, b in enumerate(limits)})
+        query = sql.shape_query(len(limits))
+
+        def work(conn: sqlite3.Connection) -> list[Any]:
+            return conn.execute(query, params).fetchall()
+
+        counts: dict[str, list[int]] = {}
+        for name, bucket, count in await self._read(work):
+            counts.setdefault(name, [0] * (len(limits) + 1))[bucket] += count
+        return QueueShape(
+            bounds=limits, by_domain={d: tuple(c) for d, c in counts.items()}
+        )
 
     async def retry_now(
         self,

@@ -24,6 +24,7 @@ from mailstrom_async._models import MessageStatus, RecipientState, RecipientStat
 from mailstrom_async._store import LeaseInfo, NewMessage, Store
 from mailstrom_async.testing._history_contract import HistoryContract
 from mailstrom_async.testing._hold_contract import HoldContract
+from mailstrom_async.testing._inspect_contract import InspectContract
 from mailstrom_async.testing._store_common import (
     T0,
     at,
@@ -53,7 +54,7 @@ def _many_addresses() -> list[str]:
 
 
 @pytest.mark.anyio
-class StoreContract(HoldContract, HistoryContract):
+class StoreContract(HoldContract, HistoryContract, InspectContract):
     """The contract suite; subclasses provide a ``store`` fixture (open, empty).
 
     Subclass it in a test module (its name starting with ``Test``) and give the

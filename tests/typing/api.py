@@ -344,3 +344,13 @@ async def named_transport_types() -> None:
     assert_type(t.shared_outbox(), t.Outbox)
     assert_type(await t.shared_outbox().wait_for(), list[t.OutboxMessage])
     del connection
+
+
+async def inspect_types(store: m.Store, at: datetime) -> None:
+    assert_type(await store.message_data("id"), bytes)
+    assert_type(await store.message_sizes(["id"]), dict[str, int])
+    shape = await store.shape(now=at, bounds=[300.0, 600.0], held=False)
+    assert_type(shape, m.QueueShape)
+    assert_type(shape.by_domain, dict[str, tuple[int, ...]])
+    assert_type(shape.total(), tuple[int, ...])
+    assert_type(shape.bounds, tuple[float, ...])
