@@ -25,66 +25,16 @@ from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from mailstrom_async import Config, RelayConfig, Timeouts
-from mailstrom_async._cli import main
 from mailstrom_async._cli._run import sink_policy
 from mailstrom_async._deliverer import Deliverer
 from mailstrom_async._message import Email
 from mailstrom_async._models import RecipientState
 from mailstrom_async._store import MemoryStore
+from tests.cli_support import CLI, child_env, clean_env, cli_fixture  # noqa: F401 - fixtures
 from tests.smtpd import FaultHandler, SMTPDServers
 
 COMMAND = [sys.executable, "-m", "mailstrom_async"]
 SEND = ["send", "--from", "me@example.com", "--subject", "Hi", "--body", "x"]
-
-
-def child_env(**settings: str) -> dict[str, str]:
-    """This process's environment without MAILSTROM_* variables, plus *settings*."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSTROM_")}
-    env.update(settings)
-    return env
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No MAILSTROM_* variable reaches main(), and the cwd is a fresh folder."""
-    for name in list(os.environ):
-        if name.startswith("MAILSTROM_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-
-
-class CLI:
-    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
-        self.capsys = capsys
-
-    def __call__(self, *args: str) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        code = main(list(args))
-        out, err = self.capsys.readouterr()
-        return code, out, err
-
-    def ok(self, *args: str) -> str:
-        code, out, err = self(*args)
-        assert code == 0, err
-        return out
-
-    def json_error(self, *args: str, code: int) -> dict[str, object]:
-        """Run a failing command with --json: stdout is empty, stderr one JSON
-        object with the error and the exit code."""
-        got, out, err = self(*args)
-        assert got == code, (out, err)
-        assert out == ""
-        [line] = err.splitlines()
-        error: dict[str, object] = json.loads(line)
-        assert error["exit_code"] == code
-        assert isinstance(error["error"], str)
-        assert not error["error"].startswith("mailstrom-async:")
-        return error
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> CLI:
-    return CLI(capsys)
 
 
 # -- --version -------------------------------------------------------------------

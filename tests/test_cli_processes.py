@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
 import signal
 import socket
 import sys
@@ -26,26 +25,10 @@ from mailstrom_async._message import Email
 from mailstrom_async._models import RecipientState
 from mailstrom_async._sink import CapturedMessage
 from mailstrom_async._store import MemoryStore
+from tests.cli_support import child_env, clean_env  # noqa: F401 - fixture
 from tests.smtpd import FaultHandler, SMTPDServer, SMTPDServers
 
 COMMAND = [sys.executable, "-m", "mailstrom_async"]
-
-
-def child_env(**settings: str) -> dict[str, str]:
-    """This process's environment without MAILSTROM_* variables, plus *settings*."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSTROM_")}
-    env.update(settings)
-    return env
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No MAILSTROM_* variable (CI sets some for the suite) reaches main(), and
-    the cwd is a fresh folder."""
-    for name in list(os.environ):
-        if name.startswith("MAILSTROM_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
 
 
 def relay_env(server: SMTPDServer, store: Path, **settings: str) -> dict[str, str]:

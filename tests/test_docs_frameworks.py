@@ -222,32 +222,29 @@ class Framework:
     """What the server prints when it shuts down."""
 
 
-UVICORN_COMMAND = [str(Path(sys.executable).with_name("uvicorn")), "--factory"]
-FRAMEWORKS = {
-    "fastapi": Framework(
-        example_fixture="fastapi_example",
+def asgi_framework(name: str) -> Framework:
+    """A FastAPI or Starlette example: an ASGI app, served by uvicorn."""
+    return Framework(
+        example_fixture=f"{name}_example",
         client=asgi_client,
         http_client=uvicorn_client,
         deliverer_of=lambda module, app: app.state.deliverer,
-        command=[*UVICORN_COMMAND, "fastapi_app:app_from_environment"],
+        command=[
+            str(Path(sys.executable).with_name("uvicorn")),
+            "--factory",
+            f"{name}_app:app_from_environment",
+        ],
         env={},
         port_variable="UVICORN_PORT",  # the documented command, on a free port
         ready_text=b"Uvicorn running on",
         exit_code=UVICORN_EXIT.__getitem__,
         shutdown_texts=("Shutting down", "Application shutdown complete"),
-    ),
-    "starlette": Framework(
-        example_fixture="starlette_example",
-        client=asgi_client,
-        http_client=uvicorn_client,
-        deliverer_of=lambda module, app: app.state.deliverer,
-        command=[*UVICORN_COMMAND, "starlette_app:app_from_environment"],
-        env={},
-        port_variable="UVICORN_PORT",
-        ready_text=b"Uvicorn running on",
-        exit_code=UVICORN_EXIT.__getitem__,
-        shutdown_texts=("Shutting down", "Application shutdown complete"),
-    ),
+    )
+
+
+FRAMEWORKS = {
+    "fastapi": asgi_framework("fastapi"),
+    "starlette": asgi_framework("starlette"),
     "aiohttp": Framework(
         example_fixture="aiohttp_example",
         client=aiohttp_server_client,
