@@ -8,15 +8,23 @@ its namespace, so each CLI test module imports it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 import anyio.to_thread
 import pytest
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
 
+from mailstrom_async import Config, RelayConfig, Timeouts
 from mailstrom_async._cli import main
+
+COMMAND = [sys.executable, "-m", "mailstrom_async"]
 
 
 def child_env(**settings: str) -> dict[str, str]:
@@ -24,6 +32,31 @@ def child_env(**settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSTROM_")}
     env.update(settings)
     return env
+
+
+@contextlib.asynccontextmanager
+async def started(*args: str, env: dict[str, str]) -> AsyncIterator[Process]:
+    """``mailstrom-async *args`` as a child process, killed if the test fails."""
+    async with await anyio.open_process([*COMMAND, *args], env=env) as process:
+        try:
+            yield process
+        except BaseException:
+            process.kill()
+            raise
+
+
+async def sink_relay_config(output: BufferedByteReceiveStream) -> Config:
+    """Settings that relay to a ``sink`` child process, from the line it prints
+    first on *output* (where it listens)."""
+    with anyio.fail_after(30):
+        banner = (await output.receive_until(b"\n", 1000)).decode()
+    assert banner.startswith("sink listening on 127.0.0.1:")
+    port = int(banner.rpartition(":")[2])
+    return Config(
+        helo_name="client.test",
+        relay=RelayConfig(host="127.0.0.1", port=port, tls="none"),
+        timeouts=Timeouts(connect=5, command=5, data_start=5, data_end=5),
+    )
 
 
 @pytest.fixture(autouse=True)
