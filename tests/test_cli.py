@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -20,11 +19,12 @@ import anyio
 import attrs
 import pytest
 
-from mailstrom_async._cli import _reason, main
+from mailstrom_async._cli import _reason
 from mailstrom_async._cli._common import CLIError, age, duration
 from mailstrom_async._deliverer import DEFAULT_STORE_PATH
 from mailstrom_async._models import RecipientState, RecipientStatus
 from mailstrom_async._store import SQLiteStore
+from tests.cli_support import CLI, child_env, clean_env, cli_fixture  # noqa: F401 - fixtures
 
 SUBCOMMANDS = [
     "send",
@@ -52,59 +52,6 @@ def run(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
         check=False,
         **kwargs,
     )
-
-
-def child_env(**settings: str) -> dict[str, str]:
-    """This process's environment without MAILSTROM_* variables, plus *settings*."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSTROM_")}
-    env.update(settings)
-    return env
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No MAILSTROM_* variable leaks in, and the cwd is a fresh folder."""
-    for name in list(os.environ):
-        if name.startswith("MAILSTROM_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-
-
-class CLI:
-    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
-        self.capsys = capsys
-
-    def __call__(self, *args: str) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        code = main(list(args))
-        out, err = self.capsys.readouterr()
-        return code, out, err
-
-    def ok(self, *args: str) -> str:
-        """Run a command that must succeed; return its stdout."""
-        code, out, err = self(*args)
-        assert code == 0, err
-        return out
-
-    def error(self, *args: str, code: int = 1) -> str:
-        """Run a failing command; return its one error line."""
-        got, out, err = self(*args)
-        assert got == code, (out, err)
-        lines = err.splitlines()
-        assert len(lines) == 1, err
-        assert lines[0].startswith("mailstrom-async: error: "), err
-        return lines[0]
-
-    def send(self, *args: str) -> str:
-        out = self.ok(
-            "send", "--from", "me@example.com", "--subject", "Hi", "--body", "x", *args
-        )
-        return out.strip()
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> CLI:
-    return CLI(capsys)
 
 
 def soon() -> datetime:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,9 +29,9 @@ from mailstrom_async import (
     SQLiteStore,
     Timeouts,
 )
-from mailstrom_async._cli import main
 from mailstrom_async._deliverer import Deliverer
 from mailstrom_async._message import Email
+from tests.cli_support import StoreCLI, clean_env  # noqa: F401 - fixture
 from tests.smtpd import FaultHandler, SMTPDServers
 
 DEFERRED = RecipientState.DEFERRED
@@ -41,45 +40,9 @@ TIMEOUTS = Timeouts(connect=5, command=5, data_start=5, data_end=5)
 SLOW_RETRY = RetryPolicy(initial_delay=3600, max_delay=3600, jitter=0)
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No MAILSTROM_* variable leaks in, and the cwd is a fresh folder."""
-    for name in list(os.environ):
-        if name.startswith("MAILSTROM_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-
-
-class CLI:
-    """Runs main() and captures what it prints."""
-
-    def __init__(self, capsys: pytest.CaptureFixture[str], store: Path) -> None:
-        self.capsys = capsys
-        self.store = store
-
-    def __call__(self, *args: str) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        code = main([*args, "--store", str(self.store)])
-        out, err = self.capsys.readouterr()
-        return code, out, err
-
-    def ok(self, *args: str) -> str:
-        code, out, err = self(*args)
-        assert code == 0, err
-        assert err == ""
-        return out
-
-    def json(self, *args: str) -> object:
-        return json.loads(self.ok(*args, "--json"))
-
-    async def in_thread(self, *args: str) -> str:
-        """ok(), from an async test whose loop must keep serving SMTP."""
-        return await anyio.to_thread.run_sync(lambda: self.ok(*args))
-
-
 @pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> CLI:
-    return CLI(capsys, tmp_path / "q.sqlite3")
+def cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> StoreCLI:
+    return StoreCLI(capsys, tmp_path / "q.sqlite3")
 
 
 def report() -> Email:
@@ -145,7 +108,9 @@ def to(*addresses: str, size: int = 0) -> Email:
 # -- show ---------------------------------------------------------------------------
 
 
-async def test_show_envelope_headers_and_body(smtpd: SMTPDServers, cli: CLI) -> None:
+async def test_show_envelope_headers_and_body(
+    smtpd: SMTPDServers, cli: StoreCLI
+) -> None:
     """show ID prints the envelope (each recipient with its state and the
     server's last reply) and the header section, RFC 2047 words decoded; --body
     adds the text parts, decoded, and lists the attachment; the id may come with
@@ -196,7 +161,7 @@ async def test_show_envelope_headers_and_body(smtpd: SMTPDServers, cli: CLI) -> 
     )
 
 
-async def test_show_raw_is_the_exact_bytes(smtpd: SMTPDServers, cli: CLI) -> None:
+async def test_show_raw_is_the_exact_bytes(smtpd: SMTPDServers, cli: StoreCLI) -> None:
     """show --raw --body prints the stored message byte for byte (what the server
     received), --raw alone its header section; nothing is decoded or added."""
     handler = FaultHandler()
@@ -237,7 +202,7 @@ async def test_show_raw_is_the_exact_bytes(smtpd: SMTPDServers, cli: CLI) -> Non
     assert ["Subject", "=?utf-8?b?Q2Fmw6kgcmVwb3J0IOKCrA==?="] in data["headers"]
 
 
-async def test_show_json(smtpd: SMTPDServers, cli: CLI) -> None:
+async def test_show_json(smtpd: SMTPDServers, cli: StoreCLI) -> None:
     """show --json: the envelope as status --json has it, the size, the headers
     as [name, value] pairs in order, and the body parts only with --body."""
     message_id = await deliver_and_defer(smtpd, cli.store)
@@ -323,7 +288,7 @@ def store_raw(path: Path, data: bytes, message_id: str = "hostile@example.org") 
     return message_id
 
 
-def test_show_makes_hostile_text_safe_for_a_terminal(cli: CLI) -> None:
+def test_show_makes_hostile_text_safe_for_a_terminal(cli: StoreCLI) -> None:
     """Control characters (an escape sequence in a Subject or a body) are shown
     as \\xNN, not sent to the terminal; Latin-1 words and bodies are decoded;
     an unknown charset or an 8-bit byte that is not UTF-8 does not stop the
@@ -357,7 +322,7 @@ def test_show_makes_hostile_text_safe_for_a_terminal(cli: CLI) -> None:
     assert decoded["body"]["parts"][0]["text"] == "Grüße \x1b]0;title\x07\n"
 
 
-def test_show_a_message_without_body_or_headers(cli: CLI) -> None:
+def test_show_a_message_without_body_or_headers(cli: StoreCLI) -> None:
     """A header section without a body, and a body without headers, are shown
     as they are."""
     only_head = store_raw(cli.store, b"Subject: only\r\n", "head@example.org")
@@ -371,7 +336,7 @@ def test_show_a_message_without_body_or_headers(cli: CLI) -> None:
     )
 
 
-def test_show_bad_input(cli: CLI, tmp_path: Path) -> None:
+def test_show_bad_input(cli: StoreCLI, tmp_path: Path) -> None:
     """An unknown id is an error (exit code 1), as text or as JSON; a missing
     id, a bad id or an unknown flag is a usage error (exit code 2); no store
     is no store."""
@@ -407,7 +372,7 @@ def test_show_bad_input(cli: CLI, tmp_path: Path) -> None:
 
 
 async def test_queue_lists_waiting_recipients_with_the_last_reply(
-    smtpd: SMTPDServers, cli: CLI
+    smtpd: SMTPDServers, cli: StoreCLI
 ) -> None:
     """queue lists each message with waiting recipients (id, size, arrival,
     sender) and under it each waiting recipient with its state, attempts and
@@ -456,7 +421,7 @@ async def test_queue_lists_waiting_recipients_with_the_last_reply(
     }
 
 
-def test_queue_listing_filters_and_totals(cli: CLI) -> None:
+def test_queue_listing_filters_and_totals(cli: StoreCLI) -> None:
     """--domain, --state, --held and --limit choose what is listed, and the
     totals count what is listed; an empty queue and an empty choice say so."""
     now = datetime.now(UTC)
@@ -526,7 +491,7 @@ def test_queue_listing_filters_and_totals(cli: CLI) -> None:
 # -- queue --shape ----------------------------------------------------------------------
 
 
-def test_queue_shape_counts_by_domain_and_age(cli: CLI) -> None:
+def test_queue_shape_counts_by_domain_and_age(cli: StoreCLI) -> None:
     """queue --shape counts waiting recipients by domain and by the age of their
     message in qshape's buckets (minutes), a TOTAL row first and the busiest
     domains next; --state, --held and --limit choose; --json for scripts. Ages
@@ -584,7 +549,7 @@ def test_queue_shape_counts_by_domain_and_age(cli: CLI) -> None:
     }
 
 
-def test_queue_shape_of_an_empty_queue(cli: CLI) -> None:
+def test_queue_shape_of_an_empty_queue(cli: StoreCLI) -> None:
     """The shape of a queue with nothing waiting is a TOTAL row of zeros."""
     store_raw(cli.store, b"Subject: x\r\n\r\ny\r\n")
     cli.ok("cancel", "hostile@example.org")
@@ -595,7 +560,7 @@ def test_queue_shape_of_an_empty_queue(cli: CLI) -> None:
 
 
 async def test_queue_shape_counts_the_deferred_recipient(
-    smtpd: SMTPDServers, cli: CLI
+    smtpd: SMTPDServers, cli: StoreCLI
 ) -> None:
     """The recipient the server deferred is the one --shape --state deferred
     counts, in the youngest bucket."""
@@ -622,7 +587,7 @@ async def test_queue_shape_counts_the_deferred_recipient(
         (["--shape", "5"], "unrecognized arguments: 5"),
     ],
 )
-def test_queue_bad_flags(cli: CLI, args: list[str], text: str) -> None:
+def test_queue_bad_flags(cli: StoreCLI, args: list[str], text: str) -> None:
     """Bad queue flags are one usage line, exit code 2, as text or as JSON."""
     store_raw(cli.store, b"Subject: x\r\n\r\ny\r\n")
     code, out, err = cli("queue", *args)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import attrs
@@ -14,12 +15,10 @@ import pytest
 
 from mailstrom_async._owner import current_owner
 from mailstrom_async._store import NewMessage, SQLiteStore
-from tests.test_cli import CLI, clean_env  # noqa: F401 - fixture, runtime use
+from tests.cli_support import clean_env, cli_fixture  # noqa: F401 - fixtures
 
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> CLI:
-    return CLI(capsys)
+if TYPE_CHECKING:
+    from tests.cli_support import CLI
 
 
 def dead_owner() -> str:

@@ -14,7 +14,6 @@ import json
 import os
 import pty
 import signal
-import sys
 from collections.abc import AsyncIterator
 from importlib.metadata import version
 from pathlib import Path
@@ -24,67 +23,23 @@ import pytest
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from mailstrom_async import Config, RelayConfig, Timeouts
-from mailstrom_async._cli import main
 from mailstrom_async._cli._run import sink_policy
 from mailstrom_async._deliverer import Deliverer
 from mailstrom_async._message import Email
 from mailstrom_async._models import RecipientState
 from mailstrom_async._store import MemoryStore
+from tests.cli_support import (  # noqa: F401 - fixtures
+    CLI,
+    COMMAND,
+    child_env,
+    clean_env,
+    cli_fixture,
+    sink_relay_config,
+    started,
+)
 from tests.smtpd import FaultHandler, SMTPDServers
 
-COMMAND = [sys.executable, "-m", "mailstrom_async"]
 SEND = ["send", "--from", "me@example.com", "--subject", "Hi", "--body", "x"]
-
-
-def child_env(**settings: str) -> dict[str, str]:
-    """This process's environment without MAILSTROM_* variables, plus *settings*."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSTROM_")}
-    env.update(settings)
-    return env
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No MAILSTROM_* variable reaches main(), and the cwd is a fresh folder."""
-    for name in list(os.environ):
-        if name.startswith("MAILSTROM_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-
-
-class CLI:
-    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
-        self.capsys = capsys
-
-    def __call__(self, *args: str) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        code = main(list(args))
-        out, err = self.capsys.readouterr()
-        return code, out, err
-
-    def ok(self, *args: str) -> str:
-        code, out, err = self(*args)
-        assert code == 0, err
-        return out
-
-    def json_error(self, *args: str, code: int) -> dict[str, object]:
-        """Run a failing command with --json: stdout is empty, stderr one JSON
-        object with the error and the exit code."""
-        got, out, err = self(*args)
-        assert got == code, (out, err)
-        assert out == ""
-        [line] = err.splitlines()
-        error: dict[str, object] = json.loads(line)
-        assert error["exit_code"] == code
-        assert isinstance(error["error"], str)
-        assert not error["error"].startswith("mailstrom-async:")
-        return error
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> CLI:
-    return CLI(capsys)
 
 
 # -- --version -------------------------------------------------------------------
@@ -327,56 +282,41 @@ async def test_sink_defers_and_rejects_matching_recipients(tmp_path: Path) -> No
     """sink --defer/--reject answer 4xx/5xx to matching recipients, so a
     Deliverer sees a deferral and a failure; with --json stdout holds only JSON
     lines (the listening line is on stderr)."""
-    async with await anyio.open_process(
-        [
-            *COMMAND,
-            "sink",
-            "--port",
-            "0",
-            "--json",
-            "--defer",
-            "busy@*",
-            "--reject",
-            "*@gone.example.org",
-        ],
+    async with started(
+        "sink",
+        "--port",
+        "0",
+        "--json",
+        "--defer",
+        "busy@*",
+        "--reject",
+        "*@gone.example.org",
         env=child_env(),
     ) as sink:
-        try:
-            assert sink.stdout is not None
-            assert sink.stderr is not None
-            stderr = BufferedByteReceiveStream(sink.stderr)
-            with anyio.fail_after(30):
-                banner = (await stderr.receive_until(b"\n", 1000)).decode()
-            assert banner.startswith("sink listening on 127.0.0.1:")
-            port = int(banner.rpartition(":")[2])
-            config = Config(
-                helo_name="client.test",
-                relay=RelayConfig(host="127.0.0.1", port=port, tls="none"),
-                timeouts=Timeouts(connect=5, command=5, data_start=5, data_end=5),
+        assert sink.stdout is not None
+        assert sink.stderr is not None
+        stderr = BufferedByteReceiveStream(sink.stderr)
+        config = await sink_relay_config(stderr)
+        to = ["ok@example.org", "busy@example.org", "x@gone.example.org"]
+        async with Deliverer(config, store=MemoryStore()) as deliverer:
+            handle = await deliverer.submit(
+                Email(sender="me@example.com", to=to, subject="S", text="x\n")
             )
-            to = ["ok@example.org", "busy@example.org", "x@gone.example.org"]
-            async with Deliverer(config, store=MemoryStore()) as deliverer:
-                handle = await deliverer.submit(
-                    Email(sender="me@example.com", to=to, subject="S", text="x\n")
-                )
-                events = deliverer.events()
-                with anyio.fail_after(30):
-                    seen = 0
-                    async for event in events:
-                        if event.state is not RecipientState.QUEUED:
-                            seen += 1
-                        if seen == 3:
-                            break
-                await events.aclose()
-                status = await deliverer.status(handle.message_id)
-            sink.send_signal(signal.SIGTERM)
+            events = deliverer.events()
             with anyio.fail_after(30):
-                out = b"".join([chunk async for chunk in sink.stdout])
-                rest = b"".join([chunk async for chunk in stderr.receive_stream])
-                assert await sink.wait() == 0
-        except BaseException:
-            sink.kill()
-            raise
+                seen = 0
+                async for event in events:
+                    if event.state is not RecipientState.QUEUED:
+                        seen += 1
+                    if seen == 3:
+                        break
+            await events.aclose()
+            status = await deliverer.status(handle.message_id)
+        sink.send_signal(signal.SIGTERM)
+        with anyio.fail_after(30):
+            out = b"".join([chunk async for chunk in sink.stdout])
+            rest = b"".join([chunk async for chunk in stderr.receive_stream])
+            assert await sink.wait() == 0
     ok, busy, gone = (status.recipient(a) for a in to)
     assert ok.state is RecipientState.DELIVERED
     assert (busy.state, busy.code, busy.enhanced_code) == (
@@ -479,7 +419,7 @@ async def test_send_wait_interrupted_keeps_the_message_queued(
     )
     flags = ["--json"] if as_json else []
     args = [*SEND, "--wait", "--no-progress", *flags, "--to", "you@example.org"]
-    async with await anyio.open_process([*COMMAND, *args], env=env) as process:
+    async with started(*args, env=env) as process:
         try:
             assert process.stdout is not None
             assert process.stderr is not None
@@ -498,9 +438,6 @@ async def test_send_wait_interrupted_keeps_the_message_queued(
                 out = b"".join([chunk async for chunk in stdout.receive_stream])
                 err = b"".join([chunk async for chunk in stderr.receive_stream])
                 code = await process.wait()
-        except BaseException:
-            process.kill()
-            raise
         finally:
             handler.release.set()
     text = (
@@ -540,26 +477,22 @@ async def test_worker_without_relay_warns_once_that_mail_goes_direct(
         MAILSTROM_HELO_NAME="client.test",
         MAILSTROM_MX__NAMESERVERS="127.0.0.1:9",  # never asked: the queue is empty
     )
-    async with await anyio.open_process([*COMMAND, "worker"], env=env) as worker:
-        try:
-            assert worker.stderr is not None
-            stderr = BufferedByteReceiveStream(worker.stderr)
-            with anyio.fail_after(30):
-                while b"deliverer started" not in (
-                    line := await stderr.receive_until(b"\n", 10000)
-                ):
-                    pass
-            worker.send_signal(signal.SIGTERM)
-            with anyio.fail_after(30):
-                rest = b"".join([chunk async for chunk in stderr.receive_stream])
-                assert await worker.wait() == 0
-        except BaseException:
-            worker.kill()
-            raise
-    started = line.decode()
+    async with started("worker", env=env) as worker:
+        assert worker.stderr is not None
+        stderr = BufferedByteReceiveStream(worker.stderr)
+        with anyio.fail_after(30):
+            while b"deliverer started" not in (
+                line := await stderr.receive_until(b"\n", 10000)
+            ):
+                pass
+        worker.send_signal(signal.SIGTERM)
+        with anyio.fail_after(30):
+            rest = b"".join([chunk async for chunk in stderr.receive_stream])
+            assert await worker.wait() == 0
+    started_line = line.decode()
     assert (
         " WARNING mailstrom_async.deliverer: deliverer started; no relay "
-        "configured: mail goes direct to recipients' MX hosts " in started
+        "configured: mail goes direct to recipients' MX hosts " in started_line
     )
-    assert "delivery=mx" in started
+    assert "delivery=mx" in started_line
     assert "WARNING" not in rest.decode()

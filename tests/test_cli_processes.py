@@ -3,14 +3,10 @@ and send --wait, against loopback SMTP servers in the test's own event loop."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
-import os
 import signal
 import socket
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -18,7 +14,6 @@ import pytest
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from mailstrom_async import Config, RelayConfig, Timeouts
 from mailstrom_async._cli import main
 from mailstrom_async._cli._run import _describe
 from mailstrom_async._deliverer import Deliverer
@@ -26,26 +21,14 @@ from mailstrom_async._message import Email
 from mailstrom_async._models import RecipientState
 from mailstrom_async._sink import CapturedMessage
 from mailstrom_async._store import MemoryStore
+from tests.cli_support import (  # noqa: F401 - fixture
+    COMMAND,
+    child_env,
+    clean_env,
+    sink_relay_config,
+    started,
+)
 from tests.smtpd import FaultHandler, SMTPDServer, SMTPDServers
-
-COMMAND = [sys.executable, "-m", "mailstrom_async"]
-
-
-def child_env(**settings: str) -> dict[str, str]:
-    """This process's environment without MAILSTROM_* variables, plus *settings*."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSTROM_")}
-    env.update(settings)
-    return env
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No MAILSTROM_* variable (CI sets some for the suite) reaches main(), and
-    the cwd is a fresh folder."""
-    for name in list(os.environ):
-        if name.startswith("MAILSTROM_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
 
 
 def relay_env(server: SMTPDServer, store: Path, **settings: str) -> dict[str, str]:
@@ -60,17 +43,6 @@ def relay_env(server: SMTPDServer, store: Path, **settings: str) -> dict[str, st
         MAILSTROM_POLL_INTERVAL="0.1",
         **settings,
     )
-
-
-@contextlib.asynccontextmanager
-async def started(*args: str, env: dict[str, str]) -> AsyncIterator[Process]:
-    """``mailstrom-async *args`` as a child process, killed if the test fails."""
-    async with await anyio.open_process([*COMMAND, *args], env=env) as process:
-        try:
-            yield process
-        except BaseException:
-            process.kill()
-            raise
 
 
 async def read_all(process: Process) -> tuple[str, str]:
@@ -257,15 +229,7 @@ async def test_sink_prints_and_saves(tmp_path: Path) -> None:
     ) as sink:
         assert sink.stdout is not None
         reader = BufferedByteReceiveStream(sink.stdout)
-        with anyio.fail_after(30):
-            first = (await reader.receive_until(b"\n", 1000)).decode()
-        assert first.startswith("sink listening on 127.0.0.1:")
-        port = int(first.rpartition(":")[2])
-        config = Config(
-            helo_name="client.test",
-            relay=RelayConfig(host="127.0.0.1", port=port, tls="none"),
-            timeouts=Timeouts(connect=5, command=5, data_start=5, data_end=5),
-        )
+        config = await sink_relay_config(reader)
         async with Deliverer(config, store=MemoryStore()) as deliverer:
             handle = await deliverer.submit(
                 Email(

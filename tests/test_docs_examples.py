@@ -43,6 +43,16 @@ if TYPE_CHECKING:
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 EXAMPLES = DOCS / "examples"
 
+# The tests of test_docs_frameworks.py that run starlette_app.py and aiohttp_app.py
+# (fastapi_app.py shares most of them, with some of its own: its list below).
+WEB_APP_TESTS = [
+    "test_app_queues_and_reports_delivery",
+    "test_app_refuses_a_bad_request",
+    "test_app_from_environment_reads_the_toml_file",
+    "test_events_stream_each_change_as_it_happens",
+    "test_events_of_a_delivered_or_unknown_message",
+    "test_server_stops_cleanly_with_an_open_event_stream",
+]
 # Each example file -> the tests that run it.
 EXAMPLE_TESTS = {
     "quickstart.py": ["test_quickstart_delivers_and_prints_the_outcome"],
@@ -54,14 +64,14 @@ EXAMPLE_TESTS = {
     "configuration.py": ["test_configuration_loads_the_toml_file"],
     # The framework examples' tests are in test_docs_frameworks.py.
     "fastapi_app.py": [
-        "test_fastapi_app_queues_and_reports_delivery",
-        "test_fastapi_app_refuses_an_invalid_address",
+        "test_app_queues_and_reports_delivery",
+        "test_app_refuses_a_bad_request",
         "test_fastapi_app_from_environment_reads_the_toml_file",
-        "test_fastapi_events_of_a_delivered_message_end_at_once",
-        "test_fastapi_events_stream_each_change_as_it_happens",
+        "test_events_of_a_delivered_or_unknown_message",
+        "test_events_stream_each_change_as_it_happens",
         "test_fastapi_events_end_without_done_when_the_deliverer_closes",
         "test_fastapi_events_in_a_submit_only_app_follow_the_store",
-        "test_uvicorn_stops_cleanly_with_an_open_event_stream",
+        "test_server_stops_cleanly_with_an_open_event_stream",
     ],
     "observability.py": ["test_observability_logs_counts_and_traces"],
     "test_with_outbox.py": ["test_with_outbox_passes_under_the_plugin"],
@@ -75,22 +85,8 @@ EXAMPLE_TESTS = {
         "test_with_unittest_passes_without_pytest",
         "test_with_unittest_passes_under_pytest",
     ],
-    "starlette_app.py": [
-        "test_starlette_app_queues_and_reports_delivery",
-        "test_starlette_app_refuses_a_bad_request",
-        "test_starlette_app_from_environment_reads_the_toml_file",
-        "test_starlette_events_stream_each_change_as_it_happens",
-        "test_starlette_events_of_a_delivered_or_unknown_message",
-        "test_uvicorn_stops_cleanly_with_an_open_event_stream",
-    ],
-    "aiohttp_app.py": [
-        "test_aiohttp_app_queues_and_reports_delivery",
-        "test_aiohttp_app_refuses_a_bad_request",
-        "test_aiohttp_app_from_environment_reads_the_toml_file",
-        "test_aiohttp_events_stream_each_change_as_it_happens",
-        "test_aiohttp_events_of_a_delivered_or_unknown_message",
-        "test_aiohttp_stops_cleanly_with_an_open_event_stream",
-    ],
+    "starlette_app.py": WEB_APP_TESTS,
+    "aiohttp_app.py": WEB_APP_TESTS,
     "script.py": [
         "test_script_delivers_and_prints_each_outcome",
         "test_script_stops_waiting_after_wait_seconds",
@@ -313,21 +309,32 @@ def run_user_suite(pytester: pytest.Pytester, **modules: str) -> pytest.RunResul
     )
 
 
-def test_with_outbox_passes_under_the_plugin(pytester: pytest.Pytester) -> None:
-    """The documented user's test module passes with ``-p mailstrom_async.testing``,
-    and a copy with a wrong expectation fails, showing the captured subject."""
-    source = (EXAMPLES / "test_with_outbox.py").read_text()
+def assert_passes_and_a_wrong_copy_fails(
+    pytester: pytest.Pytester, example: str, *, passed: int, failing: str
+) -> None:
+    """Run docs/examples/<example>.py as a user's suite with a copy expecting the
+    wrong subject: the example's *passed* tests pass, and the copy's test
+    *failing* fails, showing the captured subject."""
+    source = (EXAMPLES / f"{example}.py").read_text()
     wrong = source.replace(
         'message.subject == "Welcome to the shop"', 'message.subject == "Goodbye"', 1
     )
     assert wrong != source
-    result = run_user_suite(pytester, test_with_outbox=source, test_wrong=wrong)
-    result.assert_outcomes(passed=7, failed=1)
+    result = run_user_suite(pytester, **{example: source, "test_wrong": wrong})
+    result.assert_outcomes(passed=passed, failed=1)
     result.stdout.fnmatch_lines(
         [
             "*AssertionError: assert 'Welcome to the shop' == 'Goodbye'*",
-            "FAILED test_wrong.py::test_welcome_mail_is_sent - *",
+            f"FAILED test_wrong.py::{failing} - *",
         ]
+    )
+
+
+def test_with_outbox_passes_under_the_plugin(pytester: pytest.Pytester) -> None:
+    """The documented user's test module passes with ``-p mailstrom_async.testing``,
+    and a copy with a wrong expectation fails, showing the captured subject."""
+    assert_passes_and_a_wrong_copy_fails(
+        pytester, "test_with_outbox", passed=7, failing="test_welcome_mail_is_sent"
     )
 
 
@@ -336,18 +343,11 @@ def test_transport_outbox_passes_under_the_plugin(pytester: pytest.Pytester) -> 
     outbox by MAILSTROM_TRANSPORT or by its Config, pass (the second one only
     because the plugin emptied the outbox the first filled); a copy with a wrong
     expectation fails."""
-    source = (EXAMPLES / "test_transport_outbox.py").read_text()
-    wrong = source.replace(
-        'message.subject == "Welcome to the shop"', 'message.subject == "Goodbye"', 1
-    )
-    assert wrong != source
-    result = run_user_suite(pytester, test_transport_outbox=source, test_wrong=wrong)
-    result.assert_outcomes(passed=3, failed=1)
-    result.stdout.fnmatch_lines(
-        [
-            "*AssertionError: assert 'Welcome to the shop' == 'Goodbye'*",
-            "FAILED test_wrong.py::test_sign_up_sends_the_welcome_mail - *",
-        ]
+    assert_passes_and_a_wrong_copy_fails(
+        pytester,
+        "test_transport_outbox",
+        passed=3,
+        failing="test_sign_up_sends_the_welcome_mail",
     )
 
 

@@ -3,8 +3,10 @@
 FastAPI and Starlette apps are called through ``httpx.ASGITransport`` (which
 buffers a response until it ends) and, where a response must stream, served by
 uvicorn on 127.0.0.1; the aiohttp app runs on aiohttp's own test server on
-127.0.0.1; the script and the worker run as child processes. Each example's
-tests are listed in ``EXAMPLE_TESTS`` in test_docs_examples.py.
+127.0.0.1; the script and the worker run as child processes. The tests the three
+web apps share are parametrized over ``FRAMEWORKS`` (ids ``[fastapi]``,
+``[starlette]``, ``[aiohttp]``). Each example's tests are listed in
+``EXAMPLE_TESTS`` in test_docs_examples.py.
 """
 
 from __future__ import annotations
@@ -129,13 +131,14 @@ async def wait_until_done(deliverer: Deliverer, message_id: str) -> None:
     await wait_until(deliverer, message_id, lambda status: status.is_done)
 
 
-# -- fastapi_app.py ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fastapi_example() -> ModuleType:
-    # Imported outside the event loop: importing FastAPI takes a moment.
-    return load_example("fastapi_app.py")
+@contextlib.asynccontextmanager
+async def aiohttp_server_client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """aiohttp's test server on 127.0.0.1 (real HTTP), and an httpx client for it."""
+    async with (
+        TestClient(TestServer(app, host=LOCALHOST)) as aiohttp,
+        httpx.AsyncClient(base_url=str(aiohttp.make_url("")), timeout=30) as client,
+    ):
+        yield client
 
 
 def delivered(address: str) -> dict[str, Any]:
@@ -162,26 +165,147 @@ def queued(address: str) -> dict[str, Any]:
     }
 
 
-async def test_fastapi_app_queues_and_reports_delivery(
-    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
-) -> None:
-    """POST /messages answers 202 with an id; GET reports it delivered; 404 if unknown."""
-    server = await smtpd.start()
-    app = fastapi_example.create_app(relay_config(server), str(tmp_path / "app.db"))
-    async with asgi_client(app) as client:
-        deliverer: Deliverer = app.state.deliverer
-        async with deliverer.events() as events:
-            response = await client.post(
-                "/messages",
-                json={"to": ["ada@example.org"], "subject": "Hi", "text": "Hello!"},
-            )
-            assert response.status_code == 202
-            message_id = response.json()["id"]
-            with anyio.fail_after(30):
-                async for event in events:
-                    if event.message_id == message_id and event.recipient.is_final:
-                        break
+def status_of(message_id: str, *recipients: dict[str, Any]) -> dict[str, Any]:
+    """How the examples show a message."""
+    done = all(r["state"] in ("delivered", "failed") for r in recipients)
+    return {"id": message_id, "done": done, "recipients": list(recipients)}
 
+
+# -- the three web examples: fastapi_app.py, starlette_app.py, aiohttp_app.py -----
+
+
+@pytest.fixture(scope="module")
+def fastapi_example() -> ModuleType:
+    # Imported outside the event loop: importing FastAPI takes a moment.
+    return load_example("fastapi_app.py")
+
+
+@pytest.fixture(scope="module")
+def starlette_example() -> ModuleType:
+    return load_example("starlette_app.py")
+
+
+@pytest.fixture(scope="module")
+def aiohttp_example() -> ModuleType:
+    return load_example("aiohttp_app.py")
+
+
+ClientFactory = Callable[
+    [Any], contextlib.AbstractAsyncContextManager[httpx.AsyncClient]
+]
+UVICORN_EXIT = {signal.SIGINT: 0, signal.SIGTERM: -signal.SIGTERM}
+
+
+@attrs.frozen
+class Framework:
+    """How the tests shared by the three web examples run one of them."""
+
+    example_fixture: str
+    """The fixture that imports the example."""
+    client: ClientFactory
+    """A client for the app, inside its lifespan; its responses may be buffered."""
+    http_client: ClientFactory
+    """A client for the app served over real HTTP, to read a response as it streams."""
+    deliverer_of: Callable[[ModuleType, Any], Deliverer]
+    """The app's Deliverer (the example module, the app)."""
+    command: list[str]
+    """The command the guide runs the server with, in docs/examples."""
+    env: dict[str, str]
+    """The environment of that command, besides the settings and the queue."""
+    port_variable: str
+    """The environment variable that gives it the port to listen on."""
+    ready_text: bytes
+    """What the server prints once it listens."""
+    exit_code: Callable[[signal.Signals], int]
+    """The server's exit code once stopped by a signal."""
+    shutdown_texts: tuple[str, ...]
+    """What the server prints when it shuts down."""
+
+
+def asgi_framework(name: str) -> Framework:
+    """A FastAPI or Starlette example: an ASGI app, served by uvicorn."""
+    return Framework(
+        example_fixture=f"{name}_example",
+        client=asgi_client,
+        http_client=uvicorn_client,
+        deliverer_of=lambda module, app: app.state.deliverer,
+        command=[
+            str(Path(sys.executable).with_name("uvicorn")),
+            "--factory",
+            f"{name}_app:app_from_environment",
+        ],
+        env={},
+        port_variable="UVICORN_PORT",  # the documented command, on a free port
+        ready_text=b"Uvicorn running on",
+        exit_code=UVICORN_EXIT.__getitem__,
+        shutdown_texts=("Shutting down", "Application shutdown complete"),
+    )
+
+
+FRAMEWORKS = {
+    "fastapi": asgi_framework("fastapi"),
+    "starlette": asgi_framework("starlette"),
+    "aiohttp": Framework(
+        example_fixture="aiohttp_example",
+        client=aiohttp_server_client,
+        http_client=aiohttp_server_client,
+        deliverer_of=lambda module, app: app[module.DELIVERER],
+        command=[sys.executable, "aiohttp_app.py"],
+        env={"PYTHONUNBUFFERED": "1"},  # run_app prints where it listens
+        port_variable="PORT",
+        ready_text=b"Running on",
+        exit_code=lambda sig: 0,
+        shutdown_texts=(),
+    ),
+}
+
+
+@attrs.frozen
+class WebExample:
+    """One of the three web examples, imported, as the shared tests use it."""
+
+    framework: Framework
+    module: ModuleType
+
+    def create_app(self, config: Config, tmp_path: Path) -> Any:
+        return self.module.create_app(config, str(tmp_path / "app.db"))
+
+    def deliverer(self, app: Any) -> Deliverer:
+        return self.framework.deliverer_of(self.module, app)
+
+    def client(
+        self, app: Any
+    ) -> contextlib.AbstractAsyncContextManager[httpx.AsyncClient]:
+        return self.framework.client(app)
+
+    def http_client(
+        self, app: Any
+    ) -> contextlib.AbstractAsyncContextManager[httpx.AsyncClient]:
+        return self.framework.http_client(app)
+
+
+@pytest.fixture(params=list(FRAMEWORKS))
+def web_example(request: pytest.FixtureRequest) -> WebExample:
+    """Each web example in turn; test ids name the framework: ``[fastapi]``."""
+    framework = FRAMEWORKS[request.param]
+    return WebExample(framework, request.getfixturevalue(framework.example_fixture))
+
+
+async def test_app_queues_and_reports_delivery(
+    web_example: WebExample, smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """POST /messages answers 202 with an id; GET reports it delivered; 404 if unknown;
+    the Deliverer is open while the app runs and closed after."""
+    server = await smtpd.start()
+    app = web_example.create_app(relay_config(server), tmp_path)
+    async with web_example.client(app) as client:
+        deliverer = web_example.deliverer(app)
+        message = {"to": ["ada@example.org"], "subject": "Hi", "text": "Hello!"}
+        response = await client.post("/messages", json=message)
+        assert response.status_code == 202
+        message_id = response.json()["id"]
+        with anyio.fail_after(30):
+            await wait_until_done(deliverer, message_id)
         response = await client.get(f"/messages/{message_id}")
         assert response.status_code == 200
         assert response.json() == {
@@ -189,97 +313,110 @@ async def test_fastapi_app_queues_and_reports_delivery(
             "done": True,
             "recipients": [delivered("ada@example.org")],
         }
-
         response = await client.get("/messages/no-such-id@example.com")
         assert response.status_code == 404
         assert "no-such-id@example.com" in response.json()["detail"]
-
+    assert deliverer.is_closed
     [received] = server.messages
     assert received.rcpt_tos == ["ada@example.org"]
     assert f"Message-ID: <{message_id}>".encode() in received.content
 
 
-async def test_fastapi_app_refuses_an_invalid_address(
-    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
+@pytest.mark.parametrize(
+    ("web_example", "body", "status", "detail"),
+    [
+        pytest.param(
+            "fastapi",
+            b'{"to": ["not-an-address"], "subject": "Hi", "text": "!"}',
+            422,
+            "not-an-address",
+            id="fastapi-invalid-address",
+        ),
+        *(
+            pytest.param(name, body, status, detail, id=f"{name}-{case}")
+            for name in ("starlette", "aiohttp")
+            for case, body, status, detail in [
+                ("not-json", b"not json", 400, "expected JSON"),
+                (
+                    "to-not-a-list",
+                    b'{"to": "ada@example.org", "subject": "s", "text": "t"}',
+                    400,
+                    "expected",
+                ),
+                (
+                    "invalid-address",
+                    b'{"to": ["not-an-address"], "subject": "s", "text": "t"}',
+                    422,
+                    "not-an-",
+                ),
+            ]
+        ),
+        pytest.param(
+            "starlette",
+            b'{"to": [1], "subject": "s", "text": "t"}',
+            400,
+            "expected JSON",
+            id="starlette-to-not-strings",
+        ),
+        pytest.param(
+            "starlette",
+            b'{"to": ["ada@example.org"], "text": "t"}',
+            400,
+            "expected JSON",
+            id="starlette-no-subject",
+        ),
+        pytest.param(
+            "aiohttp",
+            b'{"to": ["ada@example.org"], "subject": 1, "text": "t"}',
+            400,
+            "expected",
+            id="aiohttp-subject-not-a-string",
+        ),
+    ],
+    indirect=["web_example"],
+)
+async def test_app_refuses_a_bad_request(
+    web_example: WebExample,
+    smtpd: SMTPDServers,
+    tmp_path: Path,
+    body: bytes,
+    status: int,
+    detail: str,
 ) -> None:
-    """An invalid recipient gets 422 with the reason, and nothing is queued."""
+    """A body that is not the expected JSON gets 400, an invalid address 422 with
+    the reason; nothing is queued."""
     server = await smtpd.start()
-    app = fastapi_example.create_app(relay_config(server), str(tmp_path / "app.db"))
-    async with asgi_client(app) as client:
+    app = web_example.create_app(relay_config(server), tmp_path)
+    async with web_example.client(app) as client:
         response = await client.post(
-            "/messages", json={"to": ["not-an-address"], "subject": "Hi", "text": "!"}
+            "/messages", content=body, headers={"content-type": "application/json"}
         )
-        assert response.status_code == 422
-        assert "not-an-address" in response.json()["detail"]
-        deliverer: Deliverer = app.state.deliverer
-        summary = await deliverer.store.summary()
+        assert response.status_code == status
+        assert detail in response.json()["detail"]
+        summary = await web_example.deliverer(app).store.summary()
     assert sum(summary.by_state.values()) == 0
     assert server.messages == []
 
 
-async def test_fastapi_app_from_environment_reads_the_toml_file(
-    fastapi_example: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_events_of_a_delivered_or_unknown_message(
+    web_example: WebExample, smtpd: SMTPDServers, tmp_path: Path
 ) -> None:
-    """app_from_environment() reads $MAIL_CONFIG, $MAIL_QUEUE and $MAIL_MODE."""
-    # uvicorn calls the factory before its event loop runs: here, in a thread.
-    app_from_environment = partial(
-        anyio.to_thread.run_sync, fastapi_example.app_from_environment
-    )
-    config_file = tmp_path / "mailstrom.toml"
-    monkeypatch.setenv("MAIL_CONFIG", str(config_file))
-    monkeypatch.setenv("MAIL_QUEUE", str(tmp_path / "queue.sqlite3"))
-    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\nport = 0\n')
-    with pytest.raises(ConfigError) as info:
-        await app_from_environment()
-    assert info.value.key == "relay.port"
-    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\n')
-    app = await app_from_environment()
-    assert set(app.openapi()["paths"]) == {
-        "/messages",
-        "/messages/{message_id}",
-        "/messages/{message_id}/events",
-    }
-
-    monkeypatch.setenv("MAIL_MODE", "submit")
-    app = await app_from_environment()
-    async with asgi_client(app) as client:  # submit-only: nothing connects
-        message = {"to": ["ada@example.org"], "subject": "s", "text": "t"}
-        response = await client.post("/messages", json=message)
-        assert response.status_code == 202
-        assert app.state.deliverer._mode == "submit"
-    async with SQLiteStore(str(tmp_path / "queue.sqlite3")) as store:
-        assert (await store.status(response.json()["id"])).recipients[0].attempts == 0
-
-    monkeypatch.setenv("MAIL_MODE", "deliver")
-    with pytest.raises(SystemExit, match="MAIL_MODE must be 'both' or 'submit'"):
-        await app_from_environment()
-
-
-def status_of(message_id: str, *recipients: dict[str, Any]) -> dict[str, Any]:
-    """How the examples show a message."""
-    done = all(r["state"] in ("delivered", "failed") for r in recipients)
-    return {"id": message_id, "done": done, "recipients": list(recipients)}
-
-
-async def test_fastapi_events_of_a_delivered_message_end_at_once(
-    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
-) -> None:
-    """A message already done when the stream opens: "done", and the end."""
+    """A message already done when the stream opens: "done", and the end;
+    an unknown one: 404."""
     server = await smtpd.start()
-    app = fastapi_example.create_app(relay_config(server), str(tmp_path / "app.db"))
-    async with asgi_client(app) as client:
-        deliverer: Deliverer = app.state.deliverer
+    app = web_example.create_app(relay_config(server), tmp_path)
+    async with web_example.client(app) as client:
+        deliverer = web_example.deliverer(app)
         email = Email(sender="a@example.com", to=["ada@example.org"], subject="s")
         with anyio.fail_after(30):
             handle = await deliverer.submit(email)
             await handle
-            # ASGITransport returns a response only once it has ended, so this
-            # also checks that the stream ends by itself.
+            # The client returns a response only once it has ended (not streamed),
+            # so this also checks that the stream ends by itself.
             response = await client.get(f"/messages/{handle.message_id}/events")
         assert response.status_code == 200
         assert response.headers["cache-control"] == "no-cache"
-        events = [event async for event in sse_events(response)]
-        assert events == [
+        assert [event async for event in sse_events(response)] == [
             ("done", status_of(handle.message_id, delivered("ada@example.org")))
         ]
 
@@ -289,37 +426,43 @@ async def test_fastapi_events_of_a_delivered_message_end_at_once(
         assert deliverer._watchers._follows == {}  # nothing left following
 
 
-async def stream_each_change(client: httpx.AsyncClient, handler: FaultHandler) -> None:
+async def test_events_stream_each_change_as_it_happens(
+    web_example: WebExample, smtpd: SMTPDServers, tmp_path: Path
+) -> None:
     """Over real HTTP: the message queued first, delivered only once the server
     accepts, then the end of the stream; other messages are left out."""
+    handler = FaultHandler(stall_at="DATA")
+    server = await smtpd.start(handler)
+    app = web_example.create_app(relay_config(server), tmp_path)
     message = {
         "to": ["ada@example.org", "bob@example.net"],
         "subject": "s",
         "text": "t",
     }
-    with anyio.fail_after(30):
-        response = await client.post("/messages", json=message)
-        assert response.status_code == 202
-        message_id = response.json()["id"]
-        path = f"/messages/{message_id}/events"
-        async with client.stream("GET", path) as response:
-            assert response.status_code == 200
-            assert response.headers["cache-control"] == "no-cache"
-            events = sse_events(response)
-            assert await anext(events) == (
-                "message",
-                status_of(
-                    message_id, queued("ada@example.org"), queued("bob@example.net")
-                ),
-            )
-            # The stream is open and the server is holding the message after
-            # its final dot: another message, then let both through.
-            await handler.stalled.wait()
-            other = {**message, "to": ["cy@example.com"]}
-            assert (await client.post("/messages", json=other)).status_code == 202
-            await handler.received.wait_for(2)  # both held after the dot
-            handler.release.set()
-            rest = [event async for event in events]
+    async with web_example.http_client(app) as client:
+        with anyio.fail_after(30):
+            response = await client.post("/messages", json=message)
+            assert response.status_code == 202
+            message_id = response.json()["id"]
+            path = f"/messages/{message_id}/events"
+            async with client.stream("GET", path) as response:
+                assert response.status_code == 200
+                assert response.headers["cache-control"] == "no-cache"
+                events = sse_events(response)
+                assert await anext(events) == (
+                    "message",
+                    status_of(
+                        message_id, queued("ada@example.org"), queued("bob@example.net")
+                    ),
+                )
+                # The stream is open and the server is holding the message after
+                # its final dot: another message, then let both through.
+                await handler.stalled.wait()
+                other = {**message, "to": ["cy@example.com"]}
+                assert (await client.post("/messages", json=other)).status_code == 202
+                await handler.received.wait_for(2)  # both held after the dot
+                handler.release.set()
+                rest = [event async for event in events]
     assert rest == [
         (
             "done",
@@ -328,91 +471,7 @@ async def stream_each_change(client: httpx.AsyncClient, handler: FaultHandler) -
             ),
         ),
     ]
-
-
-async def test_fastapi_events_stream_each_change_as_it_happens(
-    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
-) -> None:
-    """The FastAPI stream, served by uvicorn, reports each change as it happens."""
-    handler = FaultHandler(stall_at="DATA")
-    server = await smtpd.start(handler)
-    app = fastapi_example.create_app(relay_config(server), str(tmp_path / "app.db"))
-    async with uvicorn_client(app) as client:
-        await stream_each_change(client, handler)
     assert len(server.messages) == 2
-
-
-async def test_fastapi_events_end_without_done_when_the_deliverer_closes(
-    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
-) -> None:
-    """A message still waiting when the Deliverer closes: its stream just ends,
-    without "done", so that a browser reconnects."""
-    handler = FaultHandler(rcpt_replies={"ada@example.org": "451 4.3.0 try later"})
-    server = await smtpd.start(handler)
-    app = fastapi_example.create_app(relay_config(server), str(tmp_path / "app.db"))
-    message = {"to": ["ada@example.org"], "subject": "s", "text": "t"}
-    transport = httpx.ASGITransport(app=app)
-    responses: list[httpx.Response] = []
-    with anyio.fail_after(30):
-        # The lifespan (the Deliverer) ends while the stream is still open.
-        async with (
-            httpx.AsyncClient(transport=transport, base_url="http://test") as client,
-            anyio.create_task_group() as tg,
-            app.router.lifespan_context(app),
-        ):
-            response = await client.post("/messages", json=message)
-            message_id = response.json()["id"]
-            await wait_until(
-                app.state.deliverer,
-                message_id,
-                lambda status: status.recipients[0].attempts == 1,
-            )
-
-            async def follow() -> None:
-                path = f"/messages/{message_id}/events"
-                responses.append(await client.get(path))
-
-            tg.start_soon(follow)
-            # The endpoint has read the status, and waits for a change.
-            await anyio.wait_all_tasks_blocked()
-    [response] = responses
-    assert response.status_code == 200
-    [(name, data)] = [event async for event in sse_events(response)]
-    [recipient] = data["recipients"]
-    assert (name, data["done"]) == ("message", False)
-    assert (recipient["state"], recipient["code"]) == ("deferred", 451)
-    assert server.messages == []
-
-
-async def test_fastapi_events_in_a_submit_only_app_follow_the_store(
-    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
-) -> None:
-    """With mode="submit" a worker process delivers: the stream learns it from the
-    store, since nothing in this process reports it."""
-    handler = FaultHandler(stall_at="DATA")
-    server = await smtpd.start(handler)
-    config = relay_config(server, poll_interval=0.05)
-    store_path = str(tmp_path / "app.db")
-    app = fastapi_example.create_app(config, store_path, mode="submit")
-    message = {"to": ["ada@example.org"], "subject": "s", "text": "t"}
-    async with (
-        uvicorn_client(app) as client,
-        Deliverer(config, store=SQLiteStore(store_path), mode="deliver"),
-    ):
-        with anyio.fail_after(30):
-            response = await client.post("/messages", json=message)
-            message_id = response.json()["id"]
-            path = f"/messages/{message_id}/events"
-            async with client.stream("GET", path) as response:
-                events = sse_events(response)
-                assert await anext(events) == (
-                    "message",
-                    status_of(message_id, queued("ada@example.org")),
-                )
-                await handler.stalled.wait()  # the worker has it, still in flight
-                handler.release.set()
-                rest = [event async for event in events]
-    assert rest == [("done", status_of(message_id, delivered("ada@example.org")))]
 
 
 # -- shutting down with an open stream, as the guides run the servers ----------
@@ -499,16 +558,14 @@ def assert_clean_output(output: str) -> None:
         assert text not in output, output
 
 
-UVICORN_EXIT = {signal.SIGINT: 0, signal.SIGTERM: -signal.SIGTERM}
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
-@pytest.mark.parametrize("example", ["fastapi_app", "starlette_app"])
-async def test_uvicorn_stops_cleanly_with_an_open_event_stream(
-    smtpd: SMTPDServers, tmp_path: Path, example: str, sig: signal.Signals
+@pytest.mark.parametrize("name", list(FRAMEWORKS))
+async def test_server_stops_cleanly_with_an_open_event_stream(
+    smtpd: SMTPDServers, tmp_path: Path, name: str, sig: signal.Signals
 ) -> None:
     """The guide's command, as written: a stream waiting for a retry ends when
     the server is told to stop; the server exits, with no traceback."""
+    framework = FRAMEWORKS[name]
     handler = FaultHandler(rcpt_replies={"ada@example.org": "451 4.3.0 try later"})
     smtp = await smtpd.start(handler)
     port = free_port()
@@ -516,306 +573,190 @@ async def test_uvicorn_stops_cleanly_with_an_open_event_stream(
         **os.environ,
         "MAIL_CONFIG": str(write_config(tmp_path / "mailstrom.toml", smtp)),
         "MAIL_QUEUE": str(tmp_path / "queue.sqlite3"),
-        "UVICORN_PORT": str(port),  # the documented command, on a free port
+        framework.port_variable: str(port),
+        **framework.env,
     }
-    command = [
-        str(Path(sys.executable).with_name("uvicorn")),
-        "--factory",
-        f"{example}:app_from_environment",
-    ]
     async with server_process(
-        command, env=env, ready_text=b"Uvicorn running on"
+        framework.command, env=env, ready_text=framework.ready_text
     ) as server:
         rest = await stream_then_stop(server, f"http://{LOCALHOST}:{port}", sig)
     assert "done" not in [name for name, _ in rest]
-    assert server.process.returncode == UVICORN_EXIT[sig], server.text
+    assert server.process.returncode == framework.exit_code(sig), server.text
     assert_clean_output(server.text)
-    assert "Shutting down" in server.text
-    assert "Application shutdown complete" in server.text
+    for text in framework.shutdown_texts:
+        assert text in server.text
 
 
-# -- starlette_app.py --------------------------------------------------------------
+# -- fastapi_app.py only -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def starlette_example() -> ModuleType:
-    return load_example("starlette_app.py")
-
-
-async def test_starlette_app_queues_and_reports_delivery(
-    starlette_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
+async def test_fastapi_app_from_environment_reads_the_toml_file(
+    fastapi_example: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """POST /messages answers 202 with an id; GET reports it delivered; 404 if unknown."""
-    server = await smtpd.start()
-    app = starlette_example.create_app(relay_config(server), str(tmp_path / "app.db"))
-    async with asgi_client(app) as client:
-        message = {"to": ["ada@example.org"], "subject": "Hi", "text": "Hello!"}
+    """app_from_environment() reads $MAIL_CONFIG, $MAIL_QUEUE and $MAIL_MODE."""
+    # uvicorn calls the factory before its event loop runs: here, in a thread.
+    app_from_environment = partial(
+        anyio.to_thread.run_sync, fastapi_example.app_from_environment
+    )
+    config_file = tmp_path / "mailstrom.toml"
+    monkeypatch.setenv("MAIL_CONFIG", str(config_file))
+    monkeypatch.setenv("MAIL_QUEUE", str(tmp_path / "queue.sqlite3"))
+    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\nport = 0\n')
+    with pytest.raises(ConfigError) as info:
+        await app_from_environment()
+    assert info.value.key == "relay.port"
+    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\n')
+    app = await app_from_environment()
+    assert set(app.openapi()["paths"]) == {
+        "/messages",
+        "/messages/{message_id}",
+        "/messages/{message_id}/events",
+    }
+
+    monkeypatch.setenv("MAIL_MODE", "submit")
+    app = await app_from_environment()
+    async with asgi_client(app) as client:  # submit-only: nothing connects
+        message = {"to": ["ada@example.org"], "subject": "s", "text": "t"}
         response = await client.post("/messages", json=message)
         assert response.status_code == 202
-        message_id = response.json()["id"]
-        with anyio.fail_after(30):
-            await wait_until_done(app.state.deliverer, message_id)
-        response = await client.get(f"/messages/{message_id}")
-        assert response.status_code == 200
-        assert response.json() == {
-            "id": message_id,
-            "done": True,
-            "recipients": [delivered("ada@example.org")],
-        }
-        response = await client.get("/messages/no-such-id@example.com")
-        assert response.status_code == 404
-        assert "no-such-id@example.com" in response.json()["detail"]
-    [received] = server.messages
-    assert f"Message-ID: <{message_id}>".encode() in received.content
+        assert app.state.deliverer._mode == "submit"
+    async with SQLiteStore(str(tmp_path / "queue.sqlite3")) as store:
+        assert (await store.status(response.json()["id"])).recipients[0].attempts == 0
+
+    monkeypatch.setenv("MAIL_MODE", "deliver")
+    with pytest.raises(SystemExit, match="MAIL_MODE must be 'both' or 'submit'"):
+        await app_from_environment()
 
 
-@pytest.mark.parametrize(
-    ("body", "status", "detail"),
-    [
-        (b"not json", 400, "expected JSON"),
-        (b'{"to": "ada@example.org", "subject": "s", "text": "t"}', 400, "expected"),
-        (b'{"to": [1], "subject": "s", "text": "t"}', 400, "expected JSON"),
-        (b'{"to": ["ada@example.org"], "text": "t"}', 400, "expected JSON"),
-        (b'{"to": ["not-an-address"], "subject": "s", "text": "t"}', 422, "not-an-"),
-    ],
-)
-async def test_starlette_app_refuses_a_bad_request(
-    starlette_example: ModuleType,
-    smtpd: SMTPDServers,
-    tmp_path: Path,
-    body: bytes,
-    status: int,
-    detail: str,
+async def test_fastapi_events_end_without_done_when_the_deliverer_closes(
+    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
 ) -> None:
-    """A body that is not the expected JSON gets 400, an invalid address 422;
-    nothing is queued."""
-    server = await smtpd.start()
-    app = starlette_example.create_app(relay_config(server), str(tmp_path / "app.db"))
-    async with asgi_client(app) as client:
-        response = await client.post("/messages", content=body)
-        assert response.status_code == status
-        assert detail in response.json()["detail"]
-        summary = await app.state.deliverer.store.summary()
-    assert sum(summary.by_state.values()) == 0
-
-
-def test_starlette_app_from_environment_reads_the_toml_file(
-    starlette_example: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """app_from_environment() builds the app from the file in $MAIL_CONFIG."""
-    config_file = tmp_path / "mailstrom.toml"
-    monkeypatch.setenv("MAIL_CONFIG", str(config_file))
-    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\nport = 0\n')
-    with pytest.raises(ConfigError) as info:
-        starlette_example.app_from_environment()
-    assert info.value.key == "relay.port"
-    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\n')
-    app = starlette_example.app_from_environment()
-    assert [route.path for route in app.routes] == [
-        "/messages",
-        "/messages/{message_id:path}/events",
-        "/messages/{message_id:path}",
-    ]
-
-
-async def test_starlette_events_stream_each_change_as_it_happens(
-    starlette_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
-) -> None:
-    """The Starlette stream, served by uvicorn, reports each change as it happens."""
-    handler = FaultHandler(stall_at="DATA")
-    server = await smtpd.start(handler)
-    app = starlette_example.create_app(relay_config(server), str(tmp_path / "app.db"))
-    async with uvicorn_client(app) as client:
-        await stream_each_change(client, handler)
-    assert len(server.messages) == 2
-
-
-async def test_starlette_events_of_a_delivered_or_unknown_message(
-    starlette_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
-) -> None:
-    """A message already done: "done" and the end; an unknown one: 404."""
-    server = await smtpd.start()
-    app = starlette_example.create_app(relay_config(server), str(tmp_path / "app.db"))
-    async with asgi_client(app) as client:
-        deliverer: Deliverer = app.state.deliverer
-        email = Email(sender="a@example.com", to=["ada@example.org"], subject="s")
-        with anyio.fail_after(30):
-            handle = await deliverer.submit(email)
-            await handle
-            response = await client.get(f"/messages/{handle.message_id}/events")
-        assert response.status_code == 200
-        assert [event async for event in sse_events(response)] == [
-            ("done", status_of(handle.message_id, delivered("ada@example.org")))
-        ]
-        response = await client.get("/messages/no-such-id@example.com/events")
-        assert response.status_code == 404
-        assert "no-such-id@example.com" in response.json()["detail"]
-
-
-# -- aiohttp_app.py ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def aiohttp_example() -> ModuleType:
-    return load_example("aiohttp_app.py")
-
-
-@contextlib.asynccontextmanager
-async def aiohttp_client(app: Any) -> AsyncIterator[TestClient[Any, Any]]:
-    """aiohttp's test server on 127.0.0.1 (real HTTP), and a client for it."""
-    async with TestClient(TestServer(app, host=LOCALHOST)) as client:
-        yield client
-
-
-async def test_aiohttp_app_queues_and_reports_delivery(
-    aiohttp_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
-) -> None:
-    """POST /messages answers 202 with an id; GET reports it delivered; 404 if unknown;
-    the Deliverer is open while the app runs and closed after."""
-    server = await smtpd.start()
-    app = aiohttp_example.create_app(relay_config(server), str(tmp_path / "app.db"))
-    async with aiohttp_client(app) as client:
-        deliverer: Deliverer = app[aiohttp_example.DELIVERER]
-        message = {"to": ["ada@example.org"], "subject": "Hi", "text": "Hello!"}
-        response = await client.post("/messages", json=message)
-        assert response.status == 202
-        message_id = (await response.json())["id"]
-        with anyio.fail_after(30):
-            await wait_until_done(deliverer, message_id)
-        response = await client.get(f"/messages/{message_id}")
-        assert response.status == 200
-        assert await response.json() == {
-            "id": message_id,
-            "done": True,
-            "recipients": [delivered("ada@example.org")],
-        }
-        response = await client.get("/messages/no-such-id@example.com")
-        assert response.status == 404
-        assert "no-such-id@example.com" in (await response.json())["detail"]
-    assert deliverer.is_closed
-    [received] = server.messages
-    assert f"Message-ID: <{message_id}>".encode() in received.content
-
-
-@pytest.mark.parametrize(
-    ("body", "status", "detail"),
-    [
-        (b"not json", 400, "expected JSON"),
-        (b'{"to": "ada@example.org", "subject": "s", "text": "t"}', 400, "expected"),
-        (b'{"to": ["ada@example.org"], "subject": 1, "text": "t"}', 400, "expected"),
-        (b'{"to": ["not-an-address"], "subject": "s", "text": "t"}', 422, "not-an-"),
-    ],
-)
-async def test_aiohttp_app_refuses_a_bad_request(
-    aiohttp_example: ModuleType,
-    smtpd: SMTPDServers,
-    tmp_path: Path,
-    body: bytes,
-    status: int,
-    detail: str,
-) -> None:
-    """A body that is not the expected JSON gets 400, an invalid address 422;
-    nothing is queued."""
-    server = await smtpd.start()
-    app = aiohttp_example.create_app(relay_config(server), str(tmp_path / "app.db"))
-    async with aiohttp_client(app) as client:
-        response = await client.post("/messages", data=body)
-        assert response.status == status
-        assert detail in (await response.json())["detail"]
-        summary = await app[aiohttp_example.DELIVERER].store.summary()
-    assert sum(summary.by_state.values()) == 0
-
-
-def test_aiohttp_app_from_environment_reads_the_toml_file(
-    aiohttp_example: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """app_from_environment() builds the app from the file in $MAIL_CONFIG."""
-    config_file = tmp_path / "mailstrom.toml"
-    monkeypatch.setenv("MAIL_CONFIG", str(config_file))
-    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\nport = 0\n')
-    with pytest.raises(ConfigError) as info:
-        aiohttp_example.app_from_environment()
-    assert info.value.key == "relay.port"
-    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\n')
-    app = aiohttp_example.app_from_environment()
-    routes = {(r.method, r.resource.canonical) for r in app.router.routes()}
-    assert routes == {
-        ("POST", "/messages"),
-        ("GET", "/messages/{message_id}"),
-        ("HEAD", "/messages/{message_id}"),
-        ("GET", "/messages/{message_id}/events"),
-        ("HEAD", "/messages/{message_id}/events"),
-    }
-
-
-@contextlib.asynccontextmanager
-async def aiohttp_server_client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
-    """aiohttp's test server on 127.0.0.1, and an httpx client for it."""
-    async with (
-        aiohttp_client(app) as aiohttp,
-        httpx.AsyncClient(base_url=str(aiohttp.make_url("")), timeout=30) as client,
-    ):
-        yield client
-
-
-async def test_aiohttp_events_stream_each_change_as_it_happens(
-    aiohttp_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
-) -> None:
-    """The aiohttp stream reports each change as it happens."""
-    handler = FaultHandler(stall_at="DATA")
-    server = await smtpd.start(handler)
-    app = aiohttp_example.create_app(relay_config(server), str(tmp_path / "app.db"))
-    async with aiohttp_server_client(app) as client:
-        await stream_each_change(client, handler)
-    assert len(server.messages) == 2
-
-
-async def test_aiohttp_events_of_a_delivered_or_unknown_message(
-    aiohttp_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
-) -> None:
-    """A message already done: "done" and the end; an unknown one: 404."""
-    server = await smtpd.start()
-    app = aiohttp_example.create_app(relay_config(server), str(tmp_path / "app.db"))
-    async with aiohttp_server_client(app) as client:
-        deliverer: Deliverer = app[aiohttp_example.DELIVERER]
-        email = Email(sender="a@example.com", to=["ada@example.org"], subject="s")
-        with anyio.fail_after(30):
-            handle = await deliverer.submit(email)
-            await handle
-            response = await client.get(f"/messages/{handle.message_id}/events")
-        assert response.status_code == 200
-        assert response.headers["cache-control"] == "no-cache"
-        assert [event async for event in sse_events(response)] == [
-            ("done", status_of(handle.message_id, delivered("ada@example.org")))
-        ]
-        response = await client.get("/messages/no-such-id@example.com/events")
-        assert response.status_code == 404
-        assert "no-such-id@example.com" in response.json()["detail"]
-        assert deliverer._watchers._follows == {}
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
-async def test_aiohttp_stops_cleanly_with_an_open_event_stream(
-    smtpd: SMTPDServers, tmp_path: Path, sig: signal.Signals
-) -> None:
-    """``python aiohttp_app.py``: a stream waiting for a retry ends when the
-    server is told to stop; the server exits, with no traceback."""
+    """A message still waiting when the Deliverer closes: its stream just ends,
+    without "done", so that a browser reconnects."""
     handler = FaultHandler(rcpt_replies={"ada@example.org": "451 4.3.0 try later"})
-    smtp = await smtpd.start(handler)
-    port = free_port()
-    env = {
-        **os.environ,
-        "MAIL_CONFIG": str(write_config(tmp_path / "mailstrom.toml", smtp)),
-        "MAIL_QUEUE": str(tmp_path / "queue.sqlite3"),
-        "PORT": str(port),
-        "PYTHONUNBUFFERED": "1",  # run_app prints where it listens
-    }
-    command = [sys.executable, "aiohttp_app.py"]
-    async with server_process(command, env=env, ready_text=b"Running on") as server:
-        rest = await stream_then_stop(server, f"http://{LOCALHOST}:{port}", sig)
-    assert "done" not in [name for name, _ in rest]
-    assert server.process.returncode == 0, server.text
-    assert_clean_output(server.text)
+    server = await smtpd.start(handler)
+    app = fastapi_example.create_app(relay_config(server), str(tmp_path / "app.db"))
+    message = {"to": ["ada@example.org"], "subject": "s", "text": "t"}
+    transport = httpx.ASGITransport(app=app)
+    responses: list[httpx.Response] = []
+    with anyio.fail_after(30):
+        # The lifespan (the Deliverer) ends while the stream is still open.
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+            anyio.create_task_group() as tg,
+            app.router.lifespan_context(app),
+        ):
+            response = await client.post("/messages", json=message)
+            message_id = response.json()["id"]
+            await wait_until(
+                app.state.deliverer,
+                message_id,
+                lambda status: status.recipients[0].attempts == 1,
+            )
+
+            async def follow() -> None:
+                path = f"/messages/{message_id}/events"
+                responses.append(await client.get(path))
+
+            tg.start_soon(follow)
+            # The endpoint has read the status, and waits for a change.
+            await anyio.wait_all_tasks_blocked()
+    [response] = responses
+    assert response.status_code == 200
+    [(name, data)] = [event async for event in sse_events(response)]
+    [recipient] = data["recipients"]
+    assert (name, data["done"]) == ("message", False)
+    assert (recipient["state"], recipient["code"]) == ("deferred", 451)
+    assert server.messages == []
+
+
+async def test_fastapi_events_in_a_submit_only_app_follow_the_store(
+    fastapi_example: ModuleType, smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """With mode="submit" a worker process delivers: the stream learns it from the
+    store, since nothing in this process reports it."""
+    handler = FaultHandler(stall_at="DATA")
+    server = await smtpd.start(handler)
+    config = relay_config(server, poll_interval=0.05)
+    store_path = str(tmp_path / "app.db")
+    app = fastapi_example.create_app(config, store_path, mode="submit")
+    message = {"to": ["ada@example.org"], "subject": "s", "text": "t"}
+    async with (
+        uvicorn_client(app) as client,
+        Deliverer(config, store=SQLiteStore(store_path), mode="deliver"),
+    ):
+        with anyio.fail_after(30):
+            response = await client.post("/messages", json=message)
+            message_id = response.json()["id"]
+            path = f"/messages/{message_id}/events"
+            async with client.stream("GET", path) as response:
+                events = sse_events(response)
+                assert await anext(events) == (
+                    "message",
+                    status_of(message_id, queued("ada@example.org")),
+                )
+                await handler.stalled.wait()  # the worker has it, still in flight
+                handler.release.set()
+                rest = [event async for event in events]
+    assert rest == [("done", status_of(message_id, delivered("ada@example.org")))]
+
+
+# -- starlette_app.py and aiohttp_app.py: the factory --------------------------------
+
+
+def starlette_routes(app: Any) -> object:
+    return [route.path for route in app.routes]
+
+
+def aiohttp_routes(app: Any) -> object:
+    return {(r.method, r.resource.canonical) for r in app.router.routes()}
+
+
+@pytest.mark.parametrize(
+    ("web_example", "routes_of", "routes"),
+    [
+        pytest.param(
+            "starlette",
+            starlette_routes,
+            [
+                "/messages",
+                "/messages/{message_id:path}/events",
+                "/messages/{message_id:path}",
+            ],
+            id="starlette",
+        ),
+        pytest.param(
+            "aiohttp",
+            aiohttp_routes,
+            {
+                ("POST", "/messages"),
+                ("GET", "/messages/{message_id}"),
+                ("HEAD", "/messages/{message_id}"),
+                ("GET", "/messages/{message_id}/events"),
+                ("HEAD", "/messages/{message_id}/events"),
+            },
+            id="aiohttp",
+        ),
+    ],
+    indirect=["web_example"],
+)
+def test_app_from_environment_reads_the_toml_file(
+    web_example: WebExample,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    routes_of: Callable[[Any], object],
+    routes: object,
+) -> None:
+    """app_from_environment() builds the app from the file in $MAIL_CONFIG."""
+    app_from_environment = web_example.module.app_from_environment
+    config_file = tmp_path / "mailstrom.toml"
+    monkeypatch.setenv("MAIL_CONFIG", str(config_file))
+    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\nport = 0\n')
+    with pytest.raises(ConfigError) as info:
+        app_from_environment()
+    assert info.value.key == "relay.port"
+    config_file.write_text('[mailstrom.relay]\nhost = "smtp.example.com"\n')
+    assert routes_of(app_from_environment()) == routes
 
 
 # -- script.py ---------------------------------------------------------------------

@@ -33,13 +33,13 @@ from mailstrom_async import (
     UnknownMessageError,
 )
 from mailstrom_async._domain import recipient_key
+from tests.cli_support import child_env
 from tests.smtpd import (  # noqa: F401 - fixtures
     FaultHandler,
     SMTPDServers,
     free_port,
     smtpd_fixture,
 )
-from tests.test_cli import child_env
 from tests.test_relay_faults import DEADLINE, done, email, relay_config
 
 DEFERRED = RecipientState.DEFERRED

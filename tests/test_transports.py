@@ -11,8 +11,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import sys
 from pathlib import Path
 
 import anyio
@@ -39,6 +37,7 @@ from mailstrom_async.testing import (
     sent_messages,
     shared_outbox,
 )
+from tests.cli_support import COMMAND, child_env
 
 DELIVERED = RecipientState.DELIVERED
 DEFERRED = RecipientState.DEFERRED
@@ -429,6 +428,19 @@ async def test_a_bad_variable_stops_the_deliverer_at_start(
     assert deliverer.is_closed
 
 
+async def start_line(
+    caplog: pytest.LogCaptureFixture, config: Config
+) -> logging.LogRecord:
+    """The one "deliverer started" record of a Deliverer opened and closed."""
+    with caplog.at_level(logging.INFO, logger="mailstrom_async.deliverer"):
+        async with Deliverer(config, store=MemoryStore()):
+            pass
+    [start] = [
+        r for r in caplog.records if r.getMessage().startswith("deliverer started")
+    ]
+    return start
+
+
 @pytest.mark.parametrize(
     ("config", "variable", "expected"),
     [
@@ -462,12 +474,7 @@ async def test_the_start_line_warns_when_nothing_is_sent(
 ) -> None:
     if variable is not None:
         monkeypatch.setenv("MAILSTROM_TRANSPORT", variable)
-    with caplog.at_level(logging.INFO, logger="mailstrom_async.deliverer"):
-        async with Deliverer(config, store=MemoryStore()):
-            pass
-    [start] = [
-        r for r in caplog.records if r.getMessage().startswith("deliverer started")
-    ]
+    start = await start_line(caplog, config)
     assert start.levelno == logging.WARNING
     assert start.getMessage() == expected
     assert start.delivery == (config.transport or variable)  # type: ignore[attr-defined]
@@ -483,12 +490,7 @@ async def test_the_start_line_of_smtp_is_unchanged(
         transport="smtp",
         relay=RelayConfig(host="relay.test", port=2525, tls="none"),
     )
-    with caplog.at_level(logging.INFO, logger="mailstrom_async.deliverer"):
-        async with Deliverer(config, store=MemoryStore()):
-            pass
-    [start] = [
-        r for r in caplog.records if r.getMessage().startswith("deliverer started")
-    ]
+    start = await start_line(caplog, config)
     assert start.levelno == logging.INFO
     assert start.getMessage() == (
         "deliverer started; mail goes through the relay relay.test:2525"
@@ -507,17 +509,14 @@ async def test_cli_send_wait_prints_the_message_with_console(tmp_path: Path) -> 
     """``MAILSTROM_TRANSPORT=console mailstrom-async send --wait``: the message on
     stdout, the recipient delivered (exit 0), the warning on stderr, and no
     network (no relay is configured: smtp would go to the MX hosts)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSTROM_")}
-    env.update(
+    env = child_env(
         MAILSTROM_TRANSPORT="console",
         MAILSTROM_STORE=str(tmp_path / "q.sqlite3"),
         MAILSTROM_HELO_NAME="client.test",
     )
     result = await anyio.run_process(
         [
-            sys.executable,
-            "-m",
-            "mailstrom_async",
+            *COMMAND,
             "send",
             "--wait",
             "30",
@@ -544,13 +543,12 @@ async def test_cli_send_wait_prints_the_message_with_console(tmp_path: Path) -> 
 
 
 async def test_cli_send_wait_refuses_a_bad_transport(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSTROM_")}
-    env.update(MAILSTROM_TRANSPORT="stdout", MAILSTROM_STORE=str(tmp_path / "q.db"))
+    env = child_env(
+        MAILSTROM_TRANSPORT="stdout", MAILSTROM_STORE=str(tmp_path / "q.db")
+    )
     result = await anyio.run_process(
         [
-            sys.executable,
-            "-m",
-            "mailstrom_async",
+            *COMMAND,
             "send",
             "--wait",
             "5",
@@ -571,11 +569,12 @@ async def test_cli_send_wait_refuses_a_bad_transport(tmp_path: Path) -> None:
 async def test_cli_send_wait_json_ends_with_the_json_line(tmp_path: Path) -> None:
     """With --json the printed message comes first, and everything after its end
     line is the outcome as JSON (docs/configuration.md says so)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSTROM_")}
-    env.update(MAILSTROM_TRANSPORT="console", MAILSTROM_STORE=str(tmp_path / "q.db"))
+    env = child_env(
+        MAILSTROM_TRANSPORT="console", MAILSTROM_STORE=str(tmp_path / "q.db")
+    )
     result = await anyio.run_process(
         [
-            *(sys.executable, "-m", "mailstrom_async", "send", "--wait", "30"),
+            *(*COMMAND, "send", "--wait", "30"),
             *("--json", "--from", "me@example.com", "--to", "you@example.org"),
         ],
         env=env,
