@@ -26,6 +26,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ def require_postgres() -> Path:
     """The PostgreSQL bin directory; skip the test (or fail, with
     ``TESTS_REQUIRE_POSTGRES=1``) when PostgreSQL or asyncpg is missing."""
     directory = find_postgres_bin()
-    reason = None
+    reason = ""
     if directory is None:
         reason = "PostgreSQL is not installed (Debian package 'postgresql')"
     else:
@@ -72,7 +73,7 @@ def require_postgres() -> Path:
             import asyncpg  # noqa: F401
         except ImportError:
             reason = "asyncpg is not installed (the 'postgres' extra)"
-    if reason is not None or directory is None:
+    if reason or directory is None:
         if os.environ.get("TESTS_REQUIRE_POSTGRES") == "1":
             pytest.fail(reason)  # CI installs both: missing is an error there
         pytest.skip(reason)
@@ -88,9 +89,31 @@ class PostgresCluster:
     host: str
     port: int
     user: str = USER
+    _template: str = ""
 
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://{self.user}@{self.host}:{self.port}/{database}?sslmode=disable"
+
+    def migrated_template(self) -> str:
+        """The name of a database with the current schema and no rows, made on
+        first use (by ``PostgresStore.open()`` in a child process: this runs in
+        fixtures, outside any event loop) and kept for the session."""
+        if not self._template:
+            name = "mailstrom_template"
+            self.psql(f'CREATE DATABASE "{name}" TEMPLATE template0')
+            script = (
+                "import asyncio, sys\n"
+                "from mailstrom_async import PostgresStore\n"
+                "async def main():\n"
+                "    async with PostgresStore(sys.argv[1]):\n"
+                "        pass\n"
+                "asyncio.run(main())\n"
+            )
+            subprocess.run(
+                [sys.executable, "-c", script, self.dsn(name)], check=True, timeout=60
+            )
+            self._template = name
+        return self._template
 
     def run(self, *command: str) -> subprocess.CompletedProcess[str]:
         """Run a PostgreSQL program of this cluster as the cluster's owner."""
@@ -159,14 +182,24 @@ def postgres_cluster_fixture() -> Iterator[PostgresCluster]:
 
 
 @contextlib.asynccontextmanager
-async def fresh_database(cluster: PostgresCluster) -> AsyncIterator[str]:
-    """A new, empty database of *cluster*: its DSN; dropped on the way out."""
+async def fresh_database(
+    cluster: PostgresCluster, *, migrated: bool = False
+) -> AsyncIterator[str]:
+    """A new database of *cluster*: its DSN; dropped on the way out.
+
+    Empty, or with *migrated* a copy of a database that ``PostgresStore`` has
+    opened once (the current schema, no rows), which saves each test the
+    migration (about 0.1 s).
+    """
     import asyncpg
 
+    template = cluster.migrated_template() if migrated else "template0"
     name = f"test_{os.getpid()}_{next(_databases)}"
     admin = await asyncpg.connect(cluster.dsn())
     try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        await admin.execute(
+            f'CREATE DATABASE "{name}" TEMPLATE "{template}"'
+        )
         yield cluster.dsn(name)
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     finally:

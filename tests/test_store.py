@@ -42,7 +42,9 @@ def store_kind(request: pytest.FixtureRequest) -> tuple[str, PostgresCluster | N
     """The backend to test, and for PostgreSQL the session's cluster (started
     here, outside the event loop, on first use)."""
     if request.param == "postgres":
-        return request.param, request.getfixturevalue("postgres_cluster")
+        cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+        cluster.migrated_template()  # made here, outside the event loop
+        return request.param, cluster
     return request.param, None
 
 
@@ -53,7 +55,10 @@ class TestStoreContract(StoreContract):
     ) -> AsyncIterator[Store]:
         kind, cluster = store_kind
         if cluster is not None:
-            async with fresh_database(cluster) as dsn, PostgresStore(dsn) as backend:
+            async with (
+                fresh_database(cluster, migrated=True) as dsn,
+                PostgresStore(dsn) as backend,
+            ):
                 yield backend
             return
         sqlite_or_memory = (

@@ -5,6 +5,7 @@ through it end to end to aiosmtpd. The store contract runs in test_store.py."""
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import anyio
 import pytest
@@ -18,9 +19,11 @@ from mailstrom_async._store import PostgresStore
 from mailstrom_async._store import _postgres_sql as sql
 from mailstrom_async._store._postgres import redact
 from mailstrom_async.testing._store_common import T0, at, new_message
-from tests.postgres import PostgresCluster
 from tests.smtpd import FaultHandler, SMTPDServers, free_port
 from tests.test_deliverer import email, relay_config
+
+if TYPE_CHECKING:
+    from tests.postgres import PostgresCluster
 
 # Without asyncpg this module skips; TESTS_REQUIRE_POSTGRES=1 makes the store
 # contract on PostgreSQL (test_store.py) fail instead.
@@ -112,7 +115,10 @@ def test_password_is_never_shown() -> None:
         ({"dsn": "postgresql://x/q", "min_size": 5, "max_size": 2}, "pool sizes"),
         ({"dsn": "postgresql://x/q", "max_size": 0, "min_size": 0}, "pool sizes"),
         ({"dsn": "postgresql://x/q", "command_timeout": 0}, "command_timeout"),
-        ({"dsn": "postgresql://x/q", "command_timeout": float("nan")}, "command_timeout"),
+        (
+            {"dsn": "postgresql://x/q", "command_timeout": float("nan")},
+            "command_timeout",
+        ),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, object], match: str) -> None:
@@ -124,7 +130,9 @@ def test_bad_arguments(kwargs: dict[str, object], match: str) -> None:
 def test_missing_asyncpg_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without asyncpg, making a store says which extra to install."""
     monkeypatch.setitem(sys.modules, "asyncpg", None)
-    with pytest.raises(StoreError, match=r"'postgres' extra.*mailstrom-async\[postgres\]"):
+    with pytest.raises(
+        StoreError, match=r"'postgres' extra.*mailstrom-async\[postgres\]"
+    ):
         PostgresStore("postgresql://x/q")
 
 
@@ -133,7 +141,10 @@ async def test_concurrent_claims_never_share_a_recipient(postgres_dsn: str) -> N
     FOR UPDATE SKIP LOCKED, no claim waits for another."""
     async with PostgresStore(postgres_dsn) as setup:
         await setup.add_many(
-            [new_message(f"m{i}", f"a{i}@x.example", f"b{i}@x.example") for i in range(200)]
+            [
+                new_message(f"m{i}", f"a{i}@x.example", f"b{i}@x.example")
+                for i in range(200)
+            ]
         )
     claimed: dict[str, list[tuple[str, str]]] = {}
 
@@ -178,7 +189,10 @@ async def test_same_idempotency_key_from_two_producers(postgres_dsn: str) -> Non
             results: list[tuple[str, bool]] = []
 
             async def add(
-                store: PostgresStore, mid: str, key: str = f"k{round_}"
+                store: PostgresStore,
+                mid: str,
+                key: str = f"k{round_}",
+                results: list[tuple[str, bool]] = results,
             ) -> None:
                 results.append(await store.add(new_message(mid, key=key)))
 

@@ -71,8 +71,9 @@ if TYPE_CHECKING:
     from types import ModuleType, TracebackType
     from typing import Self
 
-    import asyncpg
     import asyncpg.pool
+
+    _Connection = asyncpg.pool.PoolConnectionProxy[Any]
 
 __all__ = ["PostgresStore"]
 
@@ -142,7 +143,7 @@ class PostgresStore:
         max_size: int = 10,
         command_timeout: float = _COMMAND_TIMEOUT,
     ) -> None:
-        if not isinstance(dsn, str) or not dsn:
+        if not dsn:
             msg = f"dsn must be a non-empty PostgreSQL connection URI, got {dsn!r}"
             raise ValueError(msg)
         if not 0 <= min_size <= max_size or max_size < 1:
@@ -207,7 +208,7 @@ class PostgresStore:
                 raise
             self._pool = pool
 
-    async def _migrate(self, conn: asyncpg.Connection[Any]) -> None:
+    async def _migrate(self, conn: _Connection) -> None:
         await conn.execute("SELECT pg_advisory_xact_lock($1)", sql.MIGRATION_LOCK)
         await conn.execute(
             f"CREATE TABLE IF NOT EXISTS {sql.SCHEMA_TABLE} (version integer NOT NULL)"
@@ -263,7 +264,7 @@ class PostgresStore:
         return self._pool
 
     @contextlib.asynccontextmanager
-    async def _read(self) -> AsyncIterator[asyncpg.Connection[Any]]:
+    async def _read(self) -> AsyncIterator[_Connection]:
         """A pooled connection for reads (each statement sees committed data)."""
         pool = self._open_pool()
         with self._translate():
@@ -271,7 +272,7 @@ class PostgresStore:
                 yield conn
 
     @contextlib.asynccontextmanager
-    async def _write(self) -> AsyncIterator[asyncpg.Connection[Any]]:
+    async def _write(self) -> AsyncIterator[_Connection]:
         """A pooled connection inside one transaction, shielded from cancellation:
         committed when the block ends, rolled back if it raises."""
         pool = self._open_pool()
@@ -279,7 +280,9 @@ class PostgresStore:
             async with pool.acquire() as conn, conn.transaction():
                 yield conn
 
-    async def _check_exists(self, conn: asyncpg.Connection[Any], message_id: str) -> None:
+    async def _check_exists(
+        self, conn: _Connection, message_id: str
+    ) -> None:
         if await conn.fetchval(sql.MESSAGE_EXISTS, message_id) is None:
             raise UnknownMessageError(message_id)
 
@@ -316,7 +319,8 @@ class PostgresStore:
         owner, until = claim if claim is not None else (None, None)
         wanted = sorted({m.idempotency_key for m in checked if m.idempotency_key})
         self._open_pool()
-        for attempt in range(1, _ADD_TRIES + 1):
+        attempt = 1
+        while True:
             try:
                 async with self._write() as conn:
                     return await self._add(conn, checked, wanted, owner, until)
@@ -329,11 +333,11 @@ class PostgresStore:
                 )
                 if not retry:
                     raise
-        raise AssertionError("unreachable")
+                attempt += 1
 
     async def _add(
         self,
-        conn: asyncpg.Connection[Any],
+        conn: _Connection,
         checked: Sequence[NewMessage],
         wanted: list[str],
         owner: str | None,
@@ -341,7 +345,7 @@ class PostgresStore:
     ) -> list[tuple[str, bool]]:
         known: dict[str, str] = {}
         if wanted:
-            known = {k: i for k, i in await conn.fetch(sql.KNOWN_KEYS, wanted)}
+            known = dict(await conn.fetch(sql.KNOWN_KEYS, wanted))
         results: list[tuple[str, bool]] = []
         columns: tuple[list[Any], ...] = ([], [], [], [], [], [])
         rcpt: tuple[list[Any], ...] = ([], [], [], [])
@@ -538,7 +542,8 @@ class PostgresStore:
             return (min(r["next_attempt_at"] for r in entry[1]), entry[0]["seq"])
 
         logger.debug(
-            "claimed", extra={"worker": worker, "messages": len(jobs), "store": self._name}
+            "claimed",
+            extra={"worker": worker, "messages": len(jobs), "store": self._name},
         )
         return [
             Job(
@@ -551,7 +556,9 @@ class PostgresStore:
                 smtputf8=first["smtputf8"],
                 submitted_at=first["submitted_at"],
             )
-            for mid, (first, mine) in sorted(jobs.items(), key=lambda e: first_due(e[1]))
+            for mid, (first, mine) in sorted(
+                jobs.items(), key=lambda e: first_due(e[1])
+            )
         ]
 
     async def record(
@@ -784,7 +791,7 @@ def _attempt(row: Any) -> AttemptRecord:
 
 
 async def _write_history(
-    conn: asyncpg.Connection[Any],
+    conn: _Connection,
     message_id: str,
     stored: Sequence[Any],
     index: dict[tuple[str, str], list[int]],
