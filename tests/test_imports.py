@@ -19,6 +19,7 @@ OWNERS: dict[str, set[str]] = {
     "pycares": {"mailstrom_async/_dns.py"},
     "aiosqlite": {"mailstrom_async/_store/_sqlite.py"},
     "sqlite3": {"mailstrom_async/_store/_sqlite.py"},
+    "asyncpg": {"mailstrom_async/_store/_postgres.py"},
     "smtplib": set(),
     "opentelemetry": {"mailstrom_async/_telemetry.py"},
     # IDNA 2008 (issue 11): every domain for DNS or the wire goes through _domain.

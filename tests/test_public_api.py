@@ -27,6 +27,8 @@ ISSUE_NAMES = [
     "MXConfig",
     "RetryPolicy",
     "Timeouts",
+    # issue 13
+    "PostgresStore",
 ]
 
 

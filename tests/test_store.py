@@ -21,7 +21,7 @@ from mailstrom_async._models import (
     RecipientState,
     RecipientStatus,
 )
-from mailstrom_async._store import MemoryStore, SQLiteStore, Store
+from mailstrom_async._store import MemoryStore, PostgresStore, SQLiteStore, Store
 from mailstrom_async._store import _sql as sql
 from mailstrom_async._store._sql import MIGRATIONS, SCHEMA_VERSION
 from mailstrom_async._text import clean, wire_bytes
@@ -33,21 +33,39 @@ from mailstrom_async.testing._store_contract import (
     claimed_addresses,
     new_message,
 )
+from tests.postgres import PostgresCluster, fresh_database
 from tests.strategies import any_text
 
 
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def store_kind(request: pytest.FixtureRequest) -> tuple[str, PostgresCluster | None]:
+    """The backend to test, and for PostgreSQL the session's cluster (started
+    here, outside the event loop, on first use)."""
+    if request.param == "postgres":
+        cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+        cluster.migrated_template()  # made here, outside the event loop
+        return request.param, cluster
+    return request.param, None
+
+
 class TestStoreContract(StoreContract):
-    @pytest.fixture(params=["memory", "sqlite"])
+    @pytest.fixture
     async def store(
-        self, request: pytest.FixtureRequest, tmp_path: Path
+        self, store_kind: tuple[str, PostgresCluster | None], tmp_path: Path
     ) -> AsyncIterator[Store]:
-        backend: MemoryStore | SQLiteStore = (
-            MemoryStore()
-            if request.param == "memory"
-            else SQLiteStore(tmp_path / "q.db")
+        kind, cluster = store_kind
+        if cluster is not None:
+            async with (
+                fresh_database(cluster, migrated=True) as dsn,
+                PostgresStore(dsn) as backend,
+            ):
+                yield backend
+            return
+        sqlite_or_memory = (
+            MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "q.db")
         )
-        async with backend:
-            yield backend
+        async with sqlite_or_memory:
+            yield sqlite_or_memory
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])

@@ -1,4 +1,4 @@
-"""Persistence backends: the Store contract and its in-memory and SQLite stores."""
+"""Persistence backends: the Store contract and its in-memory, SQLite and PostgreSQL stores."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from mailstrom_async._store._base import (
     Store,
 )
 from mailstrom_async._store._memory import MemoryStore
+from mailstrom_async._store._postgres import PostgresStore
 from mailstrom_async._store._sqlite import SQLiteStore
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "LeaseInfo",
     "MemoryStore",
     "NewMessage",
+    "PostgresStore",
     "QueueShape",
     "QueueSummary",
     "SQLiteStore",

@@ -294,6 +294,7 @@ async def queue_operation_types(
     listed = await store.messages(states={m.RecipientState.DEFERRED}, limit=10)
     assert_type(listed, list[m.MessageStatus])
     m.SQLiteStore("q.sqlite3", busy_timeout=0.5)
+    m.PostgresStore("postgresql://u@127.0.0.1/q", max_size=4, command_timeout=5.0)
 
 
 async def hold_types(deliverer: m.Deliverer, store: m.Store) -> None:

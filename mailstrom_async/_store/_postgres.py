@@ -1,0 +1,832 @@
+"""PostgresStore: the queue in a PostgreSQL database, through an asyncpg pool.
+
+This is the only module that imports asyncpg, and it does so when a store is
+made, so that the package imports without it: asyncpg comes with the
+``postgres`` extra (``pip install 'mailstrom-async[postgres]'``). Every asyncpg
+or connection error becomes :class:`~mailstrom_async.StoreError` (the original
+is ``__cause__``); the DSN's password never appears in a message or a log.
+
+Every call that changes state is one transaction on one pooled connection, and
+runs shielded from cancellation once started (as the SQLite store's writes do):
+a cancelled caller never leaves half a write, and an outcome sent to the server
+is awaited. Several processes on several machines may share one database:
+claims lock the rows they take with ``FOR UPDATE SKIP LOCKED`` so that two
+claims never take the same recipient and never wait for each other; ``record``
+and ``release`` lock the message's rows and end only the caller's own leases.
+
+The schema version is the one row of table ``mailstrom_schema``; the migrations
+in :mod:`._postgres_sql` are applied in order, in one transaction under an
+advisory lock (processes that open at once migrate once), by
+:meth:`PostgresStore.open`, which refuses a database written by a newer
+mailstrom_async.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+
+from mailstrom_async._domain import domain_key
+from mailstrom_async._exceptions import StoreError, UnknownMessageError
+from mailstrom_async._models import (
+    AttemptRecord,
+    MessageStatus,
+    RecipientState,
+    RecipientStatus,
+)
+from mailstrom_async._store import _postgres_sql as sql
+from mailstrom_async._store._base import (
+    DEFAULT_HISTORY_LIMIT,
+    Job,
+    LeaseInfo,
+    NewMessage,
+    QueueShape,
+    QueueSummary,
+)
+from mailstrom_async._store._common import (
+    CANCELLED,
+    UNFINISHED,
+    address_index,
+    check_bounds,
+    check_claim,
+    check_history,
+    check_hold,
+    check_limit,
+    check_list_limit,
+    check_new_message,
+    check_statuses,
+    check_unhold,
+    logger,
+    matching,
+    should_replace,
+    utc,
+)
+
+if TYPE_CHECKING:
+    from types import ModuleType, TracebackType
+    from typing import Self
+
+    import asyncpg.pool
+
+    _Connection = asyncpg.pool.PoolConnectionProxy[Any]
+
+__all__ = ["PostgresStore"]
+
+_COMMAND_TIMEOUT = 60.0
+_IDEMPOTENCY_CONSTRAINT = "messages_idempotency_key_key"
+_ADD_TRIES = 3  # a concurrent add of the same idempotency key: try again, then fail
+
+
+def _import_asyncpg() -> ModuleType:
+    try:
+        import asyncpg
+    except ImportError as exc:
+        msg = (
+            "PostgresStore needs asyncpg; install the 'postgres' extra: "
+            "pip install 'mailstrom-async[postgres]'"
+        )
+        raise StoreError(msg) from exc
+    return asyncpg
+
+
+def redact(dsn: str) -> str:
+    """*dsn* without its password (``postgresql://user:***@host/db``)."""
+    try:
+        parts = urlsplit(dsn)
+        password = parts.password
+    except ValueError:
+        return "<unparsable DSN>"
+    if password is None and "password" not in parts.query.lower():
+        return dsn
+    netloc = parts.netloc
+    if password is not None:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:***@{hostinfo}"
+    query = "&".join(
+        "password=***" if item.lower().startswith("password=") else item
+        for item in parts.query.split("&")
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+class PostgresStore:
+    """A :class:`~mailstrom_async.Store` in a PostgreSQL database (asyncpg).
+
+    Several processes, on several machines, may use one database at once: the
+    database hands out each due recipient to one worker at a time.
+
+    Args:
+        dsn: a libpq connection URI, ``postgresql://user:password@host:port/db``
+            (asyncpg reads the same ``PG*`` environment variables as libpq for
+            what it leaves out).
+        min_size: connections the pool keeps open.
+        max_size: connections the pool opens at most.
+        command_timeout: seconds one statement may take before the call fails
+            with StoreError.
+
+    Raises:
+        StoreError: asyncpg is not installed (the ``postgres`` extra).
+        ValueError: a pool size or the timeout is out of range.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        command_timeout: float = _COMMAND_TIMEOUT,
+    ) -> None:
+        if not dsn:
+            msg = f"dsn must be a non-empty PostgreSQL connection URI, got {dsn!r}"
+            raise ValueError(msg)
+        if not 0 <= min_size <= max_size or max_size < 1:
+            msg = (
+                "pool sizes must satisfy 0 <= min_size <= max_size and max_size >= 1,"
+                f" got min_size={min_size!r}, max_size={max_size!r}"
+            )
+            raise ValueError(msg)
+        if not 0 < command_timeout < float("inf"):
+            msg = f"command_timeout must be a number of seconds > 0, got {command_timeout!r}"
+            raise ValueError(msg)
+        self._asyncpg = _import_asyncpg()
+        self._dsn = dsn
+        self._name = redact(dsn)
+        self._min_size = min_size
+        self._max_size = max_size
+        self._command_timeout = command_timeout
+        self._pool: asyncpg.pool.Pool[Any] | None = None
+        self._lock = anyio.Lock()  # open() and aclose()
+
+    def __repr__(self) -> str:
+        state = "open" if self._pool is not None else "closed"
+        return f"<PostgresStore {self._name!r} {state}>"
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Connect the pool, then create or migrate the schema; idempotent.
+
+        Raises:
+            StoreError: the database cannot be reached, or its schema is newer
+                than this version of mailstrom_async knows.
+        """
+        async with self._lock:
+            if self._pool is not None:
+                return
+            with self._translate():
+                pool = await self._asyncpg.create_pool(
+                    self._dsn,
+                    min_size=self._min_size,
+                    max_size=self._max_size,
+                    command_timeout=self._command_timeout,
+                    server_settings={"application_name": "mailstrom_async"},
+                )
+            try:
+                with self._translate():
+                    async with pool.acquire() as conn, conn.transaction():
+                        await self._migrate(conn)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await pool.close()
+                raise
+            self._pool = pool
+
+    async def _migrate(self, conn: _Connection) -> None:
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", sql.MIGRATION_LOCK)
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {sql.SCHEMA_TABLE} (version integer NOT NULL)"
+        )
+        version = await conn.fetchval(f"SELECT max(version) FROM {sql.SCHEMA_TABLE}")  # noqa: S608
+        version = 0 if version is None else int(version)
+        if version > sql.SCHEMA_VERSION:
+            msg = (
+                f"PostgreSQL store {self._name!r} has schema version {version}, newer "
+                f"than this mailstrom_async knows ({sql.SCHEMA_VERSION}); upgrade it"
+            )
+            raise StoreError(msg)
+        if version == sql.SCHEMA_VERSION:
+            return
+        for step in sql.MIGRATIONS[version:]:
+            for statement in step:
+                await conn.execute(statement)
+        await conn.execute(f"DELETE FROM {sql.SCHEMA_TABLE}")  # noqa: S608
+        await conn.execute(
+            f"INSERT INTO {sql.SCHEMA_TABLE} (version) VALUES ($1)",  # noqa: S608
+            sql.SCHEMA_VERSION,
+        )
+        logger.info(
+            "migrated PostgreSQL store schema",
+            extra={
+                "store": self._name,
+                "from_version": version,
+                "to_version": sql.SCHEMA_VERSION,
+            },
+        )
+
+    async def aclose(self) -> None:
+        """Close the pool; idempotent."""
+        async with self._lock:
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                with anyio.CancelScope(shield=True), self._translate():
+                    await pool.close()
+
+    @contextlib.contextmanager
+    def _translate(self) -> Iterator[None]:
+        pg = self._asyncpg
+        try:
+            yield
+        except (pg.PostgresError, pg.InterfaceError, OSError, TimeoutError) as exc:
+            msg = f"PostgreSQL store {self._name!r} failed: {exc}"
+            raise StoreError(msg) from exc
+
+    def _open_pool(self) -> asyncpg.pool.Pool[Any]:
+        if self._pool is None:
+            msg = "the store is not open: call open() or use 'async with'"
+            raise StoreError(msg)
+        return self._pool
+
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[_Connection]:
+        """A pooled connection for reads (each statement sees committed data)."""
+        pool = self._open_pool()
+        with self._translate():
+            async with pool.acquire() as conn:
+                yield conn
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[_Connection]:
+        """A pooled connection inside one transaction, shielded from cancellation:
+        committed when the block ends, rolled back if it raises."""
+        pool = self._open_pool()
+        with anyio.CancelScope(shield=True), self._translate():
+            async with pool.acquire() as conn, conn.transaction():
+                yield conn
+
+    async def _check_exists(
+        self, conn: _Connection, message_id: str
+    ) -> None:
+        if await conn.fetchval(sql.MESSAGE_EXISTS, message_id) is None:
+            raise UnknownMessageError(message_id)
+
+    # -- adding --------------------------------------------------------------
+
+    async def add(
+        self,
+        message: NewMessage,
+        *,
+        claim_for: str | None = None,
+        lease_until: datetime | None = None,
+    ) -> tuple[str, bool]:
+        """Store *message* in one transaction; see :meth:`Store.add`."""
+        [result] = await self.add_many(
+            [message], claim_for=claim_for, lease_until=lease_until
+        )
+        return result
+
+    async def add_many(
+        self,
+        messages: Sequence[NewMessage],
+        *,
+        claim_for: str | None = None,
+        lease_until: datetime | None = None,
+    ) -> list[tuple[str, bool]]:
+        """Store several messages in one transaction; see :meth:`Store.add_many`.
+
+        Two producers adding the same idempotency key at once: one stores it,
+        the other's transaction fails on the unique index and is run again,
+        finding the first message.
+        """
+        checked = [check_new_message(m) for m in messages]
+        claim = check_claim(claim_for, lease_until)
+        owner, until = claim if claim is not None else (None, None)
+        wanted = sorted({m.idempotency_key for m in checked if m.idempotency_key})
+        self._open_pool()
+        attempt = 1
+        while True:
+            try:
+                async with self._write() as conn:
+                    return await self._add(conn, checked, wanted, owner, until)
+            except StoreError as exc:
+                cause = exc.__cause__
+                retry = (
+                    isinstance(cause, self._asyncpg.UniqueViolationError)
+                    and cause.constraint_name == _IDEMPOTENCY_CONSTRAINT
+                    and attempt < _ADD_TRIES
+                )
+                if not retry:
+                    raise
+                attempt += 1
+
+    async def _add(
+        self,
+        conn: _Connection,
+        checked: Sequence[NewMessage],
+        wanted: list[str],
+        owner: str | None,
+        until: datetime | None,
+    ) -> list[tuple[str, bool]]:
+        known: dict[str, str] = {}
+        if wanted:
+            known = dict(await conn.fetch(sql.KNOWN_KEYS, wanted))
+        results: list[tuple[str, bool]] = []
+        columns: tuple[list[Any], ...] = ([], [], [], [], [], [])
+        rcpt: tuple[list[Any], ...] = ([], [], [], [])
+        for m in checked:
+            key = m.idempotency_key
+            if key is not None and key in known:
+                results.append((known[key], False))
+                continue
+            if key is not None:
+                known[key] = m.message_id
+            results.append((m.message_id, True))
+            for column, value in zip(
+                columns,
+                (m.message_id, m.mail_from, m.data, m.smtputf8, m.submitted_at, key),
+                strict=True,
+            ):
+                column.append(value)
+            for position, address in enumerate(m.recipients):
+                rcpt[0].append(m.message_id)
+                rcpt[1].append(position)
+                rcpt[2].append(address)
+                rcpt[3].append(domain_key(address.rpartition("@")[2]))
+        if columns[0]:
+            await conn.execute(sql.INSERT_MESSAGES, *columns)
+            await conn.execute(sql.INSERT_RECIPIENTS, *rcpt, owner, until)
+        return results
+
+    # -- reading -------------------------------------------------------------
+
+    async def status(self, message_id: str) -> MessageStatus:
+        """Return the message's status; see :meth:`Store.status`."""
+        async with self._read() as conn:
+            rows = await conn.fetch(sql.STATUS_QUERY, message_id)
+        if not rows:
+            raise UnknownMessageError(message_id)
+        return MessageStatus(
+            message_id=message_id,
+            recipients=tuple(
+                _status(row, 2) for row in rows if row["address"] is not None
+            ),
+            submitted_at=rows[0]["submitted_at"],
+            mail_from=rows[0]["mail_from"],
+        )
+
+    async def messages(
+        self,
+        *,
+        states: Collection[RecipientState] | None = None,
+        domain: str | None = None,
+        limit: int | None = None,
+        held: bool | None = None,
+    ) -> list[MessageStatus]:
+        """List messages by recipient state, domain and hold; see :meth:`Store.messages`."""
+        check_list_limit(limit)
+        wanted = UNFINISHED if states is None else states
+        values = sorted(RecipientState(s).value for s in wanted)
+        lowered = None if domain is None else domain_key(domain)
+        async with self._read() as conn:
+            rows = await conn.fetch(sql.LIST_MESSAGES, values, lowered, held, limit)
+        found: dict[str, tuple[Any, list[RecipientStatus]]] = {}
+        for row in rows:
+            entry = found.setdefault(row["id"], (row, []))
+            entry[1].append(_status(row, 3))
+        return [
+            MessageStatus(
+                message_id=mid,
+                recipients=tuple(recipients),
+                submitted_at=first["submitted_at"],
+                mail_from=first["mail_from"],
+            )
+            for mid, (first, recipients) in found.items()
+        ]
+
+    async def message_data(self, message_id: str) -> bytes:
+        """The stored bytes of a message; see :meth:`Store.message_data`."""
+        async with self._read() as conn:
+            data = await conn.fetchval(sql.MESSAGE_DATA, message_id)
+        if data is None:
+            raise UnknownMessageError(message_id)
+        return bytes(data)
+
+    async def message_sizes(self, message_ids: Collection[str]) -> dict[str, int]:
+        """The sizes of stored messages; see :meth:`Store.message_sizes`."""
+        async with self._read() as conn:
+            rows = await conn.fetch(sql.MESSAGE_SIZES, list(message_ids))
+        return {row[0]: row[1] for row in rows}
+
+    async def shape(
+        self,
+        *,
+        now: datetime,
+        bounds: Sequence[float],
+        states: Collection[RecipientState] | None = None,
+        domain: str | None = None,
+        held: bool | None = None,
+    ) -> QueueShape:
+        """Count recipients by domain and age in SQL; see :meth:`Store.shape`."""
+        at = utc(now, "now")
+        limits = check_bounds(bounds)
+        wanted = UNFINISHED if states is None else states
+        values = sorted(RecipientState(s).value for s in wanted)
+        lowered = None if domain is None else domain_key(domain)
+        async with self._read() as conn:
+            rows = await conn.fetch(sql.SHAPE, at, values, lowered, held, list(limits))
+        counts: dict[str, list[int]] = {}
+        for name, bucket, count in rows:
+            counts.setdefault(name, [0] * (len(limits) + 1))[bucket] += count
+        return QueueShape(
+            bounds=limits, by_domain={d: tuple(c) for d, c in counts.items()}
+        )
+
+    async def history(self, message_id: str) -> list[AttemptRecord]:
+        """The kept attempts of a message's recipients; see :meth:`Store.history`."""
+        async with self._read() as conn:
+            rows = await conn.fetch(sql.HISTORY_QUERY, message_id)
+            if not rows:
+                await self._check_exists(conn, message_id)
+        return [_attempt(row) for row in rows]
+
+    async def lease_owners(self) -> dict[str, LeaseInfo]:
+        """Who holds leases on unfinished recipients; see :meth:`Store.lease_owners`."""
+        async with self._read() as conn:
+            rows = await conn.fetch(sql.LEASE_OWNERS)
+        return {
+            owner: LeaseInfo(recipients=count, lease_until=until)
+            for owner, count, until in rows
+        }
+
+    async def next_due_at(self) -> datetime | None:
+        """When the next unfinished recipient comes due; see :meth:`Store.next_due_at`."""
+        async with self._read() as conn:
+            row = await conn.fetchrow(sql.NEXT_DUE)
+        times = [t for t in (row[0], row[1]) if t is not None] if row else []
+        return min(times) if times else None
+
+    async def summary(self) -> QueueSummary:
+        """Count recipients by state and by (state, domain)."""
+        async with self._read() as conn:
+            rows = await conn.fetch(sql.SUMMARY)
+        by_state = dict.fromkeys(RecipientState, 0)
+        by_domain: dict[tuple[RecipientState, str], int] = {}
+        held: dict[str, int] = {}
+        for state_value, domain, count, held_count in rows:
+            state = RecipientState(state_value)
+            by_state[state] += count
+            by_domain[state, domain] = count
+            if held_count:
+                held[domain] = held.get(domain, 0) + held_count
+        return QueueSummary(
+            by_state=by_state,
+            by_domain=by_domain,
+            held=sum(held.values()),
+            held_by_domain=held,
+        )
+
+    # -- claims and outcomes -------------------------------------------------
+
+    async def claim_due(
+        self, *, now: datetime, worker: str, lease_until: datetime, limit: int
+    ) -> list[Job]:
+        """Lease due recipients of up to *limit* messages; see :meth:`Store.claim_due`.
+
+        One statement (:data:`._postgres_sql.CLAIM`) per claim; it runs again
+        in the same transaction only when the due rows it looked at (a bound of
+        ``16 * limit``, doubled each time) held fewer than *limit* messages.
+        """
+        at = utc(now, "now")
+        until = utc(lease_until, "lease_until")
+        check_limit(limit)
+        rows: list[Any] = []
+        seen: set[str] = set()
+        async with self._write() as conn:
+            scan = max(16 * limit, 64)
+            while len(seen) < limit:
+                found = await conn.fetch(
+                    sql.CLAIM, at, worker, until, limit - len(seen), scan
+                )
+                fresh = {row["id"] for row in found} - seen
+                rows.extend(found)
+                seen |= fresh
+                if not fresh or found[0]["scanned"] < scan:
+                    break
+                scan *= 2
+        if not rows:
+            return []
+        jobs: dict[str, tuple[Any, list[Any]]] = {}
+        data: dict[str, bytes] = {}
+        for row in rows:
+            jobs.setdefault(row["id"], (row, []))[1].append(row)
+            if row["data"] is not None:
+                data[row["id"]] = bytes(row["data"])
+
+        def first_due(entry: tuple[Any, list[Any]]) -> tuple[datetime, int]:
+            return (min(r["next_attempt_at"] for r in entry[1]), entry[0]["seq"])
+
+        logger.debug(
+            "claimed",
+            extra={"worker": worker, "messages": len(jobs), "store": self._name},
+        )
+        return [
+            Job(
+                message_id=mid,
+                mail_from=first["mail_from"],
+                recipients=tuple(
+                    _status(r, 8) for r in sorted(mine, key=lambda r: r["position"])
+                ),
+                data=data[mid],
+                smtputf8=first["smtputf8"],
+                submitted_at=first["submitted_at"],
+            )
+            for mid, (first, mine) in sorted(
+                jobs.items(), key=lambda e: first_due(e[1])
+            )
+        ]
+
+    async def record(
+        self,
+        message_id: str,
+        statuses: Sequence[RecipientStatus],
+        *,
+        worker: str,
+        history: Sequence[AttemptRecord] = (),
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+    ) -> None:
+        """Write new statuses and their attempts and end *worker*'s leases; see
+        :meth:`Store.record`."""
+        statuses = check_statuses(statuses)
+        attempts = check_history(history, history_limit)
+        async with self._write() as conn:
+            stored = await conn.fetch(sql.LOCK_RECIPIENTS, message_id)
+            if not stored:
+                await self._check_exists(conn, message_id)
+            index = address_index(row[1] for row in stored)
+            states = [RecipientState(row[2]) for row in stored]
+            updates: list[tuple[Any, ...]] = []
+            unlease: set[int] = set()
+            for status in statuses:
+                for i in matching(index, status.address):
+                    position = stored[i][0]
+                    if should_replace(states[i], status.state):
+                        states[i] = status.state
+                        updates.append(
+                            (position, *_status_values(status), not status.is_final)
+                        )
+                    if stored[i][3] == worker:
+                        unlease.add(position)
+            if updates:
+                await conn.execute(sql.RECORD, message_id, *_columns(updates, 16))
+            if unlease:
+                await conn.execute(sql.UNLEASE, message_id, sorted(unlease))
+            if attempts:
+                await _write_history(
+                    conn, message_id, stored, index, attempts, history_limit
+                )
+
+    async def release(
+        self, message_id: str, addresses: Sequence[str], *, worker: str
+    ) -> None:
+        """End *worker*'s lease on these recipients; unknown ids and addresses are ignored."""
+        async with self._write() as conn:
+            stored = await conn.fetch(sql.LOCK_RECIPIENTS, message_id)
+            leased = [row for row in stored if row[3] == worker]
+            index = address_index(row[1] for row in leased)
+            positions = {
+                leased[i][0] for address in addresses for i in matching(index, address)
+            }
+            if positions:
+                await conn.execute(
+                    sql.UNLEASE_OWN, message_id, sorted(positions), worker
+                )
+
+    async def renew_leases(
+        self,
+        *,
+        worker: str,
+        lease_until: datetime,
+        message_ids: Collection[str] | None = None,
+    ) -> int:
+        """Extend *worker*'s leases; see :meth:`Store.renew_leases`."""
+        until = utc(lease_until, "lease_until")
+        async with self._write() as conn:
+            if message_ids is None:
+                result = await conn.execute(sql.RENEW_ALL, until, worker)
+            else:
+                result = await conn.execute(
+                    sql.RENEW_SOME, until, worker, sorted(message_ids)
+                )
+        return _count(result)
+
+    async def release_owner(self, owner: str) -> int:
+        """End every lease of *owner*; see :meth:`Store.release_owner`."""
+        async with self._write() as conn:
+            return _count(await conn.execute(sql.RELEASE_OWNER, owner))
+
+    async def purge(self, *, finished_before: datetime) -> int:
+        """Delete finished messages older than *finished_before*; return how many."""
+        before = utc(finished_before, "finished_before")
+        async with self._write() as conn:
+            count = _count(await conn.execute(sql.PURGE, before))
+        if count:
+            logger.info("purged", extra={"store": self._name, "messages": count})
+        return count
+
+    # -- operators -----------------------------------------------------------
+
+    async def retry_now(
+        self,
+        *,
+        now: datetime,
+        message_id: str | None = None,
+        domain: str | None = None,
+    ) -> int:
+        """Make waiting recipients due at *now*; see :meth:`Store.retry_now`."""
+        at = utc(now, "now")
+        lowered = None if domain is None else domain_key(domain)
+        async with self._write() as conn:
+            if message_id is not None:
+                await self._check_exists(conn, message_id)
+            return _count(await conn.execute(sql.RETRY_NOW, at, message_id, lowered))
+
+    async def cancel(self, message_id: str) -> int:
+        """Fail every unfinished recipient of a message; see :meth:`Store.cancel`."""
+        async with self._write() as conn:
+            await self._check_exists(conn, message_id)
+            return _count(await conn.execute(sql.CANCEL, message_id, CANCELLED))
+
+    async def hold(
+        self, *, message_id: str | None = None, domain: str | None = None
+    ) -> int:
+        """Hold unfinished recipients; see :meth:`Store.hold`."""
+        lowered = check_hold(message_id, domain)
+        async with self._write() as conn:
+            if message_id is None:
+                return _count(await conn.execute(sql.HOLD_DOMAIN, lowered))
+            await self._check_exists(conn, message_id)
+            return _count(await conn.execute(sql.HOLD_MESSAGE, message_id, lowered))
+
+    async def unhold(
+        self,
+        *,
+        message_id: str | None = None,
+        domain: str | None = None,
+        all: bool = False,
+    ) -> int:
+        """Release held recipients; see :meth:`Store.unhold`."""
+        lowered = check_unhold(message_id, domain, everything=all)
+        async with self._write() as conn:
+            if message_id is not None:
+                await self._check_exists(conn, message_id)
+                result = await conn.execute(sql.UNHOLD_MESSAGE, message_id, lowered)
+            elif lowered is not None:
+                result = await conn.execute(sql.UNHOLD_DOMAIN, lowered)
+            else:
+                result = await conn.execute(sql.UNHOLD_ALL)
+        return _count(result)
+
+
+def _utf8(text: str | None) -> bytes | None:
+    """A reply text as stored: UTF-8 bytes (checked text is valid Unicode)."""
+    return None if text is None else text.encode()
+
+
+def _text(data: bytes | None) -> str | None:
+    return None if data is None else bytes(data).decode()
+
+
+def _count(result: str) -> int:
+    """The row count of a command tag such as ``UPDATE 3``."""
+    return int(result.rpartition(" ")[2])
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows turned into *width* column lists (for ``unnest``)."""
+    columns: list[list[Any]] = [[] for _ in range(width)]
+    for row in rows:
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    return columns
+
+
+def _status(row: Any, start: int) -> RecipientStatus:
+    """A status from the 16 columns of *row* from index *start* on."""
+    (address, state, attempts, code, enhanced_code, message, raw_message, host, ip,
+     tls, tls_verified, first, last, nxt, duplicate, held) = row[start : start + 16]  # fmt: skip
+    return RecipientStatus(
+        address=address,
+        state=RecipientState(state),
+        attempts=attempts,
+        code=code,
+        enhanced_code=enhanced_code,
+        message=_text(message),
+        raw_message=None if raw_message is None else bytes(raw_message),
+        host=host,
+        ip=ip,
+        tls=tls,
+        tls_verified=tls_verified,
+        first_attempt_at=first,
+        last_attempt_at=last,
+        next_attempt_at=nxt,
+        possible_duplicate=duplicate,
+        held=held,
+    )
+
+
+def _status_values(s: RecipientStatus) -> tuple[Any, ...]:
+    """``state, attempts, ..., possible_duplicate`` of *s* (checked already)."""
+    return (
+        s.state.value,
+        s.attempts,
+        s.code,
+        s.enhanced_code,
+        _utf8(s.message),
+        s.raw_message,
+        s.host,
+        s.ip,
+        s.tls,
+        s.tls_verified,
+        s.first_attempt_at,
+        s.last_attempt_at,
+        s.next_attempt_at,
+        s.possible_duplicate,
+    )
+
+
+def _attempt(row: Any) -> AttemptRecord:
+    (address, attempt, started, duration, state, code, enhanced_code, message,
+     raw_message, host, ip, tls, tls_verified) = row  # fmt: skip
+    return AttemptRecord(
+        address=address,
+        attempt=attempt,
+        started_at=started,
+        duration=duration,
+        state=RecipientState(state),
+        code=code,
+        enhanced_code=enhanced_code,
+        message=_text(message),
+        raw_message=None if raw_message is None else bytes(raw_message),
+        host=host,
+        ip=ip,
+        tls=tls,
+        tls_verified=tls_verified,
+    )
+
+
+async def _write_history(
+    conn: _Connection,
+    message_id: str,
+    stored: Sequence[Any],
+    index: dict[tuple[str, str], list[int]],
+    attempts: Sequence[AttemptRecord],
+    limit: int,
+) -> None:
+    """Inside ``record()``'s transaction: insert *attempts* (one statement) and
+    trim the recipients whose new attempt is numbered above *limit*."""
+    rows: list[tuple[Any, ...]] = []
+    trims: list[tuple[int, int]] = []
+    for r in attempts:
+        for i in matching(index, r.address):
+            position = stored[i][0]
+            rows.append(
+                (
+                    position,
+                    r.attempt,
+                    r.started_at,
+                    r.duration,
+                    r.state.value,
+                    r.code,
+                    r.enhanced_code,
+                    _utf8(r.message),
+                    r.raw_message,
+                    r.host,
+                    r.ip,
+                    r.tls,
+                    r.tls_verified,
+                )
+            )
+            if r.attempt > limit:
+                cutoff = r.attempt if limit == 1 else r.attempt - (limit - 1)
+                trims.append((position, cutoff))
+    if rows:
+        await conn.execute(sql.INSERT_HISTORY, message_id, *_columns(rows, 13))
+    if trims:
+        trim = sql.TRIM_HISTORY_TO_LATEST if limit == 1 else sql.TRIM_HISTORY
+        await conn.execute(trim, message_id, *_columns(trims, 2))

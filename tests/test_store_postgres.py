@@ -1,0 +1,258 @@
+"""PostgresStore's own promises, on a throwaway cluster (tests/postgres.py): the
+schema version, its errors, concurrent claimers and producers; and deliveries
+through it end to end to aiosmtpd. The store contract runs in test_store.py."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import anyio
+import pytest
+
+from mailstrom_async import (
+    Deliverer,
+    RecipientState,
+    StoreError,
+)
+from mailstrom_async._store import PostgresStore
+from mailstrom_async._store import _postgres_sql as sql
+from mailstrom_async._store._postgres import redact
+from mailstrom_async.testing._store_common import T0, at, new_message
+from tests.smtpd import FaultHandler, SMTPDServers, free_port
+from tests.test_deliverer import email, relay_config
+
+if TYPE_CHECKING:
+    from tests.postgres import PostgresCluster
+
+# Without asyncpg this module skips; TESTS_REQUIRE_POSTGRES=1 makes the store
+# contract on PostgreSQL (test_store.py) fail instead.
+asyncpg = pytest.importorskip("asyncpg")
+
+
+async def schema_versions(dsn: str) -> list[int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(f"SELECT version FROM {sql.SCHEMA_TABLE}")  # noqa: S608
+    finally:
+        await conn.close()
+    return [row[0] for row in rows]
+
+
+async def test_open_creates_the_schema_once(postgres_dsn: str) -> None:
+    """open() writes the current version; stores opening at once migrate once,
+    and reopening keeps the data."""
+    stores = [PostgresStore(postgres_dsn) for _ in range(3)]
+    async with anyio.create_task_group() as tg:
+        for store in stores:
+            tg.start_soon(store.open)
+    assert await schema_versions(postgres_dsn) == [sql.SCHEMA_VERSION]
+    await stores[0].add(new_message("m1"))
+    for store in stores:
+        await store.aclose()
+    async with PostgresStore(postgres_dsn) as again:
+        assert (await again.status("m1")).message_id == "m1"
+    assert await schema_versions(postgres_dsn) == [sql.SCHEMA_VERSION]
+
+
+async def test_newer_schema_is_refused(postgres_dsn: str) -> None:
+    """A database written by a newer mailstrom_async is a clear StoreError."""
+    async with PostgresStore(postgres_dsn):
+        pass
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        await conn.execute(f"UPDATE {sql.SCHEMA_TABLE} SET version = 99")  # noqa: S608
+    finally:
+        await conn.close()
+    store = PostgresStore(postgres_dsn)
+    with pytest.raises(StoreError, match=r"schema version 99, newer .*upgrade"):
+        await store.open()
+    assert "closed" in repr(store)
+
+
+async def test_unreachable_server_is_a_store_error(
+    postgres_cluster: PostgresCluster,
+) -> None:
+    """No server at the address: open() raises StoreError, without the password."""
+    port = free_port("127.0.0.1")
+    dsn = f"postgresql://u:s3cret@127.0.0.1:{port}/q?sslmode=disable"
+    with pytest.raises(StoreError, match="failed") as info:
+        await PostgresStore(dsn).open()
+    assert "s3cret" not in str(info.value)
+
+
+async def test_closed_store_and_context_manager(postgres_dsn: str) -> None:
+    """``async with`` opens and closes; a closed store refuses use."""
+    store = PostgresStore(postgres_dsn)
+    assert "closed" in repr(store)
+    async with store as entered:
+        assert entered is store
+        assert "open" in repr(store)
+    with pytest.raises(StoreError, match="not open"):
+        await store.status("m1")
+
+
+def test_password_is_never_shown() -> None:
+    """repr() and errors name the DSN without its password."""
+    assert (
+        redact("postgresql://mail:s3cret@db.example:5432/q")
+        == "postgresql://mail:***@db.example:5432/q"
+    )
+    assert (
+        redact("postgresql://db/q?user=mail&password=s3cret&sslmode=require")
+        == "postgresql://db/q?user=mail&password=***&sslmode=require"
+    )
+    assert redact("postgresql://mail@db/q") == "postgresql://mail@db/q"
+    assert redact("postgresql://[::1/q") == "<unparsable DSN>"
+    store = PostgresStore("postgresql://mail:s3cret@db.example/q")
+    assert "s3cret" not in repr(store)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dsn": ""}, "non-empty"),
+        ({"dsn": "postgresql://x/q", "min_size": 5, "max_size": 2}, "pool sizes"),
+        ({"dsn": "postgresql://x/q", "max_size": 0, "min_size": 0}, "pool sizes"),
+        ({"dsn": "postgresql://x/q", "command_timeout": 0}, "command_timeout"),
+        (
+            {"dsn": "postgresql://x/q", "command_timeout": float("nan")},
+            "command_timeout",
+        ),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, object], match: str) -> None:
+    """Bad settings raise ValueError before anything connects."""
+    with pytest.raises(ValueError, match=match):
+        PostgresStore(**kwargs)  # type: ignore[arg-type]
+
+
+def test_missing_asyncpg_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without asyncpg, making a store says which extra to install."""
+    monkeypatch.setitem(sys.modules, "asyncpg", None)
+    with pytest.raises(
+        StoreError, match=r"'postgres' extra.*mailstrom-async\[postgres\]"
+    ):
+        PostgresStore("postgresql://x/q")
+
+
+async def test_concurrent_claims_never_share_a_recipient(postgres_dsn: str) -> None:
+    """Four stores (four pools) claiming at once take every due recipient once:
+    FOR UPDATE SKIP LOCKED, no claim waits for another."""
+    async with PostgresStore(postgres_dsn) as setup:
+        await setup.add_many(
+            [
+                new_message(f"m{i}", f"a{i}@x.example", f"b{i}@x.example")
+                for i in range(200)
+            ]
+        )
+    claimed: dict[str, list[tuple[str, str]]] = {}
+
+    async def worker(name: str) -> None:
+        async with PostgresStore(postgres_dsn, max_size=2) as store:
+            mine = claimed.setdefault(name, [])
+            while True:
+                jobs = await store.claim_due(
+                    now=T0, worker=name, lease_until=at(60), limit=7
+                )
+                if not jobs:
+                    return
+                mine.extend(
+                    (j.message_id, r.address) for j in jobs for r in j.recipients
+                )
+
+    async with anyio.create_task_group() as tg:
+        for n in range(4):
+            tg.start_soon(worker, f"w{n}")
+    every = [pair for pairs in claimed.values() for pair in pairs]
+    assert len(every) == 400
+    assert len(set(every)) == 400
+
+
+async def test_claim_finds_more_messages_past_a_large_one(postgres_dsn: str) -> None:
+    """A message with more due rows than one scan looks at is claimed whole, and
+    the claim goes on to the next messages up to its limit."""
+    async with PostgresStore(postgres_dsn) as store:
+        big = [f"r{i}@x.example" for i in range(300)]
+        await store.add(new_message("big", *big))
+        await store.add(new_message("small1", submitted_at=at(1)))
+        await store.add(new_message("small2", submitted_at=at(2)))
+        jobs = await store.claim_due(now=at(5), worker="w", lease_until=at(60), limit=2)
+        assert [j.message_id for j in jobs] == ["big", "small1"]
+        assert [r.address for r in jobs[0].recipients] == big
+
+
+async def test_same_idempotency_key_from_two_producers(postgres_dsn: str) -> None:
+    """Two producers adding one key at once store one message; both get its id."""
+    async with PostgresStore(postgres_dsn) as one, PostgresStore(postgres_dsn) as two:
+        for round_ in range(10):
+            results: list[tuple[str, bool]] = []
+
+            async def add(
+                store: PostgresStore,
+                mid: str,
+                key: str = f"k{round_}",
+                results: list[tuple[str, bool]] = results,
+            ) -> None:
+                results.append(await store.add(new_message(mid, key=key)))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(add, one, f"a{round_}")
+                tg.start_soon(add, two, f"b{round_}")
+            assert sorted(created for _, created in results) == [False, True]
+            assert len({mid for mid, _ in results}) == 1
+
+
+async def test_deliverer_on_postgres_defers_then_delivers(
+    smtpd: SMTPDServers, postgres_dsn: str
+) -> None:
+    """A Deliverer on PostgresStore delivers to aiosmtpd, retrying a deferral."""
+    handler = FaultHandler(rcpt_replies={"busy@example.org": "451 4.2.1 busy"})
+    server = await smtpd.start(handler)
+    async with Deliverer(relay_config(server), store=PostgresStore(postgres_dsn)) as d:
+        events = d.events()
+        handle = await d.submit(email("busy@example.org", "ok@example.org"))
+        async for event in events:
+            if event.state is RecipientState.DEFERRED:
+                assert event.address == "busy@example.org"
+                handler.rcpt_replies.clear()
+            if event.address == "busy@example.org" and event.state.is_final:
+                break
+        await events.aclose()
+        with anyio.fail_after(10):
+            status = await handle
+    assert status.is_delivered
+    busy = status.recipient("busy@example.org")
+    assert busy.attempts == 2
+    assert busy.code == 250
+    assert status.recipient("ok@example.org").attempts == 1
+    delivered = sorted(r for m in server.messages for r in m.rcpt_tos)
+    assert delivered == ["busy@example.org", "ok@example.org"]
+    async with PostgresStore(postgres_dsn) as store:
+        history = await store.history(handle.message_id)
+    assert [(h.address, h.state) for h in history if h.address.startswith("busy")] == [
+        ("busy@example.org", RecipientState.DEFERRED),
+        ("busy@example.org", RecipientState.DELIVERED),
+    ]
+
+
+async def test_submit_only_and_worker_share_a_database(
+    smtpd: SMTPDServers, postgres_dsn: str
+) -> None:
+    """A submit-only Deliverer and a delivering one on one database: the
+    worker delivers, and ``await handle`` in the submit-only one completes."""
+    server = await smtpd.start()
+    config = relay_config(server, poll_interval=0.05)
+    async with (
+        Deliverer(config, store=PostgresStore(postgres_dsn), mode="deliver"),
+        Deliverer(config, store=PostgresStore(postgres_dsn), mode="submit") as web,
+    ):
+        handles = [await web.submit(email(f"r{n}@example.org")) for n in range(3)]
+        with anyio.fail_after(10):
+            statuses = [await h for h in handles]
+    assert all(s.is_delivered for s in statuses)
+    assert sorted(m.rcpt_tos[0] for m in server.messages) == [
+        "r0@example.org",
+        "r1@example.org",
+        "r2@example.org",
+    ]
