@@ -197,9 +197,7 @@ async def fresh_database(
     name = f"test_{os.getpid()}_{next(_databases)}"
     admin = await asyncpg.connect(cluster.dsn())
     try:
-        await admin.execute(
-            f'CREATE DATABASE "{name}" TEMPLATE "{template}"'
-        )
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
         yield cluster.dsn(name)
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     finally:

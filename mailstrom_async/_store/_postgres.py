@@ -280,9 +280,7 @@ class PostgresStore:
             async with pool.acquire() as conn, conn.transaction():
                 yield conn
 
-    async def _check_exists(
-        self, conn: _Connection, message_id: str
-    ) -> None:
+    async def _check_exists(self, conn: _Connection, message_id: str) -> None:
         if await conn.fetchval(sql.MESSAGE_EXISTS, message_id) is None:
             raise UnknownMessageError(message_id)
 
