@@ -320,6 +320,20 @@ _operations = st.one_of(
         st.booleans(),
     ),
     st.tuples(st.just("status"), _mids),
+    st.tuples(
+        st.just("retry_now"),
+        _times,
+        st.one_of(st.none(), _mids),
+        st.sampled_from([None, "x.example"]),
+    ),
+    st.tuples(st.just("cancel"), _mids),
+    st.tuples(
+        st.just("renew"),
+        st.sampled_from(_WORKERS),
+        _times,
+        st.one_of(st.none(), st.lists(_mids, max_size=2)),
+    ),
+    st.tuples(st.just("release_owner"), st.sampled_from(_WORKERS)),
     st.just(("views",)),
 )
 
@@ -371,6 +385,16 @@ async def _apply(store: Store, op: tuple[Any, ...]) -> object:
                 return await store.unhold(message_id=mid, domain=domain, all=everything)
             case ("status", mid):
                 return await store.status(mid), await store.history(mid)
+            case ("retry_now", now, mid, domain):
+                return await store.retry_now(now=now, message_id=mid, domain=domain)
+            case ("cancel", mid):
+                return await store.cancel(mid)
+            case ("renew", worker, until, mids):
+                return await store.renew_leases(
+                    worker=worker, lease_until=until, message_ids=mids
+                )
+            case ("release_owner", worker):
+                return await store.release_owner(worker)
             case _:
                 return (await store.next_due_at(), await store.summary())
     except (StoreError, UnknownMessageError, ValueError) as exc:
@@ -684,3 +708,46 @@ async def test_migration_from_version_four_adds_an_empty_history(
         assert store._db is not None
         rows = await store._db.execute_fetchall("SELECT COUNT(*) FROM history")
     assert list(rows) == [(0,)]
+
+
+# -- MemoryStore claims from its indexes, never by scanning the queue -------------
+
+
+async def _claim_cost(waiting: int) -> tuple[int, list[str]]:
+    """Heap entries a MemoryStore examines to claim 2 due messages from a queue
+    that also holds *waiting* deferred ones, some of them leased, and what it claims."""
+    store = MemoryStore()
+    async with store:
+        for i in range(waiting):
+            await store.add(new_message(f"w{i}", submitted_at=T0))
+        await store.claim_due(now=T0, worker="a", lease_until=at(30), limit=waiting)
+        later = [RecipientStatus(address="rcpt@example.com", next_attempt_at=at(3600))]
+        for i in range(waiting):
+            if i % 2:  # deferred for an hour
+                await store.record(f"w{i}", later, worker="a")
+        # The others' leases renewed: still leased, and still not due.
+        await store.renew_leases(worker="a", lease_until=at(600))
+        # Entries left stale by the records and renewals above are dropped
+        # once, by the first claim and next_due_at that meet them (amortized
+        # over the writes that made them); measure the claims after that.
+        warm = await store.claim_due(
+            now=at(60), worker="b", lease_until=at(90), limit=2
+        )
+        assert warm == []
+        await store.next_due_at()
+        for i in range(3):
+            await store.add(new_message(f"d{i}", submitted_at=at(i)))
+        store._examined = 0
+        jobs = await store.claim_due(
+            now=at(60), worker="b", lease_until=at(90), limit=2
+        )
+        await store.next_due_at()
+        return store._examined, [job.message_id for job in jobs]
+
+
+async def test_memory_claims_do_not_scan_waiting_messages() -> None:
+    """The entries a claim examines do not grow with the messages not due."""
+    few, claimed = await _claim_cost(100)
+    many, again = await _claim_cost(2_000)
+    assert claimed == again == ["d0", "d1"]
+    assert few == many < 10  # a handful, whatever the backlog

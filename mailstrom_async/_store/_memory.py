@@ -4,6 +4,21 @@ Nothing survives the process. Every method checkpoints once and then runs withou
 awaiting, so each call is atomic with respect to other tasks, just as each call of a
 database store is one transaction. Values are immutable attrs instances, so they are
 shared, never copied.
+
+Claims never scan the queue. Three heaps index the unfinished messages, each entry
+tagged with its message's version at the time it was pushed; a message is re-indexed
+(its version bumped, new entries pushed) by ``_touch`` whenever anything that decides
+when it can be claimed changes, and entries of an older version are skipped when
+popped:
+
+- ``_ready``: messages with claimable, unleased recipients, by claim order (the
+  earliest ``next_attempt_at`` among them, then submission): a claim pops entries
+  until the next one is not yet due;
+- ``_leased``: messages with leased recipients, by when the first lease ends (or the
+  recipient comes due, if later): a claim first moves the messages whose leases
+  ended into ``_ready``;
+- ``_waiting``: every message with claimable recipients, by when the first comes
+  due, counting a lease at its end: ``next_due_at``.
 """
 
 from __future__ import annotations
@@ -104,6 +119,8 @@ class _Recipient:
 class _Message:
     message: NewMessage
     recipients: list[_Recipient]
+    # Set anew by MemoryStore._touch: heap entries of another version are stale.
+    version: int = 0
 
     def addresses(self) -> list[str]:
         return [r.status.address for r in self.recipients]
@@ -129,6 +146,15 @@ class MemoryStore:
         # Ids of messages with unfinished recipients, in submission order.
         self._unfinished: dict[str, None] = {}
         self._seq = itertools.count()
+        # Message versions, unique in the store (an id can be reused after a purge).
+        self._versions = itertools.count(1)
+        # The indexes of the module docstring: (due, seq, version, id),
+        # (lease end, version, id) and (due, version, id).
+        self._ready: list[tuple[datetime, int, int, str]] = []
+        self._leased: list[tuple[datetime, int, str]] = []
+        self._waiting: list[tuple[datetime, int, str]] = []
+        # Heap entries popped by claims and next_due_at, for tests of their cost.
+        self._examined = 0
 
     def __repr__(self) -> str:
         state = "open" if self._open else "closed"
@@ -227,6 +253,58 @@ class MemoryStore:
             self._keys[message.idempotency_key] = message.message_id
         if recipients:
             self._unfinished[message.message_id] = None
+            self._touch(message.message_id, self._messages[message.message_id])
+
+    def _touch(
+        self, message_id: str, stored: _Message, now: datetime | None = None
+    ) -> None:
+        """Index the message anew after a change to when it can be claimed.
+
+        A lease that ended at or before *now* counts as no lease: the recipient is
+        claimable again, in claim order.
+        """
+        version = stored.version = next(self._versions)
+        ready: tuple[datetime, int] | None = None
+        leased: datetime | None = None
+        waiting: datetime | None = None
+        for r in stored.recipients:
+            due = r.due_at()
+            if due is None:
+                continue
+            if waiting is None or due < waiting:
+                waiting = due
+            until = r.lease_until
+            if until is not None and (now is None or until > now):
+                if leased is None or due < leased:
+                    leased = due
+            elif ready is None or r.order() < ready:
+                ready = r.order()
+        if ready is not None:
+            heapq.heappush(self._ready, (*ready, version, message_id))
+        if leased is not None:
+            heapq.heappush(self._leased, (leased, version, message_id))
+        if waiting is not None:
+            heapq.heappush(self._waiting, (waiting, version, message_id))
+        if len(self._ready) + len(self._leased) + len(self._waiting) > _REINDEX_AT + (
+            6 * len(self._unfinished)
+        ):
+            self._reindex()
+
+    def _reindex(self) -> None:
+        """Rebuild the indexes from the unfinished messages, dropping stale entries."""
+        self._ready.clear()
+        self._leased.clear()
+        self._waiting.clear()
+        for message_id in self._unfinished:
+            self._touch(message_id, self._messages[message_id])
+
+    def _current(self, version: int, message_id: str) -> _Message | None:
+        """The message of a heap entry, or None if the entry is stale."""
+        self._examined += 1
+        stored = self._messages.get(message_id)
+        if stored is None or stored.version != version:
+            return None
+        return stored
 
     async def status(self, message_id: str) -> MessageStatus:
         """Return the message's status; see :meth:`Store.status`."""
@@ -322,7 +400,9 @@ class MemoryStore:
             self._get(message_id)
         changed = 0
         for mid in ids:
-            for r in self._messages[mid].recipients:
+            stored = self._messages[mid]
+            before = changed
+            for r in stored.recipients:
                 nxt = r.status.next_attempt_at
                 if (
                     r.status.state in UNFINISHED
@@ -334,6 +414,8 @@ class MemoryStore:
                 ):
                     r.status = attrs.evolve(r.status, next_attempt_at=now)
                     changed += 1
+            if changed != before:
+                self._touch(mid, stored)
         return changed
 
     async def cancel(self, message_id: str) -> int:
@@ -347,6 +429,7 @@ class MemoryStore:
                 r.lease_owner = r.lease_until = None
                 count += 1
         self._unfinished.pop(message_id, None)
+        stored.version = next(self._versions)  # nothing left to claim: unindexed
         return count
 
     async def hold(
@@ -376,7 +459,9 @@ class MemoryStore:
         ids = list(self._unfinished) if message_id is None else [message_id]
         changed = 0
         for mid in ids:
-            for r in self._messages[mid].recipients:
+            stored = self._messages[mid]
+            before = changed
+            for r in stored.recipients:
                 if (
                     r.status.state in UNFINISHED
                     and r.status.held != held
@@ -384,6 +469,8 @@ class MemoryStore:
                 ):
                     r.status = attrs.evolve(r.status, held=held)
                     changed += 1
+            if changed != before:
+                self._touch(mid, stored)
         return changed
 
     async def claim_due(
@@ -394,17 +481,25 @@ class MemoryStore:
         lease_until = utc(lease_until, "lease_until")
         check_limit(limit)
         await self._enter()
-        candidates = []
-        for message_id in self._unfinished:
-            due = [r for r in self._messages[message_id].recipients if _is_due(r, now)]
-            if due:
-                candidates.append((min(r.order() for r in due), message_id, due))
-        jobs = []
-        chosen = heapq.nsmallest(limit, candidates, key=lambda c: c[0])
-        for _, message_id, due in chosen:
+        # Leases that ended by now make their recipients claimable, in claim order.
+        leased = self._leased
+        while leased and leased[0][0] <= now:
+            _, version, message_id = heapq.heappop(leased)
+            if (stored := self._current(version, message_id)) is not None:
+                self._touch(message_id, stored, now)
+        jobs: list[Job] = []
+        ready = self._ready
+        while ready and len(jobs) < limit and ready[0][0] <= now:
+            *_, version, message_id = heapq.heappop(ready)
+            if (stored := self._current(version, message_id)) is None:
+                continue
+            due = [r for r in stored.recipients if _is_due(r, now)]
             for r in due:
                 r.lease_owner, r.lease_until = worker, lease_until
-            message = self._messages[message_id].message
+            self._touch(message_id, stored)
+            if not due:  # pragma: no cover - an entry's first recipient is due
+                continue
+            message = stored.message
             jobs.append(
                 Job(
                     message_id=message_id,
@@ -458,6 +553,9 @@ class MemoryStore:
                 r.release(worker)
         if stored.is_done():
             self._unfinished.pop(message_id, None)
+            stored.version = next(self._versions)  # unindexed
+        else:
+            self._touch(message_id, stored)
 
     async def history(self, message_id: str) -> list[AttemptRecord]:
         """The kept attempts of a message's recipients; see :meth:`Store.history`."""
@@ -483,6 +581,8 @@ class MemoryStore:
         for address in addresses:
             for i in matching(index, address):
                 stored.recipients[i].release(worker)
+        if message_id in self._unfinished:
+            self._touch(message_id, stored)
 
     async def renew_leases(
         self,
@@ -500,10 +600,13 @@ class MemoryStore:
             stored = self._messages.get(message_id)
             if stored is None:
                 continue
+            before = renewed
             for r in stored.recipients:
                 if r.lease_owner == worker and r.status.state in UNFINISHED:
                     r.lease_until = lease_until
                     renewed += 1
+            if renewed != before:
+                self._touch(message_id, stored)
         return renewed
 
     async def lease_owners(self) -> dict[str, LeaseInfo]:
@@ -524,24 +627,26 @@ class MemoryStore:
         await self._enter()
         released = 0
         for message_id in self._unfinished:
-            for r in self._messages[message_id].recipients:
+            stored = self._messages[message_id]
+            before = released
+            for r in stored.recipients:
                 if r.lease_owner == owner:
                     r.release(owner)
                     released += 1
+            if released != before:
+                self._touch(message_id, stored)
         return released
 
     async def next_due_at(self) -> datetime | None:
         """When the next unfinished recipient comes due; see :meth:`Store.next_due_at`."""
         await self._enter()
-        return min(
-            (
-                due
-                for message_id in self._unfinished
-                for r in self._messages[message_id].recipients
-                if (due := r.due_at()) is not None
-            ),
-            default=None,
-        )
+        waiting = self._waiting
+        while waiting:
+            due, version, message_id = waiting[0]
+            if self._current(version, message_id) is not None:
+                return due
+            heapq.heappop(waiting)
+        return None
 
     async def summary(self) -> QueueSummary:
         """Count recipients by state and by (state, domain)."""
@@ -583,6 +688,7 @@ class MemoryStore:
 
 
 _SLICE = 2_000  # recipients built between two checkpoints
+_REINDEX_AT = 10_000  # stale index entries tolerated beyond a few per message
 
 
 async def _recipients(
