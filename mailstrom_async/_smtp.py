@@ -24,6 +24,7 @@ delivery tries the next host, and a misconfigured relay defers mail, never loses
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import functools
@@ -40,6 +41,7 @@ import aiosmtplib
 import anyio
 import anyio.to_thread
 import attrs
+from aiosmtplib.protocol import SMTPProtocol
 
 from mailstrom_async._classify import (
     RecipientOutcome,
@@ -350,6 +352,204 @@ def _dot_stuffed(body: bytes) -> bytes:
     if body.startswith(b".") or b"\n." in body:
         return _LEADING_DOT.sub(b"..", body)
     return body
+
+
+#: Bounds of one reply line and of one whole (multiline) reply, as aiosmtplib's.
+_MAX_REPLY_LINE = 8192
+_MAX_REPLY = 4 * _MAX_REPLY_LINE
+
+_Response = aiosmtplib.SMTPResponse
+
+
+class _Replies(asyncio.Protocol):
+    """The replies to pipelined commands (RFC 2920), read one by one, in order.
+
+    aiosmtplib's ``SMTPProtocol`` holds one reply at a time: it parses one reply
+    per ``data_received`` and drops data that arrives while a parsed reply waits
+    to be read, so the replies to a group of commands would be lost or stuck in
+    its buffer. While a pipelined transaction runs, this protocol stands in for
+    it on the transport (:meth:`attach`, ``transport.set_protocol``): it keeps
+    every byte, parses every complete reply, and passes connection loss and
+    flow control on to the ``SMTPProtocol``, which gets the transport back at
+    the end. Replies that came before the connection was lost are still read;
+    then the loss (or a garbled reply) is raised.
+    """
+
+    def __init__(self, inner: SMTPProtocol) -> None:
+        self._inner = inner
+        self._buffer = bytearray()
+        self._replies: collections.deque[_Response] = collections.deque()
+        self._error: aiosmtplib.SMTPException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._transport: asyncio.BaseTransport | None = None
+
+    @property
+    def inner(self) -> SMTPProtocol:
+        """The aiosmtplib protocol stood in for (it writes the commands)."""
+        return self._inner
+
+    @classmethod
+    def attach(cls, inner: SMTPProtocol) -> _Replies:
+        """Stand in for *inner* on its transport, until :meth:`detach`."""
+        transport = inner.transport
+        if transport is None or transport.is_closing():
+            msg = "Connection lost"
+            raise aiosmtplib.SMTPServerDisconnected(msg)
+        replies = cls(inner)
+        replies._transport = transport
+        transport.set_protocol(replies)
+        return replies
+
+    def detach(self) -> None:
+        """Give the transport back to the aiosmtplib protocol."""
+        transport = self._transport
+        if transport is not None and transport.get_protocol() is self:
+            transport.set_protocol(self._inner)
+        self._transport = None
+
+    # -- asyncio.Protocol -----------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        self._buffer += data
+        try:
+            self._parse()
+        except aiosmtplib.SMTPResponseException as exc:
+            self._error = exc
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        error = aiosmtplib.SMTPServerDisconnected("Connection lost")
+        error.__cause__ = exc
+        self._fail(error)
+        self._inner.connection_lost(exc)  # aiosmtplib closes its client
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    # -- reading --------------------------------------------------------------
+
+    async def read_response(self, timeout: float | None) -> _Response:  # noqa: ASYNC109 - SMTPProtocol's signature
+        """The next reply; raises the loss or garble that stopped the replies, or
+        ``SMTPReadTimeoutError`` when none is complete within *timeout*."""
+        try:
+            with anyio.fail_after(timeout):
+                while not self._replies:
+                    if self._error is not None:
+                        raise self._error
+                    waiter = self._waiter = asyncio.get_running_loop().create_future()
+                    try:
+                        await waiter
+                    finally:
+                        self._waiter = None
+        except TimeoutError as exc:
+            if isinstance(exc, aiosmtplib.SMTPException):
+                raise  # an SMTPReadTimeoutError of the transport's own
+            msg = "Timed out waiting for server response"
+            raise aiosmtplib.SMTPReadTimeoutError(msg) from exc
+        return self._replies.popleft()
+
+    def _fail(self, error: aiosmtplib.SMTPException) -> None:
+        if self._error is None:
+            self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _parse(self) -> None:
+        """Move every complete reply out of the buffer (RFC 5321 §4.2)."""
+        buffer, start = self._buffer, 0
+        while True:
+            offset, texts, code = start, [], -1
+            complete = False
+            while (end := buffer.find(b"\n", offset)) != -1:
+                line = bytes(buffer[offset : end + 1])
+                offset = end + 1
+                if len(line) > _MAX_REPLY_LINE:
+                    msg = "Response too long"
+                    raise aiosmtplib.SMTPResponseException(-1, msg)
+                if not line[:3].isdigit():
+                    text = line.decode("utf-8", "replace").rstrip()
+                    msg = f"Malformed SMTP response line: {text}"
+                    raise aiosmtplib.SMTPResponseException(-1, msg)
+                code = int(line[:3])
+                texts.append(line[4:].strip(b" \t\r\n"))
+                if line[3:4] != b"-":
+                    complete = True
+                    break
+            if not complete:
+                break
+            message = b"\n".join(texts).decode("utf-8", "surrogateescape")
+            self._replies.append(_Response(code, message))
+            start = offset
+        del buffer[:start]
+        if len(buffer) > _MAX_REPLY:
+            msg = "Response too long"
+            raise aiosmtplib.SMTPResponseException(-1, msg)
+
+
+_NO_LOCK = contextlib.nullcontext()
+
+
+@attrs.define
+class _Group:
+    """One pipelined group of commands and the replies to it, as far as they came."""
+
+    stages: list[str]
+    """The commands' verbs, in order (``RSET``, ``MAIL``, ``RCPT``..., ``DATA``)."""
+    replies: list[_Response] = attrs.Factory(list)
+    lost: aiosmtplib.SMTPException | OSError | None = None
+    """What stopped the replies before the last one came."""
+
+    @classmethod
+    def of(cls, commands: list[bytes]) -> _Group:
+        return cls([c.split(b" ", 1)[0].decode("ascii") for c in commands])
+
+    @property
+    def reset(self) -> bool:
+        return self.stages[0] == "RSET"
+
+    @property
+    def data_code(self) -> int | None:
+        """The reply code to DATA, the last command (``None``: it never came)."""
+        if len(self.replies) == len(self.stages) and self.stages[-1] == "DATA":
+            return self.replies[-1].code
+        return None
+
+    async def read(self, replies: _Replies, timeouts: Timeouts) -> None:
+        """Read one reply per command; stop at the first loss, garble or timeout."""
+        for stage in self.stages:
+            timeout = timeouts.data_start if stage == "DATA" else timeouts.command
+            try:
+                self.replies.append(await replies.read_response(timeout))
+            except (aiosmtplib.SMTPException, OSError) as exc:
+                self.lost = exc
+                return
+
+
+def _reply_of(response: _Response) -> SMTPReply:
+    return make_reply(response.code, response.message)
+
+
+def _unsendable(address: str) -> RecipientOutcome:
+    return _outcome(address, _local_reply(553, "5.1.3", "the address cannot be sent"))
+
+
+def _mail_refused(rcpts: Sequence[str], reply: SMTPReply) -> list[RecipientOutcome]:
+    """Every recipient's outcome when MAIL is refused with *reply* (not 421)."""
+    state = _FAILED if reply.is_permanent else RecipientState.DEFERRED
+    return [_outcome(a, reply, state) for a in rcpts]
 
 
 class SMTPConnection:
@@ -770,19 +970,22 @@ class SMTPConnection:
     async def _transaction(
         self, mail_from: str, rcpts: list[str], body: bytes, utf8: bool
     ) -> list[RecipientOutcome]:
-        smtp = self._smtp
         encoding = "utf-8" if utf8 else "ascii"
+        mail = [
+            b"MAIL",
+            b"FROM:<" + mail_from.encode(encoding) + b">",
+            *(o.encode("ascii") for o in self._mail_options(body, utf8)),
+        ]
+        if self.supports_pipelining:
+            return await self._pipelined(mail, rcpts, body, encoding)
+        smtp = self._smtp
         if self._needs_reset:
             with self._mapped("RSET"):
                 await smtp.rset()
         self._transactions += 1
         self._needs_reset = True
         try:
-            response = await smtp.execute_command(
-                b"MAIL",
-                b"FROM:<" + mail_from.encode(encoding) + b">",
-                *(o.encode("ascii") for o in self._mail_options(body, utf8)),
-            )
+            response = await smtp.execute_command(*mail)
             if response.code != 250:
                 raise aiosmtplib.SMTPSenderRefused(
                     response.code, response.message, mail_from
@@ -790,9 +993,7 @@ class SMTPConnection:
         except aiosmtplib.SMTPSenderRefused as exc:
             if exc.code == 421:
                 raise self._error(exc, "MAIL") from exc
-            reply = _reply(exc)
-            state = _FAILED if reply.is_permanent else RecipientState.DEFERRED
-            return [_outcome(a, reply, state) for a in rcpts]
+            return _mail_refused(rcpts, _reply(exc))
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise self._error(exc, "MAIL") from exc
 
@@ -817,9 +1018,7 @@ class SMTPConnection:
 
     async def _rcpt(self, address: str, encoding: str) -> RecipientOutcome | None:
         if not _sendable(address):
-            return _outcome(
-                address, _local_reply(553, "5.1.3", "the address cannot be sent")
-            )
+            return _unsendable(address)
         try:
             reply = await self._smtp.execute_command(
                 b"RCPT", b"TO:<" + address.encode(encoding) + b">"
@@ -840,16 +1039,177 @@ class SMTPConnection:
         smtp, timeouts = self._smtp, self._settings.timeouts
         try:
             start = await smtp.execute_command(b"DATA", timeout=timeouts.data_start)
-            if start.code != 354:
-                reply = make_reply(start.code, start.message)
-                if 400 <= start.code < 600 and start.code != 421:
-                    return classify_data(accepted, reply)
-                self.close_now()  # 421, or nonsense such as a 250 to DATA
-                msg = f"{self.host} answered {reply} to DATA"
-                return outcomes_from_error(
-                    accepted, ProtocolError(msg, reply=reply, host=self.host)
-                )
-            protocol = smtp.protocol
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            self.close_now()
+            return outcomes_from_error(accepted, self._error(exc, "DATA"))
+        return await self._message(accepted, body, start, smtp.protocol, None)
+
+    # -- PIPELINING (RFC 2920) -------------------------------------------------
+
+    async def _pipelined(
+        self, mail: list[bytes], rcpts: list[str], body: bytes, encoding: str
+    ) -> list[RecipientOutcome]:
+        """One transaction with PIPELINING: [RSET,] MAIL, every RCPT and DATA in
+        one write, then their replies read in order, each judged as the lock-step
+        path judges it, so that the outcomes are the same. The whole transaction
+        is read through :class:`_Replies`, under aiosmtplib's command lock."""
+        protocol = self._smtp.protocol
+        if protocol is None:
+            error = aiosmtplib.SMTPServerDisconnected("Connection lost")
+            raise self._error(error, "MAIL") from error
+        commands = [b"RSET"] if self._needs_reset else []
+        commands.append(b" ".join(mail))
+        outcomes: dict[int, RecipientOutcome] = {}
+        sent: list[int] = []  # the recipients given a RCPT command
+        for index, address in enumerate(rcpts):
+            if _sendable(address):
+                sent.append(index)
+                commands.append(b"RCPT TO:<" + address.encode(encoding) + b">")
+            else:
+                outcomes[index] = _unsendable(address)
+        if sent:
+            commands.append(b"DATA")
+        lock = getattr(protocol, "_command_lock", None)
+        async with lock if isinstance(lock, asyncio.Lock) else _NO_LOCK:
+            with self._mapped("MAIL"):
+                replies = _Replies.attach(protocol)
+            try:
+                with self._mapped("MAIL"):
+                    protocol.write(b"\r\n".join(commands) + b"\r\n")
+                self._transactions += 1
+                self._needs_reset = True
+                group = _Group.of(commands)
+                await group.read(replies, self._settings.timeouts)
+                accepted = await self._judge(group, rcpts, sent, outcomes, replies)
+                if accepted:
+                    addresses = [rcpts[i] for i in accepted]
+                    results = await self._data_reply(group, addresses, body, replies)
+                    outcomes.update(zip(accepted, results, strict=True))
+            finally:
+                replies.detach()
+        _log.debug(
+            "transaction done",
+            extra=self._extra(
+                recipients=len(rcpts), accepted=len(accepted), pipelined=True
+            ),
+        )
+        return [outcomes[i] for i in range(len(rcpts))]
+
+    def _group_reply(self, group: _Group, position: int) -> _Response:
+        """The reply at *position* in *group*; else what stopped the replies, raised
+        as the lock-step path raises it during that command."""
+        if position < len(group.replies):
+            return group.replies[position]
+        lost = group.lost
+        assert lost is not None  # noqa: S101 - read() stops only on an error
+        raise self._error(lost, group.stages[position]) from lost
+
+    async def _judge(
+        self,
+        group: _Group,
+        rcpts: list[str],
+        sent: list[int],
+        outcomes: dict[int, RecipientOutcome],
+        replies: _Replies,
+    ) -> list[int]:
+        """Judge the RSET, MAIL and RCPT replies of *group* in order, as lock-step
+        does (filling *outcomes*); return the indexes of the accepted recipients.
+
+        Raises as lock-step does: a refused RSET, a 421 to MAIL or RCPT, or a
+        connection lost, garbled or timed out before the reply to the last RCPT."""
+        position = 0
+        if group.reset:
+            reply = self._group_reply(group, 0)
+            if reply.code != 250:
+                error = aiosmtplib.SMTPResponseException(reply.code, reply.message)
+                raise self._error(error, "RSET") from error
+            position = 1
+        reply = self._group_reply(group, position)
+        if reply.code == 421:
+            error = aiosmtplib.SMTPResponseException(reply.code, reply.message)
+            raise self._error(error, "MAIL") from error
+        if reply.code != 250:
+            outcomes.update(enumerate(_mail_refused(rcpts, _reply_of(reply))))
+            await self._end_empty(group, replies)
+            return []
+        accepted: list[int] = []
+        for index in sent:
+            position += 1
+            reply = self._group_reply(group, position)
+            if reply.code == 421:
+                error = aiosmtplib.SMTPResponseException(reply.code, reply.message)
+                raise self._error(error, "RCPT") from error
+            outcome = None
+            if reply.code not in (250, 251):  # a 252 is accepted, as in _rcpt
+                outcome = classify_rcpt(rcpts[index], _reply_of(reply))
+            if outcome is None:
+                accepted.append(index)
+            else:
+                outcomes[index] = outcome
+        if not accepted:
+            await self._end_empty(group, replies)
+        return accepted
+
+    async def _end_empty(self, group: _Group, replies: _Replies) -> None:
+        """No recipient was accepted (MAIL or every RCPT refused), and the DATA
+        command may have gone with them: RFC 2920 §3.1, its reply must still be
+        checked. A refusal (Postfix: ``554 5.5.1 Error: no valid recipients``,
+        aiosmtpd: ``503``) ends the transaction; a 354 gets a lone dot, the empty
+        message Postfix's client sends there, and its reply does not matter; no
+        reply (lost, garbled, timed out) or a 421 closes the connection. The
+        recipients' outcomes are already decided: nothing here changes them."""
+        if group.stages[-1] != "DATA":
+            return
+        code = group.data_code
+        if code == 354:
+            try:
+                replies.inner.write(b".\r\n")
+                reply = await replies.read_response(self._settings.timeouts.data_end)
+            except (aiosmtplib.SMTPException, OSError):
+                code = None
+            else:
+                code = reply.code
+            _log.debug(
+                "DATA accepted with no recipient: sent a lone dot",
+                extra=self._extra(reply_code=code),
+            )
+        if code is None or code == 421:
+            self.close_now()
+
+    async def _data_reply(
+        self, group: _Group, accepted: list[str], body: bytes, replies: _Replies
+    ) -> list[RecipientOutcome]:
+        """The reply to the pipelined DATA, then the message, as :meth:`_data`."""
+        position = len(group.stages) - 1
+        try:
+            start = self._group_reply(group, position)
+        except TransientDeliveryError as error:
+            self.close_now()
+            return outcomes_from_error(accepted, error)
+        return await self._message(accepted, body, start, self._smtp.protocol, replies)
+
+    # -- the message -----------------------------------------------------------
+
+    async def _message(
+        self,
+        accepted: list[str],
+        body: bytes,
+        start: _Response,
+        protocol: SMTPProtocol | None,
+        replies: _Replies | None,
+    ) -> list[RecipientOutcome]:
+        """After *start*, the reply to DATA: the message, the final dot and its
+        reply (read from *replies* when pipelining, else from *protocol*)."""
+        if start.code != 354:
+            reply = _reply_of(start)
+            if 400 <= start.code < 600 and start.code != 421:
+                return classify_data(accepted, reply)
+            self.close_now()  # 421, or nonsense such as a 250 to DATA
+            msg = f"{self.host} answered {reply} to DATA"
+            return outcomes_from_error(
+                accepted, ProtocolError(msg, reply=reply, host=self.host)
+            )
+        try:
             if protocol is None:
                 msg = "connection lost"
                 raise aiosmtplib.SMTPServerDisconnected(msg)
@@ -859,8 +1219,9 @@ class SMTPConnection:
             return outcomes_from_error(accepted, self._error(exc, "DATA"))
         # From here on the server may have the whole message.
         self._dot_unconfirmed = True
+        reader = protocol if replies is None else replies
         try:
-            final = await protocol.read_response(timeout=timeouts.data_end)
+            final = await reader.read_response(timeout=self._settings.timeouts.data_end)
         except (aiosmtplib.SMTPException, OSError) as exc:
             self.close_now()
             self._dot_unconfirmed = False  # reported as possible_duplicate instead
@@ -871,7 +1232,7 @@ class SMTPConnection:
         self._needs_reset = False
         if final.code == 421:
             self.close_now()
-        return classify_data(accepted, make_reply(final.code, final.message))
+        return classify_data(accepted, _reply_of(final))
 
     # -- closing ---------------------------------------------------------------
 
