@@ -131,6 +131,9 @@ class FaultHandler:
     stall_at: str | None = None
     hide_extensions: frozenset[str] = frozenset()
     """EHLO keywords not advertised, such as ``frozenset({"8BITMIME"})``."""
+    pipelining: bool = False
+    """Advertise PIPELINING (aiosmtpd does not, though it reads commands in order
+    and so answers a pipelined group correctly)."""
     credentials: tuple[str, str] | None = None
     """The only login/password the authenticator accepts."""
     messages: list[Received] = field(default_factory=list)
@@ -163,6 +166,8 @@ class FaultHandler:
     ) -> list[str]:
         await self._stall("EHLO")
         session.host_name = hostname
+        if self.pipelining:
+            responses = [*responses[:-1], "250-PIPELINING", responses[-1]]
         return [r for r in responses if r[4:].split(" ")[0] not in self.hide_extensions]
 
     async def handle_MAIL(  # noqa: N802 - aiosmtpd hook name
