@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import ssl
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,12 @@ from aiosmtplib.protocol import SMTPProtocol
 from mailstrom_async._config import Timeouts
 from mailstrom_async._exceptions import ProtocolError, TemporaryRejectionError
 from mailstrom_async._models import RecipientState
-from mailstrom_async._smtp import ConnectionSettings, SMTPConnection, _Replies
+from mailstrom_async._smtp import (
+    ConnectionSettings,
+    SMTPConnection,
+    _Replies,
+    make_ssl_context,
+)
 from tests.smtpd import (  # noqa: F401 - fixtures
     Conversation,
     FaultHandler,
@@ -403,3 +409,33 @@ async def test_garbled_reply_in_group(script_server: ScriptServers) -> None:
         assert not conn.is_usable
     finally:
         await conn.aclose()
+
+
+async def test_pipelining_over_starttls(
+    smtpd: SMTPDServers, tls_server_context: ssl.SSLContext, tls_ca_file: str
+) -> None:
+    """After STARTTLS (a TLS transport under the same aiosmtplib protocol) the
+    group is read the same way, transaction after transaction."""
+    server = await smtpd.start(
+        FaultHandler(pipelining=True, rcpt_replies={"b@x.test": "550 5.1.1 no"}),
+        starttls_context=tls_server_context,
+    )
+    conn = await SMTPConnection.open(
+        ConnectionSettings(
+            host="127.0.0.1",
+            port=server.port,
+            tls="starttls",
+            ssl_context=make_ssl_context(True, tls_ca_file),
+            helo_name="client.example.test",
+            timeouts=TIMEOUTS,
+        )
+    )
+    try:
+        assert (conn.tls, conn.supports_pipelining) == (True, True)
+        first = await conn.send(FROM, ["a@x.test", "b@x.test"], MESSAGE)
+        second = await conn.send(FROM, ["c@x.test"], MESSAGE)
+    finally:
+        await conn.aclose()
+    assert states(first) == [("a@x.test", DELIVERED), ("b@x.test", FAILED)]
+    assert states(second) == [("c@x.test", DELIVERED)]
+    assert [m.rcpt_tos for m in server.messages] == [["a@x.test"], ["c@x.test"]]
