@@ -36,6 +36,7 @@ from tests.smtpd import (  # noqa: F401 - fixtures
     ScriptServers,
     SinkServers,
     SMTPDServers,
+    mini_esmtp,
     script_server_fixture,
     smtp_sink_fixture,
     smtpd_fixture,
@@ -439,3 +440,35 @@ async def test_pipelining_over_starttls(
     assert states(first) == [("a@x.test", DELIVERED), ("b@x.test", FAILED)]
     assert states(second) == [("c@x.test", DELIVERED)]
     assert [m.rcpt_tos for m in server.messages] == [["a@x.test"], ["c@x.test"]]
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["lock-step", "pipelined"])
+async def test_data_reply_timeout_defers(
+    script_server: ScriptServers, pipelining: bool
+) -> None:
+    """No reply to DATA within its deadline: the accepted recipients are DEFERRED
+    (not a possible duplicate), pipelined as in lock-step."""
+    extensions = ("PIPELINING", "8BITMIME") if pipelining else ("8BITMIME",)
+    script = functools.partial(mini_esmtp, extensions=extensions, stall_at="DATA")
+    server = await script_server.start(script)
+    quick = Timeouts(connect=10, command=10, data_start=0.1, data_end=10)
+    conn = await SMTPConnection.open(
+        ConnectionSettings(
+            host="127.0.0.1",
+            port=server.port,
+            tls="none",
+            helo_name="client.example.test",
+            timeouts=quick,
+        )
+    )
+    try:
+        assert conn.supports_pipelining is pipelining
+        outcomes = await conn.send(FROM, ["a@x.test", "b@x.test"], MESSAGE)
+        assert not conn.is_usable
+    finally:
+        await conn.aclose()
+    assert states(outcomes) == [("a@x.test", DEFERRED), ("b@x.test", DEFERRED)]
+    assert all(not o.possible_duplicate for o in outcomes)
+    assert all(
+        "timed out during DATA" in (o.reply.text if o.reply else "") for o in outcomes
+    )
