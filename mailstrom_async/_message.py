@@ -36,6 +36,7 @@ from mailstrom_async._address import (
 from mailstrom_async._builder import Attachment, Email, build_with_groups, str_tuple
 from mailstrom_async._config import Config
 from mailstrom_async._exceptions import InvalidAddressError, InvalidMessageError
+from mailstrom_async._fastrender import message_id_line, render_email
 from mailstrom_async._headers import (
     LINE_BREAK,
     RENDER_SMTP,
@@ -279,7 +280,23 @@ def prepare(
             octets that cannot be re-encoded, or a message over
             ``config.limits.max_message_size``.
     """
+    return _prepare(message, mail_from, rcpt_to, config, fast=True)
+
+
+def _prepare(
+    message: Email | EmailMessage | bytes,
+    mail_from: str | None,
+    rcpt_to: str | Sequence[str] | None,
+    config: Config | None,
+    *,
+    fast: bool,
+) -> PreparedMessage:
+    """:func:`prepare`; *fast* False keeps an Email off the fast path (tests)."""
     config = _DEFAULT_CONFIG if config is None else config
+    if fast and isinstance(message, Email):
+        prepared = _prepare_fast(message, mail_from, rcpt_to, config)
+        if prepared is not None:
+            return prepared
     if isinstance(message, Email):
         built: Message
         built, groups = build_with_groups(message)
@@ -320,6 +337,27 @@ def prepare(
     except Exception as exc:  # the email package fails in many ways on bad input
         msg = f"the message cannot be rendered: {exc}"
         raise InvalidMessageError(msg) from exc
+    return _finish(message_id, sender, recipients, data, config)
+
+
+def _prepare_fast(
+    email: Email,
+    mail_from: str | None,
+    rcpt_to: str | Sequence[str] | None,
+    config: Config,
+) -> PreparedMessage | None:
+    """:func:`prepare` of a simple Email without the email package (see
+    :mod:`._fastrender`); None where the stdlib path must do it."""
+    fast = render_email(email)
+    if fast is None:
+        return None
+    sender, recipients = _envelope(fast.groups, mail_from, rcpt_to)
+    message_id = _new_message_id(fast.groups, config)
+    id_line = message_id_line(message_id)
+    if id_line is None:
+        return None
+    date = format_datetime(datetime.now(UTC)).encode("ascii")
+    data = b"".join((fast.head, id_line, b"Date: ", date, b"\r\n\r\n", fast.body))
     return _finish(message_id, sender, recipients, data, config)
 
 
