@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Watch", "Watchers", "merged"]
 
-logger = logging.getLogger("mailstrom_async.watchers")
+logger = logging.getLogger("mailstrom_async.deliverer")
 
 ReadOne = Callable[[str], Awaitable["MessageStatus"]]
 ReadMany = Callable[[Collection[str]], Awaitable[dict[str, "MessageStatus"]]]
