@@ -26,6 +26,18 @@ from mailstrom_async._cli import main
 
 COMMAND = [sys.executable, "-m", "mailstrom_async"]
 
+# The command as a terminal's foreground job runs it: SIGINT at its default
+# (Python's KeyboardInterrupt), whatever this process inherited. A shell script
+# that starts the suite with `&` leaves SIGINT ignored (POSIX: an asynchronous
+# list without job control), children inherit that, and Python then never turns
+# SIGINT into KeyboardInterrupt: Ctrl-C cannot be tried in such a child.
+FOREGROUND = [
+    sys.executable,
+    "-c",
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('mailstrom_async', run_name='__main__', alter_sys=True)",
+]
+
 
 def child_env(**settings: str) -> dict[str, str]:
     """This process's environment without MAILSTROM_* variables, plus *settings*."""
@@ -35,9 +47,14 @@ def child_env(**settings: str) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def started(*args: str, env: dict[str, str]) -> AsyncIterator[Process]:
-    """``mailstrom-async *args`` as a child process, killed if the test fails."""
-    async with await anyio.open_process([*COMMAND, *args], env=env) as process:
+async def started(
+    *args: str, env: dict[str, str], foreground: bool = False
+) -> AsyncIterator[Process]:
+    """``mailstrom-async *args`` as a child process, killed if the test fails;
+    with *foreground*, with SIGINT at its default as after Ctrl-C in a terminal
+    (``FOREGROUND``)."""
+    command = FOREGROUND if foreground else COMMAND
+    async with await anyio.open_process([*command, *args], env=env) as process:
         try:
             yield process
         except BaseException:

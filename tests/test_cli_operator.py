@@ -419,7 +419,7 @@ async def test_send_wait_interrupted_keeps_the_message_queued(
     )
     flags = ["--json"] if as_json else []
     args = [*SEND, "--wait", "--no-progress", *flags, "--to", "you@example.org"]
-    async with started(*args, env=env) as process:
+    async with started(*args, env=env, foreground=True) as process:
         try:
             assert process.stdout is not None
             assert process.stderr is not None
