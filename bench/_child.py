@@ -22,6 +22,8 @@ Measurement = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MEASUREMENTS: dict[str, Measurement] = {
     "raw_pool": baselines.raw_pool,
     "raw_single": baselines.raw_single,
+    "raw_pool_building": baselines.raw_pool_building,
+    "app_like": scenarios.app_like,
     "throughput": scenarios.throughput,
     "submit_latency": scenarios.submit_latency,
     "deliver_worker": scenarios.deliver_worker,

@@ -42,6 +42,10 @@ TARGET_S3_RATE = 10_000.0
 TARGET_S3_P99_MS = 5.0
 TARGET_S4_RSS_MIB = 150.0
 TARGET_S4_FIRST_S = 1.0
+# The speed issue (#14): the app-like run against the raw pool that builds its
+# messages.
+TARGET_APP_RATIO = 1.5
+APP_TASKS = 200
 
 
 @dataclass
@@ -126,7 +130,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         help="comma-separated keys to run: "
-        "source,pool,single,1,2,3,4,5,6,7 (baselines A/B/C are needed for ratios)",
+        "source,pool,single,app,1,2,3,4,5,6,7 (baselines A/B/C are needed for "
+        "ratios; app runs its own baseline)",
     )
     p.add_argument(
         "--json",
@@ -262,6 +267,36 @@ class Bench:
                 "raw aiosmtplib, 1 connection, sequential",
                 self._child("raw_single", "C", port=port, messages=n),
             )
+        if self.wants("app"):
+            app = {"port": port, "messages": n}
+            self._add(
+                "Ba",
+                "raw aiosmtplib pool of 10, an EmailMessage built per send",
+                self._child("raw_pool_building", "Ba", **app),
+            )
+            self._add(
+                "8",
+                f"app-like: {APP_TASKS} tasks, submit(Email) then await handle, SQLite",
+                self._child("app_like", "8", store="sqlite", tasks=APP_TASKS, **app),
+            )
+            if self.uvloop:
+                self._add(
+                    "Bauv",
+                    "raw pool of 10 building EmailMessages, uvloop",
+                    self._child("raw_pool_building", "Bauv", loop="uvloop", **app),
+                )
+                self._add(
+                    "8uv",
+                    "app-like, uvloop",
+                    self._child(
+                        "app_like",
+                        "8uv",
+                        store="sqlite",
+                        tasks=APP_TASKS,
+                        loop="uvloop",
+                        **app,
+                    ),
+                )
         common = {"port": port, "messages": n, "producers": 1}
         if self.wants("1"):
             self._add(
@@ -487,6 +522,23 @@ class Bench:
                 )
         if "2" in ms:
             rate_row("2", "B", b)
+        for key, ref in (("Ba", "B"), ("Bauv", "Buv")):
+            if key in ms:
+                rate_row(key, ref, self.rate(ref))
+        for key, ref in (("8", "Ba"), ("8uv", "Bauv")):
+            if key in ms:
+                ratio = rate_row(key, ref, self.rate(ref))
+                ok = None if math.isnan(ratio) else ratio >= TARGET_APP_RATIO
+                rows[-1].target = f">= {TARGET_APP_RATIO:.2f}x {ref}"
+                rows[-1].result = _verdict(ok)
+                targets.append(
+                    Target(
+                        f"app-like {key} / raw pool building",
+                        ratio,
+                        rows[-1].target,
+                        ok,
+                    )
+                )
         for key in ("3", "3b", "3p", "3m", "3mp", "3w", "3pw"):
             if key not in ms:
                 continue

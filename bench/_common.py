@@ -55,7 +55,7 @@ def out(text: str = "") -> None:
     sys.stdout.flush()
 
 
-def _body() -> str:
+def body() -> str:
     line = "The quick brown fox jumps over the lazy dog, again and again. 0123456789\n"
     repeats = math.ceil(BODY_SIZE / len(line))
     return (line * repeats)[: BODY_SIZE - 1] + "\n"
@@ -88,7 +88,7 @@ def make_messages(
     Message-ID and Date are set here, so neither the raw baselines nor the
     library spend time generating them inside the timed part.
     """
-    body = _body()
+    text = body()
     date = format_datetime(datetime.now(UTC))
     messages = []
     for i in range(count):
@@ -100,7 +100,7 @@ def make_messages(
         msg["Subject"] = f"benchmark message {i}"
         msg["Date"] = date
         msg["Message-ID"] = f"<{token}.{i}@sender.mailstrom.test>"
-        msg.set_content(body)
+        msg.set_content(text)
         messages.append(msg)
     return messages
 
@@ -120,7 +120,7 @@ def raw_message(
     index: int, token: str, *, domain: str = "rcpt.mailstrom.test"
 ) -> bytes:
     """One rendered ~2 KB message (CRLF line endings), as the store keeps them."""
-    body = _body().replace("\n", "\r\n")
+    text = body().replace("\n", "\r\n")
     headers = (
         f"From: {SENDER}\r\n"
         f"To: {recipient(index, token, domain=domain)}\r\n"
@@ -130,7 +130,7 @@ def raw_message(
         'Content-Type: text/plain; charset="utf-8"\r\n'
         "Content-Transfer-Encoding: 7bit\r\n\r\n"
     )
-    return headers.encode("ascii") + body.encode("ascii")
+    return headers.encode("ascii") + text.encode("ascii")
 
 
 def median(values: Sequence[float]) -> float:

@@ -12,15 +12,26 @@ import collections
 import shutil
 import subprocess
 import time
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
 from typing import Any
 
 import aiosmtplib
 import anyio
 
-from bench._common import BODY_SIZE, HELO, CpuClock, make_messages, settle
+from bench._common import (
+    BODY_SIZE,
+    HELO,
+    SENDER,
+    CpuClock,
+    body,
+    make_messages,
+    recipient,
+    settle,
+)
 from bench._procs import LOOPBACK
 
-__all__ = ["raw_pool", "raw_single", "smtp_source"]
+__all__ = ["raw_pool", "raw_pool_building", "raw_single", "smtp_source"]
 
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 
@@ -67,6 +78,50 @@ async def raw_pool(params: dict[str, Any]) -> dict[str, Any]:
         try:
             while queue:
                 await smtp.send_message(queue.popleft())
+        finally:
+            await smtp.quit()
+
+    clock.start()
+    async with anyio.create_task_group() as tg:
+        for _ in range(connections):
+            tg.start_soon(sender)
+    clock.stop()
+    return {
+        "messages": count,
+        "connections": connections,
+        "seconds": clock.wall,
+        "msgs_per_s": count / clock.wall,
+        "cpu_ms_per_msg": 1000 * clock.cpu / count,
+    }
+
+
+async def raw_pool_building(params: dict[str, Any]) -> dict[str, Any]:
+    """The app-like baseline: a pool of 10 aiosmtplib connections, each building
+    an ``EmailMessage`` (From, To, Subject, Date, Message-ID, a text body) for
+    every message it sends, as an application that sends itself would. Nothing
+    is stored or tracked; a failed send would be lost."""
+    port: int = params["port"]
+    count: int = params["messages"]
+    connections: int = params.get("connections", 10)
+    token: str = params["token"]
+    text = body()
+    numbers = iter(range(count))
+    settle()
+    clock = CpuClock()
+
+    async def sender() -> None:
+        smtp = aiosmtplib.SMTP(hostname=LOOPBACK, port=port, local_hostname=HELO)
+        await smtp.connect()
+        try:
+            for i in numbers:
+                msg = EmailMessage()
+                msg["From"] = SENDER
+                msg["To"] = recipient(i, token)
+                msg["Subject"] = f"benchmark message {i}"
+                msg["Date"] = formatdate(localtime=False)
+                msg["Message-ID"] = make_msgid(domain="sender.mailstrom.test")
+                msg.set_content(text)
+                await smtp.send_message(msg)
         finally:
             await smtp.quit()
 

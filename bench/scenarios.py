@@ -27,6 +27,7 @@ from bench._common import (
     HELO,
     SENDER,
     CpuClock,
+    body,
     make_messages,
     percentile,
     raw_message,
@@ -39,6 +40,7 @@ from mailstrom_async import (
     Config,
     Deliverer,
     DeliveryEvent,
+    Email,
     EventStream,
     Limits,
     MemoryStore,
@@ -55,6 +57,7 @@ from mailstrom_async import (
 
 __all__ = [
     "BENCH_RETRY",
+    "app_like",
     "deep_fill",
     "deep_start",
     "submit_latency",
@@ -178,6 +181,57 @@ async def throughput(params: dict[str, Any]) -> dict[str, Any]:
         "attempts": attempts,
         "events": dict(follower.by_state),
         "events_missed": follower.missed,
+        "db_bytes": db_bytes,
+    }
+
+
+async def app_like(params: dict[str, Any]) -> dict[str, Any]:
+    """The app-like run: *tasks* concurrent tasks (a web app's requests), each
+    building an ``Email``, submitting it and awaiting its handle, then taking
+    the next message. Durable (SQLite, ``synchronous=FULL``) and tracked.
+
+    The clock runs from the first submit to the last handle resolved.
+    """
+    count: int = params["messages"]
+    tasks: int = params.get("tasks", 200)
+    token: str = params["token"]
+    text = body()
+    config = relay_config(params["port"])
+    store, path = _store(params)
+    numbers = iter(range(count))
+    results: list[MessageStatus] = []
+    settle()
+    clock = CpuClock()
+
+    async def request() -> None:
+        for i in numbers:
+            email = Email(
+                sender=SENDER,
+                to=[recipient(i, token)],
+                subject=f"benchmark message {i}",
+                text=text,
+            )
+            handle = await deliverer.submit(email)
+            results.append(await handle)
+
+    async with Deliverer(config, store=store) as deliverer:
+        clock.start()
+        async with anyio.create_task_group() as tg:
+            for _ in range(tasks):
+                tg.start_soon(request)
+        clock.stop()
+    db_bytes = _remove_db(path)
+    states, attempts = _final_states(results)
+    return {
+        "messages": count,
+        "tasks": tasks,
+        "store": params["store"],
+        "seconds": clock.wall,
+        "msgs_per_s": count / clock.wall,
+        "cpu_ms_per_msg": 1000 * clock.cpu / count,
+        "final_states": dict(states),
+        "all_delivered": states["DELIVERED"] == count,
+        "attempts": attempts,
         "db_bytes": db_bytes,
     }
 

@@ -493,7 +493,9 @@ class Config:
     starts, and those of a worker on another host run out this long after it
     stopped."""
     poll_interval: float = attrs.field(default=1.0, validator=_positive)
-    """How often the store is polled for due work written by other processes."""
+    """How often the store is polled for due work written by other processes,
+    and, in one query for all of them, for what other processes did to the
+    messages whose handles are awaited."""
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Self:

@@ -263,6 +263,12 @@ class Deliverer:
                 # back now, not a lease later.
                 await self._keeper.reclaim_dead()
             async with anyio.create_task_group() as tg:
+                tg.start_soon(
+                    self._watchers.poll,
+                    self._store.statuses,
+                    self._config.poll_interval,
+                    name="mailstrom handle poll",
+                )
                 if self._mode != "submit":
                     tg.start_soon(self._run_feeders, tg, name="mailstrom feeders")
                 self._state = "open"
@@ -714,6 +720,4 @@ class Deliverer:
         return chain_signals(tuple(wanted), self.stop_following)
 
     async def _wait_done(self, message_id: str) -> MessageStatus:
-        return await self._watchers.wait_done(
-            message_id, self.status, poll_interval=self._config.poll_interval
-        )
+        return await self._watchers.wait_done(message_id, self.status)

@@ -145,7 +145,7 @@ class JobRunner:
         clock: Callable[[], datetime],
         rng: random.Random,
         route: Transport,
-        on_recorded: Callable[[str], None],
+        on_recorded: Callable[[str, Sequence[RecipientStatus]], None],
         telemetry: Telemetry | None = None,
     ) -> None:
         self._config = config
@@ -592,4 +592,4 @@ class JobRunner:
                     at=now,
                 )
             )
-        self._on_recorded(job.message_id)
+        self._on_recorded(job.message_id, statuses)

@@ -1,22 +1,44 @@
 """What ``await handle`` and ``Deliverer.follow()`` wait on.
 
-A handle's waiters share one event per message, dropped once set; a follower
-keeps its own :class:`Watch` for as long as it follows, so that a change made
-while its consumer is busy is not missed.
+The handles awaiting one message share a :class:`_Waited`: the message's latest
+known status and an event set whenever that may have changed. The status is
+read from the store once, when the first handle starts waiting; after that it
+is kept current without reading the store:
+
+- a delivery attempt of this process hands :meth:`Watchers.changed` the
+  statuses it has just committed, which are merged in (so a handle resolves
+  when this process records its message's last outcome, with no store read);
+- for what other processes do (a worker, when this one only submits), one
+  task, :meth:`Watchers.poll`, reads the statuses of every waited-on message in
+  one query per ``Config.poll_interval``: its cost does not grow with the
+  number of handles.
+
+A follower keeps its own :class:`Watch` for as long as it follows, so that a
+change made while its consumer is busy is not missed.
 """
 
 from __future__ import annotations
 
+import logging
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
+import attrs
+
+from mailstrom_async._domain import recipient_key
+from mailstrom_async._store._common import check_statuses, should_replace
 
 if TYPE_CHECKING:
-    from mailstrom_async._models import MessageStatus
+    from mailstrom_async._models import MessageStatus, RecipientStatus
 
-__all__ = ["Watch", "Watchers"]
+__all__ = ["Watch", "Watchers", "merged"]
+
+logger = logging.getLogger("mailstrom_async.deliverer")
+
+ReadOne = Callable[[str], Awaitable["MessageStatus"]]
+ReadMany = Callable[[Collection[str]], Awaitable[dict[str, "MessageStatus"]]]
 
 
 class Watch:
@@ -42,42 +64,113 @@ class Watch:
             await self._event.wait()
 
 
-class Watchers:
-    """Wakes the waiters of a message when its status may have changed."""
+def merged(status: MessageStatus, recorded: Sequence[RecipientStatus]) -> MessageStatus:
+    """*status* with *recorded* written over it as a store's ``record`` writes
+    them: each matched by address, in the form the store keeps (UTC, valid
+    Unicode), and a final state never replaced by an unfinished one."""
+    new = {recipient_key(r.address): r for r in check_statuses(recorded)}
+    recipients = []
+    for old in status.recipients:
+        r = new.get(recipient_key(old.address))
+        if r is not None and should_replace(old.state, r.state):
+            old = attrs.evolve(r, address=old.address, held=old.held and r.held)
+        recipients.append(old)
+    return attrs.evolve(status, recipients=tuple(recipients))
+
+
+class _Waited:
+    """What the handles awaiting one message share."""
+
+    __slots__ = ("count", "event", "pending", "reading", "status", "version")
 
     def __init__(self) -> None:
-        # message id -> (the event its waiters wait on, how many wait)
-        self._events: dict[str, tuple[anyio.Event, int]] = {}
+        self.event = anyio.Event()
+        self.count = 0  # how many handles wait
+        # The latest status known; None until read (or when it must be re-read).
+        self.status: MessageStatus | None = None
+        # Bumped by each change, so that a poll read before it is not applied.
+        self.version = 0
+        self.reading = False  # a handle is reading the status now
+        # Statuses recorded while it was being read, to merge into what it read.
+        self.pending: list[Sequence[RecipientStatus]] = []
+
+    def wake(self) -> None:
+        event, self.event = self.event, anyio.Event()
+        event.set()
+
+
+class Watchers:
+    """Keeps the status of awaited messages current and wakes their waiters."""
+
+    def __init__(self) -> None:
+        self._waited: dict[str, _Waited] = {}
         # message id -> its followers' watches (weak: a follower dropped without
         # being closed goes away by itself)
         self._follows: dict[str, weakref.WeakSet[Watch]] = {}
         self._follows_ended = False
+        self._closed = False
+        self.reads = 0  # store reads made for handles (the first read and polls)
 
-    async def wait_done(
-        self,
-        message_id: str,
-        status: Callable[[str], Awaitable[MessageStatus]],
-        *,
-        poll_interval: float,
-    ) -> MessageStatus:
-        """Read *status* until the message is done, after each change or poll."""
-        while True:
-            event = self._watch(message_id)
-            try:
-                current = await status(message_id)
-                if current.is_done:
-                    return current
-                # Another process may deliver it (submit-only mode): poll too.
-                with anyio.move_on_after(poll_interval):
-                    await event.wait()
-            finally:
-                self._unwatch(message_id)
+    async def wait_done(self, message_id: str, read: ReadOne) -> MessageStatus:
+        """Wait until the message is done and return its status.
 
-    def changed(self, message_id: str) -> None:
-        """The message's status changed: wake its waiters."""
-        entry = self._events.pop(message_id, None)
-        if entry is not None:
-            entry[0].set()
+        *read* reads one status from the store (and raises once the Deliverer
+        is closed); it is called when the first handle starts waiting, after an
+        operation such as ``cancel``, and once the watchers are closed.
+        """
+        waited = self._waited.get(message_id)
+        if waited is None:
+            waited = self._waited[message_id] = _Waited()
+        waited.count += 1
+        try:
+            while True:
+                event = waited.event
+                status = waited.status
+                if status is not None and status.is_done:
+                    return status
+                if (status is None or self._closed) and not waited.reading:
+                    await self._read(message_id, waited, read)
+                    continue
+                await event.wait()
+        finally:
+            waited.count -= 1
+            if not waited.count and self._waited.get(message_id) is waited:
+                del self._waited[message_id]
+
+    async def _read(self, message_id: str, waited: _Waited, read: ReadOne) -> None:
+        waited.reading, version = True, waited.version
+        waited.pending = []
+        try:
+            self.reads += 1
+            status = await read(message_id)
+        finally:
+            waited.reading = False
+            waited.wake()  # the others look again (and read, if this failed)
+        if waited.version - version == len(waited.pending):
+            # Only recorded statuses came meanwhile: what was read, plus them.
+            for recorded in waited.pending:
+                status = merged(status, recorded)
+            waited.status = status
+        # else an operation changed it meanwhile: read it again.
+        waited.pending = []
+
+    def changed(
+        self, message_id: str, recorded: Sequence[RecipientStatus] | None = None
+    ) -> None:
+        """The message's status changed: *recorded* are the recipient statuses
+        this process has just committed (None: something else changed, read it
+        again). Wakes its handles and followers."""
+        waited = self._waited.get(message_id)
+        if waited is not None:
+            waited.version += 1
+            if recorded is None:
+                waited.status = None
+            else:
+                if waited.status is not None:
+                    waited.status = merged(waited.status, recorded)
+                if waited.reading:
+                    waited.pending.append(recorded)
+            waited.wake()
         watches = self._follows.get(message_id)
         if watches is not None:
             if not watches:  # its followers were dropped unclosed
@@ -85,10 +178,44 @@ class Watchers:
             for watch in list(watches):
                 watch.set()
 
+    async def poll(self, read: ReadMany, interval: float) -> None:
+        """Every *interval* seconds, read the status of every awaited message
+        that is not done in one query, for changes made by other processes.
+        A failed read is logged and tried again at the next interval."""
+        while True:
+            await anyio.sleep(interval)
+            versions = {
+                message_id: waited.version
+                for message_id, waited in self._waited.items()
+                if waited.status is not None and not waited.reading
+            }
+            if not versions:
+                continue
+            try:
+                self.reads += 1
+                found = await read(list(versions))
+            except Exception as exc:  # contained: read again at the next interval
+                logger.warning(
+                    "could not read the statuses of awaited messages",
+                    extra={"messages": len(versions), "error": repr(exc)},
+                )
+                continue
+            for message_id, version in versions.items():
+                waited = self._waited.get(message_id)
+                if waited is None or waited.version != version:
+                    continue  # done, or changed since the read began
+                status = found.get(message_id)  # None: gone (purged): re-read
+                if status != waited.status:
+                    waited.status = status
+                    waited.version += 1
+                    waited.wake()
+
     def close(self) -> None:
-        """Wake every waiter and end every follower (the Deliverer closed)."""
-        for event, _ in self._events.values():
-            event.set()
+        """Wake every waiter and end every follower (the Deliverer closed):
+        a handle whose message is not done reads once more, and raises."""
+        self._closed = True
+        for waited in self._waited.values():
+            waited.wake()
         self.end_follows()
 
     def follow(self, message_id: str) -> Watch:
@@ -110,17 +237,3 @@ class Watchers:
         for watches in list(self._follows.values()):
             for watch in list(watches):
                 watch.set(end=True)
-
-    def _watch(self, message_id: str) -> anyio.Event:
-        event, count = self._events.get(message_id, (anyio.Event(), 0))
-        self._events[message_id] = (event, count + 1)
-        return event
-
-    def _unwatch(self, message_id: str) -> None:
-        entry = self._events.get(message_id)
-        if entry is not None:
-            event, count = entry
-            if count <= 1:
-                del self._events[message_id]
-            else:
-                self._events[message_id] = (event, count - 1)

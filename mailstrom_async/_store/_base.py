@@ -182,6 +182,14 @@ class Store(Protocol):
         """
         ...
 
+    async def statuses(self, message_ids: Collection[str]) -> dict[str, MessageStatus]:
+        """Return the status of each stored message among *message_ids*, read in
+        one query (what the handles awaited in a submit-only process poll with).
+
+        Ids the store does not hold are left out of the result.
+        """
+        ...
+
     async def message_data(self, message_id: str) -> bytes:
         """Return the message as it was stored: the exact bytes handed to
         :meth:`add` in ``NewMessage.data``.

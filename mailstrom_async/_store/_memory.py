@@ -311,6 +311,12 @@ class MemoryStore:
         await self._enter()
         return _status(self._get(message_id))
 
+    async def statuses(self, message_ids: Collection[str]) -> dict[str, MessageStatus]:
+        """The statuses of stored messages; see :meth:`Store.statuses`."""
+        await self._enter()
+        found = self._messages
+        return {mid: _status(found[mid]) for mid in message_ids if mid in found}
+
     async def messages(
         self,
         *,

@@ -24,8 +24,10 @@ mailstrom_async.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from datetime import datetime
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -387,6 +389,23 @@ class PostgresStore:
             submitted_at=rows[0]["submitted_at"],
             mail_from=rows[0]["mail_from"],
         )
+
+    async def statuses(self, message_ids: Collection[str]) -> dict[str, MessageStatus]:
+        """The statuses of stored messages, in one query; see :meth:`Store.statuses`."""
+        async with self._read() as conn:
+            rows = await conn.fetch(sql.STATUSES_QUERY, list(message_ids))
+        found: dict[str, MessageStatus] = {}
+        for message_id, group in itertools.groupby(rows, key=itemgetter("id")):
+            grouped = list(group)
+            found[message_id] = MessageStatus(
+                message_id=message_id,
+                recipients=tuple(
+                    _status(row, 3) for row in grouped if row["address"] is not None
+                ),
+                submitted_at=grouped[0]["submitted_at"],
+                mail_from=grouped[0]["mail_from"],
+            )
+        return found
 
     async def messages(
         self,

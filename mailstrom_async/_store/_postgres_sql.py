@@ -43,6 +43,7 @@ __all__ = [
     "SCHEMA_TABLE",
     "SCHEMA_VERSION",
     "SHAPE",
+    "STATUSES_QUERY",
     "STATUS_QUERY",
     "SUMMARY",
     "TRIM_HISTORY",
@@ -193,6 +194,9 @@ CLAIM = f"""WITH due AS MATERIALIZED (
 STATUS_QUERY = f"""SELECT m.mail_from, m.submitted_at, {_STATUS}
     FROM messages m LEFT JOIN recipients r ON r.message_id = m.id
     WHERE m.id = $1 ORDER BY r.position"""  # noqa: S608 (constant)
+STATUSES_QUERY = f"""SELECT m.id, m.mail_from, m.submitted_at, {_STATUS}
+    FROM messages m LEFT JOIN recipients r ON r.message_id = m.id
+    WHERE m.id = ANY($1::text[]) ORDER BY m.id, r.position"""  # noqa: S608 (constant)
 MESSAGE_EXISTS = "SELECT 1 FROM messages WHERE id = $1"
 # The rows record() and release() decide on, locked for their transaction.
 LOCK_RECIPIENTS = """SELECT position, address, state, lease_owner FROM recipients

@@ -43,6 +43,7 @@ __all__ = [
     "RETRY_NOW",
     "SCAN_DUE",
     "SCHEMA_VERSION",
+    "STATUSES_QUERY",
     "STATUS_QUERY",
     "TRIM_HISTORY",
     "TRIM_HISTORY_TO_LATEST",
@@ -203,6 +204,12 @@ STATUS_QUERY = """SELECT m.mail_from, m.submitted_at, r.address, r.state, r.atte
       r.possible_duplicate, r.held
     FROM messages m LEFT JOIN recipients r ON r.message_id = m.id
     WHERE m.id = ? ORDER BY r.position"""
+STATUSES_QUERY = """SELECT m.id, m.mail_from, m.submitted_at, r.address, r.state,
+      r.attempts, r.code, r.enhanced_code, r.message, r.raw_message, r.host, r.ip,
+      r.tls, r.tls_verified, r.first_attempt_at, r.last_attempt_at,
+      r.next_attempt_at, r.possible_duplicate, r.held
+    FROM messages m LEFT JOIN recipients r ON r.message_id = m.id
+    WHERE m.id IN (SELECT value FROM json_each(?)) ORDER BY m.id, r.position"""
 RECORD = """UPDATE recipients SET state = ?, attempts = ?, code = ?, enhanced_code = ?,
       message = ?, raw_message = ?, host = ?, ip = ?, tls = ?, tls_verified = ?,
       first_attempt_at = ?, last_attempt_at = ?, next_attempt_at = ?,

@@ -32,6 +32,7 @@ at any time raises the same clear StoreError.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sqlite3  # noqa: TID251 - only for sqlite3.Error
@@ -46,6 +47,7 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager, contextmanager, suppress
 from datetime import datetime
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import aiosqlite
@@ -415,6 +417,29 @@ class SQLiteStore:
         if status is None:
             raise UnknownMessageError(message_id)
         return status
+
+    async def statuses(self, message_ids: Collection[str]) -> dict[str, MessageStatus]:
+        """The statuses of stored messages, in one query; see :meth:`Store.statuses`."""
+        ids = json.dumps(list(message_ids))
+
+        def work(conn: sqlite3.Connection) -> dict[str, MessageStatus]:
+            found: dict[str, MessageStatus] = {}
+            rows = conn.execute(sql.STATUSES_QUERY, (ids,)).fetchall()
+            for message_id, group in itertools.groupby(rows, key=itemgetter(0)):
+                grouped = list(group)
+                found[message_id] = MessageStatus(
+                    message_id=message_id,
+                    recipients=tuple(
+                        sql.status_from_row(row[3:])
+                        for row in grouped
+                        if row[3] is not None
+                    ),
+                    submitted_at=sql.from_ts(grouped[0][2]),
+                    mail_from=grouped[0][1],
+                )
+            return found
+
+        return await self._read(work)
 
     async def messages(
         self,

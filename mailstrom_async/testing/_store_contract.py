@@ -22,6 +22,7 @@ import pytest
 from mailstrom_async._exceptions import StoreError, UnknownMessageError
 from mailstrom_async._models import MessageStatus, RecipientState, RecipientStatus
 from mailstrom_async._store import LeaseInfo, NewMessage, Store
+from mailstrom_async._watchers import merged
 from mailstrom_async.testing._history_contract import HistoryContract
 from mailstrom_async.testing._hold_contract import HoldContract
 from mailstrom_async.testing._inspect_contract import InspectContract
@@ -130,6 +131,56 @@ class StoreContract(HoldContract, HistoryContract, InspectContract):
         with pytest.raises(UnknownMessageError) as info:
             await store.status("nope")
         assert info.value.message_id == "nope"
+
+    async def test_statuses_of_many_messages(self, store: Store) -> None:
+        """statuses() gives what status() gives for each known id, in one call,
+        and leaves unknown ids out."""
+        await store.add(new_message("m1", "a@example.com", "b@example.net"))
+        await store.add(new_message("m2", "c@example.com"))
+        await store.add(new_message("m3"))
+        await store.claim_due(now=T0, worker="w", lease_until=at(60), limit=3)
+        done = RecipientStatus(
+            address="c@example.com", state=DELIVERED, attempts=1, code=250
+        )
+        await store.record("m2", [done], worker="w")
+        found = await store.statuses(["m2", "nope", "m1", "m2"])
+        assert found == {
+            "m1": await store.status("m1"),
+            "m2": await store.status("m2"),
+        }
+        assert found["m2"].is_done
+        assert not found["m1"].is_done
+        assert await store.statuses([]) == {}
+
+    async def test_recorded_statuses_read_back_as_merged(self, store: Store) -> None:
+        """What a handle resolves with, the status it read merged with what this
+        process then recorded, is what the store gives back: times in UTC, text
+        made valid Unicode, a final state never undone, a hold kept only when
+        the recorded status keeps it."""
+        await store.add(new_message("m1", "a@x.example", "B@x.example", "c@x.example"))
+        await store.claim_due(now=T0, worker="w", lease_until=at(60), limit=1)
+        await store.hold(message_id="m1")
+        before = await store.status("m1")
+        zone = timezone(timedelta(hours=-3))
+        recorded = [
+            RecipientStatus(
+                address="a@x.example",
+                state=DEFERRED,
+                attempts=1,
+                code=451,
+                message="bad \udce4 byte",
+                last_attempt_at=at(1).astimezone(zone),
+                next_attempt_at=at(300).astimezone(zone),
+                held=True,
+            ),
+            RecipientStatus(address="b@X.EXAMPLE", state=FAILED, attempts=1, code=550),
+        ]
+        await store.record("m1", recorded, worker="w")
+        after = await store.status("m1")
+        assert merged(before, recorded) == after
+        late = [RecipientStatus(address="b@x.example", next_attempt_at=at(9))]
+        await store.record("m1", late, worker="w")
+        assert merged(after, late) == await store.status("m1") == after
 
     async def test_idempotency_key_returns_first_message(self, store: Store) -> None:
         """Adding with a known idempotency key writes nothing and returns the first id."""
