@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import trustme
 from blockbuster import BlockBuster, blockbuster_ctx
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
 # Loopback SMTP servers (aiosmtpd, byte-level scripts, Postfix smtp-sink) as fixtures
 # for every test module: smtpd, script_server, smtp_sink. Then the users' testing kit
@@ -22,8 +22,13 @@ pytest_plugins = [
     "tests.postgres",
 ]
 
-settings.register_profile("dev", max_examples=100)
-settings.register_profile("ci", max_examples=200, deadline=None)
+# How fast examples are generated says nothing about the code under test, and on
+# a shared 2-core machine it is noise: no too_slow health check in any profile.
+_SLOW_OK = [HealthCheck.too_slow]
+settings.register_profile("dev", max_examples=100, suppress_health_check=_SLOW_OK)
+settings.register_profile(
+    "ci", max_examples=200, deadline=None, suppress_health_check=_SLOW_OK
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 

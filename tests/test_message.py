@@ -32,7 +32,7 @@ from tests import strategies
 
 # Hypothesis runs every example inside one call of the autouse (stateless) fixture.
 property_settings = settings(
-    suppress_health_check=[HealthCheck.function_scoped_fixture]
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
 
 SENDER = "Alice <alice@example.com>"
