@@ -171,25 +171,27 @@ def store_from_url(url: str | os.PathLike[str], **options: Any) -> Store:
         ValueError: an option's value is out of range.
     """
     location = parse_store_url(url)
+    _check_options(location, options)
+    if location.kind == "memory":
+        return MemoryStore()
+    store: Store = _CLASSES[location.kind](location.target, **options)
+    return store
+
+
+def _check_options(location: StoreLocation, options: dict[str, Any]) -> None:
+    """A TypeError naming the options that the store of *location* does not
+    take, and those it does (its keyword-only parameters)."""
     cls = _CLASSES[location.kind]
-    try:
-        inspect.signature(cls).bind(
-            *([location.target] if location.target else []), **options
-        )
-    except TypeError:
-        accepted = [
-            p.name
-            for p in inspect.signature(cls).parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
-        ]
-        unknown = sorted(set(options) - set(accepted))
+    accepted = [
+        p.name
+        for p in inspect.signature(cls).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
         msg = (
             f"{cls.__name__} (for {location.display!r}) does not take "
             f"{', '.join(map(repr, unknown))}; it takes "
             f"{', '.join(accepted) if accepted else 'no options'}"
         )
-        raise TypeError(msg) from None
-    if location.kind == "memory":
-        return MemoryStore(**options)
-    store: Store = cls(location.target, **options)
-    return store
+        raise TypeError(msg)
