@@ -74,6 +74,7 @@ from mailstrom_async._store import (
     QueueSummary,
     SQLiteStore,
     Store,
+    store_from_url,
 )
 from mailstrom_async._telemetry import Telemetry
 from mailstrom_async._transport import Connection, Transport
@@ -150,6 +151,7 @@ __all__ = [
     "UnknownMessageError",
     "__version__",
     "prepare",
+    "store_from_url",
 ]
 
 

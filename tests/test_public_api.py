@@ -29,6 +29,7 @@ ISSUE_NAMES = [
     "Timeouts",
     # issue 13
     "PostgresStore",
+    "store_from_url",
 ]
 
 

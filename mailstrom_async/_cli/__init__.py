@@ -3,7 +3,8 @@
 One module per family of subcommands: :mod:`._send` (send), :mod:`._queue`
 (status, retry, cancel, purge; ``status --history`` in :mod:`._history`; and
 :mod:`._show` for show, :mod:`._listing` for queue), :mod:`._hold` (hold, release),
-:mod:`._leases` (leases), :mod:`._run` (worker, sink, demo); shared
+:mod:`._leases` (leases), :mod:`._migrate` (migrate), :mod:`._run` (worker,
+sink, demo); shared
 options and output in :mod:`._common`. :func:`main` turns every error meant for
 a person into one line on stderr and an exit code, never a traceback; with
 ``--json`` that line is a JSON object.
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import version
 
-from mailstrom_async._cli import _hold, _leases, _queue, _run, _send
+from mailstrom_async._cli import _hold, _leases, _migrate, _queue, _run, _send
 from mailstrom_async._cli._common import (
     DEFAULT_STORE_PATH,
     EXIT_ERROR,
@@ -33,10 +34,12 @@ from mailstrom_async._exceptions import MailstromError
 __all__ = ["main"]
 
 _EPILOG = f"""\
-Queue commands work on one SQLite file: --store PATH, else $MAILSTROM_STORE,
-else ./{DEFAULT_STORE_PATH}. Delivery settings come from --config FILE.toml (or
-$MAILSTROM_CONFIG) and MAILSTROM_* variables, e.g. MAILSTROM_RELAY__HOST,
-MAILSTROM_RELAY__PORT, MAILSTROM_LIMITS__MAX_CONNECTIONS.
+Queue commands work on one store: --store PATH|URL, else $MAILSTROM_STORE,
+else ./{DEFAULT_STORE_PATH}: a SQLite file (PATH, sqlite:///PATH) or a
+PostgreSQL database (postgresql://USER:PASSWORD@HOST:PORT/DB). Delivery
+settings come from --config FILE.toml (or $MAILSTROM_CONFIG) and MAILSTROM_*
+variables, e.g. MAILSTROM_RELAY__HOST, MAILSTROM_RELAY__PORT,
+MAILSTROM_LIMITS__MAX_CONNECTIONS.
 
 examples:
   mailstrom-async send --from me@example.com --to you@example.org --subject Hi --body Hello
@@ -46,9 +49,12 @@ examples:
   mailstrom-async status ID
   mailstrom-async retry --domain example.org
   mailstrom-async hold --domain example.org
+  mailstrom-async migrate --store postgresql://mail:secret@db.internal/mail
 
-exit codes: 0 ok, 1 error, 2 usage error, 3 a recipient failed (send --wait),
-4 still pending when send --wait timed out, 130 interrupted. Errors are one
+exit codes: 0 ok, 1 error (for migrate --check: migrations pending), 2 usage
+error, 3 a recipient failed (send --wait), 4 still pending when send --wait
+timed out, 5 the store's schema is newer than this mailstrom-async (migrate),
+130 interrupted. Errors are one
 line on stderr; with --json, one JSON object {{"error": ..., "exit_code": N}}.
 Run 'mailstrom-async COMMAND --help' for each command's options.
 """
@@ -74,6 +80,7 @@ def _parser() -> Parser:
     _queue.add_parsers(sub)
     _leases.add_parser(sub)
     _hold.add_parsers(sub)
+    _migrate.add_parser(sub)
     return parser
 
 

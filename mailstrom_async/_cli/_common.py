@@ -8,22 +8,29 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
+import anyio
 import attrs
 
 from mailstrom_async._config import Config, read_toml
 from mailstrom_async._deliverer import DEFAULT_STORE_PATH
 from mailstrom_async._models import MessageStatus, RecipientStatus
-from mailstrom_async._store import SQLiteStore
+from mailstrom_async._store import PostgresStore, SQLiteStore
+from mailstrom_async._store._url import parse_store_url
+
+if TYPE_CHECKING:
+    from mailstrom_async._store import Store
+    from mailstrom_async._store._url import StoreLocation
 
 __all__ = [
     "DEFAULT_STORE_PATH",
@@ -45,6 +52,7 @@ __all__ = [
     "non_negative_seconds",
     "one_target",
     "open_store",
+    "opened",
     "plain_value",
     "positive_seconds",
     "print_error",
@@ -54,6 +62,7 @@ __all__ = [
     "setup_logging",
     "state_text",
     "status_json",
+    "store_location",
     "table",
     "timestamp",
     "utcnow",
@@ -99,15 +108,16 @@ def utcnow() -> datetime:
 # -- options -------------------------------------------------------------------
 
 STORE_HELP = (
-    "the SQLite queue file (default: $MAILSTROM_STORE, else "
-    f"./{DEFAULT_STORE_PATH} in the current directory)"
+    "the queue: a SQLite file (PATH or sqlite:///PATH), or a PostgreSQL "
+    "database (postgresql://USER:PASSWORD@HOST:PORT/DB); default: "
+    f"$MAILSTROM_STORE, else ./{DEFAULT_STORE_PATH} in the current directory"
 )
 
 
 def add_store_options(parser: argparse.ArgumentParser) -> None:
     """--store, --config, --lock-timeout and --json, shared by queue commands."""
     group = parser.add_argument_group("store and configuration")
-    group.add_argument("--store", metavar="PATH", help=STORE_HELP)
+    group.add_argument("--store", metavar="PATH|URL", help=STORE_HELP)
     group.add_argument(
         "--config",
         metavar="FILE",
@@ -119,7 +129,7 @@ def add_store_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         type=non_negative_seconds,
         default=DEFAULT_LOCK_TIMEOUT,
-        help="how long to wait for a store that another process holds "
+        help="how long to wait for a SQLite store that another process holds "
         f"(default {DEFAULT_LOCK_TIMEOUT:g})",
     )
     group.add_argument(
@@ -208,28 +218,72 @@ def one_target(args: argparse.Namespace, *, allow_all: bool = True) -> None:
         args.parser.error(f"give exactly one of {what}")
 
 
-def store_path(args: argparse.Namespace) -> Path:
-    return Path(args.store or os.environ.get("MAILSTROM_STORE") or DEFAULT_STORE_PATH)
-
-
-def open_store(args: argparse.Namespace, *, create: bool) -> SQLiteStore:
-    """The SQLite store the options name (not opened yet).
+def store_location(args: argparse.Namespace) -> StoreLocation:
+    """Where the options put the queue: --store, else $MAILSTROM_STORE, else
+    the default SQLite file (a path or a URL, as ``store_from_url()`` takes).
 
     Raises:
-        CLIError: the path is a directory, or it does not exist and *create* is
-            False (commands that only read or change queued mail never create one).
+        ConfigError: a malformed URL or an unknown scheme.
     """
-    path = store_path(args)
+    given = args.store or os.environ.get("MAILSTROM_STORE") or DEFAULT_STORE_PATH
+    location = parse_store_url(given)
+    if location.kind == "memory":
+        msg = (
+            "the memory: store keeps a queue in one process only, and each "
+            "command is a process of its own: give --store a SQLite file or a "
+            "postgresql:// URL"
+        )
+        raise CLIError(msg)
+    return location
+
+
+def open_store(args: argparse.Namespace, *, create: bool) -> Store:
+    """The store the options name (not opened yet).
+
+    Commands that only read or change queued mail (*create* False) never create
+    a queue: not a SQLite file, and not the schema in an empty PostgreSQL
+    database (one connection is made to look for it).
+
+    Raises:
+        CLIError: a SQLite path is a directory, or there is no queue there and
+            *create* is False; or the memory: store.
+        ConfigError: a malformed URL or an unknown scheme.
+        StoreError: a PostgreSQL URL without the postgres extra, or (*create*
+            False) a database that cannot be reached.
+    """
+    location = store_location(args)
+    if location.kind == "postgres":
+        store = PostgresStore(location.target)
+        if not create and anyio.run(store.schema_version) == 0:
+            msg = (
+                f"no queue in the PostgreSQL database {location.display!r}: "
+                "check --store or MAILSTROM_STORE, or create it with "
+                "'mailstrom-async migrate' (nothing was submitted to this one yet)"
+            )
+            raise CLIError(msg)
+        return store
+    path = Path(location.target)
     if path.is_dir():
         msg = f"store {str(path)!r} is a directory, not a SQLite file"
         raise CLIError(msg)
     if not create and not path.exists():
         msg = (
-            f"no store at {str(path)!r}: give --store PATH or set MAILSTROM_STORE "
-            "(nothing was submitted to this one yet)"
+            f"no store at {str(path)!r}: give --store PATH|URL or set "
+            "MAILSTROM_STORE (nothing was submitted to this one yet)"
         )
         raise CLIError(msg)
     return SQLiteStore(path, busy_timeout=args.lock_timeout)
+
+
+@contextlib.asynccontextmanager
+async def opened(store: Store) -> AsyncIterator[Store]:
+    """``async with opened(store):`` opens *store* and closes it on the way out
+    (the :class:`Store` protocol has ``open()`` and ``aclose()``, not ``async with``)."""
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.aclose()
 
 
 def load_config(args: argparse.Namespace) -> Config:

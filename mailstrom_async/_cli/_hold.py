@@ -14,13 +14,14 @@ from mailstrom_async._cli._common import (
     message_id,
     one_target,
     open_store,
+    opened,
     print_json,
 )
 from mailstrom_async._domain import domain_key
 
 if TYPE_CHECKING:
     from mailstrom_async._cli._common import Parser
-    from mailstrom_async._store import SQLiteStore
+    from mailstrom_async._store import Store
 
 __all__ = ["add_parsers"]
 
@@ -73,7 +74,7 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     p.set_defaults(handler=_release, parser=p)
 
 
-def _store(args: argparse.Namespace) -> SQLiteStore:
+def _store(args: argparse.Namespace) -> Store:
     load_config(args)  # the same checks as every command, even if unused here
     return open_store(args, create=False)
 
@@ -91,7 +92,7 @@ def _hold(args: argparse.Namespace) -> int:
     store = _store(args)
 
     async def run() -> int:
-        async with store:
+        async with opened(store):
             return await store.hold(message_id=args.message_id, domain=args.domain)
 
     count = anyio.run(run)
@@ -109,7 +110,7 @@ def _release(args: argparse.Namespace) -> int:
     store = _store(args)
 
     async def run() -> int:
-        async with store:
+        async with opened(store):
             return await store.unhold(
                 message_id=args.message_id, domain=args.domain, all=args.all
             )

@@ -12,6 +12,7 @@ from mailstrom_async._cli._common import (
     add_store_options,
     load_config,
     open_store,
+    opened,
     print_json,
     table,
     timestamp,
@@ -76,7 +77,7 @@ def _leases(args: argparse.Namespace) -> int:
     store = open_store(args, create=False)
 
     async def run() -> tuple[list[LeaseOwner], int | None]:
-        async with store:
+        async with opened(store):
             released: int | None = None
             if args.release is not None:
                 released = await release_dead_owner(store, args.release)

@@ -28,6 +28,7 @@ from mailstrom_async._cli._common import (
     age,
     load_config,
     open_store,
+    opened,
     print_json,
     recipient_json,
     reply_text,
@@ -43,7 +44,7 @@ from mailstrom_async._models import RecipientState
 if TYPE_CHECKING:
     from mailstrom_async._cli._common import Parser
     from mailstrom_async._models import MessageStatus, RecipientStatus
-    from mailstrom_async._store import QueueShape, QueueSummary, SQLiteStore
+    from mailstrom_async._store import QueueShape, QueueSummary, Store
 
 __all__ = ["SHAPE_MINUTES", "add_parser"]
 
@@ -154,18 +155,18 @@ def _queue(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _summary(store: SQLiteStore) -> QueueSummary:
-    async with store:
+async def _summary(store: Store) -> QueueSummary:
+    async with opened(store):
         return await store.summary()
 
 
 async def _shape(
-    store: SQLiteStore,
+    store: Store,
     states: tuple[RecipientState, ...],
     domain: str | None,
     held: bool | None,
 ) -> QueueShape:
-    async with store:
+    async with opened(store):
         return await store.shape(
             now=utcnow(),
             bounds=[60.0 * m for m in SHAPE_MINUTES],
@@ -176,13 +177,13 @@ async def _shape(
 
 
 async def _listing(
-    store: SQLiteStore,
+    store: Store,
     states: tuple[RecipientState, ...],
     domain: str | None,
     limit: int | None,
     held: bool | None,
 ) -> tuple[list[MessageStatus], dict[str, int]]:
-    async with store:
+    async with opened(store):
         messages = await store.messages(
             states=states, domain=domain, limit=limit, held=held
         )

@@ -21,6 +21,7 @@ from mailstrom_async._cli._common import (
     message_id,
     one_target,
     open_store,
+    opened,
     print_json,
     status_json,
     table,
@@ -33,7 +34,7 @@ from mailstrom_async._models import RecipientState
 if TYPE_CHECKING:
     from mailstrom_async._cli._common import Parser
     from mailstrom_async._models import AttemptRecord, MessageStatus
-    from mailstrom_async._store import SQLiteStore
+    from mailstrom_async._store import Store
 
 __all__ = ["add_parsers"]
 
@@ -137,7 +138,7 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     p.set_defaults(handler=_purge)
 
 
-def _prepare(args: argparse.Namespace) -> SQLiteStore:
+def _prepare(args: argparse.Namespace) -> Store:
     load_config(args)  # the same checks as every command, even if unused here
     return open_store(args, create=False)
 
@@ -146,7 +147,7 @@ def _status(args: argparse.Namespace) -> int:
     store = _prepare(args)
 
     async def run() -> tuple[MessageStatus, list[AttemptRecord] | None]:
-        async with store:
+        async with opened(store):
             status = await store.status(args.message_id)
             history = await store.history(args.message_id) if args.history else None
             return status, history
@@ -210,7 +211,7 @@ def _retry(args: argparse.Namespace) -> int:
     store = _prepare(args)
 
     async def run() -> int:
-        async with store:
+        async with opened(store):
             return await store.retry_now(
                 now=utcnow(), message_id=args.message_id, domain=args.domain
             )
@@ -227,7 +228,7 @@ def _cancel(args: argparse.Namespace) -> int:
     store = _prepare(args)
 
     async def run() -> int:
-        async with store:
+        async with opened(store):
             return await store.cancel(args.message_id)
 
     count = anyio.run(run)
@@ -260,7 +261,7 @@ def _purge(args: argparse.Namespace) -> int:
         store = _prepare(args)
 
     async def run() -> int:
-        async with store:
+        async with opened(store):
             return await store.purge(finished_before=cutoff)
 
     count = anyio.run(run)
@@ -271,10 +272,10 @@ def _purge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _purgeable(store: SQLiteStore, cutoff: datetime) -> list[MessageStatus]:
+async def _purgeable(store: Store, cutoff: datetime) -> list[MessageStatus]:
     """The messages ``purge`` would delete now: every recipient final, and the
     last attempt (or the submission, if none) before *cutoff*."""
-    async with store:
+    async with opened(store):
         finished = await store.messages(
             states=(RecipientState.DELIVERED, RecipientState.FAILED)
         )

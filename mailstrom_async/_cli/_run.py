@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from mailstrom_async._cli._common import Parser
     from mailstrom_async._config import Config
     from mailstrom_async._sink import CapturedMessage, RcptPolicy
-    from mailstrom_async._store import SQLiteStore
+    from mailstrom_async._store import Store
 
 __all__ = ["add_parsers"]
 
@@ -184,7 +184,7 @@ def _loop_options(choice: str) -> dict[str, bool]:
     return {"use_uvloop": installed}
 
 
-async def _run_worker(config: Config, store: SQLiteStore) -> int:
+async def _run_worker(config: Config, store: Store) -> int:
     # Each outcome is logged once, by the Deliverer ("attempt recorded: ..."), and
     # its start line says where mail goes; the command adds only its own lines.
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

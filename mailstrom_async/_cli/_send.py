@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from mailstrom_async._config import Config
     from mailstrom_async._events import EventStream
     from mailstrom_async._models import MessageStatus
-    from mailstrom_async._store import SQLiteStore
+    from mailstrom_async._store import Store
 
 __all__ = ["add_parser"]
 
@@ -219,7 +219,7 @@ def _send(args: argparse.Namespace) -> int:
 async def _submit(
     args: argparse.Namespace,
     config: Config,
-    store: SQLiteStore,
+    store: Store,
     prepared: PreparedMessage,
 ) -> tuple[str, bool]:
     async with Deliverer(config, store=store, mode="submit") as deliverer:
@@ -230,7 +230,7 @@ async def _submit(
 async def _submit_and_wait(
     args: argparse.Namespace,
     config: Config,
-    store: SQLiteStore,
+    store: Store,
     prepared: PreparedMessage,
     stored: list[str],
 ) -> MessageStatus:

@@ -26,6 +26,7 @@ from mailstrom_async._cli._common import (
     load_config,
     message_id,
     open_store,
+    opened,
     print_json,
     reply_text,
     state_text,
@@ -91,7 +92,7 @@ def _show(args: argparse.Namespace) -> int:
     store = open_store(args, create=False)
 
     async def run() -> tuple[MessageStatus, bytes]:
-        async with store:
+        async with opened(store):
             status = await store.status(args.message_id)
             return status, await store.message_data(args.message_id)
 

@@ -13,6 +13,7 @@ from mailstrom_async._store._base import (
 from mailstrom_async._store._memory import MemoryStore
 from mailstrom_async._store._postgres import PostgresStore
 from mailstrom_async._store._sqlite import SQLiteStore
+from mailstrom_async._store._url import store_from_url
 
 __all__ = [
     "Job",
@@ -24,4 +25,5 @@ __all__ = [
     "QueueSummary",
     "SQLiteStore",
     "Store",
+    "store_from_url",
 ]

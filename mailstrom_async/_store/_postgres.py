@@ -28,7 +28,7 @@ import itertools
 from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from datetime import datetime
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -137,6 +137,10 @@ class PostgresStore:
         ValueError: a pool size or the timeout is out of range.
     """
 
+    #: The schema version this mailstrom_async writes: :meth:`open` migrates
+    #: an older database to it, and refuses a newer one.
+    SCHEMA_VERSION: ClassVar[int] = sql.SCHEMA_VERSION
+
     def __init__(
         self,
         dsn: str,
@@ -209,6 +213,34 @@ class PostgresStore:
                     await pool.close()
                 raise
             self._pool = pool
+
+    async def schema_version(self) -> int:
+        """The schema version found in the database: 0 for a database that
+        holds no queue yet, :attr:`SCHEMA_VERSION` once :meth:`open` has
+        migrated it, more for one written by a newer mailstrom_async.
+
+        It migrates nothing: on a closed store it reads the version on a
+        connection of its own, closed before it returns, so that a deploy can
+        ask whether :meth:`open` would migrate (``mailstrom-async migrate
+        --check``).
+
+        Raises:
+            StoreError: the database cannot be reached or read.
+        """
+        if self._pool is not None:
+            async with self._read() as conn:
+                return await _schema_version(conn)
+        with self._translate():
+            conn = await self._asyncpg.connect(
+                self._dsn,
+                command_timeout=self._command_timeout,
+                server_settings={"application_name": "mailstrom_async"},
+            )
+            try:
+                return await _schema_version(conn)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await conn.close()
 
     async def _migrate(self, conn: _Connection) -> None:
         await conn.execute("SELECT pg_advisory_xact_lock($1)", sql.MIGRATION_LOCK)
@@ -718,6 +750,14 @@ class PostgresStore:
             else:
                 result = await conn.execute(sql.UNHOLD_ALL)
         return _count(result)
+
+
+async def _schema_version(conn: Any) -> int:
+    """The version in the schema table, 0 without the table."""
+    if await conn.fetchval("SELECT to_regclass($1)", sql.SCHEMA_TABLE) is None:
+        return 0
+    version = await conn.fetchval(f"SELECT max(version) FROM {sql.SCHEMA_TABLE}")  # noqa: S608
+    return 0 if version is None else int(version)
 
 
 def _utf8(text: str | None) -> bytes | None:

@@ -48,7 +48,7 @@ from collections.abc import (
 from contextlib import asynccontextmanager, contextmanager, suppress
 from datetime import datetime
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 import aiosqlite
 import anyio
@@ -134,6 +134,10 @@ class SQLiteStore:
             StoreError ("database is locked").
     """
 
+    #: The schema version this mailstrom_async writes: :meth:`open` migrates
+    #: an older file to it, and refuses a newer one.
+    SCHEMA_VERSION: ClassVar[int] = sql.SCHEMA_VERSION
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -187,21 +191,7 @@ class SQLiteStore:
         async with self._lock:
             if self._db is not None:
                 return
-            connection = aiosqlite.connect(
-                self._path, timeout=self._busy_timeout, isolation_level=None
-            )
-            try:
-                with self._translate():
-                    db = await connection
-            except BaseException:
-                # On a failed connect aiosqlite stops its worker thread, which
-                # then reports to this event loop: wait for it, so that it never
-                # reports to a loop that has closed in the meantime.
-                thread = getattr(connection, "_thread", None)
-                if isinstance(thread, threading.Thread) and thread.is_alive():
-                    with anyio.CancelScope(shield=True):
-                        await anyio.to_thread.run_sync(thread.join, 5.0)
-                raise
+            db = await self._connect()
             try:
                 with self._translate():
                     await self._setup(db)
@@ -210,6 +200,48 @@ class SQLiteStore:
                     await db.close()
                 raise
             self._db = db
+
+    async def _connect(self) -> aiosqlite.Connection:
+        connection = aiosqlite.connect(
+            self._path, timeout=self._busy_timeout, isolation_level=None
+        )
+        try:
+            with self._translate():
+                return await connection
+        except BaseException:
+            # On a failed connect aiosqlite stops its worker thread, which
+            # then reports to this event loop: wait for it, so that it never
+            # reports to a loop that has closed in the meantime.
+            thread = getattr(connection, "_thread", None)
+            if isinstance(thread, threading.Thread) and thread.is_alive():
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(thread.join, 5.0)
+            raise
+
+    async def schema_version(self) -> int:
+        """The schema version found in the file: 0 for a file that does not
+        exist yet or holds no queue, :attr:`SCHEMA_VERSION` once :meth:`open`
+        has migrated it, more for a file written by a newer mailstrom_async.
+
+        It migrates nothing: on a closed store it reads the version on a
+        connection of its own (and creates no file), so that a deploy can ask
+        whether :meth:`open` would migrate (``mailstrom-async migrate --check``).
+
+        Raises:
+            StoreError: the file cannot be read, or is not a SQLite database.
+        """
+        if self._db is not None:
+            return await self._read(_user_version)
+        if not await anyio.Path(self._path).exists():
+            return 0
+        db = await self._connect()
+        try:
+            with self._translate():
+                (version,), *_ = await db.execute_fetchall("PRAGMA user_version")
+        finally:
+            with anyio.CancelScope(shield=True), self._translate():
+                await db.close()
+        return int(version)
 
     async def _setup(self, db: aiosqlite.Connection) -> None:
         (mode,), *_ = await db.execute_fetchall("PRAGMA journal_mode = WAL")
@@ -841,6 +873,11 @@ def _on_thread(
     """
     execute = cast("Callable[[Callable[[], T]], Awaitable[T]]", db._execute)
     return execute(lambda: fn(db._conn, *args))
+
+
+def _user_version(conn: sqlite3.Connection) -> int:
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    return int(version)
 
 
 def _error_code(exc: sqlite3.Error) -> int | None:

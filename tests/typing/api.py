@@ -12,6 +12,7 @@ import signal
 from collections.abc import Sequence
 from datetime import datetime
 from email.message import EmailMessage
+from pathlib import Path
 from typing import assert_type
 
 import mailstrom_async as m
@@ -295,6 +296,16 @@ async def queue_operation_types(
     assert_type(listed, list[m.MessageStatus])
     m.SQLiteStore("q.sqlite3", busy_timeout=0.5)
     m.PostgresStore("postgresql://u@127.0.0.1/q", max_size=4, command_timeout=5.0)
+
+
+async def store_url_types(sqlite: m.SQLiteStore, postgres: m.PostgresStore) -> None:
+    assert_type(m.store_from_url("postgresql://u@127.0.0.1/q", max_size=4), m.Store)
+    assert_type(m.store_from_url(Path("q.sqlite3"), busy_timeout=0.5), m.Store)
+    m.store_from_url(b"q.sqlite3")  # type: ignore[arg-type]  # text, not bytes
+    assert_type(await sqlite.schema_version(), int)
+    assert_type(await postgres.schema_version(), int)
+    assert_type(m.SQLiteStore.SCHEMA_VERSION, int)
+    assert_type(m.PostgresStore.SCHEMA_VERSION, int)
 
 
 async def hold_types(deliverer: m.Deliverer, store: m.Store) -> None:
