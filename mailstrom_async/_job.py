@@ -385,14 +385,9 @@ class JobRunner:
             },
         )
         await self._record(lane, job, progress)
-        await self.release(
-            attrs.evolve(
-                job,
-                recipients=tuple(
-                    r for r in job.recipients if r.address in set(pending)
-                ),
-            )
-        )
+        left = set(pending)
+        rest = tuple(r for r in job.recipients if r.address in left)
+        await self.release(attrs.evolve(job, recipients=rest))
 
     async def _postpone(self, lane: Lane, job: Job, until: datetime) -> None:
         logger.debug(
