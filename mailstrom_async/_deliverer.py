@@ -164,7 +164,7 @@ class Deliverer:
         self._state: Literal["new", "opening", "open", "closing", "closed"] = "new"
         self._feeders = anyio.CancelScope()
         self._cm: AbstractAsyncContextManager[Self] | None = None
-        self._watchers = Watchers()
+        self._watchers = Watchers(retry_interval=config.poll_interval)
         self._transport = transport
         # Resolved on entering: the config, else MAILSTROM_TRANSPORT, else smtp.
         self._transport_name: TransportName = "smtp"
@@ -369,6 +369,7 @@ class Deliverer:
             route=route,
             on_recorded=self._watchers.changed,
             telemetry=self._telemetry,
+            lease_end=self._keeper.lease_end,
         )
         lanes = Lanes(
             config=config,

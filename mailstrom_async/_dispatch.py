@@ -135,12 +135,13 @@ class Dispatcher:
                 [key] = parts
                 lanes.dispatch(job, key, tg)
                 continue
-            # One transaction per destination: split the job, each part a job.
-            self._keeper.drop(job)
+            # One transaction per destination: split the job, each part a job
+            # (held before the whole is dropped, so its lease end is kept).
             for key, recipients in parts.items():
                 part = attrs.evolve(job, recipients=tuple(recipients))
                 self._keeper.hold(part)
                 lanes.dispatch(part, key, tg)
+            self._keeper.drop(job)
 
     def _take_ready(self, wanted: Callable[[Job], bool]) -> list[Job]:
         """Take the jobs not dispatched yet that *wanted* picks, in order."""

@@ -76,9 +76,13 @@ _MAX_RETRY_NOW = 20
 # 100,000 recipients quadratic. A crash mid-job re-sends at most that share.
 _MAX_WRITES_PER_JOB = 20
 # A known outcome that the store failed to write is written again, waiting a
-# little longer each time (0.05 s, 0.1 s, 0.2 s, ...), for up to a third of the
-# lease; then the job gives it up to the boundary.
+# little longer each time (0.05 s, 0.1 s, 0.2 s, ...), until the job's lease is
+# about to run out (at least a third of the lease); then the job gives it up to
+# the boundary.
 _RECORD_FIRST_WAIT = 0.05
+# ... and at most this long between two tries, so that a database back from a
+# restart gets the outcome within a second.
+_RECORD_LONGEST_WAIT = 1.0
 
 
 @attrs.define
@@ -147,6 +151,7 @@ class JobRunner:
         route: Transport,
         on_recorded: Callable[[str, Sequence[RecipientStatus]], None],
         telemetry: Telemetry | None = None,
+        lease_end: Callable[[str], datetime | None] = lambda _: None,
     ) -> None:
         self._config = config
         self._store = store
@@ -157,6 +162,8 @@ class JobRunner:
         self._route = route
         self._on_recorded = on_recorded
         self._telemetry = telemetry
+        # Until when a held message's lease is known to last (LeaseKeeper).
+        self._lease_end = lease_end
         self.tally = Tally()
 
     # -- the boundary ----------------------------------------------------------
@@ -327,6 +334,9 @@ class JobRunner:
         every = -(-transactions // _MAX_WRITES_PER_JOB)
         unwritten = 0  # transactions decided since the last write
         while pending:
+            if self._lease_running_out(job):
+                await self._give_up_lease(lane, job, progress, pending)
+                return
             batch, pending = pending[:per_transaction], pending[per_transaction:]
             progress.batch = batch
             progress.begin(self._clock())
@@ -345,6 +355,39 @@ class JobRunner:
             if unwritten >= every or not pending:
                 await self._record(lane, job, progress)
                 unwritten = 0
+
+    def _lease_left(self, job: Job) -> float | None:
+        """Seconds left on *job*'s lease as this process knows it (None: unknown)."""
+        end = self._lease_end(job.message_id)
+        return None if end is None else (end - self._clock()).total_seconds()
+
+    def _lease_running_out(self, job: Job) -> bool:
+        """True when the lease has not been renewed for two thirds of its
+        duration: renewals fail (the store is lost), so a transaction started
+        now might not be recorded before another worker takes the recipients."""
+        left = self._lease_left(job)
+        return left is not None and left < self._config.lease_duration / 3
+
+    async def _give_up_lease(
+        self, lane: Lane, job: Job, progress: _Progress, pending: Sequence[str]
+    ) -> None:
+        """Start no transaction on a lease running out: write what is known,
+        then give the rest back unattempted (if the store is still lost, the
+        lease runs out by itself and another worker, or this one, claims it)."""
+        logger.warning(
+            "the lease of a job was not renewed in time; its recipients are "
+            "given back unattempted",
+            extra={
+                "message_id": job.message_id,
+                "destination": lane.key,
+                "recipients": len(pending),
+                "lease_left": self._lease_left(job),
+            },
+        )
+        await self._record(lane, job, progress)
+        left = set(pending)
+        rest = tuple(r for r in job.recipients if r.address in left)
+        await self.release(attrs.evolve(job, recipients=rest))
 
     async def _postpone(self, lane: Lane, job: Job, until: datetime) -> None:
         logger.debug(
@@ -531,8 +574,11 @@ class JobRunner:
     ) -> None:
         """``Store.record`` (the statuses and their attempts' *history*, one
         transaction) shielded from cancellation, written again after a
-        failure, a little later each time, for *patience* seconds (default: a
-        third of the lease; 0: one more try); the last failure is raised.
+        failure, a little later each time, for *patience* seconds (default:
+        until the job's lease, as last claimed or renewed, is about to run
+        out, at least a third of the lease; 0: one more try); the last failure
+        is raised. A known outcome is kept for as long as the lease holds, so a
+        database that comes back within it (a restart) loses none.
 
         Writing the same statuses and attempts twice is harmless (the store
         keeps an attempt once), so a store that wrote and then failed to say so
@@ -541,6 +587,11 @@ class JobRunner:
         """
         if patience is None:
             patience = self._config.lease_duration / 3
+            left = self._lease_left(job)
+            if left is not None:
+                # Stop a little before the end: past it, another worker may
+                # have claimed the recipients.
+                patience = max(patience, left - min(1.0, patience / 2))
         limit = self._config.limits.history_per_recipient
         wait = _RECORD_FIRST_WAIT
         give_up_at = anyio.current_time() + patience
@@ -575,7 +626,7 @@ class JobRunner:
                     },
                 )
                 await anyio.sleep(max(0.0, min(wait, left)))
-                wait *= 2
+                wait = min(wait * 2, _RECORD_LONGEST_WAIT)
             else:
                 return
 

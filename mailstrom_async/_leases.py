@@ -207,6 +207,11 @@ class LeaseKeeper:
         self._lease = timedelta(seconds=lease_duration)
         # Per message, how many held jobs name each recipient address.
         self._held: dict[str, Counter[str]] = {}
+        # Per held message, until when its lease is known to last: from its
+        # claim, pushed on by each renewal that succeeded. A store that fails
+        # moves it no more, so a worker that lost the database sees its leases
+        # run out and stops starting transactions it could not record.
+        self._until: dict[str, datetime] = {}
         self._jobs = 0
         self._renewals = FailureLog("could not renew leases")
 
@@ -243,7 +248,14 @@ class LeaseKeeper:
         """*job* is now in this process's hands."""
         held = self._held.setdefault(job.message_id, Counter())
         held.update(r.address for r in job.recipients)
+        # Claimed a moment ago (by a claim or a submit that took the lease).
+        self._until.setdefault(job.message_id, self.lease_until())
         self._jobs += 1
+
+    def lease_end(self, message_id: str) -> datetime | None:
+        """Until when the lease of a held message is known to last (None: not
+        held): it was claimed or last renewed a lease duration before that."""
+        return self._until.get(message_id)
 
     def drop(self, job: Job) -> None:
         """*job* is over, however it ended."""
@@ -254,6 +266,7 @@ class LeaseKeeper:
                 del held[address]
             if not held:
                 del self._held[job.message_id]
+                self._until.pop(job.message_id, None)
         self._jobs -= 1
 
     async def run(self) -> None:
@@ -268,16 +281,19 @@ class LeaseKeeper:
         """Extend the leases of the jobs held now; never raises."""
         if not self._held:
             return
+        message_ids = list(self._held)
+        until = self.lease_until()
         try:
             await self._store.renew_leases(
-                worker=self._owner,
-                lease_until=self.lease_until(),
-                message_ids=list(self._held),
+                worker=self._owner, lease_until=until, message_ids=message_ids
             )
         except Exception as exc:
             self._renewals.failed(exc)
         else:
             self._renewals.succeeded()
+            for message_id in message_ids:
+                if message_id in self._until:
+                    self._until[message_id] = max(self._until[message_id], until)
 
     async def reclaim_dead(self) -> int:
         """Release the leases of owners on this host whose process is gone;

@@ -28,6 +28,7 @@ import anyio
 import attrs
 
 from mailstrom_async._domain import recipient_key
+from mailstrom_async._exceptions import StoreError
 from mailstrom_async._store._common import check_statuses, should_replace
 
 if TYPE_CHECKING:
@@ -102,7 +103,9 @@ class _Waited:
 class Watchers:
     """Keeps the status of awaited messages current and wakes their waiters."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, retry_interval: float = 1.0) -> None:
+        # How long a handle waits before it reads again after a failed read.
+        self._retry_interval = retry_interval
         self._waited: dict[str, _Waited] = {}
         # message id -> its followers' watches (weak: a follower dropped without
         # being closed goes away by itself)
@@ -116,7 +119,10 @@ class Watchers:
 
         *read* reads one status from the store (and raises once the Deliverer
         is closed); it is called when the first handle starts waiting, after an
-        operation such as ``cancel``, and once the watchers are closed.
+        operation such as ``cancel``, and once the watchers are closed. A read
+        that fails with StoreError (a database restarting, a connection
+        dropped) is logged and made again after the retry interval: the handle
+        goes on waiting, as the poll does, until the watchers are closed.
         """
         waited = self._waited.get(message_id)
         if waited is None:
@@ -129,13 +135,29 @@ class Watchers:
                 if status is not None and status.is_done:
                     return status
                 if (status is None or self._closed) and not waited.reading:
-                    await self._read(message_id, waited, read)
+                    try:
+                        await self._read(message_id, waited, read)
+                    except StoreError as exc:
+                        if self._closed:
+                            raise
+                        await self._read_failed(message_id, waited, exc)
                     continue
                 await event.wait()
         finally:
             waited.count -= 1
             if not waited.count and self._waited.get(message_id) is waited:
                 del self._waited[message_id]
+
+    async def _read_failed(
+        self, message_id: str, waited: _Waited, exc: StoreError
+    ) -> None:
+        logger.warning(
+            "could not read the status of an awaited message; trying again",
+            extra={"message_id": message_id, "error": repr(exc)},
+        )
+        event = waited.event  # set by close(), or by a change meanwhile
+        with anyio.move_on_after(self._retry_interval):
+            await event.wait()
 
     async def _read(self, message_id: str, waited: _Waited, read: ReadOne) -> None:
         waited.reading, version = True, waited.version

@@ -15,6 +15,10 @@ authentication on loopback only: nothing else can reach it.
 
 When PostgreSQL (or asyncpg) is not installed, the tests that need it skip;
 with ``TESTS_REQUIRE_POSTGRES=1`` (as in CI) they fail instead.
+
+A test that stops or restarts PostgreSQL under its workers gets a cluster of its
+own (:func:`running_cluster`, about a second to make) so that the session's
+cluster, and the other tests' connections to it, are left alone.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ __all__ = [
     "postgres_cluster_fixture",
     "postgres_dsn_fixture",
     "require_postgres",
+    "running_cluster",
 ]
 
 LOCALHOST = "127.0.0.1"
@@ -89,6 +94,8 @@ class PostgresCluster:
     host: str
     port: int
     user: str = USER
+    durable: bool = False
+    """Commits survive a crash of the server (``synchronous_commit=on``)."""
     _template: str = ""
 
     def dsn(self, database: str = "postgres") -> str:
@@ -115,6 +122,39 @@ class PostgresCluster:
             self._template = name
         return self._template
 
+    @property
+    def data(self) -> Path:
+        """The cluster's data directory."""
+        return self.directory / "data"
+
+    def start(self) -> None:
+        """Start the server (on its port) and wait until it accepts connections."""
+        options = " ".join(
+            [
+                f"-c listen_addresses={self.host}",
+                f"-p {self.port}",
+                f"-c unix_socket_directories={self.directory}",
+                "-c fsync=off",
+                f"-c synchronous_commit={'on' if self.durable else 'off'}",
+                "-c full_page_writes=off",
+                "-c max_connections=200",
+            ]
+        )
+        self.run(
+            "pg_ctl", "-D", str(self.data), "-l", str(self.directory / "log"),
+            "-o", options, "-w", "-t", "60", "start",
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        """Stop the server at once, as a crash would (``-m immediate``): every
+        connection drops; the next start runs crash recovery."""
+        self.run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def restart(self) -> None:
+        """:meth:`stop`, then :meth:`start` again on the same port."""
+        self.stop()
+        self.start()
+
     def run(self, *command: str) -> subprocess.CompletedProcess[str]:
         """Run a PostgreSQL program of this cluster as the cluster's owner."""
         argv = [str(self.bin_dir / command[0]), *command[1:]]
@@ -130,11 +170,13 @@ class PostgresCluster:
         return result.stdout.strip()
 
 
-def _run_as_postgres(argv: list[str]) -> subprocess.CompletedProcess[str]:
+def _run_as_postgres(
+    argv: list[str], *, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     if os.geteuid() == 0:
         argv = ["runuser", "-u", USER, "--", *argv]
     result = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
+    if check and result.returncode != 0:
         pytest.fail(
             f"{' '.join(argv)} exited with {result.returncode}:\n"
             f"{result.stdout}\n{result.stderr}"
@@ -142,43 +184,51 @@ def _run_as_postgres(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return result
 
 
-@pytest.fixture(name="postgres_cluster", scope="session")
-def postgres_cluster_fixture() -> Iterator[PostgresCluster]:
-    """One cluster for the session, started on first use, stopped at the end."""
+@contextlib.contextmanager
+def running_cluster(*, durable: bool = False) -> Iterator[PostgresCluster]:
+    """A new cluster in a temporary directory, stopped and removed on the way
+    out (skips, or fails, when PostgreSQL is missing; see require_postgres).
+
+    With *durable*, a commit is in the WAL before it is acknowledged
+    (``synchronous_commit=on``), so that it survives :meth:`PostgresCluster.stop`:
+    without, an immediate stop forgets the last fraction of a second of commits,
+    as PostgreSQL documents, and a test that crashes the server would see its
+    outcomes come back undone. ``fsync`` stays off: the machine does not crash.
+    """
     bin_dir = require_postgres()
     directory = Path(tempfile.mkdtemp(prefix="mailstrom-pg-"))
     if os.geteuid() == 0:
         entry = pwd.getpwnam(USER)
         os.chown(directory, entry.pw_uid, entry.pw_gid)
-    data = directory / "data"
     port = free_port(LOCALHOST)
-    cluster = PostgresCluster(bin_dir, directory, LOCALHOST, port)
+    cluster = PostgresCluster(bin_dir, directory, LOCALHOST, port, durable=durable)
     cluster.run(
-        "initdb", "-D", str(data), "-U", USER, "--auth=trust", "-E", "UTF8",
+        "initdb", "-D", str(cluster.data), "-U", USER, "--auth=trust", "-E", "UTF8",
         "--locale=C", "--no-sync",
     )  # fmt: skip
-    options = " ".join(
-        [
-            f"-c listen_addresses={LOCALHOST}",
-            f"-p {port}",
-            f"-c unix_socket_directories={directory}",
-            "-c fsync=off",
-            "-c synchronous_commit=off",
-            "-c full_page_writes=off",
-            "-c max_connections=200",
-        ]
-    )
-    cluster.run(
-        "pg_ctl", "-D", str(data), "-l", str(directory / "log"), "-o", options,
-        "-w", "-t", "60", "start",
-    )  # fmt: skip
+    cluster.start()
     try:
         yield cluster
     finally:
         _run_as_postgres(
-            [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]
+            [
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(cluster.data),
+                "-m",
+                "immediate",
+                "stop",
+            ],
+            check=False,
         )
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(name="postgres_cluster", scope="session")
+def postgres_cluster_fixture() -> Iterator[PostgresCluster]:
+    """One cluster for the session, started on first use, stopped at the end."""
+    with running_cluster() as cluster:
+        yield cluster
 
 
 @contextlib.asynccontextmanager
@@ -198,7 +248,12 @@ async def fresh_database(
     admin = await asyncpg.connect(cluster.dsn())
     try:
         await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-        yield cluster.dsn(name)
+    finally:
+        await admin.close()
+    yield cluster.dsn(name)
+    # A new connection: the test may have restarted the server meanwhile.
+    admin = await asyncpg.connect(cluster.dsn())
+    try:
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     finally:
         await admin.close()

@@ -287,7 +287,16 @@ class PostgresStore:
         pg = self._asyncpg
         try:
             yield
-        except (pg.PostgresError, pg.InterfaceError, OSError, TimeoutError) as exc:
+        except (
+            pg.PostgresError,
+            pg.InterfaceError,
+            # A connection terminated by the server while idle in the pool can
+            # fail its next statement with this (checked with asyncpg 0.32.0:
+            # "cannot switch to state 11; another operation (2) is in progress").
+            pg.InternalClientError,
+            OSError,
+            TimeoutError,
+        ) as exc:
             msg = f"PostgreSQL store {self._name!r} failed: {exc}"
             raise StoreError(msg) from exc
 
