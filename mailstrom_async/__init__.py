@@ -65,6 +65,7 @@ from mailstrom_async._statistics import (
     Statistics,
 )
 from mailstrom_async._store import (
+    ChangeWatchingStore,
     Job,
     LeaseInfo,
     MemoryStore,
@@ -74,6 +75,7 @@ from mailstrom_async._store import (
     QueueSummary,
     SQLiteStore,
     Store,
+    StoreChange,
 )
 from mailstrom_async._telemetry import Telemetry
 from mailstrom_async._transport import Connection, Transport
@@ -88,6 +90,7 @@ __all__ = [
     "Attachment",
     "AttemptCounters",
     "AttemptRecord",
+    "ChangeWatchingStore",
     "Config",
     "ConfigError",
     "ConnectError",
@@ -138,6 +141,7 @@ __all__ = [
     "Statistics",
     "StatusStream",
     "Store",
+    "StoreChange",
     "StoreError",
     "SubmitHandle",
     "TLSRequiredError",

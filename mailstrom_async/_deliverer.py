@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import anyio
-from anyio.abc import TaskGroup
+from anyio.abc import TaskGroup, TaskStatus
 
 from mailstrom_async._config import Config, TransportName
 from mailstrom_async._dispatch import Dispatcher
@@ -36,7 +36,7 @@ from mailstrom_async._operations import QueueOperations
 from mailstrom_async._owner import current_owner
 from mailstrom_async._routes import network_route
 from mailstrom_async._statistics import AttemptCounters, Statistics
-from mailstrom_async._store import SQLiteStore, Store
+from mailstrom_async._store import ChangeWatchingStore, SQLiteStore, Store, StoreChange
 from mailstrom_async._telemetry import Telemetry
 from mailstrom_async._transports import (
     ENV_TRANSPORT,
@@ -269,6 +269,10 @@ class Deliverer:
                     self._config.poll_interval,
                     name="mailstrom handle poll",
                 )
+                if isinstance(self._store, ChangeWatchingStore):
+                    await tg.start(
+                        self._watch_changes, self._store, name="mailstrom changes"
+                    )
                 if self._mode != "submit":
                     tg.start_soon(self._run_feeders, tg, name="mailstrom feeders")
                 self._state = "open"
@@ -385,6 +389,30 @@ class Deliverer:
                 tg.start_soon(dispatcher.scheduler.run, name="mailstrom scheduler")
                 tg.start_soon(self._keeper.run, name="mailstrom leases")
                 tg.start_soon(dispatcher.run, workers, name="mailstrom dispatcher")
+
+    async def _watch_changes(
+        self,
+        store: ChangeWatchingStore,
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Wake handles, followers and the scheduler when the store tells of
+        another process's change; a feed that fails leaves the poll alone."""
+        status = _Started(task_status)
+        try:
+            await store.watch_changes(self._on_store_change, task_status=status)
+        except Exception as exc:  # contained: Config.poll_interval still applies
+            logger.warning(
+                "the store's change feed stopped; polling only",
+                extra={"worker": self._worker_id, "error": repr(exc)},
+            )
+        status.started()  # if the store had not said so before it stopped
+
+    def _on_store_change(self, change: StoreChange) -> None:
+        if change.due and self._mode != "submit":
+            self._dispatcher.scheduler.wake()
+        if change.message_ids is None or change.message_ids:
+            self._watchers.stale(change.message_ids)
 
     async def _drain(self) -> None:
         """Stop intake; give back queued jobs; let in-flight ones finish in time."""
@@ -669,7 +697,8 @@ class Deliverer:
         once, and those of other processes (a worker, when this one runs with
         ``mode="submit"``; :meth:`hold` and :meth:`release`) within
         ``Config.poll_interval`` seconds, read by one query per interval while
-        the message waits. It also ends, with a status that is not done, when
+        the message waits, or as soon as they commit with a store that tells
+        of them (:class:`ChangeWatchingStore`: PostgreSQL's ``LISTEN/NOTIFY``). It also ends, with a status that is not done, when
         the Deliverer closes or :meth:`stop_following` is called.
 
         ``await deliverer.follow(message_id)`` (or ``async with``) reads the
@@ -721,3 +750,17 @@ class Deliverer:
 
     async def _wait_done(self, message_id: str) -> MessageStatus:
         return await self._watchers.wait_done(message_id, self.status)
+
+
+class _Started:
+    """Passes a store's ``task_status.started()`` on once, however often it
+    is called (a store that stops before saying it started is started too)."""
+
+    def __init__(self, task_status: TaskStatus[None]) -> None:
+        self._task_status = task_status
+        self._done = False
+
+    def started(self, value: None = None) -> None:
+        if not self._done:
+            self._done = True
+            self._task_status.started(value)

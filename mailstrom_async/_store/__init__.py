@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from mailstrom_async._store._base import (
+    ChangeWatchingStore,
     Job,
     LeaseInfo,
     NewMessage,
     QueueShape,
     QueueSummary,
     Store,
+    StoreChange,
 )
 from mailstrom_async._store._memory import MemoryStore
 from mailstrom_async._store._postgres import PostgresStore
 from mailstrom_async._store._sqlite import SQLiteStore
 
 __all__ = [
+    "ChangeWatchingStore",
     "Job",
     "LeaseInfo",
     "MemoryStore",
@@ -24,4 +27,5 @@ __all__ = [
     "QueueSummary",
     "SQLiteStore",
     "Store",
+    "StoreChange",
 ]
