@@ -34,6 +34,7 @@ from mailstrom_async._leases import LeaseKeeper, LeaseOwner
 from mailstrom_async._models import AttemptRecord, MessageStatus, RecipientState
 from mailstrom_async._operations import QueueOperations
 from mailstrom_async._owner import current_owner
+from mailstrom_async._remote_events import RemoteEvents
 from mailstrom_async._routes import network_route
 from mailstrom_async._statistics import AttemptCounters, Statistics
 from mailstrom_async._store import ChangeWatchingStore, SQLiteStore, Store, StoreChange
@@ -161,6 +162,9 @@ class Deliverer:
         # so that a restarted process can tell a dead owner's leases at once.
         self._worker_id = str(current_owner())
         self._broker = EventBroker()
+        # In a submit-only Deliverer on a store that tells of changes: events
+        # for what the workers do.
+        self._remote: RemoteEvents | None = None
         self._state: Literal["new", "opening", "open", "closing", "closed"] = "new"
         self._feeders = anyio.CancelScope()
         self._cm: AbstractAsyncContextManager[Self] | None = None
@@ -270,6 +274,11 @@ class Deliverer:
                     name="mailstrom handle poll",
                 )
                 if isinstance(self._store, ChangeWatchingStore):
+                    if self._mode == "submit":
+                        self._remote = RemoteEvents(
+                            self._broker, self._store.statuses, self._clock
+                        )
+                        tg.start_soon(self._remote.run, name="mailstrom remote events")
                     await tg.start(
                         self._watch_changes, self._store, name="mailstrom changes"
                     )
@@ -413,6 +422,8 @@ class Deliverer:
             self._dispatcher.scheduler.wake()
         if change.message_ids is None or change.message_ids:
             self._watchers.stale(change.message_ids)
+            if self._remote is not None:
+                self._remote.stale(change.message_ids)
 
     async def _drain(self) -> None:
         """Stop intake; give back queued jobs; let in-flight ones finish in time."""
@@ -680,6 +691,13 @@ class Deliverer:
         Each subscriber gets every event; one that falls behind by more than its
         buffer loses the oldest and is told through ``DeliveryEvent.missed``.
         The stream ends when the Deliverer closes.
+
+        The events are those of this process: its submissions, its deliveries
+        and its operations. A submit-only Deliverer on a store that tells of
+        other processes' changes (:class:`ChangeWatchingStore`: PostgreSQL's
+        ``LISTEN/NOTIFY``) also gets the workers' changes to the messages it
+        submitted, read when they are notified, with ``previous_state`` the
+        state it last knew and ``at`` the time it learned of the change.
         """
         return self._broker.subscribe()
 

@@ -18,12 +18,17 @@ import pytest
 from mailstrom_async import (
     ChangeWatchingStore,
     Deliverer,
+    DeliveryEvent,
     MemoryStore,
+    MessageStatus,
     RecipientState,
+    RecipientStatus,
     RetryPolicy,
     SQLiteStore,
     StoreChange,
 )
+from mailstrom_async._events import EventBroker
+from mailstrom_async._remote_events import RemoteEvents
 from mailstrom_async._store import PostgresStore
 from mailstrom_async._store._pg_changes import (
     CHANNEL,
@@ -37,6 +42,7 @@ from tests.smtpd import FaultHandler, SMTPDServers
 from tests.test_deliverer import email, relay_config
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
     from pathlib import Path
 
     from mailstrom_async import Config
@@ -268,3 +274,88 @@ async def test_an_operator_retry_from_a_plain_store_wakes_the_worker(
         await events.aclose()
     assert status.is_delivered
     assert status.recipient("busy@example.org").attempts == 2
+
+
+async def test_events_in_a_submit_only_process_show_the_workers_outcomes(
+    smtpd: SMTPDServers, postgres_dsn: str
+) -> None:
+    """``events()`` in a submit-only Deliverer: its own "queued" events, then
+    the worker's outcomes, each with the state it replaced."""
+    handler = FaultHandler(rcpt_replies={"gone@example.org": "550 5.1.1 no such user"})
+    server = await smtpd.start(handler)
+    config = hourly(server)
+    async with (
+        Deliverer(config, store=PostgresStore(postgres_dsn), mode="deliver"),
+        Deliverer(config, store=PostgresStore(postgres_dsn), mode="submit") as web,
+    ):
+        events = web.events()
+        handle = await web.submit(email("gone@example.org", "ok@example.org"))
+        seen = []
+        with anyio.fail_after(20):
+            async for event in events:
+                assert event.message_id == handle.message_id
+                seen.append((event.address, event.previous_state, event.state))
+                if len(seen) == 4:
+                    break
+            status = await handle
+        await events.aclose()
+    queued, failed, delivered = (
+        RecipientState.QUEUED,
+        RecipientState.FAILED,
+        RecipientState.DELIVERED,
+    )
+    assert seen[:2] == [
+        ("gone@example.org", None, queued),
+        ("ok@example.org", None, queued),
+    ]
+    assert sorted(seen[2:]) == [
+        ("gone@example.org", queued, failed),
+        ("ok@example.org", queued, delivered),
+    ]
+    assert status.recipient("gone@example.org").code == 550
+
+
+async def test_remote_events_remember_a_bounded_number_of_messages() -> None:
+    """At most *limit* messages are remembered, the oldest forgotten first; a
+    message whose recipients are all final is forgotten once reported."""
+    broker = EventBroker()
+    reads: list[list[str]] = []
+    statuses: dict[str, MessageStatus] = {}
+
+    async def read(ids: Collection[str]) -> dict[str, MessageStatus]:
+        reads.append(sorted(ids))
+        return {i: statuses[i] for i in ids}
+
+    remote = RemoteEvents(broker, read, lambda: datetime.now(UTC), limit=2)
+    stream = broker.subscribe()
+    for n in range(3):
+        broker.publish(
+            DeliveryEvent(
+                message_id=f"m{n}",
+                recipient=RecipientStatus(address="a@example.org"),
+                previous_state=None,
+                at=datetime.now(UTC),
+            )
+        )
+    done = RecipientStatus(address="a@example.org", state=RecipientState.DELIVERED)
+    statuses["m2"] = MessageStatus(
+        message_id="m2", recipients=(done,), submitted_at=datetime.now(UTC)
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(remote.run)
+        remote.stale(["m0", "m2"])  # m0 was forgotten: only m2 is read
+        with anyio.fail_after(10):
+            events = [await stream.__anext__() for _ in range(4)]
+        remote.stale(["m2"])  # done and reported: forgotten too
+        remote.stale(None)  # "any": the one left, m1
+        statuses["m1"] = MessageStatus(
+            message_id="m1", recipients=(done,), submitted_at=datetime.now(UTC)
+        )
+        with anyio.fail_after(10):
+            events.append(await stream.__anext__())
+        tg.cancel_scope.cancel()
+    assert [(e.message_id, e.previous_state) for e in events[3:]] == [
+        ("m2", RecipientState.QUEUED),
+        ("m1", RecipientState.QUEUED),
+    ]
+    assert reads == [["m2"], ["m1"]]
