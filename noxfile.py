@@ -68,7 +68,7 @@ def bench(session: nox.Session) -> None:
     Needs Postfix's smtp-sink and smtp-source (``apt-get install postfix``).
     ``BENCH_UVLOOP=1`` also installs uvloop, which adds the uvloop variants.
     """
-    session.install("-e", ".")
+    session.install("-e", ".[postgres]")  # the PostgreSQL scenarios
     if os.environ.get("BENCH_UVLOOP") == "1":
         session.install("uvloop")
     session.run("python", "-m", "bench", *session.posargs)

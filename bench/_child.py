@@ -13,7 +13,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bench import baselines, looplag, mx, scenarios
+from bench import baselines, looplag, mx, pg, scenarios
 from bench._common import run_async, vm_status_kib
 from bench._procs import child_result
 
@@ -31,6 +31,8 @@ MEASUREMENTS: dict[str, Measurement] = {
     "deep_start": scenarios.deep_start,
     "mx_lanes": mx.mx_lanes,
     "loop_lag": looplag.loop_lag,
+    "store_ceiling": pg.store_ceiling,
+    "notify_latency": pg.notify_latency,
 }
 
 

@@ -21,7 +21,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bench import RESULTS_SCHEMA, baselines, looplag, mx
+from bench import RESULTS_SCHEMA, baselines, looplag, mx, pg
 from bench._common import Row, Target, median, out, uvloop_available
 from bench._procs import (
     ChildError,
@@ -130,7 +130,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         help="comma-separated keys to run: "
-        "source,pool,single,app,1,2,3,4,5,6,7 (baselines A/B/C are needed for "
+        "source,pool,single,app,1,2,3,4,5,6,7,pg (baselines A/B/C are needed for "
         "ratios; app runs its own baseline)",
     )
     p.add_argument(
@@ -216,6 +216,7 @@ class Bench:
         self.fills: dict[str, dict[str, Any]] = {}
         self.skipped: dict[str, str] = {}
         self.child_timeout = 120.0 if args.quick else _CHILD_TIMEOUT
+        self.pg_dsn = ""  # the throwaway cluster's, when scenario pg runs
 
     def wants(self, key: str) -> bool:
         return self.only is None or key in self.only
@@ -389,6 +390,29 @@ class Bench:
                 self._child("throughput", "6", soft_every=20, **soft),
             )
 
+        if self.wants("pg") and self.pg_dsn:
+            quick = self.args.quick
+            ceiling = {"messages": 2_000 if quick else 20_000, "tasks": 4, "claim": 10}
+            for key, store in (("P", "postgres"), ("Ps", "sqlite")):
+                self._add(
+                    key,
+                    f"store ceiling, {store}: 4 claimers, claims of 10, a record "
+                    "per message, no SMTP",
+                    self._child(
+                        "store_ceiling", key, store=store, dsn=self.pg_dsn, **ceiling
+                    ),
+                )
+            self._add(
+                "Pn",
+                "PostgreSQL: a worker's record to await handle elsewhere (NOTIFY)",
+                self._child(
+                    "notify_latency",
+                    "Pn",
+                    store="postgres",
+                    dsn=self.pg_dsn,
+                    samples=50 if quick else 500,
+                ),
+            )
         if self.wants("7"):
             quick = self.args.quick
             lag = {"port": port, "repetitions": 1 if quick else 3}
@@ -662,7 +686,46 @@ class Bench:
             if key in ms:
                 rows.extend(looplag.report_rows(key, ms[key].runs))
                 targets.extend(looplag.report_targets(key, ms[key].runs))
+        if "P" in ms:
+            self._report_pg(rows, targets)
         return rows, targets
+
+    def _report_pg(self, rows: list[Row], targets: list[Target]) -> None:
+        ms = self.measurements
+        ceiling = self.rate("P", "recipients_per_s")
+        sqlite = self.rate("Ps", "recipients_per_s")
+        ok = None if math.isnan(ceiling) else ceiling >= pg.TARGET_CEILING
+        rows.append(
+            Row(
+                "P",
+                ms["P"].label,
+                _fmt_rate(ceiling, "rcpt/s"),
+                f"{_ratio(ceiling, sqlite):.2f}x Ps",
+                f">= {pg.TARGET_CEILING:,.0f} rcpt/s",
+                _verdict(ok),
+            )
+        )
+        targets.append(
+            Target("PostgreSQL store ceiling rcpt/s", ceiling, ">= 5000", ok, "")
+        )
+        if "Ps" in ms:
+            rows.append(Row("Ps", ms["Ps"].label, _fmt_rate(sqlite, "rcpt/s")))
+        if "Pn" in ms:
+            p50, p99 = self.rate("Pn", "p50_ms"), self.rate("Pn", "p99_ms")
+            ok = None if math.isnan(p99) else p99 < pg.TARGET_NOTIFY_P99_MS
+            rows.append(
+                Row(
+                    "Pn",
+                    ms["Pn"].label,
+                    f"p50 {p50:.1f} ms, p99 {p99:.1f} ms",
+                    "",
+                    f"p99 < {pg.TARGET_NOTIFY_P99_MS:g} ms",
+                    _verdict(ok),
+                )
+            )
+            targets.append(
+                Target("PostgreSQL status change p99 ms", p99, "< 100", ok, "")
+            )
 
     def results(
         self, rows: list[Row], targets: list[Target], started: dt.datetime
@@ -797,11 +860,18 @@ def main(argv: list[str] | None = None) -> int:
             bench.sink_port = start_smtp_sink()
             if bench.wants("6"):
                 bench.soft_port = start_soft_sink()
-            bench.plan()
-            bench.fill_deep_queues()
-            bench.run()
-            if args.profile:
-                bench.profile(Path(args.profile))
+            with contextlib.ExitStack() as stack:
+                if bench.wants("pg"):
+                    reason = pg.pg_available()
+                    if reason is None:
+                        bench.pg_dsn = stack.enter_context(pg.cluster())
+                    else:
+                        bench.skipped["pg"] = reason
+                bench.plan()
+                bench.fill_deep_queues()
+                bench.run()
+                if args.profile:
+                    bench.profile(Path(args.profile))
     except KeyboardInterrupt:
         out("\ninterrupted; every child process was stopped")
         return 130

@@ -71,6 +71,9 @@ nitpick_ignore = [
     ("py:class", "os.PathLike"),
     ("py:class", "pathlib.Path"),
     ("py:class", "random.Random"),
+    # anyio's start protocol (ChangeWatchingStore.watch_changes).
+    ("py:class", "TaskStatus"),
+    ("py:class", "anyio.abc.TaskStatus"),
     # Telemetry's optional OpenTelemetry providers (documented by OpenTelemetry).
     ("py:class", "MeterProvider"),
     ("py:class", "TracerProvider"),

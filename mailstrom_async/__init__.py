@@ -65,6 +65,7 @@ from mailstrom_async._statistics import (
     Statistics,
 )
 from mailstrom_async._store import (
+    ChangeWatchingStore,
     Job,
     LeaseInfo,
     MemoryStore,
@@ -74,6 +75,7 @@ from mailstrom_async._store import (
     QueueSummary,
     SQLiteStore,
     Store,
+    StoreChange,
     store_from_url,
 )
 from mailstrom_async._telemetry import Telemetry
@@ -89,6 +91,7 @@ __all__ = [
     "Attachment",
     "AttemptCounters",
     "AttemptRecord",
+    "ChangeWatchingStore",
     "Config",
     "ConfigError",
     "ConnectError",
@@ -139,6 +142,7 @@ __all__ = [
     "Statistics",
     "StatusStream",
     "Store",
+    "StoreChange",
     "StoreError",
     "SubmitHandle",
     "TLSRequiredError",

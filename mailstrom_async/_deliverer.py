@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import anyio
-from anyio.abc import TaskGroup
+from anyio.abc import TaskGroup, TaskStatus
 
 from mailstrom_async._config import Config, TransportName
 from mailstrom_async._dispatch import Dispatcher
@@ -34,9 +34,10 @@ from mailstrom_async._leases import LeaseKeeper, LeaseOwner
 from mailstrom_async._models import AttemptRecord, MessageStatus, RecipientState
 from mailstrom_async._operations import QueueOperations
 from mailstrom_async._owner import current_owner
+from mailstrom_async._remote_events import RemoteEvents
 from mailstrom_async._routes import network_route
 from mailstrom_async._statistics import AttemptCounters, Statistics
-from mailstrom_async._store import SQLiteStore, Store
+from mailstrom_async._store import ChangeWatchingStore, SQLiteStore, Store, StoreChange
 from mailstrom_async._telemetry import Telemetry
 from mailstrom_async._transports import (
     ENV_TRANSPORT,
@@ -161,6 +162,9 @@ class Deliverer:
         # so that a restarted process can tell a dead owner's leases at once.
         self._worker_id = str(current_owner())
         self._broker = EventBroker()
+        # In a submit-only Deliverer on a store that tells of changes: events
+        # for what the workers do.
+        self._remote: RemoteEvents | None = None
         self._state: Literal["new", "opening", "open", "closing", "closed"] = "new"
         self._feeders = anyio.CancelScope()
         self._cm: AbstractAsyncContextManager[Self] | None = None
@@ -269,6 +273,15 @@ class Deliverer:
                     self._config.poll_interval,
                     name="mailstrom handle poll",
                 )
+                if isinstance(self._store, ChangeWatchingStore):
+                    if self._mode == "submit":
+                        self._remote = RemoteEvents(
+                            self._broker, self._store.statuses, self._clock
+                        )
+                        tg.start_soon(self._remote.run, name="mailstrom remote events")
+                    await tg.start(
+                        self._watch_changes, self._store, name="mailstrom changes"
+                    )
                 if self._mode != "submit":
                     tg.start_soon(self._run_feeders, tg, name="mailstrom feeders")
                 self._state = "open"
@@ -386,6 +399,32 @@ class Deliverer:
                 tg.start_soon(dispatcher.scheduler.run, name="mailstrom scheduler")
                 tg.start_soon(self._keeper.run, name="mailstrom leases")
                 tg.start_soon(dispatcher.run, workers, name="mailstrom dispatcher")
+
+    async def _watch_changes(
+        self,
+        store: ChangeWatchingStore,
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Wake handles, followers and the scheduler when the store tells of
+        another process's change; a feed that fails leaves the poll alone."""
+        status = _Started(task_status)
+        try:
+            await store.watch_changes(self._on_store_change, task_status=status)
+        except Exception as exc:  # contained: Config.poll_interval still applies
+            logger.warning(
+                "the store's change feed stopped; polling only",
+                extra={"worker": self._worker_id, "error": repr(exc)},
+            )
+        status.started()  # if the store had not said so before it stopped
+
+    def _on_store_change(self, change: StoreChange) -> None:
+        if change.due and self._mode != "submit":
+            self._dispatcher.scheduler.wake()
+        if change.message_ids is None or change.message_ids:
+            self._watchers.stale(change.message_ids)
+            if self._remote is not None:
+                self._remote.stale(change.message_ids)
 
     async def _drain(self) -> None:
         """Stop intake; give back queued jobs; let in-flight ones finish in time."""
@@ -653,6 +692,13 @@ class Deliverer:
         Each subscriber gets every event; one that falls behind by more than its
         buffer loses the oldest and is told through ``DeliveryEvent.missed``.
         The stream ends when the Deliverer closes.
+
+        The events are those of this process: its submissions, its deliveries
+        and its operations. A submit-only Deliverer on a store that tells of
+        other processes' changes (:class:`ChangeWatchingStore`: PostgreSQL's
+        ``LISTEN/NOTIFY``) also gets the workers' changes to the messages it
+        submitted, read when they are notified, with ``previous_state`` the
+        state it last knew and ``at`` the time it learned of the change.
         """
         return self._broker.subscribe()
 
@@ -670,7 +716,8 @@ class Deliverer:
         once, and those of other processes (a worker, when this one runs with
         ``mode="submit"``; :meth:`hold` and :meth:`release`) within
         ``Config.poll_interval`` seconds, read by one query per interval while
-        the message waits. It also ends, with a status that is not done, when
+        the message waits, or as soon as they commit with a store that tells
+        of them (:class:`ChangeWatchingStore`: PostgreSQL's ``LISTEN/NOTIFY``). It also ends, with a status that is not done, when
         the Deliverer closes or :meth:`stop_following` is called.
 
         ``await deliverer.follow(message_id)`` (or ``async with``) reads the
@@ -722,3 +769,17 @@ class Deliverer:
 
     async def _wait_done(self, message_id: str) -> MessageStatus:
         return await self._watchers.wait_done(message_id, self.status)
+
+
+class _Started:
+    """Passes a store's ``task_status.started()`` on once, however often it
+    is called (a store that stops before saying it started is started too)."""
+
+    def __init__(self, task_status: TaskStatus[None]) -> None:
+        self._task_status = task_status
+        self._done = False
+
+    def started(self, value: None = None) -> None:
+        if not self._done:
+            self._done = True
+            self._task_status.started(value)

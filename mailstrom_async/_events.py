@@ -16,6 +16,8 @@ import anyio
 import attrs
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from mailstrom_async._models import DeliveryEvent
 
 __all__ = ["EventBroker", "EventStream"]
@@ -91,6 +93,8 @@ class EventBroker:
         # publishes 10,000 events at once; rebuilt when a subscriber comes or goes.
         self._targets: tuple[weakref.ref[EventStream], ...] = ()
         self._closed = False
+        # Sees every event published (RemoteEvents, in a submit-only process).
+        self.tap: Callable[[DeliveryEvent], None] | None = None
 
     def subscribe(self) -> EventStream:
         """A new stream that receives every event published from now on."""
@@ -114,6 +118,8 @@ class EventBroker:
         return len(self._streams)
 
     def publish(self, event: DeliveryEvent) -> None:
+        if self.tap is not None:
+            self.tap(event)
         for target in self._targets:
             stream = target()
             if stream is not None:  # else dropped unclosed: gone at the next refresh

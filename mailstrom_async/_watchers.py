@@ -11,7 +11,10 @@ is kept current without reading the store:
 - for what other processes do (a worker, when this one only submits), one
   task, :meth:`Watchers.poll`, reads the statuses of every waited-on message in
   one query per ``Config.poll_interval``: its cost does not grow with the
-  number of handles.
+  number of handles. A store that tells of other processes' changes
+  (PostgreSQL's ``LISTEN/NOTIFY``) calls :meth:`Watchers.stale` with the
+  changed messages, and the poll reads those at once, in one query for all
+  that came in meanwhile.
 
 A follower keeps its own :class:`Watch` for as long as it follows, so that a
 change made while its consumer is busy is not missed.
@@ -112,6 +115,10 @@ class Watchers:
         self._follows: dict[str, weakref.WeakSet[Watch]] = {}
         self._follows_ended = False
         self._closed = False
+        # Messages another process changed, to read at once (see stale()).
+        self._stale: set[str] = set()
+        self._stale_all = False
+        self._poked = anyio.Event()
         self.reads = 0  # store reads made for handles (the first read and polls)
 
     async def wait_done(self, message_id: str, read: ReadOne) -> MessageStatus:
@@ -168,6 +175,8 @@ class Watchers:
         finally:
             waited.reading = False
             waited.wake()  # the others look again (and read, if this failed)
+            if message_id in self._stale:  # changed while it was first read
+                self._poked.set()
         if waited.version - version == len(waited.pending):
             # Only recorded statuses came meanwhile: what was read, plus them.
             for recorded in waited.pending:
@@ -200,17 +209,44 @@ class Watchers:
             for watch in list(watches):
                 watch.set()
 
+    def stale(self, message_ids: Collection[str] | None) -> None:
+        """Another process changed these messages (None: any may have
+        changed): their handles' statuses are read at once, by the poll, and
+        their followers look again."""
+        if message_ids is None:
+            self._stale_all = True
+            follows: Collection[str] = list(self._follows)
+        else:
+            self._stale.update(i for i in message_ids if i in self._waited)
+            follows = [i for i in message_ids if i in self._follows]
+        for message_id in follows:
+            for watch in list(self._follows.get(message_id, ())):
+                watch.set()
+        if self._stale_all or self._stale:
+            self._poked.set()
+
     async def poll(self, read: ReadMany, interval: float) -> None:
         """Every *interval* seconds, read the status of every awaited message
-        that is not done in one query, for changes made by other processes.
+        that is not done in one query, for changes made by other processes;
+        when :meth:`stale` is told of changes, read those messages at once.
         A failed read is logged and tried again at the next interval."""
         while True:
-            await anyio.sleep(interval)
+            with anyio.move_on_after(interval) as timer:
+                await self._poked.wait()
+            self._poked = anyio.Event()
+            everything = timer.cancelled_caught or self._stale_all
+            stale, self._stale, self._stale_all = self._stale, set(), False
             versions = {
                 message_id: waited.version
                 for message_id, waited in self._waited.items()
-                if waited.status is not None and not waited.reading
+                if waited.status is not None
+                and not waited.reading
+                and (everything or message_id in stale)
             }
+            # Those being read for the first time now: at the next round.
+            self._stale.update(
+                i for i in stale if i in self._waited and self._waited[i].reading
+            )
             if not versions:
                 continue
             try:

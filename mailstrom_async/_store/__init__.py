@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from mailstrom_async._store._base import (
+    ChangeWatchingStore,
     Job,
     LeaseInfo,
     NewMessage,
     QueueShape,
     QueueSummary,
     Store,
+    StoreChange,
 )
 from mailstrom_async._store._memory import MemoryStore
 from mailstrom_async._store._postgres import PostgresStore
@@ -16,6 +18,7 @@ from mailstrom_async._store._sqlite import SQLiteStore
 from mailstrom_async._store._url import store_from_url
 
 __all__ = [
+    "ChangeWatchingStore",
     "Job",
     "LeaseInfo",
     "MemoryStore",
@@ -25,5 +28,6 @@ __all__ = [
     "QueueSummary",
     "SQLiteStore",
     "Store",
+    "StoreChange",
     "store_from_url",
 ]

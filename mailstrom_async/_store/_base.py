@@ -24,13 +24,16 @@ reads them back; purging a message deletes its history.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+import anyio
 import attrs
 
 if TYPE_CHECKING:
+    from anyio.abc import TaskStatus
+
     from mailstrom_async._models import (
         AttemptRecord,
         MessageStatus,
@@ -40,12 +43,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_HISTORY_LIMIT",
+    "ChangeWatchingStore",
     "Job",
     "LeaseInfo",
     "NewMessage",
     "QueueShape",
     "QueueSummary",
     "Store",
+    "StoreChange",
 ]
 
 #: Attempts kept per recipient when :meth:`Store.record` is not told otherwise
@@ -122,6 +127,45 @@ class LeaseInfo:
 
     recipients: int
     lease_until: datetime
+
+
+@attrs.frozen(kw_only=True)
+class StoreChange:
+    """What another process committed, as a store that can tell reports it to
+    :meth:`ChangeWatchingStore.watch_changes`.
+
+    ``due``: new work may be due now (a message submitted, a lease released,
+    an operator's retry or unhold), so an idle worker should claim.
+    ``message_ids``: the messages whose statuses changed; None when any
+    message may have (read every one you wait on).
+    """
+
+    due: bool = False
+    message_ids: frozenset[str] | None = frozenset()
+
+
+@runtime_checkable
+class ChangeWatchingStore(Protocol):
+    """A store that tells a Deliverer at once what other processes commit
+    (:class:`PostgresStore`, with ``LISTEN/NOTIFY``): handles, followers and
+    idle workers then wake when the change is committed, not at their next
+    poll. A store without this method is polled (``Config.poll_interval``)."""
+
+    async def watch_changes(
+        self,
+        on_change: Callable[[StoreChange], None],
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Call *on_change* for each change other processes commit, until
+        cancelled; never raise for a lost connection (reconnect, and report
+        ``StoreChange(due=True, message_ids=None)`` once back, since changes may
+        have been missed). *on_change* is called on the event loop and must not
+        block. ``task_status.started()`` once listening (or once the first
+        attempt to listen failed): the Deliverer starts it with
+        ``TaskGroup.start``, so that what others commit after it has entered
+        reaches it."""
+        ...
 
 
 @runtime_checkable

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from datetime import datetime
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -49,6 +49,7 @@ from mailstrom_async._store._base import (
     NewMessage,
     QueueShape,
     QueueSummary,
+    StoreChange,
 )
 from mailstrom_async._store._common import (
     CANCELLED,
@@ -68,14 +69,18 @@ from mailstrom_async._store._common import (
     should_replace,
     utc,
 )
+from mailstrom_async._store._pg_changes import NOTIFY, ChangeFeed
 
 if TYPE_CHECKING:
     from types import ModuleType, TracebackType
     from typing import Self
 
     import asyncpg.pool
+    from anyio.abc import TaskStatus
 
     _Connection = asyncpg.pool.PoolConnectionProxy[Any]
+    # The messages a write changed; None: any may have.
+    _Changed = Collection[str] | None
 
 __all__ = ["PostgresStore"]
 
@@ -169,6 +174,7 @@ class PostgresStore:
         self._command_timeout = command_timeout
         self._pool: asyncpg.pool.Pool[Any] | None = None
         self._lock = anyio.Lock()  # open() and aclose()
+        self._feed = ChangeFeed(self._asyncpg, dsn, self._name)
 
     def __repr__(self) -> str:
         state = "open" if self._pool is not None else "closed"
@@ -315,13 +321,55 @@ class PostgresStore:
                 yield conn
 
     @contextlib.asynccontextmanager
-    async def _write(self) -> AsyncIterator[_Connection]:
+    async def _write(
+        self, *, due: bool = False, changed: _Changed = ()
+    ) -> AsyncIterator[_Connection]:
         """A pooled connection inside one transaction, shielded from cancellation:
-        committed when the block ends, rolled back if it raises."""
+        committed when the block ends, rolled back if it raises.
+
+        Once committed, the change is published to the other processes: *due*
+        when new work may be due, *changed* the messages whose statuses changed
+        (None: any may have). Through the change feed when a Deliverer watches
+        (debounced, on its own connection), else at once on this connection.
+        """
         pool = self._open_pool()
         with anyio.CancelScope(shield=True), self._translate():
-            async with pool.acquire() as conn, conn.transaction():
-                yield conn
+            async with pool.acquire() as conn:
+                async with conn.transaction():
+                    yield conn
+                ids = None if changed is None else frozenset(changed)
+                if (due or ids is None or ids) and not self._feed.publish(due, ids):
+                    await self._notify(conn, due, ids)
+
+    async def _notify(
+        self, conn: _Connection, due: bool, ids: frozenset[str] | None
+    ) -> None:
+        """Notify the others of a committed change, when no feed runs. The
+        write has committed: a failure here is logged, never raised (the others
+        see the change at their next poll)."""
+        pg = self._asyncpg
+        try:
+            await conn.execute(NOTIFY, self._feed.payloads(due, ids))
+        except (pg.PostgresError, pg.InterfaceError, OSError, TimeoutError) as exc:
+            logger.warning(
+                "could not notify other processes of a change",
+                extra={"store": self._name, "error": repr(exc)},
+            )
+
+    async def watch_changes(
+        self,
+        on_change: Callable[[StoreChange], None],
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Tell *on_change* what other processes commit, at once
+        (``LISTEN/NOTIFY`` on a connection of its own, reconnected with backoff
+        when lost), until cancelled; see
+        :meth:`ChangeWatchingStore.watch_changes`. While it runs, this store's
+        own changes are sent on that connection too, debounced: each write
+        adds to a buffer after its commit, and what gathered meanwhile goes in
+        one statement."""
+        await self._feed.run(on_change, task_status=task_status)
 
     async def _check_exists(self, conn: _Connection, message_id: str) -> None:
         if await conn.fetchval(sql.MESSAGE_EXISTS, message_id) is None:
@@ -363,7 +411,7 @@ class PostgresStore:
         attempt = 1
         while True:
             try:
-                async with self._write() as conn:
+                async with self._write(due=owner is None) as conn:
                     return await self._add(conn, checked, wanted, owner, until)
             except StoreError as exc:
                 cause = exc.__cause__
@@ -632,7 +680,7 @@ class PostgresStore:
         :meth:`Store.record`."""
         statuses = check_statuses(statuses)
         attempts = check_history(history, history_limit)
-        async with self._write() as conn:
+        async with self._write(changed=(message_id,)) as conn:
             stored = await conn.fetch(sql.LOCK_RECIPIENTS, message_id)
             if not stored:
                 await self._check_exists(conn, message_id)
@@ -663,7 +711,7 @@ class PostgresStore:
         self, message_id: str, addresses: Sequence[str], *, worker: str
     ) -> None:
         """End *worker*'s lease on these recipients; unknown ids and addresses are ignored."""
-        async with self._write() as conn:
+        async with self._write(due=True) as conn:
             stored = await conn.fetch(sql.LOCK_RECIPIENTS, message_id)
             leased = [row for row in stored if row[3] == worker]
             index = address_index(row[1] for row in leased)
@@ -695,7 +743,7 @@ class PostgresStore:
 
     async def release_owner(self, owner: str) -> int:
         """End every lease of *owner*; see :meth:`Store.release_owner`."""
-        async with self._write() as conn:
+        async with self._write(due=True) as conn:
             return _count(await conn.execute(sql.RELEASE_OWNER, owner))
 
     async def purge(self, *, finished_before: datetime) -> int:
@@ -719,14 +767,14 @@ class PostgresStore:
         """Make waiting recipients due at *now*; see :meth:`Store.retry_now`."""
         at = utc(now, "now")
         lowered = None if domain is None else domain_key(domain)
-        async with self._write() as conn:
+        async with self._write(due=True, changed=_one(message_id)) as conn:
             if message_id is not None:
                 await self._check_exists(conn, message_id)
             return _count(await conn.execute(sql.RETRY_NOW, at, message_id, lowered))
 
     async def cancel(self, message_id: str) -> int:
         """Fail every unfinished recipient of a message; see :meth:`Store.cancel`."""
-        async with self._write() as conn:
+        async with self._write(changed=(message_id,)) as conn:
             await self._check_exists(conn, message_id)
             return _count(await conn.execute(sql.CANCEL, message_id, CANCELLED))
 
@@ -735,7 +783,7 @@ class PostgresStore:
     ) -> int:
         """Hold unfinished recipients; see :meth:`Store.hold`."""
         lowered = check_hold(message_id, domain)
-        async with self._write() as conn:
+        async with self._write(changed=_one(message_id)) as conn:
             if message_id is None:
                 return _count(await conn.execute(sql.HOLD_DOMAIN, lowered))
             await self._check_exists(conn, message_id)
@@ -750,7 +798,7 @@ class PostgresStore:
     ) -> int:
         """Release held recipients; see :meth:`Store.unhold`."""
         lowered = check_unhold(message_id, domain, everything=all)
-        async with self._write() as conn:
+        async with self._write(due=True, changed=_one(message_id)) as conn:
             if message_id is not None:
                 await self._check_exists(conn, message_id)
                 result = await conn.execute(sql.UNHOLD_MESSAGE, message_id, lowered)
@@ -767,6 +815,11 @@ async def _schema_version(conn: Any) -> int:
         return 0
     version = await conn.fetchval(f"SELECT max(version) FROM {sql.SCHEMA_TABLE}")  # noqa: S608
     return 0 if version is None else int(version)
+
+
+def _one(message_id: str | None) -> tuple[str] | None:
+    """The messages an operation on one message, or on all (None), changed."""
+    return None if message_id is None else (message_id,)
 
 
 def _utf8(text: str | None) -> bytes | None:

@@ -366,3 +366,16 @@ async def inspect_types(store: m.Store, at: datetime) -> None:
     assert_type(shape.by_domain, dict[str, tuple[int, ...]])
     assert_type(shape.total(), tuple[int, ...])
     assert_type(shape.bounds, tuple[float, ...])
+
+
+async def change_types() -> None:
+    store = m.PostgresStore("postgresql://u@127.0.0.1/q")
+    watching: m.ChangeWatchingStore = store
+    seen: list[m.StoreChange] = []
+    await watching.watch_changes(seen.append)
+    change = m.StoreChange(due=True, message_ids=frozenset({"id"}))
+    assert_type(change.due, bool)
+    assert_type(change.message_ids, frozenset[str] | None)
+    m.StoreChange(message_ids={"id"})  # type: ignore[arg-type]  # a frozenset
+    bad: m.ChangeWatchingStore = m.MemoryStore()  # type: ignore[assignment]
+    del bad
