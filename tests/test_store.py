@@ -751,3 +751,41 @@ async def test_memory_claims_do_not_scan_waiting_messages() -> None:
     many, again = await _claim_cost(2_000)
     assert claimed == again == ["d0", "d1"]
     assert few == many < 10  # a handful, whatever the backlog
+
+
+async def test_migration_from_version_five_adds_lease_tokens(db_path: Path) -> None:
+    """A version 5 file (before lease tokens) keeps its leases: a row leased
+    then has no token, so a record fenced by a token leaves it alone while one
+    without writes it as before; a claim then leases it under a token."""
+    async with aiosqlite.connect(db_path) as raw:
+        for statements in MIGRATIONS[:5]:
+            for statement in statements:
+                await raw.execute(statement)
+        await raw.execute(
+            "INSERT INTO messages VALUES ('m1', 'a@example.org', x'00', 0, ?, NULL)",
+            (T0.timestamp(),),
+        )
+        await raw.execute(
+            "INSERT INTO recipients (message_id, position, address, domain, state,"
+            " next_attempt_at, lease_owner, lease_until)"
+            " VALUES ('m1', 0, 'a@x.example', 'x.example', 'queued', ?, 'old', ?)",
+            (T0.timestamp(), at(10).timestamp()),
+        )
+        await raw.execute("PRAGMA user_version = 5")
+        await raw.commit()
+    async with SQLiteStore(db_path) as store:
+        assert await pragma(store, "user_version") == SCHEMA_VERSION == 6
+        assert (await store.lease_owners())["old"].lease_until == at(10)
+        deferred = attempted("a@x.example", RecipientState.DEFERRED, next_at=at(20))
+        lost = await store.record("m1", [deferred], worker="old", lease="guess")
+        assert lost == ["a@x.example"]
+        assert await store.record("m1", [deferred], worker="old") == []
+        assert (await store.status("m1")).recipients == (deferred,)
+        jobs = await store.claim_due(
+            now=at(20), worker="new", lease_until=at(80), limit=1
+        )
+        [job] = jobs
+        assert job.lease is not None
+        done = attempted("a@x.example", RecipientState.DELIVERED, when=at(21))
+        assert await store.record("m1", [done], worker="new", lease=job.lease) == []
+        assert (await store.status("m1")).recipients == (done,)
