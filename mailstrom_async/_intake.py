@@ -162,6 +162,8 @@ class Intake:
     _broker: EventBroker
     _keeper: LeaseKeeper
     _dispatcher: Dispatcher
+    # Whether the store takes lease tokens (looked up once, at the first claim).
+    _fenced: bool | None = attrs.field(default=None, init=False)
 
     async def accept(
         self, prepared: Sequence[PreparedMessage], keys: Sequence[str | None]
@@ -185,7 +187,9 @@ class Intake:
         lease_until = self._keeper.lease_until()
         # The claim's lease token: ours to pick, so that this process's jobs
         # record under it (a store of the older contract takes none).
-        lease = new_lease_token() if claim and takes_lease(self._store) else None
+        if claim and self._fenced is None:
+            self._fenced = takes_lease(self._store)
+        lease = new_lease_token() if claim and self._fenced else None
         fence = {} if lease is None else {"lease": lease}
         try:
             results = await self._store.add_many(

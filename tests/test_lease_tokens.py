@@ -12,7 +12,7 @@ with no waiting for a lease to expire.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,17 +21,20 @@ import attrs
 import pytest
 
 from mailstrom_async import (
+    AttemptRecord,
     Deliverer,
     DeliveryEvent,
     Email,
+    Limits,
     MemoryStore,
     MessageStatus,
     RecipientState,
+    RecipientStatus,
     SQLiteStore,
     SubmitHandle,
     Timeouts,
 )
-from mailstrom_async._store import Job
+from mailstrom_async._store import Job, NewMessage
 from tests.smtpd import FaultHandler, SMTPDServers, smtpd_fixture  # noqa: F401
 from tests.test_engine_resilience import LogEvent
 from tests.test_relay_faults import DEADLINE, SENDER, done, relay_config
@@ -205,3 +208,72 @@ def test_job_lease_is_carried_by_parts() -> None:
         lease="t",
     )
     assert attrs.evolve(job, recipients=()).lease == "t"
+
+
+class OlderContract(MemoryStore):
+    """A store written before lease tokens: no ``lease`` keyword anywhere, jobs
+    without a token, ``record`` returning None."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    async def add_many(  # type: ignore[override]
+        self,
+        messages: Sequence[NewMessage],
+        *,
+        claim_for: str | None = None,
+        lease_until: datetime | None = None,
+    ) -> list[tuple[str, bool]]:
+        self.calls.append("add_many")
+        return await super().add_many(
+            messages, claim_for=claim_for, lease_until=lease_until
+        )
+
+    async def claim_due(
+        self, *, now: datetime, worker: str, lease_until: datetime, limit: int
+    ) -> list[Job]:
+        jobs = await super().claim_due(
+            now=now, worker=worker, lease_until=lease_until, limit=limit
+        )
+        return [attrs.evolve(job, lease=None) for job in jobs]
+
+    async def record(  # type: ignore[override]
+        self,
+        message_id: str,
+        statuses: Sequence[RecipientStatus],
+        *,
+        worker: str,
+        history: Sequence[AttemptRecord] = (),
+        history_limit: int = 20,
+    ) -> None:
+        self.calls.append("record")
+        await super().record(
+            message_id,
+            statuses,
+            worker=worker,
+            history=history,
+            history_limit=history_limit,
+        )
+
+    async def release(  # type: ignore[override]
+        self, message_id: str, addresses: Sequence[str], *, worker: str
+    ) -> None:
+        self.calls.append("release")
+        await super().release(message_id, addresses, worker=worker)
+
+
+async def test_a_store_of_the_older_contract_still_delivers(
+    smtpd: SMTPDServers, lease_lost: LogEvent
+) -> None:
+    """A store that takes no lease token is called as before: mail submitted to
+    it (claimed at submission) and mail it hands out by claims is delivered."""
+    server = await smtpd.start(FaultHandler())
+    store = OlderContract()
+    config = relay_config(server.port, limits=Limits(max_jobs_in_memory=1))
+    async with Deliverer(config, store=store) as d:  # type: ignore[arg-type]
+        handles = [await d.submit(email(f"r{i}@example.org")) for i in range(3)]
+        statuses = [await done(h) for h in handles]
+    assert all(s.is_delivered for s in statuses)
+    assert {"add_many", "record"} <= set(store.calls)
+    assert lease_lost.records == []

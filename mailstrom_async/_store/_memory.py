@@ -117,7 +117,10 @@ class _Recipient:
     def release(self, worker: str, lease: str | None = None) -> None:
         """End the lease if *worker* holds it (with *lease*: if its token is
         *lease*, whoever the owner)."""
-        if self.lease_owner == worker if lease is None else self.lease_token == lease:
+        holds = (
+            self.lease_owner == worker if lease is None else self.lease_token == lease
+        )
+        if holds:
             self.lease_owner = self.lease_until = None
 
 
