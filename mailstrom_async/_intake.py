@@ -25,6 +25,7 @@ from mailstrom_async._headers import ADDRESS_HEADERS
 from mailstrom_async._message import Email, PreparedMessage, check_size, prepare
 from mailstrom_async._models import DeliveryEvent, RecipientStatus
 from mailstrom_async._store import Job, NewMessage
+from mailstrom_async._store._common import new_lease_token, takes_lease
 
 if TYPE_CHECKING:
     from mailstrom_async._config import Config
@@ -161,6 +162,8 @@ class Intake:
     _broker: EventBroker
     _keeper: LeaseKeeper
     _dispatcher: Dispatcher
+    # Whether the store takes lease tokens (looked up once, at the first claim).
+    _fenced: bool | None = attrs.field(default=None, init=False)
 
     async def accept(
         self, prepared: Sequence[PreparedMessage], keys: Sequence[str | None]
@@ -182,11 +185,18 @@ class Intake:
             for p, key in zip(prepared, keys, strict=True)
         ]
         lease_until = self._keeper.lease_until()
+        # The claim's lease token: ours to pick, so that this process's jobs
+        # record under it (a store of the older contract takes none).
+        if claim and self._fenced is None:
+            self._fenced = takes_lease(self._store)
+        lease = new_lease_token() if claim and self._fenced else None
+        fence = {} if lease is None else {"lease": lease}
         try:
             results = await self._store.add_many(
                 news,
                 claim_for=self._worker_id if claim else None,
                 lease_until=lease_until if claim else None,
+                **fence,
             )
         except StoreError as exc:
             for new in news:
@@ -200,12 +210,12 @@ class Intake:
             raise
         for new, (_, created) in zip(news, results, strict=True):
             if created:
-                self._announce(new, claimed=claim)
+                self._announce(new, claimed=claim, lease=lease)
         if not claim and self._mode != "submit":
             self._dispatcher.scheduler.wake()
         return results
 
-    def _announce(self, new: NewMessage, *, claimed: bool) -> None:
+    def _announce(self, new: NewMessage, *, claimed: bool, lease: str | None) -> None:
         """Publish a new message's "queued" events; hand it to the lanes if ours."""
         recipients = tuple(
             RecipientStatus(address=a, next_attempt_at=new.submitted_at)
@@ -229,6 +239,7 @@ class Intake:
                     data=new.data,
                     smtputf8=new.smtputf8,
                     submitted_at=new.submitted_at,
+                    lease=lease,
                 )
             )
         logger.debug(

@@ -17,6 +17,12 @@ for it. :meth:`JobRunner.run` takes it through its whole life, top to bottom:
 Cancellation (the Deliverer closing past its grace) gives the recipients back
 unattempted, flagged ``possible_duplicate`` where the server may already have the
 message, and is re-raised.
+
+Every write and release is fenced by the job's lease token (``Job.lease``): when
+the store reports recipients whose lease another worker has taken since (this
+process was paused or cut off past the lease), their outcomes are dropped, said
+once at WARNING ("lease lost; outcome dropped"), never published nor counted,
+and the job stops: its recipients not yet tried are given back, not sent.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -32,6 +38,7 @@ import anyio
 import attrs
 
 from mailstrom_async._classify import RecipientOutcome, outcome_from_error
+from mailstrom_async._domain import recipient_key
 from mailstrom_async._exceptions import (
     ConnectError,
     DeliveryError,
@@ -107,6 +114,8 @@ class _Progress:
     errors: dict[str, str] = attrs.field(factory=dict)
     # The job's recipients as claimed, by address.
     claimed: dict[str, RecipientStatus] = attrs.field(init=False)
+    # Set when a write found recipients of this job leased by another worker.
+    lost: bool = False
 
     def __attrs_post_init__(self) -> None:
         self.claimed = {r.address: r for r in self.job.recipients}
@@ -252,7 +261,7 @@ class JobRunner:
         if not statuses:
             return
         try:
-            await self._write(job, statuses, attempts, patience=0.0)
+            lost = await self._write(job, statuses, attempts, patience=0.0)
         except UnknownMessageError:
             return
         except Exception as exc:
@@ -261,18 +270,22 @@ class JobRunner:
                 extra={"message_id": job.message_id, "error": reason(exc)},
             )
             return
-        self._publish(progress, statuses, now)
+        self._publish(progress, _kept(statuses, lost), now)
 
-    async def release(self, job: Job) -> None:
-        """Give *job*'s recipients back to the store, unattempted; never raises
-        (the lease then simply expires) and survives cancellation."""
-        addresses = [r.address for r in job.recipients]
+    async def release(self, job: Job, addresses: Sequence[str] | None = None) -> None:
+        """Give *job*'s recipients (or those of *addresses*) back to the store,
+        unattempted; never raises (the lease then simply expires) and survives
+        cancellation."""
+        if addresses is None:
+            addresses = [r.address for r in job.recipients]
         with (
             anyio.CancelScope(shield=True),
             anyio.move_on_after(_SHIELDED_DEADLINE),
             contextlib.suppress(Exception),  # then the lease simply expires
         ):
-            await self._store.release(job.message_id, addresses, worker=self._worker_id)
+            await self._store.release(
+                job.message_id, addresses, worker=self._worker_id, **_fence(job)
+            )
 
     async def _abandon(self, job: Job, progress: _Progress) -> None:
         """Cancelled mid-job: write the outcomes known but not yet written, flag
@@ -292,13 +305,16 @@ class JobRunner:
                 anyio.move_on_after(_SHIELDED_DEADLINE),
                 contextlib.suppress(Exception),
             ):
-                await self._store.record(
+                lost = await self._store.record(
                     job.message_id,
                     statuses,
                     worker=self._worker_id,
                     history=list(progress.attempts.values()),
                     history_limit=self._config.limits.history_per_recipient,
+                    **_fence(job),
                 )
+                if lost:
+                    self._lease_lost(job, lost)
         await self.release(job)
 
     @staticmethod
@@ -355,6 +371,12 @@ class JobRunner:
             if unwritten >= every or not pending:
                 await self._record(lane, job, progress)
                 unwritten = 0
+                if progress.lost and pending:
+                    # Another worker has this job's recipients: sending the
+                    # rest would send them twice. What is still ours goes back.
+                    await self.release(job, pending)
+                    progress.done.update(pending)
+                    return
 
     def _lease_left(self, job: Job) -> float | None:
         """Seconds left on *job*'s lease as this process knows it (None: unknown)."""
@@ -400,7 +422,7 @@ class JobRunner:
             },
         )
         statuses = [attrs.evolve(r, next_attempt_at=until) for r in job.recipients]
-        await self._write(job, statuses)
+        await self._write(job, statuses)  # a lost lease: nothing to drop here
 
     def _expires_at(self, job: Job) -> datetime:
         return job.submitted_at + timedelta(seconds=self._config.retry.lifetime)
@@ -550,13 +572,20 @@ class JobRunner:
 
     async def _record(self, lane: Lane, job: Job, progress: _Progress) -> None:
         """Write the outcomes decided so far; then count, log and publish them."""
-        statuses = list(progress.unwritten.values())
-        if not statuses:
+        decided = list(progress.unwritten.values())
+        if not decided:
             return
-        await self._write(job, statuses, list(progress.attempts.values()))
+        lost = await self._write(job, decided, list(progress.attempts.values()))
         progress.unwritten.clear()
         progress.attempts.clear()
-        progress.done.update(s.address for s in statuses)
+        progress.done.update(s.address for s in decided)
+        progress.lost = progress.lost or bool(lost)
+        # Only what was written is counted, logged, published and resolves
+        # handles: a dropped outcome is not the recipient's status.
+        statuses = _kept(decided, lost)
+        if not statuses:
+            progress.errors.clear()
+            return
         progress.recorded.extend(statuses)
         self.tally.count(statuses)
         if logger.isEnabledFor(logging.INFO):
@@ -571,19 +600,21 @@ class JobRunner:
         history: Sequence[AttemptRecord] = (),
         *,
         patience: float | None = None,
-    ) -> None:
+    ) -> list[str]:
         """``Store.record`` (the statuses and their attempts' *history*, one
-        transaction) shielded from cancellation, written again after a
-        failure, a little later each time, for *patience* seconds (default:
-        until the job's lease, as last claimed or renewed, is about to run
-        out, at least a third of the lease; 0: one more try); the last failure
-        is raised. A known outcome is kept for as long as the lease holds, so a
-        database that comes back within it (a restart) loses none.
+        transaction, fenced by the job's lease token) shielded from
+        cancellation, written again after a failure, a little later each
+        time, for *patience* seconds (default: until the job's lease, as last
+        claimed or renewed, is about to run out, at least a third of the lease;
+        0: one more try); the last failure is raised. A known outcome is kept
+        for as long as the lease holds, so a database that comes back within it
+        (a restart) loses none. Returns the addresses the store did not write
+        because another worker has their lease now (said once at WARNING).
 
         Writing the same statuses and attempts twice is harmless (the store
-        keeps an attempt once), so a store that wrote and then failed to say so
-        loses nothing either. A message that is gone (UnknownMessageError) is
-        not retried.
+        keeps an attempt once, and ending a lease keeps its token), so a store
+        that wrote and then failed to say so loses nothing either. A message
+        that is gone (UnknownMessageError) is not retried.
         """
         if patience is None:
             patience = self._config.lease_duration / 3
@@ -601,12 +632,13 @@ class JobRunner:
             try:
                 with anyio.CancelScope(shield=True):
                     with anyio.move_on_after(_SHIELDED_DEADLINE) as scope:
-                        await self._store.record(
+                        lost = await self._store.record(
                             job.message_id,
                             statuses,
                             worker=self._worker_id,
                             history=history,
                             history_limit=limit,
+                            **_fence(job),
                         )
                     if scope.cancelled_caught:
                         msg = f"the store did not record in {_SHIELDED_DEADLINE:g} s"
@@ -628,7 +660,19 @@ class JobRunner:
                 await anyio.sleep(max(0.0, min(wait, left)))
                 wait = min(wait * 2, _RECORD_LONGEST_WAIT)
             else:
-                return
+                if lost:  # None from a store of the older contract
+                    self._lease_lost(job, lost)
+                return list(lost or ())
+
+    def _lease_lost(self, job: Job, lost: Sequence[str]) -> None:
+        logger.warning(
+            "lease lost; outcome dropped",
+            extra={
+                "message_id": job.message_id,
+                "recipients": len(lost),
+                "worker": self._worker_id,
+            },
+        )
 
     def _publish(
         self, progress: _Progress, statuses: Sequence[RecipientStatus], now: datetime
@@ -644,3 +688,19 @@ class JobRunner:
                 )
             )
         self._on_recorded(job.message_id, statuses)
+
+
+def _fence(job: Job) -> dict[str, str]:
+    """The lease keyword for a store call about *job*: none when its store
+    issues no lease tokens (a store of the older contract may not take it)."""
+    return {} if job.lease is None else {"lease": job.lease}
+
+
+def _kept(
+    statuses: Sequence[RecipientStatus], lost: Collection[str]
+) -> list[RecipientStatus]:
+    """*statuses* without those of the *lost* addresses."""
+    if not lost:
+        return list(statuses)
+    gone = {recipient_key(a) for a in lost}
+    return [s for s in statuses if recipient_key(s.address) not in gone]

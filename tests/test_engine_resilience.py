@@ -79,17 +79,19 @@ class RecordFails(MemoryStore):
         statuses: Sequence[RecipientStatus],
         *,
         worker: str,
+        lease: str | None = None,
         history: Sequence[AttemptRecord] = (),
         history_limit: int = 20,
-    ) -> None:
+    ) -> list[str]:
         if message_id in self.failing:
             self.failures += 1
             msg = "disk full (injected)"
             raise StoreError(msg)
-        await super().record(
+        return await super().record(
             message_id,
             statuses,
             worker=worker,
+            lease=lease,
             history=history,
             history_limit=history_limit,
         )
@@ -251,17 +253,19 @@ async def test_transient_record_failure_is_written_again(smtpd: SMTPDServers) ->
             statuses: Sequence[RecipientStatus],
             *,
             worker: str,
+            lease: str | None = None,
             history: Sequence[AttemptRecord] = (),
             history_limit: int = 20,
-        ) -> None:
+        ) -> list[str]:
             if self.left:
                 self.left -= 1
                 msg = "database is locked (injected)"
                 raise StoreError(msg)
-            await super().record(
+            return await super().record(
                 message_id,
                 statuses,
                 worker=worker,
+                lease=lease,
                 history=history,
                 history_limit=history_limit,
             )

@@ -33,6 +33,7 @@ OWNERS: dict[str, set[str]] = {
         "mailstrom_async/testing/_hold_contract.py",
         "mailstrom_async/testing/_history_contract.py",
         "mailstrom_async/testing/_inspect_contract.py",
+        "mailstrom_async/testing/_lease_contract.py",
     },
 }
 

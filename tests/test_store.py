@@ -21,7 +21,7 @@ from mailstrom_async._models import (
     RecipientState,
     RecipientStatus,
 )
-from mailstrom_async._store import MemoryStore, PostgresStore, SQLiteStore, Store
+from mailstrom_async._store import Job, MemoryStore, PostgresStore, SQLiteStore, Store
 from mailstrom_async._store import _sql as sql
 from mailstrom_async._store._sql import MIGRATIONS, SCHEMA_VERSION
 from mailstrom_async._text import clean, wire_bytes
@@ -284,6 +284,32 @@ def _statuses(draw: st.DrawFn) -> list[RecipientStatus]:
 
 
 _mids = st.sampled_from(["m0", "m1", "m2"])
+# Lease tokens by the order the stores issued them ("L1" is the first claim's),
+# "add" for the one adds take, or None: no token.
+_leases = st.sampled_from([None, "L1", "L2", "L3", "add"])
+
+
+class _Leases:
+    """One store's lease tokens under names both stores share: "L1" for the
+    token of its first claim, and so on."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, str] = {"add": "add"}
+        self.tokens: dict[str, str] = {"add": "add"}
+
+    def name(self, job: Job) -> Job:
+        if job.lease is None:
+            return job
+        name = self.names.get(job.lease)
+        if name is None:
+            name = self.names[job.lease] = f"L{len(self.names)}"
+            self.tokens[name] = job.lease
+        return attrs.evolve(job, lease=name)
+
+    def token(self, name: str | None) -> str | None:
+        return None if name is None else self.tokens.get(name, name)
+
+
 _operations = st.one_of(
     st.tuples(
         st.just("add"),
@@ -300,12 +326,15 @@ _operations = st.one_of(
         st.integers(0, 12),
         st.integers(1, 3),
     ),
-    st.tuples(st.just("record"), _mids, _statuses(), st.sampled_from(_WORKERS)),
+    st.tuples(
+        st.just("record"), _mids, _statuses(), st.sampled_from(_WORKERS), _leases
+    ),
     st.tuples(
         st.just("release"),
         _mids,
         st.lists(st.sampled_from(_ADDRESSES), max_size=3),
         st.sampled_from(_WORKERS),
+        _leases,
     ),
     st.tuples(st.just("purge"), _times),
     st.tuples(
@@ -338,7 +367,7 @@ _operations = st.one_of(
 )
 
 
-async def _apply(store: Store, op: tuple[Any, ...]) -> object:
+async def _apply(store: Store, op: tuple[Any, ...], leases: _Leases) -> object:
     """Run *op* on *store*; return its result, or the type of the exception raised."""
     try:
         match op:
@@ -347,16 +376,19 @@ async def _apply(store: Store, op: tuple[Any, ...]) -> object:
                 message = attrs.evolve(message, recipients=tuple(rcpts))
                 if claim is None:
                     return await store.add(message)
-                worker, lease = claim
-                return await store.add(message, claim_for=worker, lease_until=lease)
+                worker, until = claim
+                return await store.add(
+                    message, claim_for=worker, lease_until=until, lease="add"
+                )
             case ("claim", now, worker, lease_seconds, limit):
-                return await store.claim_due(
+                jobs = await store.claim_due(
                     now=now,
                     worker=worker,
                     lease_until=now + timedelta(seconds=lease_seconds),
                     limit=limit,
                 )
-            case ("record", mid, statuses, worker):
+                return [leases.name(job) for job in jobs]
+            case ("record", mid, statuses, worker, lease):
                 # Each status's attempt, kept 2 per recipient at most: the
                 # bound is reached at once (attempt numbers 1 to 3).
                 history = [
@@ -370,12 +402,18 @@ async def _apply(store: Store, op: tuple[Any, ...]) -> object:
                     )
                     for s in statuses
                 ]
-                await store.record(
-                    mid, statuses, worker=worker, history=history, history_limit=2
+                return await store.record(
+                    mid,
+                    statuses,
+                    worker=worker,
+                    lease=leases.token(lease),
+                    history=history,
+                    history_limit=2,
                 )
-                return None
-            case ("release", mid, addresses, worker):
-                await store.release(mid, addresses, worker=worker)
+            case ("release", mid, addresses, worker, lease):
+                await store.release(
+                    mid, addresses, worker=worker, lease=leases.token(lease)
+                )
                 return None
             case ("purge", t):
                 return await store.purge(finished_before=t)
@@ -408,8 +446,11 @@ def test_memory_and_sqlite_agree(ops: list[tuple[Any, ...]]) -> None:
 
     async def main() -> None:
         async with MemoryStore() as memory, SQLiteStore(":memory:") as lite:
+            ours, theirs = _Leases(), _Leases()
             for op in [*ops, ("views",)]:
-                assert await _apply(memory, op) == await _apply(lite, op), op
+                assert await _apply(memory, op, ours) == await _apply(
+                    lite, op, theirs
+                ), op
 
     anyio.run(main)
 
@@ -677,7 +718,7 @@ async def test_migration_from_version_four_adds_an_empty_history(
         await raw.execute("PRAGMA user_version = 4")
         await raw.commit()
     async with SQLiteStore(db_path) as store:
-        assert await pragma(store, "user_version") == SCHEMA_VERSION == 5
+        assert await pragma(store, "user_version") == SCHEMA_VERSION
         [r] = (await store.status("m1")).recipients
         assert (r.attempts, r.code, r.raw_message) == (3, 451, b"\xff")
         assert await store.history("m1") == []
@@ -751,3 +792,41 @@ async def test_memory_claims_do_not_scan_waiting_messages() -> None:
     many, again = await _claim_cost(2_000)
     assert claimed == again == ["d0", "d1"]
     assert few == many < 10  # a handful, whatever the backlog
+
+
+async def test_migration_from_version_five_adds_lease_tokens(db_path: Path) -> None:
+    """A version 5 file (before lease tokens) keeps its leases: a row leased
+    then has no token, so a record fenced by a token leaves it alone while one
+    without writes it as before; a claim then leases it under a token."""
+    async with aiosqlite.connect(db_path) as raw:
+        for statements in MIGRATIONS[:5]:
+            for statement in statements:
+                await raw.execute(statement)
+        await raw.execute(
+            "INSERT INTO messages VALUES ('m1', 'a@example.org', x'00', 0, ?, NULL)",
+            (T0.timestamp(),),
+        )
+        await raw.execute(
+            "INSERT INTO recipients (message_id, position, address, domain, state,"
+            " next_attempt_at, lease_owner, lease_until)"
+            " VALUES ('m1', 0, 'a@x.example', 'x.example', 'queued', ?, 'old', ?)",
+            (T0.timestamp(), at(10).timestamp()),
+        )
+        await raw.execute("PRAGMA user_version = 5")
+        await raw.commit()
+    async with SQLiteStore(db_path) as store:
+        assert await pragma(store, "user_version") == SCHEMA_VERSION == 6
+        assert (await store.lease_owners())["old"].lease_until == at(10)
+        deferred = attempted("a@x.example", RecipientState.DEFERRED, next_at=at(20))
+        lost = await store.record("m1", [deferred], worker="old", lease="guess")
+        assert lost == ["a@x.example"]
+        assert await store.record("m1", [deferred], worker="old") == []
+        assert (await store.status("m1")).recipients == (deferred,)
+        jobs = await store.claim_due(
+            now=at(20), worker="new", lease_until=at(80), limit=1
+        )
+        [job] = jobs
+        assert job.lease is not None
+        done = attempted("a@x.example", RecipientState.DELIVERED, when=at(21))
+        assert await store.record("m1", [done], worker="new", lease=job.lease) == []
+        assert (await store.status("m1")).recipients == (done,)

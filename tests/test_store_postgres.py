@@ -18,7 +18,7 @@ from mailstrom_async import (
 from mailstrom_async._store import PostgresStore
 from mailstrom_async._store import _postgres_sql as sql
 from mailstrom_async._store._postgres import redact
-from mailstrom_async.testing._store_common import T0, at, new_message
+from mailstrom_async.testing._store_common import T0, at, attempted, new_message
 from tests.smtpd import FaultHandler, SMTPDServers, free_port
 from tests.test_deliverer import email, relay_config
 
@@ -68,6 +68,51 @@ async def test_newer_schema_is_refused(postgres_dsn: str) -> None:
     with pytest.raises(StoreError, match=r"schema version 99, newer .*upgrade"):
         await store.open()
     assert "closed" in repr(store)
+
+
+async def test_version_one_migrates_keeping_its_leases(postgres_dsn: str) -> None:
+    """A version 1 database (before lease tokens) keeps its rows and leases: a
+    row leased then has no token, so a record fenced by a token leaves it alone
+    and one without writes it; a new claim leases it under a token."""
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        async with conn.transaction():
+            for statement in sql.MIGRATIONS[0]:
+                await conn.execute(statement)
+            await conn.execute(
+                f"CREATE TABLE {sql.SCHEMA_TABLE} (version integer NOT NULL)"
+            )
+            await conn.execute(f"INSERT INTO {sql.SCHEMA_TABLE} VALUES (1)")  # noqa: S608
+            await conn.execute(
+                "INSERT INTO messages (id, mail_from, data, smtputf8, submitted_at)"
+                " VALUES ('m1', 'a@example.org', '\\x00', false, $1)",
+                T0,
+            )
+            await conn.execute(
+                "INSERT INTO recipients (message_id, position, seq, address, domain,"
+                " state, next_attempt_at, lease_owner, lease_until)"
+                " SELECT 'm1', 0, seq, 'a@x.example', 'x.example', 'queued', $1,"
+                " 'old', $2 FROM messages WHERE id = 'm1'",
+                T0,
+                at(10),
+            )
+    finally:
+        await conn.close()
+    async with PostgresStore(postgres_dsn) as store:
+        assert await schema_versions(postgres_dsn) == [sql.SCHEMA_VERSION] == [2]
+        assert (await store.lease_owners())["old"].lease_until == at(10)
+        deferred = attempted("a@x.example", RecipientState.DEFERRED, next_at=at(20))
+        lost = await store.record("m1", [deferred], worker="old", lease="guess")
+        assert lost == ["a@x.example"]
+        assert await store.record("m1", [deferred], worker="old") == []
+        assert (await store.status("m1")).recipients == (deferred,)
+        [job] = await store.claim_due(
+            now=at(20), worker="new", lease_until=at(80), limit=1
+        )
+        assert job.lease is not None
+        done = attempted("a@x.example", RecipientState.DELIVERED, when=at(21))
+        assert await store.record("m1", [done], worker="new", lease=job.lease) == []
+        assert (await store.status("m1")).recipients == (done,)
 
 
 async def test_unreachable_server_is_a_store_error(

@@ -9,6 +9,16 @@ Work is handed out by *claims*: :meth:`Store.claim_due` marks due recipients as
 leased by one worker until a deadline, so two workers (even in two processes) never
 deliver the same recipient at once; a worker that dies simply lets its lease expire.
 
+Every claim leases its rows under a *lease token* (:attr:`Job.lease`), stored
+beside the owner and the lease end: a fresh random string, except for rows the
+claiming worker held already (its own lease ran out and nobody else took them),
+which keep theirs. Only a claim changes a row's token; recording, releasing and
+renewing keep it. :meth:`Store.record` and :meth:`Store.release` given a token
+(``lease=``) touch only the recipients whose token is still that one, so a
+worker that lost its lease (paused past it, cut off) cannot overwrite the
+outcome of the worker that claimed its recipients after it. A lease that ran
+out but was not claimed again keeps its token: the late outcome is kept.
+
 An operator can *hold* unfinished recipients (:meth:`Store.hold`, like Postfix's
 ``postsuper -h``): a held recipient keeps its state and ``next_attempt_at`` but
 is never claimed until :meth:`Store.unhold` releases it. The flag is the store's
@@ -73,7 +83,12 @@ class NewMessage:
 
 @attrs.frozen(kw_only=True)
 class Job:
-    """Claimed work: one message and those of its recipients this worker now leases."""
+    """Claimed work: one message and those of its recipients this worker now leases.
+
+    ``lease`` is the token the recipients are leased under: pass it to
+    :meth:`Store.record` and :meth:`Store.release` so that they write only while
+    the lease is still this job's. ``None`` from a store that issues no tokens.
+    """
 
     message_id: str
     mail_from: str
@@ -81,6 +96,7 @@ class Job:
     data: bytes = attrs.field(repr=False)
     smtputf8: bool
     submitted_at: datetime
+    lease: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -184,6 +200,7 @@ class Store(Protocol):
         *,
         claim_for: str | None = None,
         lease_until: datetime | None = None,
+        lease: str | None = None,
     ) -> tuple[str, bool]:
         """Store *message* with every recipient QUEUED and due at ``submitted_at``.
 
@@ -192,11 +209,16 @@ class Store(Protocol):
         returned with ``False``; otherwise ``(message.message_id, True)``.
         With ``claim_for``, the new recipients are leased by that worker until
         ``lease_until`` in the same transaction (the submitting process delivers
-        them itself, without a round trip through :meth:`claim_due`).
+        them itself, without a round trip through :meth:`claim_due`), under the
+        lease token *lease*: the caller picks it (an unguessable string such as
+        ``secrets.token_hex(8)``, new for each call) so that it can record with
+        it; without, the store issues a fresh one.
 
         Raises:
             StoreError: the backend failed, or ``message_id`` is already stored;
                 nothing was stored.
+            ValueError: ``claim_for`` and ``lease_until`` do not come together,
+                or *lease* comes without them.
         """
         ...
 
@@ -206,8 +228,10 @@ class Store(Protocol):
         *,
         claim_for: str | None = None,
         lease_until: datetime | None = None,
+        lease: str | None = None,
     ) -> list[tuple[str, bool]]:
-        """Store several messages in ONE transaction, as :meth:`add` does each.
+        """Store several messages in ONE transaction, as :meth:`add` does each
+        (claimed, all of them under one lease token).
 
         All or nothing: when one cannot be stored (a duplicate id), none is. An
         idempotency key seen earlier, or earlier in the same batch, yields the
@@ -282,8 +306,11 @@ class Store(Protocol):
         A recipient is due when it is QUEUED or DEFERRED, not held,
         ``next_attempt_at <= now``, and it is not leased (or its lease ended at or
         before *now*). Oldest due first: by ``next_attempt_at``, ties in the order
-        messages were added. Each job holds all of its message's due recipients,
-        in envelope order.
+        messages were added. Each job holds all of its message's due recipients
+        that share one lease token, in envelope order: the claim leases them
+        under a fresh token (:attr:`Job.lease`), except those *worker* held
+        already (its lease ran out and nobody took it), which keep their token
+        and so come as a job of their own. *limit* counts messages.
 
         Raises:
             ValueError: *limit* is less than 1.
@@ -296,24 +323,32 @@ class Store(Protocol):
         statuses: Sequence[RecipientStatus],
         *,
         worker: str,
+        lease: str | None = None,
         history: Sequence[AttemptRecord] = (),
         history_limit: int = DEFAULT_HISTORY_LIMIT,
-    ) -> None:
+    ) -> list[str]:
         """Write the new statuses of some recipients of one message, ending their
-        lease, and add *history* to their attempt histories, in one transaction.
+        lease, and add *history* to their attempt histories, in one transaction;
+        return the addresses (as given) not written because the lease was lost.
 
         Each status replaces the stored one for the same address (the local part
         compared exactly, the domain case-insensitively: ``recipient_key``),
-        whoever holds the lease, except that a final state
-        (DELIVERED/FAILED) is never replaced by an unfinished one. Only *worker*'s
-        own leases end: a lease another worker took after this one's expired is
-        kept. Unknown addresses are ignored. A status's ``held`` is ignored: a
-        held recipient stays held when the new status is unfinished, and stops
-        being held when it is final.
+        except that a final state (DELIVERED/FAILED) is never replaced by an
+        unfinished one. A status's ``held`` is ignored: a held recipient stays
+        held when the new status is unfinished, and stops being held when it is
+        final. Unknown addresses are ignored.
+
+        With a lease token (*lease*, the claim's :attr:`Job.lease`), only the
+        recipients whose stored token is still *lease* are written and their
+        lease ends; a recipient that another worker has claimed since (its token
+        changed) is left exactly as it is, and its address is returned. Without
+        (None), each status is written whoever holds the lease, only *worker*'s
+        own leases end, and the result is always empty.
 
         Each attempt of *history* is added to its recipient's history (matched
         by address as statuses are; unknown addresses are ignored), even when
-        its status does not replace a final one: the attempt was made. An
+        its status does not replace a final one, and even when the lease was
+        lost and its status is not written: the attempt was made. An
         attempt already kept (the same recipient, ``attempt`` and
         ``started_at``: a write that is retried) is not added twice. Then each
         such recipient keeps at most *history_limit* attempts: the first one
@@ -337,11 +372,18 @@ class Store(Protocol):
         ...
 
     async def release(
-        self, message_id: str, addresses: Sequence[str], *, worker: str
+        self,
+        message_id: str,
+        addresses: Sequence[str],
+        *,
+        worker: str,
+        lease: str | None = None,
     ) -> None:
         """End *worker*'s lease on these recipients without recording an attempt.
 
-        Unknown messages and addresses, and other workers' leases, are ignored.
+        With a lease token (*lease*), only the recipients whose stored token is
+        still *lease* are released. Unknown messages and addresses, and other
+        workers' leases, are ignored.
         """
         ...
 
@@ -358,7 +400,8 @@ class Store(Protocol):
         With *message_ids*, only the leases on those messages' recipients: a
         worker renews just the jobs it is still working on, so the lease of a
         job it gave up ends by itself. Without, every lease *worker* holds.
-        A dead worker stops calling this and its leases expire.
+        A dead worker stops calling this and its leases expire. Lease tokens
+        stay as they are.
         """
         ...
 

@@ -20,9 +20,11 @@ surrogate. Such a string is stored in its display form (``\\xNN``); a status
 from __future__ import annotations
 
 import bisect
+import inspect
 import itertools
 import logging
 import math
+import secrets
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -53,9 +55,12 @@ __all__ = [
     "check_new_message",
     "check_statuses",
     "check_unhold",
+    "kept_token",
     "logger",
     "matching",
+    "new_lease_token",
     "should_replace",
+    "takes_lease",
     "trimmed_history",
     "utc",
     "utc_or_none",
@@ -80,16 +85,51 @@ def utc_or_none(value: datetime | None, what: str) -> datetime | None:
     return None if value is None else utc(value, what)
 
 
+def new_lease_token() -> str:
+    """A fresh lease token: 64 random bits, in hex."""
+    return secrets.token_hex(8)
+
+
 def check_claim(
-    claim_for: str | None, lease_until: datetime | None
-) -> tuple[str, datetime] | None:
-    """Validate ``add()``'s claim arguments: both or neither."""
+    claim_for: str | None, lease_until: datetime | None, lease: str | None = None
+) -> tuple[str, datetime, str] | None:
+    """Validate ``add()``'s claim arguments: both or neither, and a lease token
+    only with them; return the owner, the lease end and the token (a fresh one
+    when none is given)."""
     if claim_for is None and lease_until is None:
+        if lease is not None:
+            msg = (
+                "lease is the token of a claim: give it with claim_for and lease_until"
+            )
+            raise ValueError(msg)
         return None
     if claim_for is None or lease_until is None:
         msg = "claim_for and lease_until must be given together"
         raise ValueError(msg)
-    return claim_for, utc(lease_until, "lease_until")
+    token = new_lease_token() if lease is None else lease
+    return claim_for, utc(lease_until, "lease_until"), token
+
+
+def takes_lease(store: object) -> bool:
+    """Whether *store*'s ``add_many`` takes a lease token (``lease=``), as the
+    contract's stores do: a store written for the older contract may not."""
+    method = getattr(store, "add_many", None)
+    if method is None:
+        return False
+    try:
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - a builtin, say
+        return False
+    return any(
+        p.name == "lease" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
+    )
+
+
+def kept_token(owner: str | None, token: str | None, worker: str, fresh: str) -> str:
+    """The lease token of a row that *worker* claims under *fresh*: its own
+    token if *worker* held it already (the lease ran out and nobody else took
+    it), else *fresh*. The SQL stores' claims say the same in SQL."""
+    return token if owner == worker and token is not None else fresh
 
 
 def _clean_or_none(value: str | None) -> str | None:

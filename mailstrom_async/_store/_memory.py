@@ -63,8 +63,10 @@ from mailstrom_async._store._common import (
     check_new_message,
     check_statuses,
     check_unhold,
+    kept_token,
     logger,
     matching,
+    new_lease_token,
     should_replace,
     trimmed_history,
     utc,
@@ -85,6 +87,8 @@ class _Recipient:
     seq: int
     lease_owner: str | None = None
     lease_until: datetime | None = None
+    # Changed only by a claim: kept when the lease ends (see Store.record).
+    lease_token: str | None = None
     # Kept attempts by (attempt, started_at): the SQL primary key's order.
     history: list[AttemptRecord] = attrs.field(factory=list)
 
@@ -110,8 +114,13 @@ class _Recipient:
         """Claim order: due time, then submission."""
         return self.status.next_attempt_at or _NEVER, self.seq
 
-    def release(self, worker: str) -> None:
-        if self.lease_owner == worker:
+    def release(self, worker: str, lease: str | None = None) -> None:
+        """End the lease if *worker* holds it (with *lease*: if its token is
+        *lease*, whoever the owner)."""
+        holds = (
+            self.lease_owner == worker if lease is None else self.lease_token == lease
+        )
+        if holds:
             self.lease_owner = self.lease_until = None
 
 
@@ -200,10 +209,11 @@ class MemoryStore:
         *,
         claim_for: str | None = None,
         lease_until: datetime | None = None,
+        lease: str | None = None,
     ) -> tuple[str, bool]:
         """Store *message*; see :meth:`Store.add`."""
         [result] = await self.add_many(
-            [message], claim_for=claim_for, lease_until=lease_until
+            [message], claim_for=claim_for, lease_until=lease_until, lease=lease
         )
         return result
 
@@ -213,10 +223,11 @@ class MemoryStore:
         *,
         claim_for: str | None = None,
         lease_until: datetime | None = None,
+        lease: str | None = None,
     ) -> list[tuple[str, bool]]:
         """Store several messages at once; see :meth:`Store.add_many`."""
         checked = [check_new_message(m) for m in messages]
-        claim = check_claim(claim_for, lease_until)
+        claim = check_claim(claim_for, lease_until, lease)
         # Built before the atomic part, a slice at a time, so that a message of
         # 100,000 recipients does not stop the event loop for all of them at once.
         built = [await _recipients(m, claim) for m in checked]
@@ -494,32 +505,41 @@ class MemoryStore:
             if (stored := self._current(version, message_id)) is not None:
                 self._touch(message_id, stored, now)
         jobs: list[Job] = []
+        fresh = new_lease_token()
+        messages = 0
         ready = self._ready
-        while ready and len(jobs) < limit and ready[0][0] <= now:
+        while ready and messages < limit and ready[0][0] <= now:
             *_, version, message_id = heapq.heappop(ready)
             if (stored := self._current(version, message_id)) is None:
                 continue
             due = [r for r in stored.recipients if _is_due(r, now)]
+            # One job per lease token, in envelope order of their first rows.
+            by_token: dict[str, list[RecipientStatus]] = {}
             for r in due:
-                r.lease_owner, r.lease_until = worker, lease_until
+                token = kept_token(r.lease_owner, r.lease_token, worker, fresh)
+                r.lease_owner, r.lease_until, r.lease_token = worker, lease_until, token
+                by_token.setdefault(token, []).append(r.status)
             self._touch(message_id, stored)
             if not due:  # pragma: no cover - an entry's first recipient is due
                 continue
             message = stored.message
-            jobs.append(
+            jobs.extend(
                 Job(
                     message_id=message_id,
                     mail_from=message.mail_from,
-                    recipients=tuple(r.status for r in due),
+                    recipients=tuple(statuses),
                     data=message.data,
                     smtputf8=message.smtputf8,
                     submitted_at=message.submitted_at,
+                    lease=token,
                 )
+                for token, statuses in by_token.items()
             )
+            messages += 1
         if jobs:
             logger.debug(
                 "claimed",
-                extra={"worker": worker, "messages": len(jobs), "store": "memory"},
+                extra={"worker": worker, "messages": messages, "store": "memory"},
             )
         return jobs
 
@@ -529,11 +549,12 @@ class MemoryStore:
         statuses: Sequence[RecipientStatus],
         *,
         worker: str,
+        lease: str | None = None,
         history: Sequence[AttemptRecord] = (),
         history_limit: int = DEFAULT_HISTORY_LIMIT,
-    ) -> None:
-        """Write new statuses and their attempts and end *worker*'s leases; see
-        :meth:`Store.record`."""
+    ) -> list[str]:
+        """Write new statuses and their attempts and end their leases, fenced by
+        *lease*; see :meth:`Store.record`."""
         statuses = check_statuses(statuses)
         attempts = check_history(history, history_limit)
         await self._enter()
@@ -546,9 +567,13 @@ class MemoryStore:
         for i, record in matched:
             r = stored.recipients[i]
             r.history = trimmed_history(r.history, history_limit, record.attempt)
+        lost: dict[str, None] = {}
         for status in statuses:
             for i in matching(index, status.address):
                 r = stored.recipients[i]
+                if lease is not None and r.lease_token != lease:
+                    lost[status.address] = None  # claimed by another since
+                    continue
                 if should_replace(r.status.state, status.state):
                     # The hold is the store's: kept while unfinished.
                     r.status = attrs.evolve(
@@ -556,12 +581,13 @@ class MemoryStore:
                         address=r.status.address,
                         held=r.status.held and not status.is_final,
                     )
-                r.release(worker)
+                r.release(worker, lease)
         if stored.is_done():
             self._unfinished.pop(message_id, None)
             stored.version = next(self._versions)  # unindexed
         else:
             self._touch(message_id, stored)
+        return list(lost)
 
     async def history(self, message_id: str) -> list[AttemptRecord]:
         """The kept attempts of a message's recipients; see :meth:`Store.history`."""
@@ -576,9 +602,15 @@ class MemoryStore:
         return [entry[3] for entry in kept]
 
     async def release(
-        self, message_id: str, addresses: Sequence[str], *, worker: str
+        self,
+        message_id: str,
+        addresses: Sequence[str],
+        *,
+        worker: str,
+        lease: str | None = None,
     ) -> None:
-        """End *worker*'s lease on these recipients; unknown ids and addresses are ignored."""
+        """End *worker*'s lease on these recipients (fenced by *lease*); unknown
+        ids and addresses are ignored."""
         await self._enter()
         stored = self._messages.get(message_id)
         if stored is None:
@@ -586,7 +618,7 @@ class MemoryStore:
         index = address_index(stored.addresses())
         for address in addresses:
             for i in matching(index, address):
-                stored.recipients[i].release(worker)
+                stored.recipients[i].release(worker, lease)
         if message_id in self._unfinished:
             self._touch(message_id, stored)
 
@@ -698,10 +730,10 @@ _REINDEX_AT = 10_000  # stale index entries tolerated beyond a few per message
 
 
 async def _recipients(
-    message: NewMessage, claim: tuple[str, datetime] | None
+    message: NewMessage, claim: tuple[str, datetime, str] | None
 ) -> list[_Recipient]:
     """The new message's recipients, QUEUED and due at once, leased if claimed."""
-    owner, until = claim if claim is not None else (None, None)
+    owner, until, token = claim if claim is not None else (None, None, None)
     due = message.submitted_at
     result: list[_Recipient] = []
     addresses = message.recipients
@@ -709,7 +741,9 @@ async def _recipients(
         if start:
             await anyio.lowlevel.checkpoint()
         result.extend(
-            _Recipient(RecipientStatus(address=a, next_attempt_at=due), 0, owner, until)
+            _Recipient(
+                RecipientStatus(address=a, next_attempt_at=due), 0, owner, until, token
+            )
             for a in addresses[start : start + _SLICE]
         )
     return result

@@ -12,7 +12,8 @@ a cancelled caller never leaves half a write, and an outcome sent to the server
 is awaited. Several processes on several machines may share one database:
 claims lock the rows they take with ``FOR UPDATE SKIP LOCKED`` so that two
 claims never take the same recipient and never wait for each other; ``record``
-and ``release`` lock the message's rows and end only the caller's own leases.
+and ``release`` lock the message's rows and, given the claim's lease token,
+touch only the rows still leased under it.
 
 The schema version is the one row of table ``mailstrom_schema``; the migrations
 in :mod:`._postgres_sql` are applied in order, in one transaction under an
@@ -66,6 +67,7 @@ from mailstrom_async._store._common import (
     check_unhold,
     logger,
     matching,
+    new_lease_token,
     should_replace,
     utc,
 )
@@ -383,10 +385,11 @@ class PostgresStore:
         *,
         claim_for: str | None = None,
         lease_until: datetime | None = None,
+        lease: str | None = None,
     ) -> tuple[str, bool]:
         """Store *message* in one transaction; see :meth:`Store.add`."""
         [result] = await self.add_many(
-            [message], claim_for=claim_for, lease_until=lease_until
+            [message], claim_for=claim_for, lease_until=lease_until, lease=lease
         )
         return result
 
@@ -396,6 +399,7 @@ class PostgresStore:
         *,
         claim_for: str | None = None,
         lease_until: datetime | None = None,
+        lease: str | None = None,
     ) -> list[tuple[str, bool]]:
         """Store several messages in one transaction; see :meth:`Store.add_many`.
 
@@ -404,15 +408,15 @@ class PostgresStore:
         finding the first message.
         """
         checked = [check_new_message(m) for m in messages]
-        claim = check_claim(claim_for, lease_until)
-        owner, until = claim if claim is not None else (None, None)
+        claim = check_claim(claim_for, lease_until, lease)
+        owner, until, token = claim if claim is not None else (None, None, None)
         wanted = sorted({m.idempotency_key for m in checked if m.idempotency_key})
         self._open_pool()
         attempt = 1
         while True:
             try:
                 async with self._write(due=owner is None) as conn:
-                    return await self._add(conn, checked, wanted, owner, until)
+                    return await self._add(conn, checked, wanted, (owner, until, token))
             except StoreError as exc:
                 cause = exc.__cause__
                 retry = (
@@ -429,8 +433,7 @@ class PostgresStore:
         conn: _Connection,
         checked: Sequence[NewMessage],
         wanted: list[str],
-        owner: str | None,
-        until: datetime | None,
+        claim: tuple[str | None, datetime | None, str | None],
     ) -> list[tuple[str, bool]]:
         known: dict[str, str] = {}
         if wanted:
@@ -459,7 +462,7 @@ class PostgresStore:
                 rcpt[3].append(domain_key(address.rpartition("@")[2]))
         if columns[0]:
             await conn.execute(sql.INSERT_MESSAGES, *columns)
-            await conn.execute(sql.INSERT_RECIPIENTS, *rcpt, owner, until)
+            await conn.execute(sql.INSERT_RECIPIENTS, *rcpt, *claim)
         return results
 
     # -- reading -------------------------------------------------------------
@@ -621,13 +624,14 @@ class PostgresStore:
         at = utc(now, "now")
         until = utc(lease_until, "lease_until")
         check_limit(limit)
+        token = new_lease_token()
         rows: list[Any] = []
         seen: set[str] = set()
         async with self._write() as conn:
             scan = max(16 * limit, 64)
             while len(seen) < limit:
                 found = await conn.fetch(
-                    sql.CLAIM, at, worker, until, limit - len(seen), scan
+                    sql.CLAIM, at, worker, until, limit - len(seen), scan, token
                 )
                 fresh = {row["id"] for row in found} - seen
                 rows.extend(found)
@@ -637,10 +641,12 @@ class PostgresStore:
                 scan *= 2
         if not rows:
             return []
-        jobs: dict[str, tuple[Any, list[Any]]] = {}
+        # One job per message and lease token (a row this worker held already
+        # keeps its token).
+        jobs: dict[tuple[str, str], tuple[Any, list[Any]]] = {}
         data: dict[str, bytes] = {}
         for row in rows:
-            jobs.setdefault(row["id"], (row, []))[1].append(row)
+            jobs.setdefault((row["id"], row["lease_token"]), (row, []))[1].append(row)
             if row["data"] is not None:
                 data[row["id"]] = bytes(row["data"])
 
@@ -649,7 +655,7 @@ class PostgresStore:
 
         logger.debug(
             "claimed",
-            extra={"worker": worker, "messages": len(jobs), "store": self._name},
+            extra={"worker": worker, "messages": len(seen), "store": self._name},
         )
         return [
             Job(
@@ -661,8 +667,9 @@ class PostgresStore:
                 data=data[mid],
                 smtputf8=first["smtputf8"],
                 submitted_at=first["submitted_at"],
+                lease=lease,
             )
-            for mid, (first, mine) in sorted(
+            for (mid, lease), (first, mine) in sorted(
                 jobs.items(), key=lambda e: first_due(e[1])
             )
         ]
@@ -673,11 +680,12 @@ class PostgresStore:
         statuses: Sequence[RecipientStatus],
         *,
         worker: str,
+        lease: str | None = None,
         history: Sequence[AttemptRecord] = (),
         history_limit: int = DEFAULT_HISTORY_LIMIT,
-    ) -> None:
-        """Write new statuses and their attempts and end *worker*'s leases; see
-        :meth:`Store.record`."""
+    ) -> list[str]:
+        """Write new statuses and their attempts and end their leases, fenced by
+        *lease*; see :meth:`Store.record`."""
         statuses = check_statuses(statuses)
         attempts = check_history(history, history_limit)
         async with self._write(changed=(message_id,)) as conn:
@@ -688,15 +696,19 @@ class PostgresStore:
             states = [RecipientState(row[2]) for row in stored]
             updates: list[tuple[Any, ...]] = []
             unlease: set[int] = set()
+            lost: dict[str, None] = {}
             for status in statuses:
                 for i in matching(index, status.address):
                     position = stored[i][0]
+                    if lease is not None and stored[i][4] != lease:
+                        lost[status.address] = None  # claimed by another since
+                        continue
                     if should_replace(states[i], status.state):
                         states[i] = status.state
                         updates.append(
                             (position, *_status_values(status), not status.is_final)
                         )
-                    if stored[i][3] == worker:
+                    if lease is not None or stored[i][3] == worker:
                         unlease.add(position)
             if updates:
                 await conn.execute(sql.RECORD, message_id, *_columns(updates, 16))
@@ -706,22 +718,29 @@ class PostgresStore:
                 await _write_history(
                     conn, message_id, stored, index, attempts, history_limit
                 )
+        return list(lost)
 
     async def release(
-        self, message_id: str, addresses: Sequence[str], *, worker: str
+        self,
+        message_id: str,
+        addresses: Sequence[str],
+        *,
+        worker: str,
+        lease: str | None = None,
     ) -> None:
-        """End *worker*'s lease on these recipients; unknown ids and addresses are ignored."""
+        """End *worker*'s lease on these recipients (fenced by *lease*); unknown
+        ids and addresses are ignored."""
+        column, holder = (3, worker) if lease is None else (4, lease)
         async with self._write(due=True) as conn:
             stored = await conn.fetch(sql.LOCK_RECIPIENTS, message_id)
-            leased = [row for row in stored if row[3] == worker]
+            leased = [row for row in stored if row[column] == holder]
             index = address_index(row[1] for row in leased)
             positions = {
                 leased[i][0] for address in addresses for i in matching(index, address)
             }
             if positions:
-                await conn.execute(
-                    sql.UNLEASE_OWN, message_id, sorted(positions), worker
-                )
+                unlease = sql.UNLEASE_OWN if lease is None else sql.UNLEASE_FENCED
+                await conn.execute(unlease, message_id, sorted(positions), holder)
 
     async def renew_leases(
         self,

@@ -52,6 +52,7 @@ __all__ = [
     "UNHOLD_DOMAIN",
     "UNHOLD_MESSAGE",
     "UNLEASE",
+    "UNLEASE_FENCED",
     "UNLEASE_OWN",
 ]
 
@@ -132,6 +133,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
                 REFERENCES recipients (message_id, position) ON DELETE CASCADE
         )""",
     ),
+    (
+        # Version 2: the lease token of the claim that leased the row last
+        # (Store.record and Store.release are fenced by it). Only a claim sets
+        # it; ending a lease keeps it. Adding a nullable column rewrites no row.
+        "ALTER TABLE recipients ADD COLUMN lease_token text",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -147,12 +154,12 @@ INSERT_MESSAGES = """INSERT INTO messages
                          $5::timestamptz[], $6::text[])"""
 # Recipients of the messages just inserted: $1 message ids, $2 positions, $3
 # addresses, $4 domains; every row QUEUED, due at its message's submission,
-# leased to $5 until $6 when those are not NULL.
+# leased to $5 until $6 under token $7 when those are not NULL.
 INSERT_RECIPIENTS = """INSERT INTO recipients
     (message_id, position, seq, address, domain, state, next_attempt_at,
-     lease_owner, lease_until)
+     lease_owner, lease_until, lease_token)
     SELECT u.message_id, u.position, m.seq, u.address, u.domain, 'queued',
-      m.submitted_at, $5::text, $6::timestamptz
+      m.submitted_at, $5::text, $6::timestamptz, $7::text
     FROM unnest($1::text[], $2::integer[], $3::text[], $4::text[])
       AS u (message_id, position, address, domain)
     JOIN messages m ON m.id = u.message_id"""
@@ -161,7 +168,9 @@ INSERT_RECIPIENTS = """INSERT INTO recipients
 # claim holds), keep the first $4 messages among them, lock every due row of
 # those messages, lease them, and return them with each message's data once.
 # $5 bounds the rows the first step looks at; the caller repeats the statement
-# when that bound, not the queue, ran out before $4 messages were found.
+# when that bound, not the queue, ran out before $4 messages were found. The
+# rows get lease token $6, but those the claiming worker held already keep
+# theirs (as ``_common.kept_token`` says).
 CLAIM = f"""WITH due AS MATERIALIZED (
       SELECT message_id, seq, next_attempt_at FROM recipients
       WHERE state IN ('queued', 'deferred') AND NOT held AND next_attempt_at <= $1
@@ -180,7 +189,9 @@ CLAIM = f"""WITH due AS MATERIALIZED (
         AND (r.lease_until IS NULL OR r.lease_until <= $1)
       FOR UPDATE OF r SKIP LOCKED),
     claimed AS (
-      UPDATE recipients r SET lease_owner = $2, lease_until = $3
+      UPDATE recipients r SET lease_owner = $2, lease_until = $3,
+        lease_token = CASE WHEN r.lease_owner = $2 AND r.lease_token IS NOT NULL
+                           THEN r.lease_token ELSE $6 END
       FROM rows x
       WHERE r.message_id = x.message_id AND r.position = x.position
       RETURNING r.*)
@@ -188,7 +199,7 @@ CLAIM = f"""WITH due AS MATERIALIZED (
       m.smtputf8, m.submitted_at,
       CASE WHEN r.position = min(r.position) OVER (PARTITION BY r.message_id)
            THEN m.data END AS data,
-      r.position, {_STATUS}
+      r.position, {_STATUS}, r.lease_token
     FROM claimed r JOIN messages m ON m.id = r.message_id"""  # noqa: S608 (constant)
 
 STATUS_QUERY = f"""SELECT m.mail_from, m.submitted_at, {_STATUS}
@@ -199,8 +210,8 @@ STATUSES_QUERY = f"""SELECT m.id, m.mail_from, m.submitted_at, {_STATUS}
     WHERE m.id = ANY($1::text[]) ORDER BY m.id, r.position"""  # noqa: S608 (constant)
 MESSAGE_EXISTS = "SELECT 1 FROM messages WHERE id = $1"
 # The rows record() and release() decide on, locked for their transaction.
-LOCK_RECIPIENTS = """SELECT position, address, state, lease_owner FROM recipients
-    WHERE message_id = $1 ORDER BY position FOR UPDATE"""
+LOCK_RECIPIENTS = """SELECT position, address, state, lease_owner, lease_token
+    FROM recipients WHERE message_id = $1 ORDER BY position FOR UPDATE"""
 RECORD = """UPDATE recipients r SET state = u.state, attempts = u.attempts,
       code = u.code, enhanced_code = u.enhanced_code, message = u.message,
       raw_message = u.raw_message, host = u.host, ip = u.ip, tls = u.tls,
@@ -221,6 +232,9 @@ UNLEASE = """UPDATE recipients SET lease_owner = NULL, lease_until = NULL
 # Fenced: only the leases that $3 still holds end.
 UNLEASE_OWN = """UPDATE recipients SET lease_owner = NULL, lease_until = NULL
     WHERE message_id = $1 AND position = ANY($2::integer[]) AND lease_owner = $3"""
+# Fenced by the lease token: only the leases still under token $3 end.
+UNLEASE_FENCED = """UPDATE recipients SET lease_owner = NULL, lease_until = NULL
+    WHERE message_id = $1 AND position = ANY($2::integer[]) AND lease_token = $3"""
 RENEW_ALL = """UPDATE recipients SET lease_until = $1
     WHERE lease_owner = $2 AND state IN ('queued', 'deferred')"""
 RENEW_SOME = """UPDATE recipients SET lease_until = $1

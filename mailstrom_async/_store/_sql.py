@@ -29,6 +29,8 @@ __all__ = [
     "INSERT_RECIPIENT",
     "INTEGRITY_PROBES",
     "JOB_MESSAGES",
+    "LEASED_BY",
+    "LEASED_UNDER",
     "LEASE_OWNERS",
     "LIST_MESSAGES",
     "MESSAGE_DATA",
@@ -150,6 +152,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (message_id, position, attempt, started_at)
         ) WITHOUT ROWID""",
     ),
+    (
+        # Version 6: the lease token of the claim that leased the row last
+        # (Store.record and Store.release are fenced by it). Only a claim sets
+        # it; ending a lease keeps it. Rows leased before have none: a record
+        # fenced by a token leaves them alone, one without writes them as before.
+        "ALTER TABLE recipients ADD COLUMN lease_token TEXT",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -181,21 +190,25 @@ INSERT_MESSAGE = """INSERT INTO messages
     VALUES (?, ?, ?, ?, ?, ?)"""
 INSERT_RECIPIENT = """INSERT INTO recipients
     (message_id, position, address, domain, state, next_attempt_at, lease_owner,
-     lease_until)
-    VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)"""
+     lease_until, lease_token)
+    VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)"""
 # The claimable rows are the partial index recipients_claimable: keep the terms
 # "state IN ('queued', 'deferred') AND held = 0" exactly as the index says them.
 SCAN_DUE = """SELECT message_id FROM recipients
     WHERE state IN ('queued', 'deferred') AND held = 0 AND next_attempt_at <= :now
       AND (lease_until IS NULL OR lease_until <= :now)
     ORDER BY next_attempt_at, rowid"""
-CLAIM = """UPDATE recipients SET lease_owner = :worker, lease_until = :until
+# A row the claiming worker held already keeps its lease token (as
+# ``_common.kept_token`` says); every other row gets the claim's fresh :token.
+CLAIM = """UPDATE recipients SET lease_owner = :worker, lease_until = :until,
+      lease_token = CASE WHEN lease_owner = :worker AND lease_token IS NOT NULL
+                         THEN lease_token ELSE :token END
     WHERE message_id IN (SELECT value FROM json_each(:ids))
       AND state IN ('queued', 'deferred') AND held = 0 AND next_attempt_at <= :now
       AND (lease_until IS NULL OR lease_until <= :now)
     RETURNING message_id, position, address, state, attempts, code, enhanced_code,
       message, raw_message, host, ip, tls, tls_verified, first_attempt_at,
-      last_attempt_at, next_attempt_at, possible_duplicate, held"""
+      last_attempt_at, next_attempt_at, possible_duplicate, held, lease_token"""
 JOB_MESSAGES = """SELECT id, mail_from, data, smtputf8, submitted_at FROM messages
     WHERE id IN (SELECT value FROM json_each(?))"""
 STATUS_QUERY = """SELECT m.mail_from, m.submitted_at, r.address, r.state, r.attempts,
@@ -215,6 +228,12 @@ RECORD = """UPDATE recipients SET state = ?, attempts = ?, code = ?, enhanced_co
       first_attempt_at = ?, last_attempt_at = ?, next_attempt_at = ?,
       possible_duplicate = ?, held = held AND ?
     WHERE message_id = ? AND position = ?"""
+# The rows release() ends the lease of: those of a worker, or those still
+# under a lease token.
+LEASED_BY = """SELECT position, address FROM recipients
+    WHERE message_id = ? AND lease_owner = ?"""
+LEASED_UNDER = """SELECT position, address FROM recipients
+    WHERE message_id = ? AND lease_token = ?"""
 UNLEASE = (
     "UPDATE recipients SET lease_owner = NULL, lease_until = NULL"
     " WHERE message_id = ? AND position = ?"

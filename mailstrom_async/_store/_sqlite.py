@@ -86,6 +86,7 @@ from mailstrom_async._store._common import (
     check_unhold,
     logger,
     matching,
+    new_lease_token,
     should_replace,
     utc,
 )
@@ -373,10 +374,11 @@ class SQLiteStore:
         *,
         claim_for: str | None = None,
         lease_until: datetime | None = None,
+        lease: str | None = None,
     ) -> tuple[str, bool]:
         """Store *message* in one transaction; see :meth:`Store.add`."""
         [result] = await self.add_many(
-            [message], claim_for=claim_for, lease_until=lease_until
+            [message], claim_for=claim_for, lease_until=lease_until, lease=lease
         )
         return result
 
@@ -386,12 +388,15 @@ class SQLiteStore:
         *,
         claim_for: str | None = None,
         lease_until: datetime | None = None,
+        lease: str | None = None,
     ) -> list[tuple[str, bool]]:
         """Store several messages in one transaction; see :meth:`Store.add_many`."""
         checked = [check_new_message(m) for m in messages]
-        claim = check_claim(claim_for, lease_until)
-        owner, until = (
-            (claim[0], sql.to_ts(claim[1])) if claim is not None else (None, None)
+        claim = check_claim(claim_for, lease_until, lease)
+        owner, until, token = (
+            (claim[0], sql.to_ts(claim[1]), claim[2])
+            if claim is not None
+            else (None, None, None)
         )
         wanted = sorted({m.idempotency_key for m in checked} - {None})  # type: ignore[type-var]
 
@@ -418,7 +423,7 @@ class SQLiteStore:
                     (m.message_id, m.mail_from, m.data, m.smtputf8, submitted, key)
                 )
                 recipient_rows.extend(
-                    (m.message_id, n, a, sql.domain(a), submitted, owner, until)
+                    (m.message_id, n, a, sql.domain(a), submitted, owner, until, token)
                     for n, a in enumerate(m.recipients)
                 )
             conn.executemany(sql.INSERT_MESSAGE, message_rows)
@@ -637,6 +642,7 @@ class SQLiteStore:
             "now": sql.to_ts(utc(now, "now")),
             "worker": worker,
             "until": sql.to_ts(utc(lease_until, "lease_until")),
+            "token": new_lease_token(),
         }
         check_limit(limit)
 
@@ -669,9 +675,13 @@ class SQLiteStore:
             return []
         order = {mid: i for i, mid in enumerate(chosen)}
         claimed.sort(key=lambda row: (order[row[0]], row[1]))
-        by_message: dict[str, list[RecipientStatus]] = {mid: [] for mid in chosen}
+        # One job per message and lease token (a row this worker held already
+        # keeps its token), in envelope order of their first rows.
+        by_lease: dict[tuple[str, str], list[RecipientStatus]] = {}
         for row in claimed:
-            by_message[row[0]].append(sql.status_from_row(row[2:]))
+            by_lease.setdefault((row[0], row[18]), []).append(
+                sql.status_from_row(row[2:18])
+            )
         logger.debug(
             "claimed",
             extra={"worker": worker, "messages": len(chosen), "path": self._path},
@@ -684,8 +694,9 @@ class SQLiteStore:
                 data=messages[mid][2],
                 smtputf8=bool(messages[mid][3]),
                 submitted_at=sql.from_ts(messages[mid][4]),
+                lease=token,
             )
-            for mid, recipients in by_message.items()
+            for (mid, token), recipients in by_lease.items()
         ]
 
     async def record(
@@ -694,18 +705,19 @@ class SQLiteStore:
         statuses: Sequence[RecipientStatus],
         *,
         worker: str,
+        lease: str | None = None,
         history: Sequence[AttemptRecord] = (),
         history_limit: int = DEFAULT_HISTORY_LIMIT,
-    ) -> None:
-        """Write new statuses and their attempts and end *worker*'s leases; see
-        :meth:`Store.record`."""
+    ) -> list[str]:
+        """Write new statuses and their attempts and end their leases, fenced by
+        *lease*; see :meth:`Store.record`."""
         statuses = check_statuses(statuses)
         attempts = check_history(history, history_limit)
 
-        def work(conn: sqlite3.Connection) -> None:
+        def work(conn: sqlite3.Connection) -> list[str]:
             stored = conn.execute(
-                "SELECT position, address, state, lease_owner FROM recipients"
-                " WHERE message_id = ? ORDER BY position",
+                "SELECT position, address, state, lease_owner, lease_token"
+                " FROM recipients WHERE message_id = ? ORDER BY position",
                 (message_id,),
             ).fetchall()
             if not stored:
@@ -713,9 +725,13 @@ class SQLiteStore:
             index = address_index(row[1] for row in stored)
             states = [RecipientState(row[2]) for row in stored]
             updates, unlease = [], set()
+            lost: dict[str, None] = {}
             for status in statuses:
                 for i in matching(index, status.address):
                     position = stored[i][0]
+                    if lease is not None and stored[i][4] != lease:
+                        lost[status.address] = None  # claimed by another since
+                        continue
                     if should_replace(states[i], status.state):
                         states[i] = status.state
                         keep_held = not status.is_final  # the hold is the store's
@@ -727,7 +743,7 @@ class SQLiteStore:
                                 position,
                             )
                         )
-                    if stored[i][3] == worker:
+                    if lease is not None or stored[i][3] == worker:
                         unlease.add(position)
             if updates:
                 conn.executemany(sql.RECORD, updates)
@@ -737,8 +753,9 @@ class SQLiteStore:
                 )
             if attempts:
                 _write_history(conn, message_id, stored, index, attempts, history_limit)
+            return list(lost)
 
-        await self._write(work)
+        return await self._write(work)
 
     async def history(self, message_id: str) -> list[AttemptRecord]:
         """The kept attempts of a message's recipients; see :meth:`Store.history`."""
@@ -752,16 +769,21 @@ class SQLiteStore:
         return [sql.history_from_row(row) for row in await self._read(work)]
 
     async def release(
-        self, message_id: str, addresses: Sequence[str], *, worker: str
+        self,
+        message_id: str,
+        addresses: Sequence[str],
+        *,
+        worker: str,
+        lease: str | None = None,
     ) -> None:
-        """End *worker*'s lease on these recipients; unknown ids and addresses are ignored."""
+        """End *worker*'s lease on these recipients (fenced by *lease*); unknown
+        ids and addresses are ignored."""
+        query, holder = (
+            (sql.LEASED_BY, worker) if lease is None else (sql.LEASED_UNDER, lease)
+        )
 
         def work(conn: sqlite3.Connection) -> None:
-            leased = conn.execute(
-                "SELECT position, address FROM recipients"
-                " WHERE message_id = ? AND lease_owner = ?",
-                (message_id, worker),
-            ).fetchall()
+            leased = conn.execute(query, (message_id, holder)).fetchall()
             index = address_index(row[1] for row in leased)
             positions = {
                 leased[i][0] for address in addresses for i in matching(index, address)

@@ -26,6 +26,7 @@ from mailstrom_async._watchers import merged
 from mailstrom_async.testing._history_contract import HistoryContract
 from mailstrom_async.testing._hold_contract import HoldContract
 from mailstrom_async.testing._inspect_contract import InspectContract
+from mailstrom_async.testing._lease_contract import LeaseContract
 from mailstrom_async.testing._store_common import (
     T0,
     at,
@@ -55,7 +56,7 @@ def _many_addresses() -> list[str]:
 
 
 @pytest.mark.anyio
-class StoreContract(HoldContract, HistoryContract, InspectContract):
+class StoreContract(HoldContract, HistoryContract, InspectContract, LeaseContract):
     """The contract suite; subclasses provide a ``store`` fixture (open, empty).
 
     Subclass it in a test module (its name starting with ``Test``) and give the

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import signal
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import assert_type
@@ -132,6 +132,15 @@ async def history_types(deliverer: m.Deliverer, store: m.Store) -> None:
     assert_type(m.Limits().history_per_recipient, int)
     await store.record("id", [], worker="w", history=history, history_limit=5)
     await deliverer.history(5)  # type: ignore[arg-type]
+
+
+async def lease_types(store: m.Store, job: m.Job) -> None:
+    assert_type(job.lease, str | None)
+    lost = await store.record("id", [], worker="w", lease=job.lease)
+    assert_type(lost, list[str])
+    await store.release("id", ["a@example.org"], worker="w", lease="token")
+    await store.add_many([], claim_for="w", lease_until=datetime.now(UTC), lease="t")
+    await store.record("id", [], worker="w", lease=5)  # type: ignore[arg-type]
 
 
 def event_types(event: m.DeliveryEvent) -> None:
