@@ -65,8 +65,10 @@ from mailstrom_async._statistics import (
     Statistics,
 )
 from mailstrom_async._store import (
+    BatchRecordingStore,
     ChangeWatchingStore,
     Job,
+    JobRecord,
     LeaseInfo,
     MemoryStore,
     NewMessage,
@@ -91,6 +93,7 @@ __all__ = [
     "Attachment",
     "AttemptCounters",
     "AttemptRecord",
+    "BatchRecordingStore",
     "ChangeWatchingStore",
     "Config",
     "ConfigError",
@@ -111,6 +114,7 @@ __all__ = [
     "InvalidAddressError",
     "InvalidMessageError",
     "Job",
+    "JobRecord",
     "LeaseInfo",
     "LeaseOwner",
     "Limits",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from mailstrom_async._store._base import (
+    BatchRecordingStore,
     ChangeWatchingStore,
     Job,
+    JobRecord,
     LeaseInfo,
     NewMessage,
     QueueShape,
@@ -18,8 +20,10 @@ from mailstrom_async._store._sqlite import SQLiteStore
 from mailstrom_async._store._url import store_from_url
 
 __all__ = [
+    "BatchRecordingStore",
     "ChangeWatchingStore",
     "Job",
+    "JobRecord",
     "LeaseInfo",
     "MemoryStore",
     "NewMessage",

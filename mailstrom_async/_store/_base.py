@@ -53,8 +53,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_HISTORY_LIMIT",
+    "BatchRecordingStore",
     "ChangeWatchingStore",
     "Job",
+    "JobRecord",
     "LeaseInfo",
     "NewMessage",
     "QueueShape",
@@ -143,6 +145,44 @@ class LeaseInfo:
 
     recipients: int
     lease_until: datetime
+
+
+@attrs.frozen(kw_only=True)
+class JobRecord:
+    """One job's outcome, for :meth:`BatchRecordingStore.record_many`: what
+    :meth:`Store.record` takes for one message."""
+
+    message_id: str
+    statuses: tuple[RecipientStatus, ...]
+    lease: str | None = None
+    history: tuple[AttemptRecord, ...] = ()
+
+
+@runtime_checkable
+class BatchRecordingStore(Protocol):
+    """A store that writes the outcomes of many jobs in one transaction: the
+    Deliverer then gathers what its jobs report while the previous batch
+    commits, one commit for many messages instead of one each. A store without
+    this method is given one :meth:`Store.record` per job."""
+
+    async def record_many(
+        self,
+        records: Sequence[JobRecord],
+        *,
+        worker: str,
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+    ) -> list[list[str]]:
+        """Do what :meth:`Store.record` does for each of *records*, in order, in
+        one transaction: all are written or none. Returns, for each record, the
+        addresses not written because their lease was lost (as ``record``
+        does). A message may appear in several records.
+
+        Raises:
+            UnknownMessageError: a record's message is not stored (nothing is
+                written).
+            ValueError: as :meth:`Store.record` (nothing is written).
+        """
+        ...
 
 
 @attrs.frozen(kw_only=True)
