@@ -393,13 +393,28 @@ class Bench:
         if self.wants("pg") and self.pg_dsn:
             quick = self.args.quick
             ceiling = {"messages": 2_000 if quick else 20_000, "tasks": 4, "claim": 10}
-            for key, store in (("P", "postgres"), ("Ps", "sqlite")):
+            ceilings = (
+                ("P", "postgres", False),
+                ("Pb", "postgres", True),
+                ("Ps", "sqlite", False),
+                ("Psb", "sqlite", True),
+            )
+            for key, store, batched in ceilings:
+                how = (
+                    "a claim's outcomes in one record_many"
+                    if batched
+                    else ("a record per message")
+                )
                 self._add(
                     key,
-                    f"store ceiling, {store}: 4 claimers, claims of 10, a record "
-                    "per message, no SMTP",
+                    f"store ceiling, {store}: 4 claimers, claims of 10, {how}",
                     self._child(
-                        "store_ceiling", key, store=store, dsn=self.pg_dsn, **ceiling
+                        "store_ceiling",
+                        key,
+                        store=store,
+                        dsn=self.pg_dsn,
+                        batched=batched,
+                        **ceiling,
                     ),
                 )
             self._add(
@@ -692,24 +707,48 @@ class Bench:
 
     def _report_pg(self, rows: list[Row], targets: list[Target]) -> None:
         ms = self.measurements
-        ceiling = self.rate("P", "recipients_per_s")
-        sqlite = self.rate("Ps", "recipients_per_s")
-        ok = None if math.isnan(ceiling) else ceiling >= pg.TARGET_CEILING
+
+        def ceiling(key: str) -> float:
+            return self.rate(key, "recipients_per_s")
+
+        one, sqlite = ceiling("P"), ceiling("Ps")
         rows.append(
             Row(
                 "P",
                 ms["P"].label,
-                _fmt_rate(ceiling, "rcpt/s"),
-                f"{_ratio(ceiling, sqlite):.2f}x Ps",
-                f">= {pg.TARGET_CEILING:,.0f} rcpt/s",
-                _verdict(ok),
+                _fmt_rate(one, "rcpt/s"),
+                f"{_ratio(one, sqlite):.2f}x Ps",
             )
         )
-        targets.append(
-            Target("PostgreSQL store ceiling rcpt/s", ceiling, ">= 5000", ok, "")
-        )
+        if "Pb" in ms:
+            # The target is the store as the Deliverer uses it: outcomes batched.
+            best = ceiling("Pb")
+            ok = None if math.isnan(best) else best >= pg.TARGET_CEILING
+            rows.append(
+                Row(
+                    "Pb",
+                    ms["Pb"].label,
+                    _fmt_rate(best, "rcpt/s"),
+                    f"{_ratio(best, one):.2f}x P",
+                    f">= {pg.TARGET_CEILING:,.0f} rcpt/s",
+                    _verdict(ok),
+                )
+            )
+            targets.append(
+                Target("PostgreSQL store ceiling rcpt/s", best, ">= 5000", ok, "")
+            )
         if "Ps" in ms:
             rows.append(Row("Ps", ms["Ps"].label, _fmt_rate(sqlite, "rcpt/s")))
+        if "Psb" in ms:
+            batched = ceiling("Psb")
+            rows.append(
+                Row(
+                    "Psb",
+                    ms["Psb"].label,
+                    _fmt_rate(batched, "rcpt/s"),
+                    f"{_ratio(batched, sqlite):.2f}x Ps",
+                )
+            )
         if "Pn" in ms:
             p50, p99 = self.rate("Pn", "p50_ms"), self.rate("Pn", "p99_ms")
             ok = None if math.isnan(p99) else p99 < pg.TARGET_NOTIFY_P99_MS

@@ -8,8 +8,10 @@ for a real deployment; it is stopped when the run ends.
 
 - ``store_ceiling``: claims and records with no SMTP, the work a worker asks of
   the store per recipient: ``tasks`` concurrent claimers, each claiming up to
-  ``claim`` messages at a time and recording each one DELIVERED in a
-  transaction of its own. Run on PostgreSQL and, as the reference, on SQLite.
+  ``claim`` messages at a time and recording each one DELIVERED, in a
+  transaction of its own or, with ``batched``, the claim's outcomes in one
+  ``record_many()`` (what the Deliverer's recorder does when jobs finish
+  together). Run on PostgreSQL and, as the reference, on SQLite.
 - ``notify_latency``: a submit-only Deliverer on one store awaits a handle; a
   second store, as a worker's would (its change feed running), claims the
   message and records it delivered. The latency is from the moment ``record``
@@ -148,9 +150,10 @@ def _messages(params: dict[str, Any], count: int) -> list[Any]:
 
 async def store_ceiling(params: dict[str, Any]) -> dict[str, Any]:
     """Claims and records per second, no SMTP (see the module's docstring)."""
-    from mailstrom_async import RecipientState, RecipientStatus
+    from mailstrom_async import JobRecord, RecipientState, RecipientStatus
 
     n, tasks, claim = params["messages"], params["tasks"], params["claim"]
+    batched = bool(params.get("batched"))
     store = _store(params, max_size=tasks + 1)
     async with store:
         await _reset(store, params)
@@ -172,21 +175,34 @@ async def store_ceiling(params: dict[str, Any]) -> dict[str, Any]:
                 transactions += 1
                 if not jobs:
                     return
-                for job in jobs:
-                    statuses = [
-                        RecipientStatus(
-                            address=r.address,
-                            state=RecipientState.DELIVERED,
-                            attempts=1,
-                            code=250,
-                            last_attempt_at=now,
-                            first_attempt_at=now,
-                        )
-                        for r in job.recipients
-                    ]
-                    await store.record(job.message_id, statuses, worker=name)
+                outcomes = [
+                    JobRecord(
+                        message_id=job.message_id,
+                        statuses=tuple(
+                            RecipientStatus(
+                                address=r.address,
+                                state=RecipientState.DELIVERED,
+                                attempts=1,
+                                code=250,
+                                last_attempt_at=now,
+                                first_attempt_at=now,
+                            )
+                            for r in job.recipients
+                        ),
+                        lease=job.lease,
+                    )
+                    for job in jobs
+                ]
+                if batched:  # as the Deliverer's recorder does for jobs done together
+                    await store.record_many(outcomes, worker=name)
                     transactions += 1
-                    done += len(statuses)
+                else:
+                    for o in outcomes:
+                        await store.record(
+                            o.message_id, o.statuses, worker=name, lease=o.lease
+                        )
+                        transactions += 1
+                done += sum(len(o.statuses) for o in outcomes)
 
         start = time.perf_counter()
         async with anyio.create_task_group() as tg:

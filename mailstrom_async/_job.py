@@ -57,6 +57,7 @@ from mailstrom_async._outcomes import (
     next_status,
     reason,
 )
+from mailstrom_async._recorder import Recorder
 from mailstrom_async._reuse import PooledConnection
 from mailstrom_async._routes import NoAddressLeftError
 
@@ -164,6 +165,12 @@ class JobRunner:
     ) -> None:
         self._config = config
         self._store = store
+        # Outcomes of jobs that finish together go in one transaction.
+        self._recorder = Recorder(
+            store,
+            worker=worker_id,
+            history_limit=config.limits.history_per_recipient,
+        )
         self._broker = broker
         self._worker_id = worker_id
         self._clock = clock
@@ -623,7 +630,6 @@ class JobRunner:
                 # Stop a little before the end: past it, another worker may
                 # have claimed the recipients.
                 patience = max(patience, left - min(1.0, patience / 2))
-        limit = self._config.limits.history_per_recipient
         wait = _RECORD_FIRST_WAIT
         give_up_at = anyio.current_time() + patience
         attempt = 0
@@ -632,13 +638,8 @@ class JobRunner:
             try:
                 with anyio.CancelScope(shield=True):
                     with anyio.move_on_after(_SHIELDED_DEADLINE) as scope:
-                        lost = await self._store.record(
-                            job.message_id,
-                            statuses,
-                            worker=self._worker_id,
-                            history=history,
-                            history_limit=limit,
-                            **_fence(job),
+                        lost = await self._recorder.record(
+                            job.message_id, statuses, history=history, lease=job.lease
                         )
                     if scope.cancelled_caught:
                         msg = f"the store did not record in {_SHIELDED_DEADLINE:g} s"
