@@ -33,6 +33,7 @@ MEASUREMENTS: dict[str, Measurement] = {
     "loop_lag": looplag.loop_lag,
     "store_ceiling": pg.store_ceiling,
     "notify_latency": pg.notify_latency,
+    "pg_workers": pg.pg_workers,
 }
 
 

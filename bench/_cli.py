@@ -417,6 +417,26 @@ class Bench:
                         **ceiling,
                     ),
                 )
+            fleet = {"port": port, "messages": 1_000 if quick else 5_000}
+            for key, store, workers in (
+                ("W1", "postgres", 1),
+                ("W2", "postgres", 2),
+                ("W4", "postgres", 4),
+                ("Ws", "sqlite", 1),
+            ):
+                self._add(
+                    key,
+                    f"{workers} worker process(es) on {store}, a submit-only "
+                    "process awaiting every handle",
+                    self._child(
+                        "pg_workers",
+                        key,
+                        store=store,
+                        dsn=self.pg_dsn,
+                        workers=workers,
+                        **fleet,
+                    ),
+                )
             self._add(
                 "Pn",
                 "PostgreSQL: a worker's record to await handle elsewhere (NOTIFY)",
@@ -749,6 +769,38 @@ class Bench:
                     f"{_ratio(batched, sqlite):.2f}x Ps",
                 )
             )
+        if "W1" in ms:
+            one = self.rate("W1")
+            rows.append(
+                Row(
+                    "W1",
+                    ms["W1"].label,
+                    _fmt_rate(one),
+                    f"{_ratio(one, self.rate('Ws')):.2f}x Ws",
+                )
+            )
+            for key in ("W2", "W4"):
+                if key in ms:
+                    ratio = _ratio(self.rate(key), one)
+                    ok = None
+                    if key == "W2" and not math.isnan(ratio):
+                        ok = ratio >= pg.TARGET_TWO_WORKERS
+                    rows.append(
+                        Row(
+                            key,
+                            ms[key].label,
+                            _fmt_rate(self.rate(key)),
+                            f"{ratio:.2f}x W1",
+                            f">= {pg.TARGET_TWO_WORKERS:g}x W1" if key == "W2" else "",
+                            _verdict(ok) if key == "W2" else "",
+                        )
+                    )
+                    if key == "W2":
+                        targets.append(
+                            Target("PostgreSQL 2 workers / 1", ratio, ">= 1.6", ok, "")
+                        )
+            if "Ws" in ms:
+                rows.append(Row("Ws", ms["Ws"].label, _fmt_rate(self.rate("Ws"))))
         if "Pn" in ms:
             p50, p99 = self.rate("Pn", "p50_ms"), self.rate("Pn", "p99_ms")
             ok = None if math.isnan(p99) else p99 < pg.TARGET_NOTIFY_P99_MS

@@ -370,12 +370,18 @@ class _Worker:
 
 @contextlib.asynccontextmanager
 async def _worker_process(
-    params: dict[str, Any], path: Path | None
+    params: dict[str, Any], path: Path | None, *, dsn: str | None = None
 ) -> AsyncIterator[_Worker]:
-    if path is None:
-        msg = "a worker process needs the SQLite store"
+    """A ``deliver_worker`` child on the SQLite file *path* or, with *dsn*, on
+    PostgreSQL."""
+    if path is None and dsn is None:
+        msg = "a worker process needs the SQLite or the PostgreSQL store"
         raise ValueError(msg)
-    args = {"port": params["port"], "path": str(path)}
+    args: dict[str, Any] = {"port": params["port"]}
+    if dsn is not None:
+        args["dsn"] = dsn
+    else:
+        args["path"] = str(path)
     command = [sys.executable, "-m", "bench._child", "deliver_worker", json.dumps(args)]
     process = await anyio.open_process(command, stdin=subprocess.DEVNULL)
     worker = _Worker(process)
@@ -398,10 +404,17 @@ async def _say_when_delivering(events: EventStream) -> None:
 
 
 async def deliver_worker(params: dict[str, Any]) -> dict[str, Any]:
-    """A deliver-only Deliverer over *path* until SIGTERM; the other half of
-    scenario 3's split variant."""
+    """A deliver-only Deliverer over *path* (or PostgreSQL's *dsn*) until
+    SIGTERM; the other half of scenario 3's split variant and the workers of
+    the PostgreSQL scenario."""
     config = relay_config(params["port"])
-    store = SQLiteStore(params["path"])
+    store: Store
+    if "dsn" in params:
+        from mailstrom_async import PostgresStore
+
+        store = PostgresStore(params["dsn"])
+    else:
+        store = SQLiteStore(params["path"])
     with anyio.open_signal_receiver(signal.SIGTERM) as signals:
         async with Deliverer(config, store=store, mode="deliver") as deliverer:
             async with deliverer.events() as events, anyio.create_task_group() as tg:
