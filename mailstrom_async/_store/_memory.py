@@ -43,6 +43,7 @@ from mailstrom_async._models import (
 from mailstrom_async._store._base import (
     DEFAULT_HISTORY_LIMIT,
     Job,
+    JobRecord,
     LeaseInfo,
     NewMessage,
     QueueShape,
@@ -559,6 +560,49 @@ class MemoryStore:
         attempts = check_history(history, history_limit)
         await self._enter()
         stored = self._get(message_id)
+        return self._apply(
+            message_id, stored, statuses, attempts, worker, lease, history_limit
+        )
+
+    async def record_many(
+        self,
+        records: Sequence[JobRecord],
+        *,
+        worker: str,
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+    ) -> list[list[str]]:
+        """Record each of *records* as :meth:`record` does, all or nothing; see
+        :meth:`BatchRecordingStore.record_many`."""
+        # Everything that can fail is checked before anything is applied.
+        checked = [
+            (
+                r.message_id,
+                check_statuses(r.statuses),
+                check_history(r.history, history_limit),
+                r.lease,
+            )
+            for r in records
+        ]
+        await self._enter()
+        messages = [self._get(message_id) for message_id, *_ in checked]
+        return [
+            self._apply(mid, stored, statuses, attempts, worker, lease, history_limit)
+            for (mid, statuses, attempts, lease), stored in zip(
+                checked, messages, strict=True
+            )
+        ]
+
+    def _apply(
+        self,
+        message_id: str,
+        stored: _Message,
+        statuses: Sequence[RecipientStatus],
+        attempts: Sequence[AttemptRecord],
+        worker: str,
+        lease: str | None,
+        history_limit: int,
+    ) -> list[str]:
+        """One ``record()``, checked already: it cannot fail."""
         index = address_index(stored.addresses())
         # All inserted, then trimmed in turn: as the SQL store does.
         matched = [(i, r) for r in attempts for i in matching(index, r.address)]

@@ -26,7 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Collection,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from datetime import datetime
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -46,6 +53,7 @@ from mailstrom_async._store import _postgres_sql as sql
 from mailstrom_async._store._base import (
     DEFAULT_HISTORY_LIMIT,
     Job,
+    JobRecord,
     LeaseInfo,
     NewMessage,
     QueueShape,
@@ -68,10 +76,10 @@ from mailstrom_async._store._common import (
     logger,
     matching,
     new_lease_token,
-    should_replace,
     utc,
 )
 from mailstrom_async._store._pg_changes import NOTIFY, ChangeFeed
+from mailstrom_async._store._record_plan import Checked, Stored, plan_records
 
 if TYPE_CHECKING:
     from types import ModuleType, TracebackType
@@ -686,39 +694,114 @@ class PostgresStore:
     ) -> list[str]:
         """Write new statuses and their attempts and end their leases, fenced by
         *lease*; see :meth:`Store.record`."""
-        statuses = check_statuses(statuses)
-        attempts = check_history(history, history_limit)
-        async with self._write(changed=(message_id,)) as conn:
-            stored = await conn.fetch(sql.LOCK_RECIPIENTS, message_id)
-            if not stored:
-                await self._check_exists(conn, message_id)
-            index = address_index(row[1] for row in stored)
-            states = [RecipientState(row[2]) for row in stored]
-            updates: list[tuple[Any, ...]] = []
-            unlease: set[int] = set()
-            lost: dict[str, None] = {}
-            for status in statuses:
-                for i in matching(index, status.address):
-                    position = stored[i][0]
-                    if lease is not None and stored[i][4] != lease:
-                        lost[status.address] = None  # claimed by another since
-                        continue
-                    if should_replace(states[i], status.state):
-                        states[i] = status.state
-                        updates.append(
-                            (position, *_status_values(status), not status.is_final)
-                        )
-                    if lease is not None or stored[i][3] == worker:
-                        unlease.add(position)
-            if updates:
-                await conn.execute(sql.RECORD, message_id, *_columns(updates, 16))
-            if unlease:
-                await conn.execute(sql.UNLEASE, message_id, sorted(unlease))
-            if attempts:
-                await _write_history(
-                    conn, message_id, stored, index, attempts, history_limit
+        checked = Checked(
+            message_id,
+            check_statuses(statuses),
+            check_history(history, history_limit),
+            lease,
+        )
+        [lost] = await self._record(
+            [checked], worker=worker, history_limit=history_limit
+        )
+        return lost
+
+    async def record_many(
+        self,
+        records: Sequence[JobRecord],
+        *,
+        worker: str,
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+    ) -> list[list[str]]:
+        """Record each of *records* as :meth:`record` does, in one transaction
+        of at most six statements whatever their number; see
+        :meth:`BatchRecordingStore.record_many`."""
+        checked = [
+            Checked(
+                r.message_id,
+                check_statuses(r.statuses),
+                check_history(r.history, history_limit),
+                r.lease,
+            )
+            for r in records
+        ]
+        if not checked:
+            return []
+        return await self._record(checked, worker=worker, history_limit=history_limit)
+
+    async def _record(
+        self, records: Sequence[Checked], *, worker: str, history_limit: int
+    ) -> list[list[str]]:
+        """Lock every row of the records' messages (in one stable order, so that
+        two batches never deadlock), decide in Python, write in one statement
+        per kind."""
+        ids = sorted({r.message_id for r in records})
+        async with self._write(changed=ids) as conn:
+            rows: dict[str, list[Stored]] = {mid: [] for mid in ids}
+            for row in await conn.fetch(sql.LOCK_RECORDED, ids):
+                rows[row[0]].append(Stored(*row[1:]))
+            if any(not stored for stored in rows.values()):
+                await self._check_all_exist(conn, records, rows)
+            plan = plan_records(
+                rows, records, worker=worker, history_limit=history_limit
+            )
+            if plan.statuses:
+                await conn.execute(
+                    sql.RECORD_MANY,
+                    *_columns(
+                        [
+                            (mid, position, *_status_values(status), kept)
+                            for (mid, position), (status, kept) in sorted(
+                                plan.statuses.items()
+                            )
+                        ],
+                        17,
+                    ),
                 )
-        return list(lost)
+            if plan.unlease:
+                await conn.execute(sql.UNLEASE_MANY, *_columns(sorted(plan.unlease), 2))
+            if plan.history:
+                await conn.execute(
+                    sql.INSERT_HISTORY,
+                    *_columns(
+                        [
+                            (mid, pos, *_attempt_values(a))
+                            for mid, pos, a in plan.history
+                        ],
+                        14,
+                    ),
+                )
+            if plan.trims:
+                trim = (
+                    sql.TRIM_HISTORY_TO_LATEST
+                    if history_limit == 1
+                    else sql.TRIM_HISTORY
+                )
+                cut = 0 if history_limit == 1 else history_limit - 1
+                await conn.execute(
+                    trim,
+                    *_columns(
+                        [
+                            (mid, pos, top - cut)
+                            for (mid, pos), top in sorted(plan.trims.items())
+                        ],
+                        3,
+                    ),
+                )
+        return plan.lost
+
+    async def _check_all_exist(
+        self,
+        conn: _Connection,
+        records: Sequence[Checked],
+        rows: Mapping[str, Sequence[Stored]],
+    ) -> None:
+        """Raise UnknownMessageError for the first record whose message is not
+        stored (a message without rows may still be stored)."""
+        empty = [mid for mid, stored in rows.items() if not stored]
+        found = {row[0] for row in await conn.fetch(sql.MESSAGES_EXISTING, empty)}
+        for record in records:
+            if not rows[record.message_id] and record.message_id not in found:
+                raise UnknownMessageError(record.message_id)
 
     async def release(
         self,
@@ -928,43 +1011,19 @@ def _attempt(row: Any) -> AttemptRecord:
     )
 
 
-async def _write_history(
-    conn: _Connection,
-    message_id: str,
-    stored: Sequence[Any],
-    index: dict[tuple[str, str], list[int]],
-    attempts: Sequence[AttemptRecord],
-    limit: int,
-) -> None:
-    """Inside ``record()``'s transaction: insert *attempts* (one statement) and
-    trim the recipients whose new attempt is numbered above *limit*."""
-    rows: list[tuple[Any, ...]] = []
-    trims: list[tuple[int, int]] = []
-    for r in attempts:
-        for i in matching(index, r.address):
-            position = stored[i][0]
-            rows.append(
-                (
-                    position,
-                    r.attempt,
-                    r.started_at,
-                    r.duration,
-                    r.state.value,
-                    r.code,
-                    r.enhanced_code,
-                    _utf8(r.message),
-                    r.raw_message,
-                    r.host,
-                    r.ip,
-                    r.tls,
-                    r.tls_verified,
-                )
-            )
-            if r.attempt > limit:
-                cutoff = r.attempt if limit == 1 else r.attempt - (limit - 1)
-                trims.append((position, cutoff))
-    if rows:
-        await conn.execute(sql.INSERT_HISTORY, message_id, *_columns(rows, 13))
-    if trims:
-        trim = sql.TRIM_HISTORY_TO_LATEST if limit == 1 else sql.TRIM_HISTORY
-        await conn.execute(trim, message_id, *_columns(trims, 2))
+def _attempt_values(r: AttemptRecord) -> tuple[Any, ...]:
+    """``attempt, started_at, ..., tls_verified`` of *r* (checked already)."""
+    return (
+        r.attempt,
+        r.started_at,
+        r.duration,
+        r.state.value,
+        r.code,
+        r.enhanced_code,
+        _utf8(r.message),
+        r.raw_message,
+        r.host,
+        r.ip,
+        r.tls,
+        r.tls_verified,
+    )

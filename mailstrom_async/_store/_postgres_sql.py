@@ -28,6 +28,8 @@ __all__ = [
     "LEASE_OWNERS",
     "LIST_MESSAGES",
     "LOCK_RECIPIENTS",
+    "LOCK_RECORDED",
+    "MESSAGES_EXISTING",
     "MESSAGE_DATA",
     "MESSAGE_EXISTS",
     "MESSAGE_SIZES",
@@ -35,7 +37,7 @@ __all__ = [
     "MIGRATION_LOCK",
     "NEXT_DUE",
     "PURGE",
-    "RECORD",
+    "RECORD_MANY",
     "RELEASE_OWNER",
     "RENEW_ALL",
     "RENEW_SOME",
@@ -51,8 +53,8 @@ __all__ = [
     "UNHOLD_ALL",
     "UNHOLD_DOMAIN",
     "UNHOLD_MESSAGE",
-    "UNLEASE",
     "UNLEASE_FENCED",
+    "UNLEASE_MANY",
     "UNLEASE_OWN",
 ]
 
@@ -209,26 +211,36 @@ STATUSES_QUERY = f"""SELECT m.id, m.mail_from, m.submitted_at, {_STATUS}
     FROM messages m LEFT JOIN recipients r ON r.message_id = m.id
     WHERE m.id = ANY($1::text[]) ORDER BY m.id, r.position"""  # noqa: S608 (constant)
 MESSAGE_EXISTS = "SELECT 1 FROM messages WHERE id = $1"
-# The rows record() and release() decide on, locked for their transaction.
+# The rows release() decides on, locked for its transaction.
 LOCK_RECIPIENTS = """SELECT position, address, state, lease_owner, lease_token
     FROM recipients WHERE message_id = $1 ORDER BY position FOR UPDATE"""
-RECORD = """UPDATE recipients r SET state = u.state, attempts = u.attempts,
+# The rows record() and record_many() decide on, of every message in $1,
+# locked in one stable order (two batches never wait for each other in a circle).
+LOCK_RECORDED = """SELECT message_id, position, address, state, lease_owner,
+      lease_token
+    FROM recipients WHERE message_id = ANY($1::text[])
+    ORDER BY message_id, position FOR UPDATE"""
+MESSAGES_EXISTING = "SELECT id FROM messages WHERE id = ANY($1::text[])"
+# New statuses of any number of recipients of any number of messages: one row
+# per (message_id, position), never two for one recipient.
+RECORD_MANY = """UPDATE recipients r SET state = u.state, attempts = u.attempts,
       code = u.code, enhanced_code = u.enhanced_code, message = u.message,
       raw_message = u.raw_message, host = u.host, ip = u.ip, tls = u.tls,
       tls_verified = u.tls_verified, first_attempt_at = u.first_attempt_at,
       last_attempt_at = u.last_attempt_at, next_attempt_at = u.next_attempt_at,
       possible_duplicate = u.possible_duplicate, held = r.held AND u.keep_held
-    FROM unnest($2::integer[], $3::text[], $4::integer[], $5::integer[],
-                $6::text[], $7::bytea[], $8::bytea[], $9::text[], $10::text[],
-                $11::boolean[], $12::boolean[], $13::timestamptz[],
+    FROM unnest($1::text[], $2::integer[], $3::text[], $4::integer[],
+                $5::integer[], $6::text[], $7::bytea[], $8::bytea[], $9::text[],
+                $10::text[], $11::boolean[], $12::boolean[], $13::timestamptz[],
                 $14::timestamptz[], $15::timestamptz[], $16::boolean[],
                 $17::boolean[])
-      AS u (position, state, attempts, code, enhanced_code, message, raw_message,
-            host, ip, tls, tls_verified, first_attempt_at, last_attempt_at,
-            next_attempt_at, possible_duplicate, keep_held)
-    WHERE r.message_id = $1 AND r.position = u.position"""
-UNLEASE = """UPDATE recipients SET lease_owner = NULL, lease_until = NULL
-    WHERE message_id = $1 AND position = ANY($2::integer[])"""
+      AS u (message_id, position, state, attempts, code, enhanced_code, message,
+            raw_message, host, ip, tls, tls_verified, first_attempt_at,
+            last_attempt_at, next_attempt_at, possible_duplicate, keep_held)
+    WHERE r.message_id = u.message_id AND r.position = u.position"""
+UNLEASE_MANY = """UPDATE recipients r SET lease_owner = NULL, lease_until = NULL
+    FROM unnest($1::text[], $2::integer[]) AS u (message_id, position)
+    WHERE r.message_id = u.message_id AND r.position = u.position"""
 # Fenced: only the leases that $3 still holds end.
 UNLEASE_OWN = """UPDATE recipients SET lease_owner = NULL, lease_until = NULL
     WHERE message_id = $1 AND position = ANY($2::integer[]) AND lease_owner = $3"""
@@ -314,21 +326,27 @@ UNHOLD_ALL = "UPDATE recipients SET held = false WHERE held"
 INSERT_HISTORY = """INSERT INTO history
     (message_id, position, attempt, started_at, duration, state, code,
      enhanced_code, message, raw_message, host, ip, tls, tls_verified)
-    SELECT $1, * FROM unnest($2::integer[], $3::integer[], $4::timestamptz[],
-      $5::float8[], $6::text[], $7::integer[], $8::text[], $9::bytea[],
-      $10::bytea[], $11::text[], $12::text[], $13::boolean[], $14::boolean[])
+    SELECT * FROM unnest($1::text[], $2::integer[], $3::integer[],
+      $4::timestamptz[], $5::float8[], $6::text[], $7::integer[], $8::text[],
+      $9::bytea[], $10::bytea[], $11::text[], $12::text[], $13::boolean[],
+      $14::boolean[])
     ON CONFLICT DO NOTHING"""
 # Trimming (run only for an attempt numbered above the limit): the rows between
 # the recipient's first kept attempt and the window of the latest ones, as
-# :func:`~._common.trimmed_history` says. $2 positions, $3 cutoffs / added.
+# :func:`~._common.trimmed_history` says. $1 message ids, $2 positions, $3
+# cutoffs / added: one row per recipient.
 TRIM_HISTORY = """DELETE FROM history h
-    USING unnest($2::integer[], $3::integer[]) AS t (position, cutoff)
-    WHERE h.message_id = $1 AND h.position = t.position AND h.attempt <= t.cutoff
+    USING unnest($1::text[], $2::integer[], $3::integer[])
+      AS t (message_id, position, cutoff)
+    WHERE h.message_id = t.message_id AND h.position = t.position
+      AND h.attempt <= t.cutoff
       AND h.attempt > (SELECT min(attempt) FROM history
-                       WHERE message_id = $1 AND position = t.position)"""
+                       WHERE message_id = t.message_id AND position = t.position)"""
 TRIM_HISTORY_TO_LATEST = """DELETE FROM history h
-    USING unnest($2::integer[], $3::integer[]) AS t (position, added)
-    WHERE h.message_id = $1 AND h.position = t.position AND h.attempt < t.added"""
+    USING unnest($1::text[], $2::integer[], $3::integer[])
+      AS t (message_id, position, added)
+    WHERE h.message_id = t.message_id AND h.position = t.position
+      AND h.attempt < t.added"""
 HISTORY_QUERY = """SELECT r.address, h.attempt, h.started_at, h.duration, h.state,
       h.code, h.enhanced_code, h.message, h.raw_message, h.host, h.ip, h.tls,
       h.tls_verified

@@ -66,6 +66,7 @@ from mailstrom_async._store import _sql as sql
 from mailstrom_async._store._base import (
     DEFAULT_HISTORY_LIMIT,
     Job,
+    JobRecord,
     LeaseInfo,
     NewMessage,
     QueueShape,
@@ -715,45 +716,40 @@ class SQLiteStore:
         attempts = check_history(history, history_limit)
 
         def work(conn: sqlite3.Connection) -> list[str]:
-            stored = conn.execute(
-                "SELECT position, address, state, lease_owner, lease_token"
-                " FROM recipients WHERE message_id = ? ORDER BY position",
-                (message_id,),
-            ).fetchall()
-            if not stored:
-                _check_exists(conn, message_id)
-            index = address_index(row[1] for row in stored)
-            states = [RecipientState(row[2]) for row in stored]
-            updates, unlease = [], set()
-            lost: dict[str, None] = {}
-            for status in statuses:
-                for i in matching(index, status.address):
-                    position = stored[i][0]
-                    if lease is not None and stored[i][4] != lease:
-                        lost[status.address] = None  # claimed by another since
-                        continue
-                    if should_replace(states[i], status.state):
-                        states[i] = status.state
-                        keep_held = not status.is_final  # the hold is the store's
-                        updates.append(
-                            (
-                                *sql.status_params(status),
-                                keep_held,
-                                message_id,
-                                position,
-                            )
-                        )
-                    if lease is not None or stored[i][3] == worker:
-                        unlease.add(position)
-            if updates:
-                conn.executemany(sql.RECORD, updates)
-            if unlease:
-                conn.executemany(
-                    sql.UNLEASE, [(message_id, p) for p in sorted(unlease)]
-                )
-            if attempts:
-                _write_history(conn, message_id, stored, index, attempts, history_limit)
-            return list(lost)
+            return _record(
+                conn, message_id, statuses, attempts, worker, lease, history_limit
+            )
+
+        return await self._write(work)
+
+    async def record_many(
+        self,
+        records: Sequence[JobRecord],
+        *,
+        worker: str,
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+    ) -> list[list[str]]:
+        """Record each of *records* as :meth:`record` does, in one transaction
+        (one commit); see :meth:`BatchRecordingStore.record_many`."""
+        checked = [
+            (
+                r.message_id,
+                check_statuses(r.statuses),
+                check_history(r.history, history_limit),
+                r.lease,
+            )
+            for r in records
+        ]
+        if not checked:
+            return []
+
+        def work(conn: sqlite3.Connection) -> list[list[str]]:
+            # Each in turn, so a message recorded twice sees its first record;
+            # an unknown message raises and the whole batch is rolled back.
+            return [
+                _record(conn, mid, statuses, attempts, worker, lease, history_limit)
+                for mid, statuses, attempts, lease in checked
+            ]
 
         return await self._write(work)
 
@@ -943,6 +939,56 @@ def _probe(conn: sqlite3.Connection) -> None:
                 conn.execute(query).fetchall()
     finally:
         conn.execute("COMMIT")
+
+
+def _record(
+    conn: sqlite3.Connection,
+    message_id: str,
+    statuses: Sequence[RecipientStatus],
+    attempts: Sequence[AttemptRecord],
+    worker: str,
+    lease: str | None,
+    history_limit: int,
+) -> list[str]:
+    """One ``record()`` (checked already) inside the caller's transaction: the
+    addresses not written because the lease was lost."""
+    stored = conn.execute(
+        "SELECT position, address, state, lease_owner, lease_token"
+        " FROM recipients WHERE message_id = ? ORDER BY position",
+        (message_id,),
+    ).fetchall()
+    if not stored:
+        _check_exists(conn, message_id)
+    index = address_index(row[1] for row in stored)
+    states = [RecipientState(row[2]) for row in stored]
+    updates, unlease = [], set()
+    lost: dict[str, None] = {}
+    for status in statuses:
+        for i in matching(index, status.address):
+            position = stored[i][0]
+            if lease is not None and stored[i][4] != lease:
+                lost[status.address] = None  # claimed by another since
+                continue
+            if should_replace(states[i], status.state):
+                states[i] = status.state
+                keep_held = not status.is_final  # the hold is the store's
+                updates.append(
+                    (
+                        *sql.status_params(status),
+                        keep_held,
+                        message_id,
+                        position,
+                    )
+                )
+            if lease is not None or stored[i][3] == worker:
+                unlease.add(position)
+    if updates:
+        conn.executemany(sql.RECORD, updates)
+    if unlease:
+        conn.executemany(sql.UNLEASE, [(message_id, p) for p in sorted(unlease)])
+    if attempts:
+        _write_history(conn, message_id, stored, index, attempts, history_limit)
+    return list(lost)
 
 
 def _write_history(

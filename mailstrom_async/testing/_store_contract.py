@@ -23,6 +23,7 @@ from mailstrom_async._exceptions import StoreError, UnknownMessageError
 from mailstrom_async._models import MessageStatus, RecipientState, RecipientStatus
 from mailstrom_async._store import LeaseInfo, NewMessage, Store
 from mailstrom_async._watchers import merged
+from mailstrom_async.testing._batch_contract import BatchContract
 from mailstrom_async.testing._history_contract import HistoryContract
 from mailstrom_async.testing._hold_contract import HoldContract
 from mailstrom_async.testing._inspect_contract import InspectContract
@@ -56,7 +57,9 @@ def _many_addresses() -> list[str]:
 
 
 @pytest.mark.anyio
-class StoreContract(HoldContract, HistoryContract, InspectContract, LeaseContract):
+class StoreContract(
+    BatchContract, HoldContract, HistoryContract, InspectContract, LeaseContract
+):
     """The contract suite; subclasses provide a ``store`` fixture (open, empty).
 
     Subclass it in a test module (its name starting with ``Test``) and give the
