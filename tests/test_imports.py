@@ -34,6 +34,7 @@ OWNERS: dict[str, set[str]] = {
         "mailstrom_async/testing/_history_contract.py",
         "mailstrom_async/testing/_inspect_contract.py",
         "mailstrom_async/testing/_lease_contract.py",
+        "mailstrom_async/testing/_batch_contract.py",
     },
 }
 

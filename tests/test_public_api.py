@@ -30,6 +30,9 @@ ISSUE_NAMES = [
     # issue 13
     "PostgresStore",
     "store_from_url",
+    # issue 14
+    "BatchRecordingStore",
+    "JobRecord",
 ]
 
 

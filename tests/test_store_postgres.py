@@ -15,7 +15,7 @@ from mailstrom_async import (
     RecipientState,
     StoreError,
 )
-from mailstrom_async._store import PostgresStore
+from mailstrom_async._store import JobRecord, PostgresStore
 from mailstrom_async._store import _postgres_sql as sql
 from mailstrom_async._store._postgres import redact
 from mailstrom_async.testing._store_common import T0, at, attempted, new_message
@@ -212,6 +212,44 @@ async def test_concurrent_claims_never_share_a_recipient(postgres_dsn: str) -> N
     every = [pair for pairs in claimed.values() for pair in pairs]
     assert len(every) == 400
     assert len(set(every)) == 400
+
+
+async def test_batches_in_opposite_orders_never_deadlock(postgres_dsn: str) -> None:
+    """Two stores recording batches of the same messages at once, one in the
+    opposite order of the other, both commit every batch: record_many() locks
+    the rows in one order (message id, position), whatever the records' order,
+    so neither waits for the other in a circle (which PostgreSQL would break by
+    failing one with a deadlock error)."""
+    ids = [f"m{i:03}" for i in range(100)]
+    rcpts = [f"r{i}@x.example" for i in range(20)]  # rows enough to overlap
+    async with PostgresStore(postgres_dsn) as setup:
+        await setup.add_many([new_message(mid, *rcpts) for mid in ids])
+    done: list[int] = []
+
+    async def recorder(order: list[str], n: int) -> None:
+        async with PostgresStore(postgres_dsn, max_size=1) as store:
+            for round_ in range(20):
+                statuses = tuple(
+                    attempted(
+                        rcpt,
+                        RecipientState.DEFERRED,
+                        when=at(round_),
+                        next_at=at(60 + round_),
+                    )
+                    for rcpt in rcpts
+                )
+                records = [
+                    JobRecord(message_id=mid, statuses=statuses) for mid in order
+                ]
+                assert await store.record_many(records, worker=f"w{n}") == [
+                    [] for _ in order
+                ]
+                done.append(n)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(recorder, ids, 0)
+        tg.start_soon(recorder, ids[::-1], 1)
+    assert sorted(done) == [0] * 20 + [1] * 20
 
 
 async def test_claim_finds_more_messages_past_a_large_one(postgres_dsn: str) -> None:

@@ -9,9 +9,9 @@ one per attempt for the history, one per recipient for trimming it.
 The records are taken in order, as that many ``Store.record`` calls would take
 them: a message recorded twice is seen by its second record as the first left
 it (a final state stays final, an ended lease stays ended). Several writes to
-one recipient collapse into one: the last status that replaced the stored one,
-held only if every one of them kept the hold, and the history trimmed against
-its highest new attempt (what trimming in turn leaves when a recipient's
+one recipient collapse into one: the last status that replaced the stored one
+(held if it keeps the hold: after a final state only a final one replaces it),
+and the history trimmed against its highest new attempt (what trimming in turn leaves when a recipient's
 attempts are numbered upward, as they are).
 """
 
@@ -95,9 +95,7 @@ def plan_records(
                 if should_replace(states[mid][i], status.state):
                     states[mid][i] = status.state
                     # The hold is the store's: kept only while unfinished.
-                    before = plan.statuses.get(key)
-                    kept = not status.is_final and (before is None or before[1])
-                    plan.statuses[key] = (status, kept)
+                    plan.statuses[key] = (status, not status.is_final)
                 if lease is not None or owners[mid][i] == worker:
                     plan.unlease.add(key)
                     owners[mid][i] = None

@@ -388,3 +388,18 @@ async def change_types() -> None:
     m.StoreChange(message_ids={"id"})  # type: ignore[arg-type]  # a frozenset
     bad: m.ChangeWatchingStore = m.MemoryStore()  # type: ignore[assignment]
     del bad
+
+
+async def batch_types(status: m.RecipientStatus, attempt: m.AttemptRecord) -> None:
+    record = m.JobRecord(
+        message_id="id", statuses=(status,), lease="token", history=(attempt,)
+    )
+    assert_type(record.statuses, tuple[m.RecipientStatus, ...])
+    assert_type(record.lease, str | None)
+    memory: m.BatchRecordingStore = m.MemoryStore()
+    sqlite: m.BatchRecordingStore = m.SQLiteStore("q.db")
+    postgres: m.BatchRecordingStore = m.PostgresStore("postgresql://u@127.0.0.1/q")
+    for batching in (memory, sqlite, postgres):
+        lost = await batching.record_many([record], worker="w", history_limit=5)
+        assert_type(lost, list[list[str]])
+    m.JobRecord(message_id="id", statuses=[status])  # type: ignore[arg-type]  # a tuple
