@@ -62,6 +62,7 @@ class Dispatcher:
             poll_interval=config.poll_interval,
             room=self.room,
             feed=self.feed,
+            before_claim=keeper.release_reclaimed,
         )
 
     def attach(self, route: Transport, lanes: Lanes) -> None:

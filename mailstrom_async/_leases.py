@@ -15,6 +15,7 @@ again at once instead of a lease later. Owners on other hosts expire by lease.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -214,6 +215,12 @@ class LeaseKeeper:
         self._until: dict[str, datetime] = {}
         self._jobs = 0
         self._renewals = FailureLog("could not renew leases")
+        # Recipients a claim returned while a job here still held them, by
+        # message: that claim's lease on them is given back once the job that
+        # held them is over (release_reclaimed), so that the next claim takes
+        # them with their status as that job left it.
+        self._reclaimed: dict[str, list[Job]] = {}
+        self._to_release: list[Job] = []
 
     @property
     def jobs(self) -> int:
@@ -236,6 +243,13 @@ class LeaseKeeper:
         if not held:
             return job
         fresh = tuple(r for r in job.recipients if r.address not in held)
+        overlap = tuple(r for r in job.recipients if r.address in held)
+        # The job that holds them may have recorded them already (their lease
+        # ended, and the claim took a new one a moment before the job was
+        # over): their new lease must not be left to run out.
+        self._reclaimed.setdefault(job.message_id, []).append(
+            attrs.evolve(job, recipients=overlap)
+        )
         if not fresh:
             return None
         return (
@@ -268,6 +282,32 @@ class LeaseKeeper:
                 del self._held[job.message_id]
                 self._until.pop(job.message_id, None)
         self._jobs -= 1
+        parts = self._reclaimed.get(job.message_id)
+        if parts:
+            still: Counter[str] = held or Counter()
+            free = [
+                p for p in parts if not any(r.address in still for r in p.recipients)
+            ]
+            if free:
+                self._to_release.extend(free)
+                parts[:] = [p for p in parts if p not in free]
+            if not parts:
+                del self._reclaimed[job.message_id]
+
+    async def release_reclaimed(self) -> None:
+        """Give back the leases of recipients claimed again while a job here
+        held them, now that it is over; never raises (a lease not given back
+        simply runs out). Runs before each claim."""
+        parts, self._to_release = self._to_release, []
+        for part in parts:
+            fence = {} if part.lease is None else {"lease": part.lease}
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self._store.release(
+                    part.message_id,
+                    [r.address for r in part.recipients],
+                    worker=self._owner,
+                    **fence,
+                )
 
     async def run(self) -> None:
         """Renew the held jobs' leases, and reclaim dead owners', until cancelled."""

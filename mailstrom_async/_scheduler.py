@@ -9,7 +9,7 @@ scheduler sleeps until the earliest due time, the poll interval, or a wake-up.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -41,6 +41,7 @@ class Scheduler:
         poll_interval: float,
         room: Callable[[], int],
         feed: Callable[[Job], None],
+        before_claim: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
         self._worker_id = worker_id
@@ -49,6 +50,7 @@ class Scheduler:
         self._poll_interval = poll_interval
         self._room = room
         self._feed = feed
+        self._before_claim = before_claim
         self._wakeup = anyio.Event()
         self._failures = FailureLog("could not claim due work")
         self._claiming = anyio.Lock()
@@ -90,6 +92,8 @@ class Scheduler:
             yield
 
     async def _claim(self, room: int) -> int:
+        if self._before_claim is not None:
+            await self._before_claim()
         async with self._claiming:
             now = self._clock()
             jobs = await self._store.claim_due(

@@ -32,7 +32,7 @@ from mailstrom_async import (
     SubmitHandle,
 )
 from mailstrom_async._owner import _start_time, current_owner, liveness
-from mailstrom_async._store import NewMessage, Store
+from mailstrom_async._store import JobRecord, NewMessage, Store
 from tests.smtpd import FaultHandler, SMTPDServers, smtpd_fixture  # noqa: F401
 from tests.test_relay_faults import DEADLINE, SENDER, done, relay_config
 
@@ -94,6 +94,18 @@ class RecordFails(MemoryStore):
             lease=lease,
             history=history,
             history_limit=history_limit,
+        )
+
+    async def record_many(
+        self, records: Sequence[JobRecord], *, worker: str, history_limit: int = 20
+    ) -> list[list[str]]:
+        """The Deliverer's path (group commit): fails as ``record`` does."""
+        if any(r.message_id in self.failing for r in records):
+            self.failures += 1
+            msg = "disk full (injected)"
+            raise StoreError(msg)
+        return await super().record_many(
+            records, worker=worker, history_limit=history_limit
         )
 
 
@@ -268,6 +280,17 @@ async def test_transient_record_failure_is_written_again(smtpd: SMTPDServers) ->
                 lease=lease,
                 history=history,
                 history_limit=history_limit,
+            )
+
+        async def record_many(
+            self, records: Sequence[JobRecord], *, worker: str, history_limit: int = 20
+        ) -> list[list[str]]:
+            if self.left:
+                self.left -= 1
+                msg = "database is locked (injected)"
+                raise StoreError(msg)
+            return await super().record_many(
+                records, worker=worker, history_limit=history_limit
             )
 
     handler = FaultHandler()

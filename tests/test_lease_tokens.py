@@ -238,6 +238,9 @@ class OlderContract(MemoryStore):
         )
         return [attrs.evolve(job, lease=None) for job in jobs]
 
+    # An older store has no record_many either: one record() per job.
+    record_many = None  # type: ignore[assignment]
+
     async def record(  # type: ignore[override]
         self,
         message_id: str,

@@ -4,7 +4,7 @@ outcome is committed. Against real SQLite and memory stores."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import aiosqlite
@@ -19,8 +19,9 @@ from mailstrom_async import (
     StoreError,
     UnknownMessageError,
 )
+from mailstrom_async._leases import LeaseKeeper
 from mailstrom_async._recorder import Recorder
-from mailstrom_async.testing._store_common import new_message
+from mailstrom_async.testing._store_common import T0, new_message
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -41,7 +42,7 @@ async def claimed(store: Store, count: int) -> list[Job]:
     await store.add_many(
         [new_message(f"m{n}", f"r{n}@example.org") for n in range(count)]
     )
-    now = datetime.now(UTC)
+    now = T0 + timedelta(seconds=1)  # new_message()'s messages are due at T0
     return await store.claim_due(
         now=now, worker="w", lease_until=now + timedelta(minutes=5), limit=count
     )
@@ -177,3 +178,41 @@ async def test_a_cancelled_wait_leaves_the_others_alone(tmp_path: Path) -> None:
     assert statuses[jobs[1].message_id].recipients[0].state is RecipientState.QUEUED
     assert all(statuses[j.message_id].is_delivered for j in (jobs[0], jobs[2], jobs[3]))
     assert recorder.batches == 3  # jobs 0, then 2, then 3: never job 1
+
+
+async def test_a_recipient_claimed_again_while_its_job_ends_is_given_back(
+    store: MemoryStore | SQLiteStore,
+) -> None:
+    """Its job has recorded it (deferred, due at once) and is about to end when
+    a claim takes it again: that claim is not used (the job still holds it),
+    and its lease is given back once the job is over, so the next claim takes
+    the recipient at once instead of after a lease. With group commit the
+    window between a record and the end of its job is wider: this was a hang."""
+    keeper = LeaseKeeper(
+        store=store, owner="w", clock=lambda: T0 + timedelta(seconds=1),
+        lease_duration=60,
+    )  # fmt: skip
+    async with store:
+        [job] = await claimed(store, 1)
+        keeper.hold(job)
+        now = T0 + timedelta(seconds=1)
+        deferred = RecipientStatus(
+            address=job.recipients[0].address,
+            state=RecipientState.DEFERRED,
+            attempts=1,
+            next_attempt_at=now,
+        )
+        assert (
+            await store.record(job.message_id, [deferred], worker="w", lease=job.lease)
+            == []
+        )
+        until = now + timedelta(minutes=1)
+        [again] = await store.claim_due(now=now, worker="w", lease_until=until, limit=1)
+        assert keeper.new_part(again) is None  # the job still holds it
+        assert (
+            await store.claim_due(now=now, worker="w", lease_until=until, limit=1) == []
+        )
+        keeper.drop(job)
+        await keeper.release_reclaimed()
+        [third] = await store.claim_due(now=now, worker="w", lease_until=until, limit=1)
+    assert third.recipients[0].attempts == 1
