@@ -12,6 +12,7 @@ import collections
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Coroutine
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import Any
@@ -81,6 +82,16 @@ async def raw_pool(params: dict[str, Any]) -> dict[str, Any]:
         finally:
             await smtp.quit()
 
+    return await _pool(sender, connections, count, clock)
+
+
+async def _pool(
+    sender: Callable[[], Coroutine[Any, Any, None]],
+    connections: int,
+    count: int,
+    clock: CpuClock,
+) -> dict[str, Any]:
+    """Run *connections* senders at once, timed by *clock*: the pool's result."""
     clock.start()
     async with anyio.create_task_group() as tg:
         for _ in range(connections):
@@ -125,18 +136,7 @@ async def raw_pool_building(params: dict[str, Any]) -> dict[str, Any]:
         finally:
             await smtp.quit()
 
-    clock.start()
-    async with anyio.create_task_group() as tg:
-        for _ in range(connections):
-            tg.start_soon(sender)
-    clock.stop()
-    return {
-        "messages": count,
-        "connections": connections,
-        "seconds": clock.wall,
-        "msgs_per_s": count / clock.wall,
-        "cpu_ms_per_msg": 1000 * clock.cpu / count,
-    }
+    return await _pool(sender, connections, count, clock)
 
 
 async def raw_single(params: dict[str, Any]) -> dict[str, Any]:

@@ -123,10 +123,21 @@ async def running_child(
 ) -> AsyncIterator[Child]:
     """Run the child with files ``<db dir>/<name>.*``; SIGKILLed on the way out."""
     prefix = db.parent / name
+    argv = ["-m", CHILD, role, str(db), str(port), str(prefix)]
+    async with spawned(argv, prefix, env) as child:
+        yield child
+
+
+@contextlib.asynccontextmanager
+async def spawned(
+    argv: list[str], prefix: Path, env: Mapping[str, str] | None
+) -> AsyncIterator[Child]:
+    """``python *argv*`` with its stderr in ``<prefix>.stderr``, as a
+    :class:`Child` with files ``<prefix>.*``; SIGKILLed on the way out."""
     errors = await anyio.to_thread.run_sync(_create, prefix.with_suffix(".stderr"))
     try:
         process = await anyio.open_process(
-            [sys.executable, "-m", CHILD, role, str(db), str(port), str(prefix)],
+            [sys.executable, *argv],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=errors,

@@ -14,8 +14,6 @@ import contextlib
 import os
 import re
 import signal
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -26,7 +24,7 @@ import anyio
 import pytest
 
 from mailstrom_async import RecipientState
-from tests.crash import DEADLINE, ROOT, Child
+from tests.crash import DEADLINE, Child, spawned
 from tests.smtpd import FaultHandler, WaitableCount
 
 if TYPE_CHECKING:
@@ -186,33 +184,7 @@ async def _running(
     count: int,
     env: Mapping[str, str] | None,
 ) -> AsyncIterator[Child]:
-    errors = await anyio.to_thread.run_sync(_create, prefix.with_suffix(".stderr"))
-    try:
-        process = await anyio.open_process(
-            [
-                sys.executable,
-                "-m",
-                CHILD,
-                role,
-                dsn,
-                str(port),
-                str(prefix),
-                str(count),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=errors,
-            cwd=ROOT,
-            env=None if env is None else {**os.environ, **env},
-        )
-    finally:
-        os.close(errors)
-    child = Child(process, prefix)
-    try:
+    argv = ["-m", CHILD, role, dsn, str(port), str(prefix), str(count)]
+    full_env = None if env is None else {**os.environ, **env}
+    async with spawned(argv, prefix, full_env) as child:
         yield child
-    finally:
-        await child.kill()
-
-
-def _create(path: Path) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

@@ -694,6 +694,18 @@ def test_any_text_round_trips_through_sqlite(
     anyio.run(main)
 
 
+async def schema_with_one_message(raw: aiosqlite.Connection, *, version: int) -> None:
+    """The schema as at *version*, with message m1 (its recipients are the
+    caller's)."""
+    for statements in MIGRATIONS[:version]:
+        for statement in statements:
+            await raw.execute(statement)
+    await raw.execute(
+        "INSERT INTO messages VALUES ('m1', 'a@example.org', x'00', 0, ?, NULL)",
+        (T0.timestamp(),),
+    )
+
+
 async def test_migration_from_version_four_adds_an_empty_history(
     db_path: Path,
 ) -> None:
@@ -701,13 +713,7 @@ async def test_migration_from_version_four_adds_an_empty_history(
     history for every message; an attempt recorded then is kept (the first
     attempt the history sees counts as its first), and a purge takes it along."""
     async with aiosqlite.connect(db_path) as raw:
-        for statements in MIGRATIONS[:4]:
-            for statement in statements:
-                await raw.execute(statement)
-        await raw.execute(
-            "INSERT INTO messages VALUES ('m1', 'a@example.org', x'00', 0, ?, NULL)",
-            (T0.timestamp(),),
-        )
+        await schema_with_one_message(raw, version=4)
         await raw.execute(
             "INSERT INTO recipients (message_id, position, address, domain, state,"
             " attempts, code, message, raw_message, next_attempt_at)"
@@ -799,13 +805,7 @@ async def test_migration_from_version_five_adds_lease_tokens(db_path: Path) -> N
     then has no token, so a record fenced by a token leaves it alone while one
     without writes it as before; a claim then leases it under a token."""
     async with aiosqlite.connect(db_path) as raw:
-        for statements in MIGRATIONS[:5]:
-            for statement in statements:
-                await raw.execute(statement)
-        await raw.execute(
-            "INSERT INTO messages VALUES ('m1', 'a@example.org', x'00', 0, ?, NULL)",
-            (T0.timestamp(),),
-        )
+        await schema_with_one_message(raw, version=5)
         await raw.execute(
             "INSERT INTO recipients (message_id, position, address, domain, state,"
             " next_attempt_at, lease_owner, lease_until)"

@@ -72,6 +72,7 @@ from mailstrom_async._store._common import (
     trimmed_history,
     utc,
 )
+from mailstrom_async._store._record_plan import check_records
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -574,15 +575,7 @@ class MemoryStore:
         """Record each of *records* as :meth:`record` does, all or nothing; see
         :meth:`BatchRecordingStore.record_many`."""
         # Everything that can fail is checked before anything is applied.
-        checked = [
-            (
-                r.message_id,
-                check_statuses(r.statuses),
-                check_history(r.history, history_limit),
-                r.lease,
-            )
-            for r in records
-        ]
+        checked = check_records(records, history_limit)
         await self._enter()
         messages = [self._get(message_id) for message_id, *_ in checked]
         return [

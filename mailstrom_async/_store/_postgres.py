@@ -79,7 +79,12 @@ from mailstrom_async._store._common import (
     utc,
 )
 from mailstrom_async._store._pg_changes import NOTIFY, ChangeFeed
-from mailstrom_async._store._record_plan import Checked, Stored, plan_records
+from mailstrom_async._store._record_plan import (
+    Checked,
+    Stored,
+    check_records,
+    plan_records,
+)
 
 if TYPE_CHECKING:
     from types import ModuleType, TracebackType
@@ -715,15 +720,7 @@ class PostgresStore:
         """Record each of *records* as :meth:`record` does, in one transaction
         of at most six statements whatever their number; see
         :meth:`BatchRecordingStore.record_many`."""
-        checked = [
-            Checked(
-                r.message_id,
-                check_statuses(r.statuses),
-                check_history(r.history, history_limit),
-                r.lease,
-            )
-            for r in records
-        ]
+        checked = check_records(records, history_limit)
         if not checked:
             return []
         return await self._record(checked, worker=worker, history_limit=history_limit)

@@ -18,14 +18,23 @@ attempts are numbered upward, as they are).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import attrs
 
 from mailstrom_async._models import AttemptRecord, RecipientState, RecipientStatus
-from mailstrom_async._store._common import address_index, matching, should_replace
+from mailstrom_async._store._common import (
+    address_index,
+    check_history,
+    check_statuses,
+    matching,
+    should_replace,
+)
 
-__all__ = ["Checked", "Plan", "Stored", "plan_records"]
+if TYPE_CHECKING:
+    from mailstrom_async._store._base import JobRecord
+
+__all__ = ["Checked", "Plan", "Stored", "check_records", "plan_records"]
 
 
 class Stored(NamedTuple):
@@ -46,6 +55,20 @@ class Checked(NamedTuple):
     statuses: Sequence[RecipientStatus]
     attempts: Sequence[AttemptRecord]
     lease: str | None
+
+
+def check_records(records: Sequence[JobRecord], history_limit: int) -> list[Checked]:
+    """*records* checked as ``Store.record`` checks its arguments, before any
+    is written (ValueError)."""
+    return [
+        Checked(
+            r.message_id,
+            check_statuses(r.statuses),
+            check_history(r.history, history_limit),
+            r.lease,
+        )
+        for r in records
+    ]
 
 
 @attrs.define

@@ -91,6 +91,7 @@ from mailstrom_async._store._common import (
     should_replace,
     utc,
 )
+from mailstrom_async._store._record_plan import check_records
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -731,15 +732,7 @@ class SQLiteStore:
     ) -> list[list[str]]:
         """Record each of *records* as :meth:`record` does, in one transaction
         (one commit); see :meth:`BatchRecordingStore.record_many`."""
-        checked = [
-            (
-                r.message_id,
-                check_statuses(r.statuses),
-                check_history(r.history, history_limit),
-                r.lease,
-            )
-            for r in records
-        ]
+        checked = check_records(records, history_limit)
         if not checked:
             return []
 
