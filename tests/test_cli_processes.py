@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import signal
 import socket
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from mailstrom_async import Config, RelayConfig, SQLiteStore
 from mailstrom_async._cli import main
 from mailstrom_async._cli._run import _describe
 from mailstrom_async._deliverer import Deliverer
@@ -351,3 +353,73 @@ async def test_worker_json_logs_and_sigint(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in rest.decode().splitlines()]
     assert {"stopping", "deliverer stopped"} <= {line["message"] for line in lines}
     assert {"signal": "SIGINT"}.items() <= lines[0].items()
+
+
+async def test_worker_processes_supervises_restarts_and_stops(
+    smtpd: SMTPDServers, tmp_path: Path
+) -> None:
+    """worker --processes 2: two delivering processes on one SQLite file; one
+    killed with SIGKILL is started again; SIGTERM stops them all, exit code 0."""
+    handler = FaultHandler()
+    server = await smtpd.start(handler)
+    db = tmp_path / "q.sqlite3"
+    env = relay_env(server, db)
+    config = Config(
+        helo_name="client.test",
+        relay=RelayConfig(host=server.host, port=server.port, tls="none"),
+        poll_interval=0.05,
+    )
+
+    async def deliver(count: int, tag: str) -> None:
+        async with Deliverer(config, store=SQLiteStore(db), mode="submit") as web:
+            handles = [
+                await web.submit(
+                    Email(sender="me@example.com", to=[f"{tag}{n}@example.org"])
+                )
+                for n in range(count)
+            ]
+            for handle in handles:
+                assert (await handle).is_delivered
+
+    async with started("worker", "--processes", "2", "--json", env=env) as sup:
+        assert sup.stderr is not None
+        reader = BufferedByteReceiveStream(sup.stderr)
+        lines: list[dict[str, object]] = []
+
+        async def line_where(**wanted: object) -> dict[str, object]:
+            while True:
+                line: dict[str, object] = json.loads(
+                    await reader.receive_until(b"\n", 100_000)
+                )
+                lines.append(line)
+                if wanted.items() <= line.items():
+                    return line
+
+        with anyio.fail_after(60):
+            first = await line_where(message="worker started", worker_slot=1)
+            second = await line_where(message="worker started", worker_slot=2)
+            await deliver(10, "a")
+            os.kill(int(str(first["pid"])), signal.SIGKILL)
+            exited = await line_where(message="worker exited; starting it again")
+            again = await line_where(message="worker started", worker_slot=1)
+            await deliver(5, "b")
+            sup.send_signal(signal.SIGTERM)
+            await line_where(message="workers stopped")
+            rest = b"".join([chunk async for chunk in reader.receive_stream])
+            code = await sup.wait()
+    assert code == 0, rest
+    assert (exited["pid"], exited["exit_code"]) == (first["pid"], -signal.SIGKILL)
+    assert again["pid"] not in (first["pid"], second["pid"])
+    assert handler.received.value == 15
+    assert sorted(a for m in server.messages for a in m.rcpt_tos) == sorted(
+        [f"a{n}@example.org" for n in range(10)]
+        + [f"b{n}@example.org" for n in range(5)]
+    )
+    for pid in (second["pid"], again["pid"]):
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(str(pid)), 0)  # stopped and reaped by the supervisor
+
+
+def test_worker_processes_must_be_a_count(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["worker", "--processes", "0"]) == 2
+    assert "not a number of processes (1 to 256): '0'" in capsys.readouterr().err

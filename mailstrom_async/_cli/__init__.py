@@ -94,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print_error(str(exc), EXIT_USAGE, as_json=_wants_json(argv))
         return EXIT_USAGE
+    args.argv = argv  # the command line, for a command that runs itself again
     as_json = bool(getattr(args, "json", False))
     try:
         code: int = args.handler(args)

@@ -27,6 +27,7 @@ from mailstrom_async._cli._common import (
     open_store,
     setup_logging,
 )
+from mailstrom_async._cli._supervisor import supervise
 from mailstrom_async._deliverer import Deliverer
 from mailstrom_async._demo import mx_demo, relay_demo
 from mailstrom_async._sink import SinkServer
@@ -69,6 +70,15 @@ def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
         default="auto",
         help="event loop: uvloop when it is installed (the uvloop extra), else "
         "asyncio (default auto)",
+    )
+    p.add_argument(
+        "--processes",
+        type=_processes,
+        default=1,
+        metavar="N",
+        help="run N delivering processes on the store under one supervisor, "
+        "which starts again one that dies and stops them all on SIGINT/SIGTERM "
+        "(default 1: this process delivers)",
     )
     # --json (from the store options) makes each log line a JSON object.
     add_store_options(p)
@@ -170,7 +180,23 @@ def _worker(args: argparse.Namespace) -> int:
     config = load_config(args)
     store = open_store(args, create=True)
     setup_logging(verbose=args.verbose, as_json=args.json)
+    if args.processes > 1:  # the settings and the store are checked above
+        return anyio.run(supervise, args.argv, args.processes)
     return anyio.run(_run_worker, config, store, backend_options=options)
+
+
+def _processes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= _MAX_PROCESSES:
+        msg = f"not a number of processes (1 to {_MAX_PROCESSES}): {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+_MAX_PROCESSES = 256
 
 
 def _loop_options(choice: str) -> dict[str, bool]:
