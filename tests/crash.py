@@ -130,16 +130,21 @@ async def running_child(
 
 @contextlib.asynccontextmanager
 async def spawned(
-    argv: list[str], prefix: Path, env: Mapping[str, str] | None
+    argv: list[str],
+    prefix: Path,
+    env: Mapping[str, str] | None,
+    *,
+    stdout: int = subprocess.DEVNULL,
 ) -> AsyncIterator[Child]:
-    """``python *argv*`` with its stderr in ``<prefix>.stderr``, as a
-    :class:`Child` with files ``<prefix>.*``; SIGKILLed on the way out."""
+    """``python *argv*`` with its stderr in ``<prefix>.stderr`` (and its stdout
+    a pipe with ``stdout=subprocess.PIPE``), as a :class:`Child` with files
+    ``<prefix>.*``; SIGKILLed on the way out."""
     errors = await anyio.to_thread.run_sync(_create, prefix.with_suffix(".stderr"))
     try:
         process = await anyio.open_process(
             [sys.executable, *argv],
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
+            stdout=stdout,
             stderr=errors,
             cwd=ROOT,
             env=env,

@@ -6,7 +6,7 @@ processes apart, and writes next to *PREFIX* (its stderr is ``PREFIX.stderr``,
 opened by the parent). Roles:
 
 ``worker``
-    A deliver-only Deliverer. It writes ``PREFIX.ready`` once it is open and
+    A deliver-only Deliverer. It says ``ready`` on stdout once it is open and
     runs until SIGTERM, then leaves its ``async with`` block (a clean exit is 0).
 ``submit``
     A submit-only Deliverer that submits *COUNT* messages of :data:`RECIPIENTS`
@@ -69,8 +69,9 @@ def message(tag: str, n: int) -> Email:
     )
 
 
-async def work(d: Deliverer, prefix: Path) -> None:
-    prefix.with_suffix(".ready").write_text("ready\n")
+async def work() -> None:
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
     with anyio.open_signal_receiver(signal.SIGTERM) as signals:
         async for _ in signals:
             return
@@ -101,7 +102,7 @@ async def main(role: str, dsn: str, port: int, prefix: Path, count: int) -> None
     config = config_for(prefix.name, port)
     async with Deliverer(config, store=PostgresStore(dsn), mode=modes[role]) as d:
         if role == "worker":
-            await work(d, prefix)
+            await work()
         else:
             await submit(d, prefix, count)
 

@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from mailstrom_async import RecipientState
 from tests.crash import DEADLINE, Child, spawned
@@ -138,16 +140,23 @@ class Fleet:
         """Start *count* workers ``w0``, ``w1``, ...; return once each is open."""
         children = [await self.start("worker", f"w{i}", env=env) for i in range(count)]
         for child in children:
-            await wait_file(child, child.prefix.with_suffix(".ready"))
+            await wait_ready(child)
         return children
 
 
-async def wait_file(child: Child, path: Path) -> None:
-    """Wait until *child* (an external process) has written *path*."""
+async def wait_ready(child: Child) -> None:
+    """Wait until the worker *child* says on its stdout that it is open; fail
+    with its stderr if it exits first."""
+    assert child.process.stdout is not None
+    stdout = BufferedByteReceiveStream(child.process.stdout)
     with anyio.fail_after(DEADLINE):
-        while not await anyio.Path(path).exists():
+        try:
+            line = await stdout.receive_until(b"\n", 100)
+        except anyio.IncompleteRead:
+            await child.process.wait()
             await child.check_alive()
-            await anyio.sleep(0.01)
+            raise
+    assert line == b"ready"
 
 
 async def stop(child: Child) -> None:
@@ -186,5 +195,5 @@ async def _running(
 ) -> AsyncIterator[Child]:
     argv = ["-m", CHILD, role, dsn, str(port), str(prefix), str(count)]
     full_env = None if env is None else {**os.environ, **env}
-    async with spawned(argv, prefix, full_env) as child:
+    async with spawned(argv, prefix, full_env, stdout=subprocess.PIPE) as child:
         yield child
