@@ -124,16 +124,21 @@ def _store(params: dict[str, Any], **options: Any) -> Any:
     return SQLiteStore(path)
 
 
-async def _reset(store: Any, params: dict[str, Any]) -> None:
-    """An empty queue for this run (PostgreSQL's database is shared by runs)."""
+async def _admin(params: dict[str, Any], statement: str) -> None:
+    """Run *statement* on PostgreSQL's bench database (nothing on SQLite)."""
     if params["store"] == "postgres":
         import asyncpg
 
         conn = await asyncpg.connect(params["dsn"])
         try:
-            await conn.execute("TRUNCATE messages CASCADE")
+            await conn.execute(statement)
         finally:
             await conn.close()
+
+
+async def _reset(params: dict[str, Any]) -> None:
+    """An empty queue for this run (PostgreSQL's database is shared by runs)."""
+    await _admin(params, "TRUNCATE messages CASCADE")
 
 
 async def _analyze(params: dict[str, Any]) -> None:
@@ -141,14 +146,7 @@ async def _analyze(params: dict[str, Any]) -> None:
     table filled since its last ANALYZE, the planner takes it for empty and the
     claim statement scans every due row (measured: 17 ms instead of 5 ms per
     claim of 10 with 2,000 queued)."""
-    if params["store"] == "postgres":
-        import asyncpg
-
-        conn = await asyncpg.connect(params["dsn"])
-        try:
-            await conn.execute("ANALYZE")
-        finally:
-            await conn.close()
+    await _admin(params, "ANALYZE")
 
 
 def _messages(params: dict[str, Any], count: int) -> list[Any]:
@@ -176,7 +174,7 @@ async def store_ceiling(params: dict[str, Any]) -> dict[str, Any]:
     batched = bool(params.get("batched"))
     store = _store(params, max_size=tasks + 1)
     async with store:
-        await _reset(store, params)
+        await _reset(params)
         batch = _messages(params, n)
         for i in range(0, n, 500):
             await store.add_many(batch[i : i + 500])
@@ -257,7 +255,7 @@ async def notify_latency(params: dict[str, Any]) -> dict[str, Any]:
     config = Config(helo_name="bench.test", poll_interval=3600.0)
     worker = PostgresStore(params["dsn"])
     async with worker, anyio.create_task_group() as tg:
-        await _reset(worker, params)
+        await _reset(params)
         await tg.start(worker.watch_changes, lambda change: None)
         web_store = PostgresStore(params["dsn"])
         async with Deliverer(config, store=web_store, mode="submit") as web:
@@ -324,7 +322,7 @@ async def pg_workers(params: dict[str, Any]) -> dict[str, Any]:
         config = attrs.evolve(config, poll_interval=0.05)
     store = PostgresStore(params["dsn"]) if postgres else SQLiteStore(path)
     if postgres:
-        await _reset(store, params)
+        await _reset(params)
     else:
         async with store:  # the schema, before the workers open it
             pass

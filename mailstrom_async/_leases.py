@@ -282,17 +282,17 @@ class LeaseKeeper:
                 del self._held[job.message_id]
                 self._until.pop(job.message_id, None)
         self._jobs -= 1
-        parts = self._reclaimed.get(job.message_id)
+        parts = self._reclaimed.pop(job.message_id, None)
         if parts:
             still: Counter[str] = held or Counter()
-            free = [
-                p for p in parts if not any(r.address in still for r in p.recipients)
-            ]
-            if free:
-                self._to_release.extend(free)
-                parts[:] = [p for p in parts if p not in free]
-            if not parts:
-                del self._reclaimed[job.message_id]
+            kept = []
+            for part in parts:  # free once no job here holds its recipients
+                if any(r.address in still for r in part.recipients):
+                    kept.append(part)
+                else:
+                    self._to_release.append(part)
+            if kept:
+                self._reclaimed[job.message_id] = kept
 
     async def release_reclaimed(self) -> None:
         """Give back the leases of recipients claimed again while a job here

@@ -134,21 +134,19 @@ class ChangeFeed:
     def payloads(self, due: bool, message_ids: Collection[str] | None) -> list[str]:
         return encode(self.origin, due, message_ids)
 
-    def _take(self) -> list[str]:
+    def _take(self) -> tuple[bool, list[str]]:
+        """Empty the buffer: whether it said "due", and its payloads."""
         due, ids = self._due, None if self._any else self._ids
         self._due, self._ids, self._any = False, set(), False
         self._pending = anyio.Event()
         if not due and ids is not None and not ids:
-            return []
-        return encode(self.origin, due, ids)
+            return due, []
+        return due, encode(self.origin, due, ids)
 
-    def _restore(self, payloads: list[str]) -> None:
-        """Payloads that could not be sent: make sure the others still hear of
+    def _restore(self, due: bool) -> None:
+        """What was taken could not be sent: make sure the others still hear of
         it, as "any message" (the ids are not worth keeping apart)."""
-        for payload in payloads:
-            decoded = decode(payload)
-            if decoded is not None:
-                self._due = self._due or decoded[1].due
+        self._due = self._due or due
         self._any = True
         self._pending.set()
 
@@ -251,7 +249,7 @@ class ChangeFeed:
             tg.start_soon(watch_lost)
             while not lost.is_set():
                 await self._pending.wait()
-                payloads = self._take()
+                due, payloads = self._take()
                 if not payloads:
                     continue
                 sent = False
@@ -266,7 +264,7 @@ class ChangeFeed:
                     break
                 finally:
                     if not sent:  # failed, or cancelled: sent after reconnecting
-                        self._restore(payloads)
+                        self._restore(due)
                 self.sent += len(payloads)
             tg.cancel_scope.cancel()
 
