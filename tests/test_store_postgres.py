@@ -265,6 +265,72 @@ async def test_claim_finds_more_messages_past_a_large_one(postgres_dsn: str) -> 
         assert [r.address for r in jobs[0].recipients] == big
 
 
+async def test_claim_keeps_what_it_leased_when_going_on_fails(
+    postgres_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A claim that must look again (its first look found fewer messages than
+    its limit) commits each look on its own: when a later look fails, the rows
+    the first leased are returned as jobs (not left leased to nobody for a
+    whole lease) and the shortfall is logged; the rows the failed look would
+    have leased stay claimable."""
+    async with PostgresStore(postgres_dsn) as store:
+        await store.add(new_message("big", "a@x.example", "b@x.example", "c@x.example"))
+        await store.add(new_message("next", submitted_at=at(1)))
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            await conn.execute(
+                """CREATE FUNCTION refuse_next() RETURNS trigger AS $$
+                BEGIN
+                  IF NEW.message_id = 'next' AND NEW.lease_owner IS NOT NULL THEN
+                    RAISE EXCEPTION 'refused by the test';
+                  END IF;
+                  RETURN NEW;
+                END $$ LANGUAGE plpgsql"""
+            )
+            await conn.execute(
+                """CREATE TRIGGER refuse_next BEFORE UPDATE ON recipients
+                FOR EACH ROW EXECUTE FUNCTION refuse_next()"""
+            )
+            with caplog.at_level("WARNING", logger="mailstrom_async.store"):
+                jobs = await store.claim_due(
+                    now=at(5), worker="w", lease_until=at(60), limit=2
+                )
+            await conn.execute("DROP TRIGGER refuse_next ON recipients")
+        finally:
+            await conn.close()
+        assert [j.message_id for j in jobs] == ["big"]
+        assert len(jobs[0].recipients) == 3
+        assert any(r.message == "claim stopped short" for r in caplog.records)
+        assert (await store.lease_owners())["w"].recipients == 3
+        again = await store.claim_due(
+            now=at(5), worker="w2", lease_until=at(60), limit=2
+        )
+        assert [j.message_id for j in again] == ["next"]
+
+
+async def test_claim_fails_whole_when_its_first_look_fails(
+    postgres_dsn: str,
+) -> None:
+    """A claim whose only look fails leased nothing: StoreError, and the rows
+    stay claimable."""
+    async with PostgresStore(postgres_dsn) as store:
+        await store.add(new_message("m1"))
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            await conn.execute("ALTER TABLE recipients ADD CHECK (lease_owner <> 'w')")
+            with pytest.raises(StoreError, match="check constraint"):
+                await store.claim_due(
+                    now=at(5), worker="w", lease_until=at(60), limit=2
+                )
+        finally:
+            await conn.close()
+        assert await store.lease_owners() == {}
+        jobs = await store.claim_due(
+            now=at(5), worker="w2", lease_until=at(60), limit=2
+        )
+        assert [j.message_id for j in jobs] == ["m1"]
+
+
 async def test_same_idempotency_key_from_two_producers(postgres_dsn: str) -> None:
     """Two producers adding one key at once store one message; both get its id."""
     async with PostgresStore(postgres_dsn) as one, PostgresStore(postgres_dsn) as two:

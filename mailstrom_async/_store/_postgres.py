@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from collections.abc import (
     AsyncIterator,
     Callable,
@@ -81,6 +82,7 @@ from mailstrom_async._store._common import (
 from mailstrom_async._store._pg_changes import NOTIFY, ChangeFeed
 from mailstrom_async._store._record_plan import (
     Checked,
+    Plan,
     Stored,
     check_records,
     plan_records,
@@ -190,6 +192,19 @@ class PostgresStore:
         self._pool: asyncpg.pool.Pool[Any] | None = None
         self._lock = anyio.Lock()  # open() and aclose()
         self._feed = ChangeFeed(self._asyncpg, dsn, self._name)
+        pg = self._asyncpg
+        self._asyncpg_errors: tuple[type[BaseException], ...] = (
+            pg.PostgresError,
+            pg.InterfaceError,
+            # A connection terminated by the server while idle in the pool can
+            # fail its next statement with this (checked with asyncpg 0.32.0:
+            # "cannot switch to state 11; another operation (2) is in progress").
+            pg.InternalClientError,
+            OSError,
+            TimeoutError,
+        )
+        # Due rows per claimed message, as claims found them (scan bounds).
+        self._rows_per_message = 1.0
 
     def __repr__(self) -> str:
         state = "open" if self._pool is not None else "closed"
@@ -224,6 +239,7 @@ class PostgresStore:
                     max_size=self._max_size,
                     command_timeout=self._command_timeout,
                     server_settings={"application_name": "mailstrom_async"},
+                    reset=_keep_session,
                 )
             try:
                 with self._translate():
@@ -305,19 +321,9 @@ class PostgresStore:
 
     @contextlib.contextmanager
     def _translate(self) -> Iterator[None]:
-        pg = self._asyncpg
         try:
             yield
-        except (
-            pg.PostgresError,
-            pg.InterfaceError,
-            # A connection terminated by the server while idle in the pool can
-            # fail its next statement with this (checked with asyncpg 0.32.0:
-            # "cannot switch to state 11; another operation (2) is in progress").
-            pg.InternalClientError,
-            OSError,
-            TimeoutError,
-        ) as exc:
+        except self._asyncpg_errors as exc:
             msg = f"PostgreSQL store {self._name!r} failed: {exc}"
             raise StoreError(msg) from exc
 
@@ -355,6 +361,18 @@ class PostgresStore:
                 ids = None if changed is None else frozenset(changed)
                 if (due or ids is None or ids) and not self._feed.publish(due, ids):
                     await self._notify(conn, due, ids)
+
+    @contextlib.asynccontextmanager
+    async def _statement(self) -> AsyncIterator[_Connection]:
+        """A pooled connection for writes of one statement each, outside a
+        transaction block (each statement commits on its own: no ``BEGIN`` and
+        ``COMMIT`` round trips), shielded from cancellation like
+        :meth:`_write`. Nothing is published: the caller's statements change
+        no status and make nothing due."""
+        pool = self._open_pool()
+        with anyio.CancelScope(shield=True), self._translate():
+            async with pool.acquire() as conn:
+                yield conn
 
     async def _notify(
         self, conn: _Connection, due: bool, ids: frozenset[str] | None
@@ -630,9 +648,13 @@ class PostgresStore:
     ) -> list[Job]:
         """Lease due recipients of up to *limit* messages; see :meth:`Store.claim_due`.
 
-        One statement (:data:`._postgres_sql.CLAIM`) per claim; it runs again
-        in the same transaction only when the due rows it looked at (a bound of
-        ``16 * limit``, doubled each time) held fewer than *limit* messages.
+        One statement (:data:`._postgres_sql.CLAIM`), committed on its own,
+        per claim. The due rows it looks at are bounded by what the claims so
+        far found per message (a message's due rows, 1 when each message has
+        one recipient); it runs again only when that bound, not the queue, ran
+        out before *limit* messages were found, with the bound doubled. A
+        repeat that fails keeps what the first statements leased: those jobs
+        are returned and the failure logged.
         """
         at = utc(now, "now")
         until = utc(lease_until, "lease_until")
@@ -640,15 +662,31 @@ class PostgresStore:
         token = new_lease_token()
         rows: list[Any] = []
         seen: set[str] = set()
-        async with self._write() as conn:
-            scan = max(16 * limit, 64)
+        scan = self._scan_bound(limit)
+        async with self._statement() as conn:
             while len(seen) < limit:
-                found = await conn.fetch(
-                    sql.CLAIM, at, worker, until, limit - len(seen), scan, token
-                )
+                try:
+                    found = await conn.fetch(
+                        sql.CLAIM, at, worker, until, limit - len(seen), scan, token
+                    )
+                except self._asyncpg_errors as exc:
+                    if not rows:
+                        raise
+                    logger.warning(
+                        "claim stopped short",
+                        extra={
+                            "worker": worker,
+                            "messages": len(seen),
+                            "store": self._name,
+                            "error": repr(exc),
+                        },
+                    )
+                    break
                 fresh = {row["id"] for row in found} - seen
                 rows.extend(found)
                 seen |= fresh
+                if fresh:
+                    self._learn_rows_per_message(len(found) / len(fresh))
                 if not fresh or found[0]["scanned"] < scan:
                     break
                 scan *= 2
@@ -686,6 +724,18 @@ class PostgresStore:
                 jobs.items(), key=lambda e: first_due(e[1])
             )
         ]
+
+    def _scan_bound(self, limit: int) -> int:
+        """How many due rows a claim of *limit* messages looks at first: the
+        rows those messages are expected to have, with a quarter to spare."""
+        ratio = self._rows_per_message
+        if ratio <= 1.0:
+            return limit
+        return math.ceil(limit * ratio * 1.25)
+
+    def _learn_rows_per_message(self, ratio: float) -> None:
+        """Fold what one claim found into the running estimate."""
+        self._rows_per_message += (ratio - self._rows_per_message) * 0.25
 
     async def record(
         self,
@@ -741,32 +791,8 @@ class PostgresStore:
             plan = plan_records(
                 rows, records, worker=worker, history_limit=history_limit
             )
-            if plan.statuses:
-                await conn.execute(
-                    sql.RECORD_MANY,
-                    *_columns(
-                        [
-                            (mid, position, *_status_values(status), kept)
-                            for (mid, position), (status, kept) in sorted(
-                                plan.statuses.items()
-                            )
-                        ],
-                        17,
-                    ),
-                )
-            if plan.unlease:
-                await conn.execute(sql.UNLEASE_MANY, *_columns(sorted(plan.unlease), 2))
-            if plan.history:
-                await conn.execute(
-                    sql.INSERT_HISTORY,
-                    *_columns(
-                        [
-                            (mid, pos, *_attempt_values(a))
-                            for mid, pos, a in plan.history
-                        ],
-                        14,
-                    ),
-                )
+            for statement, args in self._write_plan(plan):
+                await conn.execute(statement, *args)
             if plan.trims:
                 trim = (
                     sql.TRIM_HISTORY_TO_LATEST
@@ -785,6 +811,34 @@ class PostgresStore:
                     ),
                 )
         return plan.lost
+
+    @staticmethod
+    def _write_plan(plan: Plan) -> Iterator[tuple[str, list[list[Any]]]]:
+        """The statements that write *plan*'s statuses, lease ends and attempts:
+        one when there are statuses (the usual record), two at most."""
+        statuses = [
+            (
+                mid,
+                position,
+                *_status_values(status),
+                kept,
+                (mid, position) in plan.unlease,
+            )
+            for (mid, position), (status, kept) in sorted(plan.statuses.items())
+        ]
+        unlease = sorted(plan.unlease.difference(plan.statuses))
+        history = [(mid, pos, *_attempt_values(a)) for mid, pos, a in plan.history]
+        if statuses and history:
+            yield (
+                sql.RECORD_WITH_HISTORY,
+                [*_columns(statuses, 18), *_columns(history, 14)],
+            )
+        elif statuses:
+            yield sql.RECORD_MANY, _columns(statuses, 18)
+        elif history:
+            yield sql.INSERT_HISTORY, _columns(history, 14)
+        if unlease:
+            yield sql.UNLEASE_MANY, _columns(unlease, 2)
 
     async def _check_all_exist(
         self,
@@ -906,6 +960,15 @@ class PostgresStore:
             else:
                 result = await conn.execute(sql.UNHOLD_ALL)
         return _count(result)
+
+
+async def _keep_session(conn: Any) -> None:
+    """The pool's reset of a released connection: nothing more than asyncpg
+    does anyway (roll back an open transaction, drop listeners). This store
+    sets no session state on pooled connections (no ``SET``, ``LISTEN``,
+    cursors or session advisory locks; the change feed listens on a connection
+    of its own), so asyncpg's default reset query (``RESET ALL``, ``UNLISTEN
+    *``, ...) would only cost every release a round trip."""
 
 
 async def _schema_version(conn: Any) -> int:

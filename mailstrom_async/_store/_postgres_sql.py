@@ -38,6 +38,7 @@ __all__ = [
     "NEXT_DUE",
     "PURGE",
     "RECORD_MANY",
+    "RECORD_WITH_HISTORY",
     "RELEASE_OWNER",
     "RENEW_ALL",
     "RENEW_SOME",
@@ -222,21 +223,25 @@ LOCK_RECORDED = """SELECT message_id, position, address, state, lease_owner,
     ORDER BY message_id, position FOR UPDATE"""
 MESSAGES_EXISTING = "SELECT id FROM messages WHERE id = ANY($1::text[])"
 # New statuses of any number of recipients of any number of messages: one row
-# per (message_id, position), never two for one recipient.
+# per (message_id, position), never two for one recipient. A row whose $18 is
+# true ends its lease in the same write.
 RECORD_MANY = """UPDATE recipients r SET state = u.state, attempts = u.attempts,
       code = u.code, enhanced_code = u.enhanced_code, message = u.message,
       raw_message = u.raw_message, host = u.host, ip = u.ip, tls = u.tls,
       tls_verified = u.tls_verified, first_attempt_at = u.first_attempt_at,
       last_attempt_at = u.last_attempt_at, next_attempt_at = u.next_attempt_at,
-      possible_duplicate = u.possible_duplicate, held = r.held AND u.keep_held
+      possible_duplicate = u.possible_duplicate, held = r.held AND u.keep_held,
+      lease_owner = CASE WHEN u.unlease THEN NULL ELSE r.lease_owner END,
+      lease_until = CASE WHEN u.unlease THEN NULL ELSE r.lease_until END
     FROM unnest($1::text[], $2::integer[], $3::text[], $4::integer[],
                 $5::integer[], $6::text[], $7::bytea[], $8::bytea[], $9::text[],
                 $10::text[], $11::boolean[], $12::boolean[], $13::timestamptz[],
                 $14::timestamptz[], $15::timestamptz[], $16::boolean[],
-                $17::boolean[])
+                $17::boolean[], $18::boolean[])
       AS u (message_id, position, state, attempts, code, enhanced_code, message,
             raw_message, host, ip, tls, tls_verified, first_attempt_at,
-            last_attempt_at, next_attempt_at, possible_duplicate, keep_held)
+            last_attempt_at, next_attempt_at, possible_duplicate, keep_held,
+            unlease)
     WHERE r.message_id = u.message_id AND r.position = u.position"""
 UNLEASE_MANY = """UPDATE recipients r SET lease_owner = NULL, lease_until = NULL
     FROM unnest($1::text[], $2::integer[]) AS u (message_id, position)
@@ -323,14 +328,26 @@ UNHOLD_MESSAGE = """UPDATE recipients SET held = false
 UNHOLD_DOMAIN = "UPDATE recipients SET held = false WHERE held AND domain = $1"
 UNHOLD_ALL = "UPDATE recipients SET held = false WHERE held"
 
-INSERT_HISTORY = """INSERT INTO history
+
+def _insert_history(first: int) -> str:
+    """The history insert, its 14 column arrays numbered from ``$first`` on."""
+    types = ("text", "integer", "integer", "timestamptz", "float8", "text",
+             "integer", "text", "bytea", "bytea", "text", "text", "boolean",
+             "boolean")  # fmt: skip
+    arrays = ", ".join(f"${n}::{t}[]" for n, t in enumerate(types, first))
+    return f"""INSERT INTO history
     (message_id, position, attempt, started_at, duration, state, code,
      enhanced_code, message, raw_message, host, ip, tls, tls_verified)
-    SELECT * FROM unnest($1::text[], $2::integer[], $3::integer[],
-      $4::timestamptz[], $5::float8[], $6::text[], $7::integer[], $8::text[],
-      $9::bytea[], $10::bytea[], $11::text[], $12::text[], $13::boolean[],
-      $14::boolean[])
-    ON CONFLICT DO NOTHING"""
+    SELECT * FROM unnest({arrays})
+    ON CONFLICT DO NOTHING"""  # noqa: S608 (constant)
+
+
+INSERT_HISTORY = _insert_history(1)
+# Statuses ($1-$18, as RECORD_MANY) and the attempts that made them ($19-$32,
+# as INSERT_HISTORY) in one statement: one round trip for the common record.
+RECORD_WITH_HISTORY = f"""WITH statuses AS ({RECORD_MANY})
+    {_insert_history(19)}"""
+
 # Trimming (run only for an attempt numbered above the limit): the rows between
 # the recipient's first kept attempt and the window of the latest ones, as
 # :func:`~._common.trimmed_history` says. $1 message ids, $2 positions, $3
