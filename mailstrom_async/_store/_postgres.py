@@ -768,7 +768,8 @@ class PostgresStore:
         history_limit: int = DEFAULT_HISTORY_LIMIT,
     ) -> list[list[str]]:
         """Record each of *records* as :meth:`record` does, in one transaction
-        of at most six statements whatever their number; see
+        of a few statements whatever their number: usually two, the row locks
+        and one statement for the statuses, their lease ends and attempts; see
         :meth:`BatchRecordingStore.record_many`."""
         checked = check_records(records, history_limit)
         if not checked:
