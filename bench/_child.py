@@ -1,9 +1,10 @@
 """One measurement in a fresh interpreter: ``python -m bench._child NAME PARAMS [PROF]``.
 
 *PARAMS* is a JSON object; ``"loop": "uvloop"`` runs it on uvloop. With *PROF*, the
-run is profiled with cProfile on the thread's CPU clock and the stats are written
-there; the result then also says how much CPU the run took in the profiled
-thread, in garbage collection (same clock) and in the whole process. The result is one
+clocked part of the run (from its CpuClock's start to its stop) is profiled with
+cProfile on the thread's CPU clock and the stats are written there; the result
+then also says how much CPU that part took in the profiled thread, in garbage
+collection (same clock) and in the whole process. The result is one
 ``BENCH-RESULT {...}`` line on stdout, read by :func:`bench._procs.run_child`.
 """
 
@@ -18,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bench import baselines, looplag, mx, pg, scenarios
+from bench import _common, baselines, looplag, mx, pg, scenarios
 from bench._common import CpuClock, run_async, vm_status_kib
 from bench._procs import child_result
 
@@ -42,40 +43,57 @@ MEASUREMENTS: dict[str, Measurement] = {
 }
 
 
+class _Profiling:
+    """cProfile on the thread's CPU clock, collections timed on the same clock
+    and the process's CPU, over the measurement's clocked part (every
+    :class:`~bench._common.CpuClock` start to its stop)."""
+
+    def __init__(self) -> None:
+        self.profiler = cProfile.Profile(time.thread_time)
+        self.thread = threading.get_ident()
+        self.main_cpu = self.gc_cpu = self.process_cpu = 0.0
+        self._active = False
+        self._thread_start = 0.0
+        self._collecting: list[float] = []
+        self._process_start = 0.0
+
+    def on_gc(self, phase: str, _info: dict[str, Any]) -> None:
+        if not self._active or threading.get_ident() != self.thread:
+            return  # outside the window, or another thread's (its own CPU)
+        if phase == "start":
+            self._collecting.append(time.thread_time())
+        elif self._collecting:
+            self.gc_cpu += time.thread_time() - self._collecting.pop()
+
+    def start(self) -> None:
+        self._process_start = CpuClock.process_cpu()
+        self._thread_start = time.thread_time()
+        self._active = True
+        self.profiler.enable()
+
+    def stop(self) -> None:
+        self.profiler.disable()
+        self._active = False
+        self.main_cpu += time.thread_time() - self._thread_start
+        self.process_cpu += CpuClock.process_cpu() - self._process_start
+
+
 def _profiled(
     measurement: Measurement, params: dict[str, Any], loop: str, path: str
 ) -> dict[str, Any]:
-    """Run *measurement* under cProfile (thread CPU clock), timing collections."""
-    collecting: list[float] = []
-    gc_cpu = 0.0
-    profiled = threading.get_ident()
-
-    def on_gc(phase: str, _info: dict[str, Any]) -> None:
-        nonlocal gc_cpu
-        if threading.get_ident() != profiled:
-            return  # a collection in another thread: part of that thread's CPU
-        if phase == "start":
-            collecting.append(time.thread_time())
-        elif collecting:
-            gc_cpu += time.thread_time() - collecting.pop()
-
-    profiler = cProfile.Profile(time.thread_time)
-    process = CpuClock()
-    gc.callbacks.append(on_gc)
-    process.start()
-    thread_start = time.thread_time()
-    profiler.enable()
+    """Run *measurement*, profiling its clocked part (see :class:`_Profiling`)."""
+    profiling = _Profiling()
+    gc.callbacks.append(profiling.on_gc)
+    _common.WINDOW = profiling
     try:
         result = run_async(measurement, params, loop=loop)
     finally:
-        profiler.disable()
-        main_cpu = time.thread_time() - thread_start
-        process.stop()
-        gc.callbacks.remove(on_gc)
-    profiler.dump_stats(path)
-    result["main_thread_cpu_s"] = main_cpu
-    result["process_cpu_s"] = process.cpu
-    result["gc_cpu_s"] = gc_cpu
+        _common.WINDOW = None
+        gc.callbacks.remove(profiling.on_gc)
+    profiling.profiler.dump_stats(path)
+    result["main_thread_cpu_s"] = profiling.main_cpu
+    result["process_cpu_s"] = profiling.process_cpu
+    result["gc_cpu_s"] = profiling.gc_cpu
     return result
 
 
