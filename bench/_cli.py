@@ -936,6 +936,8 @@ def _brief(result: dict[str, Any]) -> str:
                 text += (
                     f", p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms"
                 )
+            if "machine_cpu_busy" in result:
+                text += f", every CPU {result['machine_cpu_busy']:.0%} busy"
             if "all_delivered" in result and not result["all_delivered"]:
                 text += f", NOT ALL DELIVERED: {result['final_states']}"
             return text
