@@ -14,6 +14,7 @@ Pure and synchronous: no I/O.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from email.header import Header
 from email.headerregistry import Address, Group, UnstructuredHeader
@@ -63,7 +64,33 @@ class RenderPolicy(EmailPolicy):
         if isinstance(value, FoldedHeader):
             text = f"{name}: {value}{self.linesep}"
             return text.encode("utf-8" if self.utf8 else "ascii")
+        line = one_line(value, self.max_line_length or sys.maxsize)
+        if line is not None:
+            return (line + self.linesep).encode("ascii")
         return super().fold_binary(name, value)
+
+
+def one_line(value: object, maxlen: int) -> str | None:
+    """The line the email package folds a parsed header into when that line is
+    ASCII and fits in *maxlen*: its name, ``": "`` and its parse tree as text;
+    None for anything else (a raw value, or one that needs folding or encoding),
+    which the email package then folds.
+
+    ``BaseHeader.fold`` puts the name, a colon, a space (for a non-empty value)
+    and the parse tree in a ``Header`` token, and ``_refold_parse_tree`` keeps
+    every ASCII part as it is while the line still fits: the same text, without
+    building and walking the token list again (a fresh plain 8-header
+    ``EmailMessage`` prepares in 142 µs instead of 200). A property test
+    compares the two over generated headers.
+    """
+    tree = getattr(value, "_parse_tree", None)
+    header_name = getattr(value, "name", None)
+    if tree is None or not isinstance(header_name, str):
+        return None
+    line = f"{header_name}: {tree}" if tree else f"{header_name}:"
+    if len(line) > maxlen or not line.isascii():
+        return None
+    return line
 
 
 #: ``email.policy.SMTP`` and ``SMTPUTF8``, honouring :class:`FoldedHeader`.

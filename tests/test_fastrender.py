@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import re
 from email.message import EmailMessage
-from email.policy import SMTP
+from email.policy import SMTP, EmailPolicy
 
 import pytest
 from hypothesis import event, given
@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from mailstrom_async._config import Config, Limits
 from mailstrom_async._exceptions import InvalidMessageError
 from mailstrom_async._fastrender import _boundary, message_id_line, render_email
+from mailstrom_async._headers import RENDER_SMTP, RENDER_SMTPUTF8, one_line
 from mailstrom_async._message import Attachment, Email, PreparedMessage, _prepare
 from tests import strategies
 
@@ -327,3 +328,73 @@ def test_attachment_type_is_importable() -> None:
         attachments=[Attachment(filename="a.bin", content=b"\x00\x01")],
     )
     assert b"a.bin" in _prepare(email, None, None, None, fast=True).data
+
+
+_HEADER_NAMES = st.sampled_from(
+    [
+        "Subject",
+        "From",
+        "To",
+        "Cc",
+        "Reply-To",
+        "Date",
+        "Message-ID",
+        "In-Reply-To",
+        "References",
+        "Content-Type",
+        "Content-Transfer-Encoding",
+        "MIME-Version",
+        "Content-Disposition",
+        "List-Unsubscribe",
+        "X-Custom",
+    ]
+)
+_HEADER_VALUES = st.one_of(
+    st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=120),
+    st.text(max_size=60),  # any Unicode, control characters included
+    st.sampled_from(
+        [
+            "",
+            "Sender Name <sender@example.org>",
+            '"Doe, John" <john@example.org>, jane@example.org',
+            "undisclosed-recipients:;",
+            "<a.b@example.org> <c.d@example.org>",
+            'text/plain; charset="utf-8"',
+            'multipart/mixed; boundary="===============1234=="',
+            'attachment; filename="r\u00e9sum\u00e9.pdf"',
+            "Fri, 04 Dec 2026 21:00:00 +0000",
+            "=?utf-8?q?hello?= world",
+            "a" * 80,
+        ]
+    ),
+)
+
+
+@given(st.lists(st.tuples(_HEADER_NAMES, _HEADER_VALUES), min_size=1, max_size=8))
+def test_parsed_headers_render_as_the_email_package_renders_them(
+    headers: list[tuple[str, str]],
+) -> None:
+    """RENDER_SMTP's shortcut for a parsed header that fits on one ASCII line
+    writes exactly what the email package's folder writes, for every header a
+    message accepted, under both policies, header by header and whole."""
+    msg = EmailMessage()
+    for name, value in headers:
+        try:
+            msg[name] = value
+        except (ValueError, TypeError, IndexError, AttributeError):
+            event("value refused by the email package")
+    for policy in (RENDER_SMTP, RENDER_SMTPUTF8):
+        for name, value in msg.raw_items():  # what the generator folds
+            try:
+                expected = EmailPolicy.fold_binary(policy, name, value)
+            except Exception:
+                with pytest.raises(Exception):  # noqa: B017, PT011
+                    policy.fold_binary(name, value)
+                continue
+            assert policy.fold_binary(name, value) == expected
+            event("one line" if one_line(value, 78) is not None else "folded")
+    try:
+        whole = msg.as_bytes(policy=SMTP)
+    except Exception:
+        return
+    assert msg.as_bytes(policy=RENDER_SMTP) == whole
