@@ -440,6 +440,8 @@ class _Replies(asyncio.Protocol):
     async def read_response(self, timeout: float | None) -> _Response:  # noqa: ASYNC109 - SMTPProtocol's signature
         """The next reply; raises the loss or garble that stopped the replies, or
         ``SMTPReadTimeoutError`` when none is complete within *timeout*."""
+        if self._replies:  # there already (a pipelined group's replies come
+            return self._replies.popleft()  # together): no timer to set
         try:
             with anyio.fail_after(timeout):
                 while not self._replies:
