@@ -58,7 +58,7 @@ class PriorityContract:
         order, due at once) return -5, then 0, then 5."""
         for mid, priority in (("p5", 5), ("m5", -5), ("p0", 0)):
             await store.add(new_message(mid, priority=priority))
-        claimed = []
+        claimed: list[tuple[str, int]] = []
         for _ in range(4):
             claimed.extend(
                 (j.message_id, j.priority) for j in await _claim(store, 0, 1)
@@ -92,7 +92,7 @@ class PriorityContract:
         ties go in the order the messages were added."""
         for mid, due in (("x", 2), ("y", 1), ("z", 2), ("w", 1)):
             await store.add(new_message(mid, submitted_at=at(due), priority=7))
-        claimed = []
+        claimed: list[str] = []
         for _ in range(4):
             claimed.extend(_ids(await _claim(store, 9, limit=1)))
         assert claimed == ["y", "w", "x", "z"]
