@@ -21,7 +21,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bench import RESULTS_SCHEMA, baselines, looplag, mx, pg
+from bench import RESULTS_SCHEMA, baselines, layers, looplag, mx, pg
 from bench._common import Row, Target, median, out, uvloop_available
 from bench._procs import (
     ChildError,
@@ -130,7 +130,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         help="comma-separated keys to run: "
-        "source,pool,single,app,1,2,3,4,5,6,7,pg (baselines A/B/C are needed for "
+        "source,pool,single,app,1,2,3,4,5,6,7,pg,layers (baselines A/B/C are needed for "
         "ratios; app runs its own baseline)",
     )
     p.add_argument(
@@ -153,7 +153,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "--profile",
         metavar="DIR",
         help="after the run, profile scenario 1 and the raw pool once each with "
-        "cProfile, write the .prof files to DIR and print the top functions",
+        "cProfile, write the .prof files to DIR and print the top functions; the "
+        "layer breakdown's profiles (layers-*.prof) are kept there too",
     )
     return p.parse_args(argv)
 
@@ -217,6 +218,7 @@ class Bench:
         self.skipped: dict[str, str] = {}
         self.child_timeout = 120.0 if args.quick else _CHILD_TIMEOUT
         self.pg_dsn = ""  # the throwaway cluster's, when scenario pg runs
+        self.layer_results: dict[str, dict[str, Any]] = {}
 
     def wants(self, key: str) -> bool:
         return self.only is None or key in self.only
@@ -838,10 +840,60 @@ class Bench:
                 for key, m in self.measurements.items()
             },
             "deep_fill": self.fills,
+            "layers": self.layer_results,
             "skipped": self.skipped,
             "rows": [vars(r) for r in rows],
             "targets": [vars(t) for t in targets],
         }
+
+    def layers(self) -> None:
+        """CPU per delivered message by layer, for the app-like run and
+        scenario 1 (see :mod:`bench.layers`)."""
+        n = self.sizes.messages
+        port = self.sink_port
+        runs = (
+            ("8", "app-like run", "app_like", {"tasks": APP_TASKS}),
+            ("1", "scenario 1", "throughput", {"producers": 1}),
+        )
+        for key, label, name, extra in runs:
+            params = {
+                "port": port,
+                "messages": n,
+                "store": "sqlite",
+                **extra,
+                "tmpdir": str(self.tmpdir),
+            }
+            measured = self.rate(key, "cpu_ms_per_msg")
+            if math.isnan(measured):  # not measured in this run: once, unprofiled
+                plain = {**params, "token": self.token(f"l{key}u", 0)}
+                result = run_child(name, plain, timeout=self.child_timeout)
+                measured = result["cpu_ms_per_msg"]
+            path = (
+                Path(os.environ.get("BENCH_LAYERS_DIR", self.tmpdir))
+                / f"layers-{key}.prof"
+            )
+            profiled = {**params, "token": self.token(f"l{key}", 0)}
+            result = run_child(name, profiled, timeout=self.child_timeout, profile=path)
+            stats = pstats.Stats(str(path))
+            per_layer = layers.per_message(stats, result, measured)
+            total = sum(per_layer.values())
+            heavy = [n for n, us in per_layer.items() if total and us / total >= 0.1]
+            tops = {name: layers.top(stats, name) for name in heavy}
+            self.layer_results[key] = {
+                "label": label,
+                "cpu_ms_per_msg": measured,
+                "us_per_msg": per_layer,
+                "top_functions": tops,
+            }
+            out(
+                f"\nCPU per delivered message by layer, {label} ({measured:.3f} ms "
+                "without the profiler; shares from one run under cProfile):"
+            )
+            for line in layers.table(per_layer):
+                out(line)
+            for name, functions in tops.items():
+                listed = ", ".join(f"{f} {share:.0%}" for f, share in functions)
+                out(f"  in {name}: {listed}")
 
     def profile(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -884,6 +936,8 @@ def _brief(result: dict[str, Any]) -> str:
                 text += (
                     f", p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms"
                 )
+            if "machine_cpu_busy" in result:
+                text += f", every CPU {result['machine_cpu_busy']:.0%} busy"
             if "all_delivered" in result and not result["all_delivered"]:
                 text += f", NOT ALL DELIVERED: {result['final_states']}"
             return text
@@ -961,6 +1015,8 @@ def main(argv: list[str] | None = None) -> int:
                 bench.plan()
                 bench.fill_deep_queues()
                 bench.run()
+                if bench.wants("layers"):
+                    bench.layers()
                 if args.profile:
                     bench.profile(Path(args.profile))
     except KeyboardInterrupt:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 
@@ -156,8 +156,24 @@ def vm_status_kib() -> dict[str, int]:
     return fields
 
 
+class ClockWindow(Protocol):
+    """What else runs between a measurement's clock start and stop (the
+    profiler of ``python -m bench._child NAME PARAMS PROF``)."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+#: Set by the child when it profiles: the clocked part of the run, only.
+WINDOW: ClockWindow | None = None
+
+
 class CpuClock:
-    """Wall and CPU time (all threads of this process) between start() and stop()."""
+    """Wall and CPU time (all threads of this process) between start() and stop().
+
+    When the child profiles, :data:`WINDOW` is started and stopped with it, so
+    that the profile covers what the clock measures and nothing else.
+    """
 
     def __init__(self) -> None:
         self.started = 0.0
@@ -166,17 +182,22 @@ class CpuClock:
         self.cpu = 0.0
 
     @staticmethod
-    def _cpu_now() -> float:
+    def process_cpu() -> float:
+        """CPU seconds of every thread of this process so far."""
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime
 
     def start(self) -> None:
+        if WINDOW is not None:
+            WINDOW.start()
         self.started = time.perf_counter()
-        self._cpu = self._cpu_now()
+        self._cpu = self.process_cpu()
 
     def stop(self) -> None:
         self.wall = time.perf_counter() - self.started
-        self.cpu = self._cpu_now() - self._cpu
+        self.cpu = self.process_cpu() - self._cpu
+        if WINDOW is not None:
+            WINDOW.stop()
 
 
 def uvloop_available() -> bool:

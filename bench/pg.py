@@ -346,16 +346,31 @@ async def pg_workers(params: dict[str, Any]) -> dict[str, Any]:
             for _ in range(count)
         ]
         async with Deliverer(config, store=store, mode="submit") as web:
+            busy_before = _machine_cpu()
             start = time.perf_counter()
             handles = await web.submit_many(prepared)
             for handle in handles:
                 await handle
             seconds = time.perf_counter() - start
+            busy_after = _machine_cpu()
         delivered = [await w.stop() for w in workers]
+    busy, total = (a - b for a, b in zip(busy_after, busy_before, strict=True))
     return {
         "messages": n,
         "workers": count,
         "seconds": seconds,
         "msgs_per_s": n / seconds,
         "delivered_by_worker": delivered,
+        # Of every CPU of the machine: how busy it was during the run (what a
+        # second worker can add on this machine is bounded by what is left).
+        "machine_cpu_busy": busy / total if total else math.nan,
     }
+
+
+def _machine_cpu() -> tuple[int, int]:
+    """Busy and total CPU ticks of the whole machine so far (``/proc/stat``)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is counted in user time already
+    return total - idle, total

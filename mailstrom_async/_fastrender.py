@@ -223,7 +223,8 @@ def _encode_text(text: str) -> tuple[str, bytes]:
     """``contentmanager._encode_text(text, "utf-8", None, policy)`` under the
     builder's policy (78 columns, 7bit), as the generator writes it (CRLF)."""
     lines = text.encode("utf-8").splitlines()
-    if max(map(len, lines), default=0) <= _WIDTH and all(x.isascii() for x in lines):
+    # The lines are ASCII exactly when the text is (line breaks are ASCII).
+    if max(map(len, lines), default=0) <= _WIDTH and text.isascii():
         return "7bit", b"\r\n".join(lines) + b"\r\n"
     sniff = b"\r\n".join(lines[:10]) + b"\r\n"
     sniff_qp = quoprimime.body_encode(sniff.decode("latin-1"), _WIDTH)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -21,7 +22,15 @@ from mailstrom_async._models import (
     RecipientState,
     RecipientStatus,
 )
-from mailstrom_async._store import Job, MemoryStore, PostgresStore, SQLiteStore, Store
+from mailstrom_async._store import (
+    Job,
+    MemoryStore,
+    PostgresStore,
+    SQLiteStore,
+    Store,
+    _postgres,
+    _sqlite,
+)
 from mailstrom_async._store import _sql as sql
 from mailstrom_async._store._sql import MIGRATIONS, SCHEMA_VERSION
 from mailstrom_async._text import clean, wire_bytes
@@ -878,3 +887,49 @@ async def test_migration_from_version_six_adds_priorities(db_path: Path) -> None
     names = {name for (name,) in indexes}
     assert "recipients_claim_order" in names
     assert "recipients_claimable" not in names
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_purge_walks_the_queue_in_steps(
+    kind: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A purge looks at a few messages per transaction: with steps of 3 over 11
+    messages (4 steps, the last one short), it deletes exactly the finished old
+    ones, in every step, and keeps those still waiting or finished too late."""
+    monkeypatch.setattr(_sqlite, "_PURGE_STEP", 3)
+    monkeypatch.setattr(_postgres, "_PURGE_STEP", 3)
+    async with contextlib.AsyncExitStack() as stack:
+        store: Store
+        if kind == "postgres":
+            cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+            dsn = await stack.enter_async_context(
+                fresh_database(cluster, migrated=True)
+            )
+            store = await stack.enter_async_context(PostgresStore(dsn))
+        else:
+            store = await stack.enter_async_context(SQLiteStore(tmp_path / "q.db"))
+        kept: list[str] = []
+        gone: list[str] = []
+        for i in range(11):
+            mid = f"m{i:02}"
+            await store.add(new_message(mid, submitted_at=at(i)))
+            if i % 3 == 1:  # still waiting
+                kept.append(mid)
+                continue
+            when = at(100 if i == 8 else 10)  # m08 finished after the cut-off
+            await store.record(
+                mid,
+                [attempted("rcpt@example.com", RecipientState.DELIVERED, when=when)],
+                worker="w",
+            )
+            (kept if i == 8 else gone).append(mid)
+        assert await store.purge(finished_before=at(50)) == len(gone) == 6
+        for mid in gone:
+            with pytest.raises(UnknownMessageError):
+                await store.status(mid)
+        for mid in kept:
+            assert (await store.status(mid)).message_id == mid
+        assert await store.purge(finished_before=at(50)) == 0

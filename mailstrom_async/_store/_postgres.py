@@ -103,6 +103,7 @@ __all__ = ["PostgresStore"]
 
 _COMMAND_TIMEOUT = 60.0
 _IDEMPOTENCY_CONSTRAINT = "messages_idempotency_key_key"
+_PURGE_STEP = 1_000  # messages a purge looks at per statement
 _ADD_TRIES = 3  # a concurrent add of the same idempotency key: try again, then fail
 
 
@@ -773,7 +774,8 @@ class PostgresStore:
         history_limit: int = DEFAULT_HISTORY_LIMIT,
     ) -> list[list[str]]:
         """Record each of *records* as :meth:`record` does, in one transaction
-        of at most six statements whatever their number; see
+        of a few statements whatever their number: usually two, the row locks
+        and one statement for the statuses, their lease ends and attempts; see
         :meth:`BatchRecordingStore.record_many`."""
         checked = check_records(records, history_limit)
         if not checked:
@@ -905,10 +907,23 @@ class PostgresStore:
             return _count(await conn.execute(sql.RELEASE_OWNER, owner))
 
     async def purge(self, *, finished_before: datetime) -> int:
-        """Delete finished messages older than *finished_before*; return how many."""
+        """Delete finished messages older than *finished_before*; return how many.
+
+        The messages are walked in the order they were added, at most
+        :data:`_PURGE_STEP` at a time, each step one statement committed on its
+        own, so that a large purge never holds its locks for long.
+        """
         before = utc(finished_before, "finished_before")
-        async with self._write() as conn:
-            count = _count(await conn.execute(sql.PURGE, before))
+        count = 0
+        after = 0
+        async with self._statement() as conn:
+            while True:  # a statement per step, each committed on its own
+                row = await conn.fetchrow(sql.PURGE, before, after, _PURGE_STEP)
+                last, deleted = (None, 0) if row is None else (row[0], int(row[1]))
+                count += deleted
+                if last is None:
+                    break
+                after = last
         if count:
             logger.info("purged", extra={"store": self._name, "messages": count})
         return count

@@ -312,11 +312,22 @@ NEXT_DUE = f"""WITH RECURSIVE {_LEVELS}
         AND NOT held)"""  # noqa: S608 (constant)
 SUMMARY = """SELECT state, domain, count(*), count(*) FILTER (WHERE held)
     FROM recipients GROUP BY state, domain"""
-PURGE = """DELETE FROM messages WHERE id IN (
-    SELECT m.id FROM messages m LEFT JOIN recipients r ON r.message_id = m.id
-    GROUP BY m.id
-    HAVING count(*) FILTER (WHERE r.state IN ('queued', 'deferred')) = 0
-       AND max(coalesce(r.last_attempt_at, m.submitted_at)) < $1)"""
+# One step of a purge, one statement committed on its own: of the (at most $3)
+# messages added after seq $2, delete those finished and last attempted before
+# $1; return the step's last seq (NULL: no message left) and how many went. A
+# purge walks the table this way so that no step holds locks for long.
+PURGE = """WITH step AS (
+      SELECT max(seq) AS last FROM (
+        SELECT seq FROM messages WHERE seq > $2 ORDER BY seq LIMIT $3) AS s),
+    finished AS (
+      SELECT m.id FROM messages m LEFT JOIN recipients r ON r.message_id = m.id
+      WHERE m.seq > $2 AND m.seq <= (SELECT last FROM step)
+      GROUP BY m.id
+      HAVING count(*) FILTER (WHERE r.state IN ('queued', 'deferred')) = 0
+         AND max(coalesce(r.last_attempt_at, m.submitted_at)) < $1),
+    deleted AS (
+      DELETE FROM messages m USING finished f WHERE m.id = f.id RETURNING 1)
+    SELECT (SELECT last FROM step), (SELECT count(*) FROM deleted)"""
 # Messages with a recipient in one of $1 and, unless NULL, of domain $2 and held
 # or not as $3 says; oldest first, at most $4 (NULL: all), each with every
 # recipient.

@@ -39,6 +39,7 @@ __all__ = [
     "NEXT_DUE",
     "NEXT_PRIORITY",
     "PURGE",
+    "PURGE_BOUND",
     "RECORD",
     "RELEASE_OWNER",
     "RENEW_ALL",
@@ -288,8 +289,15 @@ NEXT_DUE = """WITH RECURSIVE levels (priority) AS (
     (SELECT MIN(MAX(next_attempt_at, lease_until)) FROM recipients
       WHERE lease_until IS NOT NULL AND state IN ('queued', 'deferred')
         AND held = 0)"""
+# A purge walks the messages in rowid order, a step at a time, each step its own
+# transaction, so that no lock is held for long: PURGE_BOUND is the last rowid of
+# the step of at most ? messages after rowid ? (NULL: none left), and PURGE
+# deletes the finished messages with a rowid in (?, ?] last attempted before ?.
+PURGE_BOUND = """SELECT max(rowid) FROM (
+    SELECT rowid FROM messages WHERE rowid > ? ORDER BY rowid LIMIT ?)"""
 PURGE = """DELETE FROM messages WHERE id IN (
     SELECT m.id FROM messages m LEFT JOIN recipients r ON r.message_id = m.id
+    WHERE m.rowid > ? AND m.rowid <= ?
     GROUP BY m.id
     HAVING TOTAL(r.state IN ('queued', 'deferred')) = 0
        AND MAX(COALESCE(r.last_attempt_at, m.submitted_at)) < ?)"""

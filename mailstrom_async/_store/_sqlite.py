@@ -104,6 +104,7 @@ _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _BUSY_TIMEOUT = 30.0  # seconds a writer waits for another process's transaction
 _MAX_PARAMS = 500  # bound parameters per IN (...) query, well under SQLite's limit
 _MAX_BATCH = 512  # calls sharing one commit at most, so a batch always ends
+_PURGE_STEP = 1_000  # messages a purge looks at per transaction
 
 #: Files up to this size are checked in full at open (``PRAGMA quick_check``).
 QUICK_CHECK_MAX_BYTES = 8 * 1024 * 1024
@@ -873,13 +874,29 @@ class SQLiteStore:
         )
 
     async def purge(self, *, finished_before: datetime) -> int:
-        """Delete finished messages older than *finished_before*; return how many."""
+        """Delete finished messages older than *finished_before*; return how many.
+
+        The messages are walked in the order they were added, at most
+        :data:`_PURGE_STEP` at a time, each step in a transaction of its own,
+        so that a large purge never holds the write lock for long.
+        """
         before = sql.to_ts(utc(finished_before, "finished_before"))
 
-        def work(conn: sqlite3.Connection) -> int:
-            return conn.execute(sql.PURGE, (before,)).rowcount
+        after = 0
+        count = 0
 
-        count = await self._write(work)
+        def step(conn: sqlite3.Connection) -> tuple[int | None, int]:
+            (bound,) = conn.execute(sql.PURGE_BOUND, (after, _PURGE_STEP)).fetchone()
+            if bound is None:
+                return None, 0
+            return bound, conn.execute(sql.PURGE, (after, bound, before)).rowcount
+
+        while True:  # a transaction per step: other writers go between them
+            bound, deleted = await self._write(step)
+            count += deleted
+            if bound is None:
+                break
+            after = bound
         if count:
             logger.info("purged", extra={"path": self._path, "messages": count})
         return count
