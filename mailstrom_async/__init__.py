@@ -65,6 +65,8 @@ from mailstrom_async._statistics import (
     Statistics,
 )
 from mailstrom_async._store import (
+    MAX_PRIORITY,
+    MIN_PRIORITY,
     BatchRecordingStore,
     ChangeWatchingStore,
     Job,
@@ -90,6 +92,8 @@ __all__ = [
     "DEFAULT_RETRY_POLICY",
     "DEFAULT_STORE_PATH",
     "DEFAULT_TIMEOUTS",
+    "MAX_PRIORITY",
+    "MIN_PRIORITY",
     "Attachment",
     "AttemptCounters",
     "AttemptRecord",

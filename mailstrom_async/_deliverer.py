@@ -38,6 +38,7 @@ from mailstrom_async._remote_events import RemoteEvents
 from mailstrom_async._routes import network_route
 from mailstrom_async._statistics import AttemptCounters, Statistics
 from mailstrom_async._store import ChangeWatchingStore, SQLiteStore, Store, StoreChange
+from mailstrom_async._store._common import check_priority
 from mailstrom_async._telemetry import Telemetry
 from mailstrom_async._transports import (
     ENV_TRANSPORT,
@@ -450,6 +451,7 @@ class Deliverer:
         mail_from: str | None = None,
         rcpt_to: list[str] | tuple[str, ...] | None = None,
         idempotency_key: str | None = None,
+        priority: int = 0,
     ) -> SubmitHandle:
         """Validate *message*, store it durably, and return a handle at once.
 
@@ -460,17 +462,26 @@ class Deliverer:
         (sent as it is). With an *idempotency_key* seen
         before, nothing is stored and the handle refers to the first message.
 
+        *priority* orders delivery among mail that is due, like Unix ``nice``:
+        lower values are claimed from the queue first (a password reset at
+        -10 goes before a newsletter at 10), ties by due time, then in
+        submission order; from :data:`~mailstrom_async.MIN_PRIORITY` to :data:`~mailstrom_async.MAX_PRIORITY`,
+        0 by default. It never makes mail due earlier, nor changes its retries.
+
         Raises:
             InvalidMessageError: the message or an address is invalid (nothing
                 was stored).
+            ValueError: *priority* is not an integer in range (nothing was
+                stored).
             DelivererClosedError: the Deliverer is not open.
             StoreError: the store could not commit the message.
         """
         self._check_open()
+        check_priority(priority)
         prepared = await prepare_one(
             message, mail_from=mail_from, rcpt_to=rcpt_to, config=self._config
         )
-        [handle] = await self._accept([prepared], [idempotency_key])
+        [handle] = await self._accept([prepared], [idempotency_key], [priority])
         return handle
 
     async def submit_many(
@@ -478,6 +489,7 @@ class Deliverer:
         messages: Iterable[Email | EmailMessage | PreparedMessage],
         *,
         idempotency_keys: Sequence[str | None] | None = None,
+        priorities: Sequence[int] | None = None,
     ) -> list[SubmitHandle]:
         """Submit a batch: validated in full, then stored in ONE transaction.
 
@@ -485,11 +497,14 @@ class Deliverer:
         is stored. Much faster than submitting one by one when a batch is at hand
         (one commit for all). Raw bytes need an envelope: pass them through
         :func:`prepare` first. *idempotency_keys*, if given, has one key (or
-        None) per message.
+        None) per message; *priorities*, if given, one priority per message (as
+        :meth:`submit` takes it; 0 for all when not given).
 
         Raises:
             InvalidMessageError: a message is invalid; its position in the batch
                 is in the exception's notes. Nothing was stored.
+            ValueError: *idempotency_keys* or *priorities* has not one entry per
+                message, or a priority is out of range. Nothing was stored.
             DelivererClosedError: the Deliverer is not open.
             StoreError: the store could not commit the batch.
         """
@@ -499,13 +514,22 @@ class Deliverer:
         if keys is not None and len(keys) != len(batch):
             msg = f"got {len(keys)} idempotency keys for {len(batch)} messages"
             raise ValueError(msg)
+        levels = list(priorities) if priorities is not None else [0] * len(batch)
+        if len(levels) != len(batch):
+            msg = f"got {len(levels)} priorities for {len(batch)} messages"
+            raise ValueError(msg)
+        for index, level in enumerate(levels):
+            check_priority(level, f"priorities[{index}]")
         prepared = await prepare_batch(batch, config=self._config)
-        return await self._accept(prepared, keys or [None] * len(prepared))
+        return await self._accept(prepared, keys or [None] * len(prepared), levels)
 
     async def _accept(
-        self, prepared: Sequence[PreparedMessage], keys: Sequence[str | None]
+        self,
+        prepared: Sequence[PreparedMessage],
+        keys: Sequence[str | None],
+        priorities: Sequence[int],
     ) -> list[SubmitHandle]:
-        results = await self._intake.accept(prepared, keys)
+        results = await self._intake.accept(prepared, keys, priorities)
         return [SubmitHandle(self, i, created=created) for i, created in results]
 
     # -- status and events ---------------------------------------------------

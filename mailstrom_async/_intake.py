@@ -166,7 +166,10 @@ class Intake:
     _fenced: bool | None = attrs.field(default=None, init=False)
 
     async def accept(
-        self, prepared: Sequence[PreparedMessage], keys: Sequence[str | None]
+        self,
+        prepared: Sequence[PreparedMessage],
+        keys: Sequence[str | None],
+        priorities: Sequence[int],
     ) -> list[tuple[str, bool]]:
         """Store prepared messages in one transaction, then queue and announce
         them; return each one's stored id and whether it was created."""
@@ -181,8 +184,9 @@ class Intake:
                 smtputf8=p.smtputf8,
                 submitted_at=now,
                 idempotency_key=key,
+                priority=priority,
             )
-            for p, key in zip(prepared, keys, strict=True)
+            for p, key, priority in zip(prepared, keys, priorities, strict=True)
         ]
         lease_until = self._keeper.lease_until()
         # The claim's lease token: ours to pick, so that this process's jobs
@@ -240,6 +244,7 @@ class Intake:
                     smtputf8=new.smtputf8,
                     submitted_at=new.submitted_at,
                     lease=lease,
+                    priority=new.priority,
                 )
             )
         logger.debug(

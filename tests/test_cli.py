@@ -251,6 +251,30 @@ def test_send_builds_body_attachments_and_bcc(cli: CLI, tmp_path: Path) -> None:
     assert b'filename="report.csv"' in data
 
 
+def test_send_priority_orders_the_claim(cli: CLI, tmp_path: Path) -> None:
+    """--priority N is stored with the message: a worker claims the message
+    sent with --priority -5 before one sent earlier without (0); a priority out
+    of range, or not a number, is a usage error and stores nothing."""
+    store = str(tmp_path / "q.sqlite3")
+    first = cli.send("--to", "a@example.org", "--store", store)
+    urgent = cli.send("--to", "b@example.org", "--priority", "-5", "--store", store)
+    for bad in ("1001", "-1001", "high", "1.5"):
+        line = cli.error(*SEND, "--priority", bad, "--store", store, code=2)
+        assert "argument --priority: must be an integer from -1000 to 1000" in line
+
+    async def claim() -> list[tuple[str, int]]:
+        async with SQLiteStore(store) as s:
+            jobs = await s.claim_due(
+                now=soon(), worker="t", lease_until=soon(), limit=5
+            )
+            return [(job.message_id, job.priority) for job in jobs]
+
+    assert anyio.run(claim) == [(urgent, -5), (first, 0)]
+
+
+SEND = ("send", "--from", "me@example.com", "--to", "c@example.org", "--body", "x")
+
+
 EML = (
     b"From: Me <me@example.com>\r\n"
     b"To: a@example.org, b@example.org\r\n"

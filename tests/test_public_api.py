@@ -33,6 +33,9 @@ ISSUE_NAMES = [
     # issue 14
     "BatchRecordingStore",
     "JobRecord",
+    # issue 13: message priorities
+    "MIN_PRIORITY",
+    "MAX_PRIORITY",
 ]
 
 
@@ -157,3 +160,20 @@ def test_attribute_access_examples() -> None:
     assert m.Config().relay is None
     assert m.RecipientState.DEFERRED.value == "deferred"
     assert m.RecipientState("deferred") is m.RecipientState.DEFERRED
+
+
+def test_priority_parameters_and_fields() -> None:
+    """Message priorities (issue 13): keyword-only ``priority`` of submit() and
+    ``priorities`` of submit_many() (default 0 and None), ``priority`` fields of
+    NewMessage and Job (default 0), and the range constants."""
+    import attrs
+
+    import mailstrom_async as m
+
+    submit = inspect.signature(m.Deliverer.submit).parameters["priority"]
+    assert (submit.kind, submit.default) == (inspect.Parameter.KEYWORD_ONLY, 0)
+    many = inspect.signature(m.Deliverer.submit_many).parameters["priorities"]
+    assert (many.kind, many.default) == (inspect.Parameter.KEYWORD_ONLY, None)
+    assert attrs.fields_dict(m.NewMessage)["priority"].default == 0
+    assert attrs.fields_dict(m.Job)["priority"].default == 0
+    assert (m.MIN_PRIORITY, m.MAX_PRIORITY) == (-1000, 1000)

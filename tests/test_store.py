@@ -510,7 +510,8 @@ async def test_claims_skip_held_rows_through_an_index(tmp_path: Path) -> None:
     async with SQLiteStore(tmp_path / "q.db") as store:
         await store.open()
     statements = {
-        sql.SCAN_DUE: {"now": 1.0},
+        sql.SCAN_DUE: {"now": 1.0, "priority": 0},
+        sql.NEXT_PRIORITY: {"after": 0},
         sql.NEXT_DUE: {},
         sql.RETRY_NOW: {"now": 1.0, "message_id": None, "domain": None},
         sql.UNHOLD_DOMAIN: {"domain": "x.example"},
@@ -521,10 +522,12 @@ async def test_claims_skip_held_rows_through_an_index(tmp_path: Path) -> None:
         for statement, params in statements.items():
             rows = await raw.execute_fetchall(f"EXPLAIN QUERY PLAN {statement}", params)
             plans.append(" ".join(str(row[-1]) for row in rows))
-    scan, next_due, retry, unhold_domain, unhold_all = plans
-    assert "USING INDEX recipients_claimable (next_attempt_at<?)" in scan, scan
-    assert "USING INDEX recipients_claimable" in next_due, next_due
-    assert "USING INDEX recipients_claimable" in retry, retry
+    scan, next_priority, next_due, retry, unhold_domain, unhold_all = plans
+    index = "USING INDEX recipients_claim_order"
+    assert f"{index} (priority=? AND next_attempt_at<?)" in scan, scan
+    assert f"{index} (priority>?)" in next_priority, next_priority
+    assert f"{index} (priority=?)" in next_due, next_due
+    assert index in retry, retry
     assert "USING INDEX recipients_held (domain=?)" in unhold_domain, unhold_domain
     assert "USING INDEX recipients_held" in unhold_all, unhold_all
 
@@ -579,8 +582,8 @@ async def test_migration_adds_held_to_existing_rows(db_path: Path) -> None:
             "SELECT name FROM sqlite_master WHERE type = 'index'"
         )
     names = {name for (name,) in indexes}
-    assert {"recipients_claimable", "recipients_held"} <= names
-    assert "recipients_due" not in names
+    assert {"recipients_claim_order", "recipients_held"} <= names
+    assert not {"recipients_due", "recipients_claimable"} & names
 
 
 async def test_write_cancelled_before_its_batch_ran_stores_nothing(
@@ -824,7 +827,7 @@ async def test_migration_from_version_five_adds_lease_tokens(db_path: Path) -> N
         await raw.execute("PRAGMA user_version = 5")
         await raw.commit()
     async with SQLiteStore(db_path) as store:
-        assert await pragma(store, "user_version") == SCHEMA_VERSION == 6
+        assert await pragma(store, "user_version") == SCHEMA_VERSION
         assert (await store.lease_owners())["old"].lease_until == at(10)
         deferred = attempted("a@x.example", RecipientState.DEFERRED, next_at=at(20))
         lost = await store.record("m1", [deferred], worker="old", lease="guess")
@@ -839,6 +842,51 @@ async def test_migration_from_version_five_adds_lease_tokens(db_path: Path) -> N
         done = attempted("a@x.example", RecipientState.DELIVERED, when=at(21))
         assert await store.record("m1", [done], worker="new", lease=job.lease) == []
         assert (await store.status("m1")).recipients == (done,)
+
+
+async def test_migration_from_version_six_adds_priorities(db_path: Path) -> None:
+    """A version 6 file (before priorities) keeps its rows and leases: every
+    row has priority 0 and the claim index is rebuilt; its waiting mail is
+    claimed after mail of a lower priority submitted later, before mail of a
+    higher one, and a lease it held is still fenced by its token."""
+    async with aiosqlite.connect(db_path) as raw:
+        await schema_with_one_message(raw, version=6)
+        await raw.executemany(
+            "INSERT INTO recipients (message_id, position, address, domain, state,"
+            " next_attempt_at, lease_owner, lease_until, lease_token)"
+            " VALUES ('m1', ?, ?, 'x.example', 'queued', ?, ?, ?, ?)",
+            [
+                (0, "a@x.example", T0.timestamp(), None, None, None),
+                (1, "b@x.example", T0.timestamp(), "old", at(10).timestamp(), "t"),
+            ],
+        )
+        await raw.execute("PRAGMA user_version = 6")
+        await raw.commit()
+    async with SQLiteStore(db_path) as store:
+        assert await pragma(store, "user_version") == SCHEMA_VERSION == 7
+        assert store._db is not None
+        rows = await store._db.execute_fetchall(
+            "SELECT address, priority FROM recipients ORDER BY position"
+        )
+        assert [tuple(r) for r in rows] == [("a@x.example", 0), ("b@x.example", 0)]
+        assert (await store.lease_owners())["old"].lease_until == at(10)
+        await store.add(new_message("urgent", submitted_at=at(1), priority=-1))
+        await store.add(new_message("bulk", submitted_at=at(1), priority=1))
+        jobs = await store.claim_due(now=at(2), worker="w", lease_until=at(9), limit=3)
+        assert [(j.message_id, j.priority) for j in jobs] == [
+            ("urgent", -1),
+            ("m1", 0),
+            ("bulk", 1),
+        ]
+        assert claimed_addresses(jobs)[1] == ("m1", "a@x.example")
+        done = attempted("b@x.example", RecipientState.DELIVERED, when=at(3))
+        assert await store.record("m1", [done], worker="old", lease="t") == []
+        indexes = await store._db.execute_fetchall(
+            "SELECT name FROM sqlite_master WHERE type = 'index'"
+        )
+    names = {name for (name,) in indexes}
+    assert "recipients_claim_order" in names
+    assert "recipients_claimable" not in names
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])

@@ -99,7 +99,7 @@ async def test_version_one_migrates_keeping_its_leases(postgres_dsn: str) -> Non
     finally:
         await conn.close()
     async with PostgresStore(postgres_dsn) as store:
-        assert await schema_versions(postgres_dsn) == [sql.SCHEMA_VERSION] == [2]
+        assert await schema_versions(postgres_dsn) == [sql.SCHEMA_VERSION]
         assert (await store.lease_owners())["old"].lease_until == at(10)
         deferred = attempted("a@x.example", RecipientState.DEFERRED, next_at=at(20))
         lost = await store.record("m1", [deferred], worker="old", lease="guess")
@@ -113,6 +113,71 @@ async def test_version_one_migrates_keeping_its_leases(postgres_dsn: str) -> Non
         done = attempted("a@x.example", RecipientState.DELIVERED, when=at(21))
         assert await store.record("m1", [done], worker="new", lease=job.lease) == []
         assert (await store.status("m1")).recipients == (done,)
+
+
+async def test_version_two_migrates_to_priorities(postgres_dsn: str) -> None:
+    """A version 2 database (before priorities) keeps its rows, leases and
+    tokens: every row gets priority 0 and the claim index is rebuilt on
+    (priority, next_attempt_at, seq) with its WHERE; its waiting mail is
+    claimed after mail of a lower priority submitted later, before mail of a
+    higher one, and a lease it held is still fenced by its token."""
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        async with conn.transaction():
+            for step in sql.MIGRATIONS[:2]:
+                for statement in step:
+                    await conn.execute(statement)
+            await conn.execute(
+                f"CREATE TABLE {sql.SCHEMA_TABLE} (version integer NOT NULL)"
+            )
+            await conn.execute(f"INSERT INTO {sql.SCHEMA_TABLE} VALUES (2)")  # noqa: S608
+            await conn.execute(
+                "INSERT INTO messages (id, mail_from, data, smtputf8, submitted_at)"
+                " VALUES ('m1', 'a@example.org', '\\x00', false, $1)",
+                T0,
+            )
+            await conn.execute(
+                "INSERT INTO recipients (message_id, position, seq, address, domain,"
+                " state, next_attempt_at, lease_owner, lease_until, lease_token)"
+                " SELECT 'm1', p, seq, a, 'x.example', 'queued', $1, o, u, t"
+                " FROM messages, (VALUES (0, 'a@x.example', NULL, NULL, NULL),"
+                "   (1, 'b@x.example', 'old', $2::timestamptz, 'tok'))"
+                "   AS v (p, a, o, u, t)"
+                " WHERE id = 'm1'",
+                T0,
+                at(10),
+            )
+    finally:
+        await conn.close()
+    async with PostgresStore(postgres_dsn) as store:
+        assert await schema_versions(postgres_dsn) == [sql.SCHEMA_VERSION] == [3]
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT address, priority FROM recipients ORDER BY position"
+            )
+            index = await conn.fetchval(
+                "SELECT pg_get_indexdef('recipients_claimable'::regclass)"
+            )
+        finally:
+            await conn.close()
+        assert [tuple(r) for r in rows] == [("a@x.example", 0), ("b@x.example", 0)]
+        assert "(priority, next_attempt_at, seq)" in index
+        assert "WHERE ((state = ANY" in index
+        assert "(NOT held)" in index
+        assert (await store.lease_owners())["old"].lease_until == at(10)
+        await store.add(new_message("urgent", submitted_at=at(1), priority=-1))
+        await store.add(new_message("bulk", submitted_at=at(1), priority=1))
+        jobs = await store.claim_due(now=at(2), worker="w", lease_until=at(9), limit=3)
+        assert [(j.message_id, j.priority) for j in jobs] == [
+            ("urgent", -1),
+            ("m1", 0),
+            ("bulk", 1),
+        ]
+        assert [r.address for r in jobs[1].recipients] == ["a@x.example"]
+        done = attempted("b@x.example", RecipientState.DELIVERED, when=at(3))
+        assert await store.record("m1", [done], worker="old", lease="tok") == []
+        assert (await store.status("m1")).recipients[1] == done
 
 
 async def test_unreachable_server_is_a_store_error(

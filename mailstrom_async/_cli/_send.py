@@ -33,6 +33,8 @@ from mailstrom_async._cli._common import (
 from mailstrom_async._deliverer import Deliverer
 from mailstrom_async._message import PreparedMessage, prepare
 from mailstrom_async._models import RecipientState
+from mailstrom_async._store import MAX_PRIORITY, MIN_PRIORITY
+from mailstrom_async._store._common import check_priority
 
 if TYPE_CHECKING:
     from mailstrom_async._cli._common import Parser
@@ -48,6 +50,8 @@ examples:
   mailstrom-async send --from me@example.com --to you@example.org \\
       --subject Hello --body 'Hi there.' --attach report.pdf
   mailstrom-async send message.eml
+  mailstrom-async send --priority -10 --from me@example.com --to you@example.org \\
+      --subject 'Reset your password' --body-file reset.txt
   cat message.eml | mailstrom-async send - --to only-this@example.org
   mailstrom-async send --wait 60 --from me@example.com --to you@example.org \\
       --subject Test --body-file body.txt
@@ -109,6 +113,14 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
         help="store nothing if a message with this key was submitted before",
     )
     p.add_argument(
+        "--priority",
+        metavar="N",
+        type=_priority,
+        default=0,
+        help=f"delivery order among due mail, like nice: lower goes first "
+        f"({MIN_PRIORITY} to {MAX_PRIORITY}, default 0)",
+    )
+    p.add_argument(
         "--wait",
         metavar="SECONDS",
         nargs="?",
@@ -126,6 +138,14 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     )
     add_store_options(p)
     p.set_defaults(handler=_send, parser=p)
+
+
+def _priority(text: str) -> int:
+    try:
+        return check_priority(int(text))
+    except ValueError:
+        msg = f"must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY}, not {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
 
 
 def _read(path: str, what: str) -> bytes:
@@ -223,7 +243,9 @@ async def _submit(
     prepared: PreparedMessage,
 ) -> tuple[str, bool]:
     async with Deliverer(config, store=store, mode="submit") as deliverer:
-        handle = await deliverer.submit(prepared, idempotency_key=args.idempotency_key)
+        handle = await deliverer.submit(
+            prepared, idempotency_key=args.idempotency_key, priority=args.priority
+        )
     return handle.message_id, handle.created
 
 
@@ -241,7 +263,7 @@ async def _submit_and_wait(
     async with Deliverer(config, store=store, mode="both") as deliverer:
         async with deliverer.events() as events, anyio.create_task_group() as tg:
             handle = await deliverer.submit(
-                prepared, idempotency_key=args.idempotency_key
+                prepared, idempotency_key=args.idempotency_key, priority=args.priority
             )
             stored.append(handle.message_id)
             if args.json:

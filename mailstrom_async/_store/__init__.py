@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from mailstrom_async._store._base import (
+    MAX_PRIORITY,
+    MIN_PRIORITY,
     BatchRecordingStore,
     ChangeWatchingStore,
     Job,
@@ -20,6 +22,8 @@ from mailstrom_async._store._sqlite import SQLiteStore
 from mailstrom_async._store._url import store_from_url
 
 __all__ = [
+    "MAX_PRIORITY",
+    "MIN_PRIORITY",
     "BatchRecordingStore",
     "ChangeWatchingStore",
     "Job",

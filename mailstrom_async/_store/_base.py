@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_HISTORY_LIMIT",
+    "MAX_PRIORITY",
+    "MIN_PRIORITY",
     "BatchRecordingStore",
     "ChangeWatchingStore",
     "Job",
@@ -69,10 +71,19 @@ __all__ = [
 #: (``Limits.history_per_recipient``'s default).
 DEFAULT_HISTORY_LIMIT = 20
 
+#: The lowest (most urgent) and highest (least urgent) message priorities.
+MIN_PRIORITY = -1000
+MAX_PRIORITY = 1000
+
 
 @attrs.frozen(kw_only=True)
 class NewMessage:
-    """A prepared message as handed to :meth:`Store.add`."""
+    """A prepared message as handed to :meth:`Store.add`.
+
+    ``priority`` orders claims among due recipients, like Unix ``nice``: lower
+    values are claimed first (:meth:`Store.claim_due`); from
+    :data:`~mailstrom_async.MIN_PRIORITY` to :data:`~mailstrom_async.MAX_PRIORITY`, 0 by default.
+    """
 
     message_id: str
     mail_from: str
@@ -81,6 +92,7 @@ class NewMessage:
     smtputf8: bool = False
     submitted_at: datetime
     idempotency_key: str | None = None
+    priority: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -90,6 +102,7 @@ class Job:
     ``lease`` is the token the recipients are leased under: pass it to
     :meth:`Store.record` and :meth:`Store.release` so that they write only while
     the lease is still this job's. ``None`` from a store that issues no tokens.
+    ``priority`` is the message's (:attr:`NewMessage.priority`).
     """
 
     message_id: str
@@ -99,6 +112,7 @@ class Job:
     smtputf8: bool
     submitted_at: datetime
     lease: str | None = None
+    priority: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -345,8 +359,11 @@ class Store(Protocol):
 
         A recipient is due when it is QUEUED or DEFERRED, not held,
         ``next_attempt_at <= now``, and it is not leased (or its lease ended at or
-        before *now*). Oldest due first: by ``next_attempt_at``, ties in the order
-        messages were added. Each job holds all of its message's due recipients
+        before *now*). Claim order: by the message's ``priority`` (lowest
+        first), then oldest due first (by ``next_attempt_at``), ties in the
+        order messages were added; the jobs are returned in that order.
+        Priority only orders due recipients: a recipient not yet due is never
+        claimed, whatever its priority. Each job holds all of its message's due recipients
         that share one lease token, in envelope order: the claim leases them
         under a fresh token (:attr:`Job.lease`), except those *worker* held
         already (its lease ran out and nobody took it), which keep their token

@@ -33,7 +33,7 @@ import attrs
 
 from mailstrom_async._domain import domain_key, recipient_key
 from mailstrom_async._models import AttemptRecord, RecipientState, RecipientStatus
-from mailstrom_async._store._base import LeaseInfo
+from mailstrom_async._store._base import MAX_PRIORITY, MIN_PRIORITY, LeaseInfo
 from mailstrom_async._text import clean, is_clean, wire_bytes
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ __all__ = [
     "check_limit",
     "check_list_limit",
     "check_new_message",
+    "check_priority",
     "check_statuses",
     "check_unhold",
     "kept_token",
@@ -136,8 +137,32 @@ def _clean_or_none(value: str | None) -> str | None:
     return None if value is None else clean(value)
 
 
+def check_priority(priority: object, what: str = "priority") -> int:
+    """A message priority: an int (not a bool) from MIN_PRIORITY to MAX_PRIORITY.
+
+    Raises:
+        ValueError: it is not.
+    """
+    if (
+        not isinstance(priority, int)
+        or isinstance(priority, bool)
+        or not MIN_PRIORITY <= priority <= MAX_PRIORITY
+    ):
+        msg = (
+            f"{what} must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY}"
+            f" (lower is claimed first), got {priority!r}"
+        )
+        raise ValueError(msg)
+    return priority
+
+
 def check_new_message(message: NewMessage) -> NewMessage:
-    """Return *message* with ``submitted_at`` in UTC and its text valid Unicode."""
+    """Return *message* with ``submitted_at`` in UTC and its text valid Unicode.
+
+    Raises:
+        ValueError: its priority is out of range.
+    """
+    check_priority(message.priority)
     recipients = message.recipients
     if not "".join(recipients).isascii():  # one C-level pass in the common case
         recipients = tuple(clean(r) for r in recipients)

@@ -5,15 +5,18 @@ awaiting, so each call is atomic with respect to other tasks, just as each call 
 database store is one transaction. Values are immutable attrs instances, so they are
 shared, never copied.
 
-Claims never scan the queue. Three heaps index the unfinished messages, each entry
+Claims never scan the queue. Four heaps index the unfinished messages, each entry
 tagged with its message's version at the time it was pushed; a message is re-indexed
 (its version bumped, new entries pushed) by ``_touch`` whenever anything that decides
 when it can be claimed changes, and entries of an older version are skipped when
 popped:
 
-- ``_ready``: messages with claimable, unleased recipients, by claim order (the
-  earliest ``next_attempt_at`` among them, then submission): a claim pops entries
-  until the next one is not yet due;
+- ``_ready``: messages with claimable, unleased recipients, by when the first of
+  them comes due (the earliest ``next_attempt_at``, then submission): a claim
+  moves the entries that are due into ``_due``, until the next one is not;
+- ``_due``: those moved, by claim order (priority, then that due time, then
+  submission): a claim pops them in turn. Priority cannot lead ``_ready`` itself:
+  an urgent message not yet due would then hide the due ones behind it;
 - ``_leased``: messages with leased recipients, by when the first lease ends (or the
   recipient comes due, if later): a claim first moves the messages whose leases
   ended into ``_ready``;
@@ -160,8 +163,10 @@ class MemoryStore:
         # Message versions, unique in the store (an id can be reused after a purge).
         self._versions = itertools.count(1)
         # The indexes of the module docstring: (due, seq, version, id),
-        # (lease end, version, id) and (due, version, id).
+        # (priority, due, seq, version, id), (lease end, version, id) and
+        # (due, version, id).
         self._ready: list[tuple[datetime, int, int, str]] = []
+        self._due: list[tuple[int, datetime, int, int, str]] = []
         self._leased: list[tuple[datetime, int, str]] = []
         self._waiting: list[tuple[datetime, int, str]] = []
         # Heap entries popped by claims and next_due_at, for tests of their cost.
@@ -298,14 +303,14 @@ class MemoryStore:
             heapq.heappush(self._leased, (leased, version, message_id))
         if waiting is not None:
             heapq.heappush(self._waiting, (waiting, version, message_id))
-        if len(self._ready) + len(self._leased) + len(self._waiting) > _REINDEX_AT + (
-            6 * len(self._unfinished)
-        ):
+        entries = len(self._ready) + len(self._due) + len(self._leased)
+        if entries + len(self._waiting) > _REINDEX_AT + 6 * len(self._unfinished):
             self._reindex()
 
     def _reindex(self) -> None:
         """Rebuild the indexes from the unfinished messages, dropping stale entries."""
         self._ready.clear()
+        self._due.clear()
         self._leased.clear()
         self._waiting.clear()
         for message_id in self._unfinished:
@@ -506,13 +511,23 @@ class MemoryStore:
             _, version, message_id = heapq.heappop(leased)
             if (stored := self._current(version, message_id)) is not None:
                 self._touch(message_id, stored, now)
+        # What came due joins the claim order.
+        ready, queue = self._ready, self._due
+        while ready and ready[0][0] <= now:
+            due_at, seq, version, message_id = heapq.heappop(ready)
+            if (stored := self._current(version, message_id)) is not None:
+                entry = (stored.message.priority, due_at, seq, version, message_id)
+                heapq.heappush(queue, entry)
         jobs: list[Job] = []
         fresh = new_lease_token()
         messages = 0
-        ready = self._ready
-        while ready and messages < limit and ready[0][0] <= now:
-            *_, version, message_id = heapq.heappop(ready)
+        early: list[tuple[datetime, int, int, str]] = []
+        while queue and messages < limit:
+            priority, due_at, seq, version, message_id = heapq.heappop(queue)
             if (stored := self._current(version, message_id)) is None:
+                continue
+            if due_at > now:  # moved by a claim at a later *now*: not due yet
+                early.append((due_at, seq, version, message_id))
                 continue
             due = [r for r in stored.recipients if _is_due(r, now)]
             # One job per lease token, in envelope order of their first rows.
@@ -534,10 +549,13 @@ class MemoryStore:
                     smtputf8=message.smtputf8,
                     submitted_at=message.submitted_at,
                     lease=token,
+                    priority=priority,
                 )
                 for token, statuses in by_token.items()
             )
             messages += 1
+        for waiting in early:
+            heapq.heappush(ready, waiting)
         if jobs:
             logger.debug(
                 "claimed",

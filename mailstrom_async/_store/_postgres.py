@@ -473,6 +473,7 @@ class PostgresStore:
         results: list[tuple[str, bool]] = []
         columns: tuple[list[Any], ...] = ([], [], [], [], [], [])
         rcpt: tuple[list[Any], ...] = ([], [], [], [])
+        levels: list[int] = []
         for m in checked:
             key = m.idempotency_key
             if key is not None and key in known:
@@ -492,9 +493,10 @@ class PostgresStore:
                 rcpt[1].append(position)
                 rcpt[2].append(address)
                 rcpt[3].append(domain_key(address.rpartition("@")[2]))
+                levels.append(m.priority)
         if columns[0]:
             await conn.execute(sql.INSERT_MESSAGES, *columns)
-            await conn.execute(sql.INSERT_RECIPIENTS, *rcpt, *claim)
+            await conn.execute(sql.INSERT_RECIPIENTS, *rcpt, *claim, levels)
         return results
 
     # -- reading -------------------------------------------------------------
@@ -702,8 +704,10 @@ class PostgresStore:
             if row["data"] is not None:
                 data[row["id"]] = bytes(row["data"])
 
-        def first_due(entry: tuple[Any, list[Any]]) -> tuple[datetime, int]:
-            return (min(r["next_attempt_at"] for r in entry[1]), entry[0]["seq"])
+        def first_due(entry: tuple[Any, list[Any]]) -> tuple[int, datetime, int]:
+            first, mine = entry
+            due = min(r["next_attempt_at"] for r in mine)
+            return first["priority"], due, first["seq"]
 
         logger.debug(
             "claimed",
@@ -720,6 +724,7 @@ class PostgresStore:
                 smtputf8=first["smtputf8"],
                 submitted_at=first["submitted_at"],
                 lease=lease,
+                priority=first["priority"],
             )
             for (mid, lease), (first, mine) in sorted(
                 jobs.items(), key=lambda e: first_due(e[1])

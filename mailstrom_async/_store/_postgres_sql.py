@@ -142,6 +142,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # it; ending a lease keeps it. Adding a nullable column rewrites no row.
         "ALTER TABLE recipients ADD COLUMN lease_token text",
     ),
+    (
+        # Version 3: message priorities, lowest claimed first, copied to each
+        # of the message's rows (as seq is) so that a claim walks one index in
+        # claim order. A column with a constant default rewrites no row
+        # (PostgreSQL 11 and later); rows written before are 0. The claim
+        # index is rebuilt on (priority, next_attempt_at, seq).
+        "ALTER TABLE recipients ADD COLUMN priority integer NOT NULL DEFAULT 0",
+        "DROP INDEX recipients_claimable",
+        """CREATE INDEX recipients_claimable
+            ON recipients (priority, next_attempt_at, seq)
+            WHERE state IN ('queued', 'deferred') AND NOT held""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -156,34 +168,60 @@ INSERT_MESSAGES = """INSERT INTO messages
     SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::boolean[],
                          $5::timestamptz[], $6::text[])"""
 # Recipients of the messages just inserted: $1 message ids, $2 positions, $3
-# addresses, $4 domains; every row QUEUED, due at its message's submission,
-# leased to $5 until $6 under token $7 when those are not NULL.
+# addresses, $4 domains, $8 their message's priority; every row QUEUED, due at
+# its message's submission, leased to $5 until $6 under token $7 when those are
+# not NULL.
 INSERT_RECIPIENTS = """INSERT INTO recipients
     (message_id, position, seq, address, domain, state, next_attempt_at,
-     lease_owner, lease_until, lease_token)
+     lease_owner, lease_until, lease_token, priority)
     SELECT u.message_id, u.position, m.seq, u.address, u.domain, 'queued',
-      m.submitted_at, $5::text, $6::timestamptz, $7::text
-    FROM unnest($1::text[], $2::integer[], $3::text[], $4::text[])
-      AS u (message_id, position, address, domain)
+      m.submitted_at, $5::text, $6::timestamptz, $7::text, u.priority
+    FROM unnest($1::text[], $2::integer[], $3::text[], $4::text[], $8::integer[])
+      AS u (message_id, position, address, domain, priority)
     JOIN messages m ON m.id = u.message_id"""
+
+# The priorities that have claimable rows, in order, one index seek each (a
+# skip scan of recipients_claimable; PostgreSQL 15 does not skip by itself).
+# Evaluated lazily: a claim that finds its rows in the first priority never
+# looks for the second. The last row is NULL.
+_LEVELS = """levels (priority) AS (
+      (SELECT priority FROM recipients
+        WHERE state IN ('queued', 'deferred') AND NOT held
+        ORDER BY priority LIMIT 1)
+      UNION ALL
+      SELECT (SELECT r.priority FROM recipients r
+          WHERE r.state IN ('queued', 'deferred') AND NOT r.held
+            AND r.priority > l.priority
+          ORDER BY r.priority LIMIT 1)
+        FROM levels l WHERE l.priority IS NOT NULL)"""
 
 # One claim, one statement: lock due rows in claim order (skipping rows another
 # claim holds), keep the first $4 messages among them, lock every due row of
 # those messages, lease them, and return them with each message's data once.
+# Claim order is (priority, next_attempt_at, seq): the due rows are read one
+# priority at a time (levels), each priority's as one range of the index in
+# (next_attempt_at, seq) order, so that rows of a lower priority that are not
+# due yet are never walked past. The nested loop over levels yields them in
+# claim order, and stops (locking nothing more) once $5 rows are found.
 # $5 bounds the rows the first step looks at; the caller repeats the statement
 # when that bound, not the queue, ran out before $4 messages were found. The
 # rows get lease token $6, but those the claiming worker held already keep
 # theirs (as ``_common.kept_token`` says).
-CLAIM = f"""WITH due AS MATERIALIZED (
-      SELECT message_id, seq, next_attempt_at FROM recipients
-      WHERE state IN ('queued', 'deferred') AND NOT held AND next_attempt_at <= $1
-        AND (lease_until IS NULL OR lease_until <= $1)
-      ORDER BY next_attempt_at, seq
-      LIMIT $5
-      FOR UPDATE SKIP LOCKED),
+CLAIM = f"""WITH RECURSIVE {_LEVELS},
+    due AS MATERIALIZED (
+      SELECT d.message_id, d.seq, d.next_attempt_at, d.priority
+      FROM levels l CROSS JOIN LATERAL (
+        SELECT message_id, seq, next_attempt_at, priority FROM recipients
+        WHERE state IN ('queued', 'deferred') AND NOT held
+          AND priority = l.priority AND next_attempt_at <= $1
+          AND (lease_until IS NULL OR lease_until <= $1)
+        ORDER BY next_attempt_at, seq
+        LIMIT $5
+        FOR UPDATE SKIP LOCKED) d
+      LIMIT $5),
     chosen AS MATERIALIZED (
       SELECT message_id FROM due GROUP BY message_id
-      ORDER BY min(next_attempt_at), min(seq) LIMIT $4),
+      ORDER BY min(priority), min(next_attempt_at), min(seq) LIMIT $4),
     rows AS MATERIALIZED (
       SELECT r.message_id, r.position FROM recipients r
       JOIN chosen c ON c.message_id = r.message_id
@@ -202,7 +240,7 @@ CLAIM = f"""WITH due AS MATERIALIZED (
       m.smtputf8, m.submitted_at,
       CASE WHEN r.position = min(r.position) OVER (PARTITION BY r.message_id)
            THEN m.data END AS data,
-      r.position, {_STATUS}, r.lease_token
+      r.position, {_STATUS}, r.lease_token, r.priority
     FROM claimed r JOIN messages m ON m.id = r.message_id"""  # noqa: S608 (constant)
 
 STATUS_QUERY = f"""SELECT m.mail_from, m.submitted_at, {_STATUS}
@@ -262,13 +300,16 @@ LEASE_OWNERS = """SELECT lease_owner, count(*), max(lease_until) FROM recipients
     GROUP BY lease_owner ORDER BY lease_owner"""
 RELEASE_OWNER = """UPDATE recipients SET lease_owner = NULL, lease_until = NULL
     WHERE lease_owner = $1"""
-NEXT_DUE = """SELECT
-    (SELECT next_attempt_at FROM recipients
-      WHERE state IN ('queued', 'deferred') AND NOT held AND lease_until IS NULL
-      ORDER BY next_attempt_at LIMIT 1),
+# The first unleased row is looked for in each priority that has claimable rows.
+NEXT_DUE = f"""WITH RECURSIVE {_LEVELS}
+    SELECT
+    (SELECT min((SELECT r.next_attempt_at FROM recipients r
+        WHERE r.state IN ('queued', 'deferred') AND NOT r.held
+          AND r.priority = l.priority AND r.lease_until IS NULL
+        ORDER BY r.next_attempt_at LIMIT 1)) FROM levels l),
     (SELECT min(greatest(next_attempt_at, lease_until)) FROM recipients
       WHERE lease_until IS NOT NULL AND state IN ('queued', 'deferred')
-        AND NOT held)"""
+        AND NOT held)"""  # noqa: S608 (constant)
 SUMMARY = """SELECT state, domain, count(*), count(*) FILTER (WHERE held)
     FROM recipients GROUP BY state, domain"""
 # One step of a purge, one statement committed on its own: of the (at most $3)

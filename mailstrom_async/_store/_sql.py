@@ -37,6 +37,7 @@ __all__ = [
     "MESSAGE_SIZES",
     "MIGRATIONS",
     "NEXT_DUE",
+    "NEXT_PRIORITY",
     "PURGE",
     "PURGE_BOUND",
     "RECORD",
@@ -160,6 +161,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # fenced by a token leaves them alone, one without writes them as before.
         "ALTER TABLE recipients ADD COLUMN lease_token TEXT",
     ),
+    (
+        # Version 7: message priorities, lowest claimed first. The message's
+        # priority is copied to each of its rows, so that claims walk one index
+        # in claim order (priority, next_attempt_at, rowid) without a join;
+        # rows written before are 0. The index replaces recipients_claimable
+        # under a new name (its integrity probe reads other columns).
+        "ALTER TABLE recipients ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+        "DROP INDEX recipients_claimable",
+        """CREATE INDEX recipients_claim_order ON recipients (priority, next_attempt_at)
+            WHERE state IN ('queued', 'deferred') AND held = 0""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -181,6 +193,7 @@ INTEGRITY_PROBES: tuple[tuple[str, str], ...] = (
     ("recipients_leased", "SELECT (SELECT MIN(lease_until) FROM recipients WHERE lease_until IS NOT NULL), (SELECT MAX(lease_until) FROM recipients WHERE lease_until IS NOT NULL)"),
     ("recipients_lease_owner", "SELECT (SELECT MIN(lease_owner) FROM recipients WHERE lease_owner IS NOT NULL), (SELECT MAX(lease_owner) FROM recipients WHERE lease_owner IS NOT NULL)"),
     ("recipients_claimable", "SELECT (SELECT MIN(next_attempt_at) FROM recipients WHERE state IN ('queued', 'deferred') AND held = 0), (SELECT MAX(next_attempt_at) FROM recipients WHERE state IN ('queued', 'deferred') AND held = 0)"),
+    ("recipients_claim_order", "SELECT (SELECT MIN(priority) FROM recipients WHERE state IN ('queued', 'deferred') AND held = 0), (SELECT MAX(priority) FROM recipients WHERE state IN ('queued', 'deferred') AND held = 0)"),
     ("recipients_held", "SELECT (SELECT MIN(domain) FROM recipients WHERE held = 1), (SELECT MAX(domain) FROM recipients WHERE held = 1)"),
     ("history", "SELECT (SELECT MIN(message_id) FROM history), (SELECT MAX(message_id) FROM history)"),
 )  # fmt: skip
@@ -191,12 +204,20 @@ INSERT_MESSAGE = """INSERT INTO messages
     VALUES (?, ?, ?, ?, ?, ?)"""
 INSERT_RECIPIENT = """INSERT INTO recipients
     (message_id, position, address, domain, state, next_attempt_at, lease_owner,
-     lease_until, lease_token)
-    VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)"""
-# The claimable rows are the partial index recipients_claimable: keep the terms
-# "state IN ('queued', 'deferred') AND held = 0" exactly as the index says them.
+     lease_until, lease_token, priority)
+    VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)"""
+# The claimable rows are the partial index recipients_claim_order: keep the
+# terms "state IN ('queued', 'deferred') AND held = 0" exactly as the index says
+# them. Claims and NEXT_DUE walk it one priority at a time (a skip scan): the
+# next priority that has claimable rows is one seek (NEXT_PRIORITY), and within
+# a priority the due rows are one range in claim order (SCAN_DUE). One scan in
+# (priority, next_attempt_at) order would walk past every row of a lower
+# priority that is not due yet.
+NEXT_PRIORITY = """SELECT MIN(priority) FROM recipients
+    WHERE state IN ('queued', 'deferred') AND held = 0 AND priority > :after"""
 SCAN_DUE = """SELECT message_id FROM recipients
-    WHERE state IN ('queued', 'deferred') AND held = 0 AND next_attempt_at <= :now
+    WHERE state IN ('queued', 'deferred') AND held = 0 AND priority = :priority
+      AND next_attempt_at <= :now
       AND (lease_until IS NULL OR lease_until <= :now)
     ORDER BY next_attempt_at, rowid"""
 # A row the claiming worker held already keeps its lease token (as
@@ -209,7 +230,8 @@ CLAIM = """UPDATE recipients SET lease_owner = :worker, lease_until = :until,
       AND (lease_until IS NULL OR lease_until <= :now)
     RETURNING message_id, position, address, state, attempts, code, enhanced_code,
       message, raw_message, host, ip, tls, tls_verified, first_attempt_at,
-      last_attempt_at, next_attempt_at, possible_duplicate, held, lease_token"""
+      last_attempt_at, next_attempt_at, possible_duplicate, held, lease_token,
+      priority"""
 JOB_MESSAGES = """SELECT id, mail_from, data, smtputf8, submitted_at FROM messages
     WHERE id IN (SELECT value FROM json_each(?))"""
 STATUS_QUERY = """SELECT m.mail_from, m.submitted_at, r.address, r.state, r.attempts,
@@ -249,10 +271,21 @@ LEASE_OWNERS = """SELECT lease_owner, COUNT(*), MAX(lease_until) FROM recipients
     GROUP BY lease_owner ORDER BY lease_owner"""
 RELEASE_OWNER = """UPDATE recipients SET lease_owner = NULL, lease_until = NULL
     WHERE lease_owner = ?"""
-NEXT_DUE = """SELECT
-    (SELECT next_attempt_at FROM recipients
-      WHERE state IN ('queued', 'deferred') AND held = 0 AND lease_until IS NULL
-      ORDER BY next_attempt_at LIMIT 1),
+# The first of the unleased rows is looked for in each priority that has
+# claimable rows (found one seek each, as SCAN_DUE's are).
+NEXT_DUE = """WITH RECURSIVE levels (priority) AS (
+      SELECT MIN(priority) FROM recipients
+        WHERE state IN ('queued', 'deferred') AND held = 0
+      UNION ALL
+      SELECT (SELECT MIN(priority) FROM recipients
+        WHERE state IN ('queued', 'deferred') AND held = 0
+          AND priority > levels.priority)
+      FROM levels WHERE levels.priority IS NOT NULL)
+    SELECT
+    (SELECT MIN((SELECT next_attempt_at FROM recipients
+      WHERE state IN ('queued', 'deferred') AND held = 0
+        AND priority = levels.priority AND lease_until IS NULL
+      ORDER BY next_attempt_at LIMIT 1)) FROM levels),
     (SELECT MIN(MAX(next_attempt_at, lease_until)) FROM recipients
       WHERE lease_until IS NOT NULL AND state IN ('queued', 'deferred')
         AND held = 0)"""

@@ -65,6 +65,7 @@ from mailstrom_async._models import (
 from mailstrom_async._store import _sql as sql
 from mailstrom_async._store._base import (
     DEFAULT_HISTORY_LIMIT,
+    MIN_PRIORITY,
     Job,
     JobRecord,
     LeaseInfo,
@@ -421,12 +422,14 @@ class SQLiteStore:
                 if key is not None:
                     known[key] = m.message_id
                 results.append((m.message_id, True))
+                mid = m.message_id
                 submitted = sql.to_ts(m.submitted_at)
                 message_rows.append(
                     (m.message_id, m.mail_from, m.data, m.smtputf8, submitted, key)
                 )
+                level = m.priority
                 recipient_rows.extend(
-                    (m.message_id, n, a, sql.domain(a), submitted, owner, until, token)
+                    (mid, n, a, sql.domain(a), submitted, owner, until, token, level)
                     for n, a in enumerate(m.recipients)
                 )
             conn.executemany(sql.INSERT_MESSAGE, message_rows)
@@ -652,20 +655,27 @@ class SQLiteStore:
         def work(
             conn: sqlite3.Connection,
         ) -> tuple[dict[str, None], list[Any], dict[str, Any]]:
-            # Walk due rows in claim order until *limit* distinct messages are seen.
+            # Walk due rows in claim order until *limit* distinct messages are
+            # seen: priority by priority, each one's due rows by due time.
             chosen: dict[str, None] = {}
-            cursor = conn.execute(sql.SCAN_DUE, params)
-            try:
-                while len(chosen) < limit:
-                    rows = cursor.fetchmany(min(max(4 * limit, 64), 1024))
-                    if not rows:
-                        break
-                    for (mid,) in rows:
-                        chosen[mid] = None
-                        if len(chosen) == limit:
+            after = MIN_PRIORITY - 1
+            while len(chosen) < limit:
+                (level,) = conn.execute(sql.NEXT_PRIORITY, {"after": after}).fetchone()
+                if level is None:
+                    break
+                after = level
+                cursor = conn.execute(sql.SCAN_DUE, {**params, "priority": level})
+                try:
+                    while len(chosen) < limit:
+                        rows = cursor.fetchmany(min(max(4 * limit, 64), 1024))
+                        if not rows:
                             break
-            finally:
-                cursor.close()
+                        for (mid,) in rows:
+                            chosen[mid] = None
+                            if len(chosen) == limit:
+                                break
+                finally:
+                    cursor.close()
             if not chosen:
                 return chosen, [], {}
             ids = json.dumps(list(chosen))
@@ -681,10 +691,12 @@ class SQLiteStore:
         # One job per message and lease token (a row this worker held already
         # keeps its token), in envelope order of their first rows.
         by_lease: dict[tuple[str, str], list[RecipientStatus]] = {}
+        priorities: dict[str, int] = {}
         for row in claimed:
             by_lease.setdefault((row[0], row[18]), []).append(
                 sql.status_from_row(row[2:18])
             )
+            priorities[row[0]] = row[19]
         logger.debug(
             "claimed",
             extra={"worker": worker, "messages": len(chosen), "path": self._path},
@@ -698,6 +710,7 @@ class SQLiteStore:
                 smtputf8=bool(messages[mid][3]),
                 submitted_at=sql.from_ts(messages[mid][4]),
                 lease=token,
+                priority=priorities[mid],
             )
             for (mid, token), recipients in by_lease.items()
         ]

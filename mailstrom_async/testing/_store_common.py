@@ -28,6 +28,7 @@ def new_message(
     key: str | None = None,
     data: bytes = b"Subject: hi\r\n\r\nhello\r\n",
     smtputf8: bool = False,
+    priority: int = 0,
 ) -> NewMessage:
     """A message from sender@example.org to *recipients* (one default recipient)."""
     return NewMessage(
@@ -38,6 +39,7 @@ def new_message(
         smtputf8=smtputf8,
         submitted_at=submitted_at,
         idempotency_key=key,
+        priority=priority,
     )
 
 

@@ -28,6 +28,7 @@ from mailstrom_async.testing._history_contract import HistoryContract
 from mailstrom_async.testing._hold_contract import HoldContract
 from mailstrom_async.testing._inspect_contract import InspectContract
 from mailstrom_async.testing._lease_contract import LeaseContract
+from mailstrom_async.testing._priority_contract import PriorityContract
 from mailstrom_async.testing._store_common import (
     T0,
     at,
@@ -58,7 +59,12 @@ def _many_addresses() -> list[str]:
 
 @pytest.mark.anyio
 class StoreContract(
-    BatchContract, HoldContract, HistoryContract, InspectContract, LeaseContract
+    BatchContract,
+    HoldContract,
+    HistoryContract,
+    InspectContract,
+    LeaseContract,
+    PriorityContract,
 ):
     """The contract suite; subclasses provide a ``store`` fixture (open, empty).
 

@@ -134,6 +134,32 @@ async def history_types(deliverer: m.Deliverer, store: m.Store) -> None:
     await deliverer.history(5)  # type: ignore[arg-type]
 
 
+async def priority_types(
+    deliverer: m.Deliverer, store: m.Store, job: m.Job, mail: m.Email
+) -> None:
+    handle = await deliverer.submit(mail, priority=-10)
+    assert_type(handle, m.SubmitHandle)
+    await deliverer.submit(mail, idempotency_key="k", priority=m.MIN_PRIORITY)
+    handles = await deliverer.submit_many([mail], priorities=[m.MAX_PRIORITY])
+    assert_type(handles, list[m.SubmitHandle])
+    await deliverer.submit_many([mail], idempotency_keys=["k"], priorities=(0,))
+    assert_type(m.MIN_PRIORITY, int)
+    assert_type(m.MAX_PRIORITY, int)
+    assert_type(job.priority, int)
+    new = m.NewMessage(
+        message_id="id",
+        mail_from="a@example.org",
+        recipients=("b@example.org",),
+        data=b"",
+        submitted_at=datetime.now(UTC),
+        priority=5,
+    )
+    assert_type(new.priority, int)
+    await store.add(new)
+    await deliverer.submit(mail, priority="high")  # type: ignore[arg-type]
+    await deliverer.submit_many([mail], priorities=[1.5])  # type: ignore[list-item]
+
+
 async def lease_types(store: m.Store, job: m.Job) -> None:
     assert_type(job.lease, str | None)
     lost = await store.record("id", [], worker="w", lease=job.lease)
