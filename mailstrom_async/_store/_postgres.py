@@ -29,6 +29,7 @@ import itertools
 import math
 from collections.abc import (
     AsyncIterator,
+    Awaitable,
     Callable,
     Collection,
     Iterator,
@@ -37,7 +38,7 @@ from collections.abc import (
 )
 from datetime import datetime
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -100,6 +101,8 @@ if TYPE_CHECKING:
     _Changed = Collection[str] | None
 
 __all__ = ["PostgresStore"]
+
+_T = TypeVar("_T")
 
 _COMMAND_TIMEOUT = 60.0
 _IDEMPOTENCY_CONSTRAINT = "messages_idempotency_key_key"
@@ -266,8 +269,7 @@ class PostgresStore:
             StoreError: the database cannot be reached or read.
         """
         if self._pool is not None:
-            async with self._read() as conn:
-                return await _schema_version(conn)
+            return await self._reading(_schema_version)
         with self._translate():
             conn = await self._asyncpg.connect(
                 self._dsn,
@@ -334,13 +336,73 @@ class PostgresStore:
             raise StoreError(msg)
         return self._pool
 
-    @contextlib.asynccontextmanager
-    async def _read(self) -> AsyncIterator[_Connection]:
-        """A pooled connection for reads (each statement sees committed data)."""
+    async def _reading(self, read: Callable[[_Connection], Awaitable[_T]]) -> _T:
+        """``read(conn)`` on a pooled connection (each statement sees committed
+        data). A connection that the server closed while it sat in the pool
+        (``pg_terminate_backend``, a restart) is found out only when used: then
+        the read is made again on another, up to once per pooled connection.
+        Reads change nothing, so making one again is always safe."""
         pool = self._open_pool()
-        with self._translate():
-            async with pool.acquire() as conn:
-                yield conn
+        for attempt in range(self._max_size + 1):
+            try:
+                with self._translate():
+                    async with pool.acquire() as conn:
+                        return await read(conn)
+            except StoreError as exc:
+                if attempt == self._max_size or not self._lost(exc.__cause__):
+                    raise
+                logger.debug(
+                    "pooled connection lost; read made again on another",
+                    extra={"store": self._name, "error": repr(exc.__cause__)},
+                )
+        raise AssertionError  # pragma: no cover - the loop returns or raises
+
+    async def _query(self, method: str, statement: str, *args: Any) -> Any:
+        """One read statement, ``conn.<method>(statement, *args)``, as
+        :meth:`_reading` makes it."""
+
+        async def read(conn: _Connection) -> Any:
+            return await getattr(conn, method)(statement, *args)
+
+        return await self._reading(read)
+
+    def _lost(self, exc: BaseException | None) -> bool:
+        """Whether *exc* says the connection was gone before or while a
+        statement was sent (not that the statement was refused)."""
+        pg = self._asyncpg
+        if isinstance(
+            exc,
+            pg.ConnectionDoesNotExistError
+            | pg.AdminShutdownError  # 57P01: terminated by an administrator
+            | pg.InternalClientError
+            | ConnectionError,
+        ):
+            return True
+        return isinstance(exc, pg.InterfaceError) and "closed" in str(exc)
+
+    async def _begin(self, pool: asyncpg.pool.Pool[Any]) -> tuple[_Connection, Any]:
+        """A pooled connection with a transaction started. A connection the
+        server closed while it sat in the pool fails its ``BEGIN``, before
+        anything is written: then it is let go and another is tried, up to
+        once per pooled connection."""
+        for attempt in range(self._max_size + 1):
+            conn = await pool.acquire()
+            transaction = conn.transaction()
+            try:
+                # As ``async with``, so that asyncpg knows the transaction is
+                # managed (its end is awaited in _write).
+                await transaction.__aenter__()
+            except BaseException as exc:
+                await pool.release(conn)
+                if attempt == self._max_size or not self._lost(exc):
+                    raise
+                logger.debug(
+                    "pooled connection lost; transaction started on another",
+                    extra={"store": self._name, "error": repr(exc)},
+                )
+                continue
+            return conn, transaction
+        raise AssertionError  # pragma: no cover - the loop returns or raises
 
     @contextlib.asynccontextmanager
     async def _write(
@@ -356,12 +418,19 @@ class PostgresStore:
         """
         pool = self._open_pool()
         with anyio.CancelScope(shield=True), self._translate():
-            async with pool.acquire() as conn:
-                async with conn.transaction():
+            conn, transaction = await self._begin(pool)
+            try:
+                try:
                     yield conn
+                except BaseException as exc:
+                    await transaction.__aexit__(type(exc), exc, exc.__traceback__)
+                    raise
+                await transaction.__aexit__(None, None, None)
                 ids = None if changed is None else frozenset(changed)
                 if (due or ids is None or ids) and not self._feed.publish(due, ids):
                     await self._notify(conn, due, ids)
+            finally:
+                await pool.release(conn)
 
     @contextlib.asynccontextmanager
     async def _statement(self) -> AsyncIterator[_Connection]:
@@ -503,8 +572,7 @@ class PostgresStore:
 
     async def status(self, message_id: str) -> MessageStatus:
         """Return the message's status; see :meth:`Store.status`."""
-        async with self._read() as conn:
-            rows = await conn.fetch(sql.STATUS_QUERY, message_id)
+        rows = await self._query("fetch", sql.STATUS_QUERY, message_id)
         if not rows:
             raise UnknownMessageError(message_id)
         return MessageStatus(
@@ -518,8 +586,7 @@ class PostgresStore:
 
     async def statuses(self, message_ids: Collection[str]) -> dict[str, MessageStatus]:
         """The statuses of stored messages, in one query; see :meth:`Store.statuses`."""
-        async with self._read() as conn:
-            rows = await conn.fetch(sql.STATUSES_QUERY, list(message_ids))
+        rows = await self._query("fetch", sql.STATUSES_QUERY, list(message_ids))
         found: dict[str, MessageStatus] = {}
         for message_id, group in itertools.groupby(rows, key=itemgetter("id")):
             grouped = list(group)
@@ -546,8 +613,9 @@ class PostgresStore:
         wanted = UNFINISHED if states is None else states
         values = sorted(RecipientState(s).value for s in wanted)
         lowered = None if domain is None else domain_key(domain)
-        async with self._read() as conn:
-            rows = await conn.fetch(sql.LIST_MESSAGES, values, lowered, held, limit)
+        rows = await self._query(
+            "fetch", sql.LIST_MESSAGES, values, lowered, held, limit
+        )
         found: dict[str, tuple[Any, list[RecipientStatus]]] = {}
         for row in rows:
             entry = found.setdefault(row["id"], (row, []))
@@ -564,16 +632,14 @@ class PostgresStore:
 
     async def message_data(self, message_id: str) -> bytes:
         """The stored bytes of a message; see :meth:`Store.message_data`."""
-        async with self._read() as conn:
-            data = await conn.fetchval(sql.MESSAGE_DATA, message_id)
+        data = await self._query("fetchval", sql.MESSAGE_DATA, message_id)
         if data is None:
             raise UnknownMessageError(message_id)
         return bytes(data)
 
     async def message_sizes(self, message_ids: Collection[str]) -> dict[str, int]:
         """The sizes of stored messages; see :meth:`Store.message_sizes`."""
-        async with self._read() as conn:
-            rows = await conn.fetch(sql.MESSAGE_SIZES, list(message_ids))
+        rows = await self._query("fetch", sql.MESSAGE_SIZES, list(message_ids))
         return {row[0]: row[1] for row in rows}
 
     async def shape(
@@ -591,8 +657,9 @@ class PostgresStore:
         wanted = UNFINISHED if states is None else states
         values = sorted(RecipientState(s).value for s in wanted)
         lowered = None if domain is None else domain_key(domain)
-        async with self._read() as conn:
-            rows = await conn.fetch(sql.SHAPE, at, values, lowered, held, list(limits))
+        rows = await self._query(
+            "fetch", sql.SHAPE, at, values, lowered, held, list(limits)
+        )
         counts: dict[str, list[int]] = {}
         for name, bucket, count in rows:
             counts.setdefault(name, [0] * (len(limits) + 1))[bucket] += count
@@ -602,16 +669,17 @@ class PostgresStore:
 
     async def history(self, message_id: str) -> list[AttemptRecord]:
         """The kept attempts of a message's recipients; see :meth:`Store.history`."""
-        async with self._read() as conn:
-            rows = await conn.fetch(sql.HISTORY_QUERY, message_id)
-            if not rows:
-                await self._check_exists(conn, message_id)
+        rows = await self._query("fetch", sql.HISTORY_QUERY, message_id)
+        if (
+            not rows
+            and await self._query("fetchval", sql.MESSAGE_EXISTS, message_id) is None
+        ):
+            raise UnknownMessageError(message_id)
         return [_attempt(row) for row in rows]
 
     async def lease_owners(self) -> dict[str, LeaseInfo]:
         """Who holds leases on unfinished recipients; see :meth:`Store.lease_owners`."""
-        async with self._read() as conn:
-            rows = await conn.fetch(sql.LEASE_OWNERS)
+        rows = await self._query("fetch", sql.LEASE_OWNERS)
         return {
             owner: LeaseInfo(recipients=count, lease_until=until)
             for owner, count, until in rows
@@ -619,15 +687,13 @@ class PostgresStore:
 
     async def next_due_at(self) -> datetime | None:
         """When the next unfinished recipient comes due; see :meth:`Store.next_due_at`."""
-        async with self._read() as conn:
-            row = await conn.fetchrow(sql.NEXT_DUE)
+        row = await self._query("fetchrow", sql.NEXT_DUE)
         times = [t for t in (row[0], row[1]) if t is not None] if row else []
         return min(times) if times else None
 
     async def summary(self) -> QueueSummary:
         """Count recipients by state and by (state, domain)."""
-        async with self._read() as conn:
-            rows = await conn.fetch(sql.SUMMARY)
+        rows = await self._query("fetch", sql.SUMMARY)
         by_state = dict.fromkeys(RecipientState, 0)
         by_domain: dict[tuple[RecipientState, str], int] = {}
         held: dict[str, int] = {}
