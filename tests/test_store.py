@@ -844,6 +844,26 @@ async def test_migration_from_version_five_adds_lease_tokens(db_path: Path) -> N
         assert (await store.status("m1")).recipients == (done,)
 
 
+async def check_priorities_after_migration(store: Store, *, token: str) -> None:
+    """What a store migrated to priorities keeps: m1's lease (owner "old", until
+    at(10), token *token*, on b@x.example) and its waiting a@x.example, claimed
+    at priority 0 after mail of priority -1 and before mail of priority 1
+    submitted later; the old lease is still fenced by its token."""
+    assert (await store.lease_owners())["old"].lease_until == at(10)
+    await store.add(new_message("urgent", submitted_at=at(1), priority=-1))
+    await store.add(new_message("bulk", submitted_at=at(1), priority=1))
+    jobs = await store.claim_due(now=at(2), worker="w", lease_until=at(9), limit=3)
+    assert [(j.message_id, j.priority) for j in jobs] == [
+        ("urgent", -1),
+        ("m1", 0),
+        ("bulk", 1),
+    ]
+    assert [r.address for r in jobs[1].recipients] == ["a@x.example"]
+    done = attempted("b@x.example", RecipientState.DELIVERED, when=at(3))
+    assert await store.record("m1", [done], worker="old", lease=token) == []
+    assert (await store.status("m1")).recipients[1] == done
+
+
 async def test_migration_from_version_six_adds_priorities(db_path: Path) -> None:
     """A version 6 file (before priorities) keeps its rows and leases: every
     row has priority 0 and the claim index is rebuilt; its waiting mail is
@@ -869,18 +889,7 @@ async def test_migration_from_version_six_adds_priorities(db_path: Path) -> None
             "SELECT address, priority FROM recipients ORDER BY position"
         )
         assert [tuple(r) for r in rows] == [("a@x.example", 0), ("b@x.example", 0)]
-        assert (await store.lease_owners())["old"].lease_until == at(10)
-        await store.add(new_message("urgent", submitted_at=at(1), priority=-1))
-        await store.add(new_message("bulk", submitted_at=at(1), priority=1))
-        jobs = await store.claim_due(now=at(2), worker="w", lease_until=at(9), limit=3)
-        assert [(j.message_id, j.priority) for j in jobs] == [
-            ("urgent", -1),
-            ("m1", 0),
-            ("bulk", 1),
-        ]
-        assert claimed_addresses(jobs)[1] == ("m1", "a@x.example")
-        done = attempted("b@x.example", RecipientState.DELIVERED, when=at(3))
-        assert await store.record("m1", [done], worker="old", lease="t") == []
+        await check_priorities_after_migration(store, token="t")
         indexes = await store._db.execute_fetchall(
             "SELECT name FROM sqlite_master WHERE type = 'index'"
         )

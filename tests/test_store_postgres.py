@@ -5,7 +5,7 @@ through it end to end to aiosmtpd. The store contract runs in test_store.py."""
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
@@ -21,6 +21,7 @@ from mailstrom_async._store._postgres import redact
 from mailstrom_async.testing._store_common import T0, at, attempted, new_message
 from tests.smtpd import FaultHandler, SMTPDServers, free_port
 from tests.test_deliverer import email, relay_config
+from tests.test_store import check_priorities_after_migration
 
 if TYPE_CHECKING:
     from tests.postgres import PostgresCluster
@@ -37,6 +38,21 @@ async def schema_versions(dsn: str) -> list[int]:
     finally:
         await conn.close()
     return [row[0] for row in rows]
+
+
+async def schema_with_one_message(conn: Any, *, version: int) -> None:
+    """The schema as *version* left it (its migrations and version row) and
+    one message, m1, without recipients."""
+    for step in sql.MIGRATIONS[:version]:
+        for statement in step:
+            await conn.execute(statement)
+    await conn.execute(f"CREATE TABLE {sql.SCHEMA_TABLE} (version integer NOT NULL)")
+    await conn.execute(f"INSERT INTO {sql.SCHEMA_TABLE} VALUES ($1)", version)  # noqa: S608
+    await conn.execute(
+        "INSERT INTO messages (id, mail_from, data, smtputf8, submitted_at)"
+        " VALUES ('m1', 'a@example.org', '\\x00', false, $1)",
+        T0,
+    )
 
 
 async def test_open_creates_the_schema_once(postgres_dsn: str) -> None:
@@ -77,17 +93,7 @@ async def test_version_one_migrates_keeping_its_leases(postgres_dsn: str) -> Non
     conn = await asyncpg.connect(postgres_dsn)
     try:
         async with conn.transaction():
-            for statement in sql.MIGRATIONS[0]:
-                await conn.execute(statement)
-            await conn.execute(
-                f"CREATE TABLE {sql.SCHEMA_TABLE} (version integer NOT NULL)"
-            )
-            await conn.execute(f"INSERT INTO {sql.SCHEMA_TABLE} VALUES (1)")  # noqa: S608
-            await conn.execute(
-                "INSERT INTO messages (id, mail_from, data, smtputf8, submitted_at)"
-                " VALUES ('m1', 'a@example.org', '\\x00', false, $1)",
-                T0,
-            )
+            await schema_with_one_message(conn, version=1)
             await conn.execute(
                 "INSERT INTO recipients (message_id, position, seq, address, domain,"
                 " state, next_attempt_at, lease_owner, lease_until)"
@@ -124,18 +130,7 @@ async def test_version_two_migrates_to_priorities(postgres_dsn: str) -> None:
     conn = await asyncpg.connect(postgres_dsn)
     try:
         async with conn.transaction():
-            for step in sql.MIGRATIONS[:2]:
-                for statement in step:
-                    await conn.execute(statement)
-            await conn.execute(
-                f"CREATE TABLE {sql.SCHEMA_TABLE} (version integer NOT NULL)"
-            )
-            await conn.execute(f"INSERT INTO {sql.SCHEMA_TABLE} VALUES (2)")  # noqa: S608
-            await conn.execute(
-                "INSERT INTO messages (id, mail_from, data, smtputf8, submitted_at)"
-                " VALUES ('m1', 'a@example.org', '\\x00', false, $1)",
-                T0,
-            )
+            await schema_with_one_message(conn, version=2)
             await conn.execute(
                 "INSERT INTO recipients (message_id, position, seq, address, domain,"
                 " state, next_attempt_at, lease_owner, lease_until, lease_token)"
@@ -165,19 +160,7 @@ async def test_version_two_migrates_to_priorities(postgres_dsn: str) -> None:
         assert "(priority, next_attempt_at, seq)" in index
         assert "WHERE ((state = ANY" in index
         assert "(NOT held)" in index
-        assert (await store.lease_owners())["old"].lease_until == at(10)
-        await store.add(new_message("urgent", submitted_at=at(1), priority=-1))
-        await store.add(new_message("bulk", submitted_at=at(1), priority=1))
-        jobs = await store.claim_due(now=at(2), worker="w", lease_until=at(9), limit=3)
-        assert [(j.message_id, j.priority) for j in jobs] == [
-            ("urgent", -1),
-            ("m1", 0),
-            ("bulk", 1),
-        ]
-        assert [r.address for r in jobs[1].recipients] == ["a@x.example"]
-        done = attempted("b@x.example", RecipientState.DELIVERED, when=at(3))
-        assert await store.record("m1", [done], worker="old", lease="tok") == []
-        assert (await store.status("m1")).recipients[1] == done
+        await check_priorities_after_migration(store, token="tok")
 
 
 async def test_unreachable_server_is_a_store_error(
